@@ -1,0 +1,47 @@
+"""The exceptions k2 raises.
+
+Every error k2 raises on purpose is a :class:`K2Error`; the subclass says which part of k2 it
+comes from, and the message names the file, tensor, field or worker at fault. Native (Rust) code
+raises these same classes.
+"""
+
+from __future__ import annotations
+
+
+class K2Error(Exception):
+    """Base class of every error k2 raises on purpose."""
+
+
+class K2IOError(K2Error, OSError):
+    """A file or directory could not be read or written; the message names it."""
+
+
+class ConfigError(K2Error, ValueError):
+    """A configuration value or command-line option is invalid; the message names the field."""
+
+
+class DataError(K2Error):
+    """A corpus, tokenizer or token shard is missing, malformed or corrupt."""
+
+
+class CheckpointError(K2Error):
+    """A checkpoint cannot be saved or loaded, or fails verification."""
+
+
+class BroadcastError(K2Error):
+    """The weight-broadcast pipeline failed; the message names the worker or tensor."""
+
+
+class KernelError(K2Error):
+    """A CUDA kernel failed to compile or launch."""
+
+
+__all__ = [
+    "K2Error",
+    "K2IOError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "BroadcastError",
+    "KernelError",
+]
