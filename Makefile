@@ -10,7 +10,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/k2/target
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_ROOT_USER_ACTION := ignore
 
-.PHONY: help install install-test run test test-python test-rust wheel bench clean
+.PHONY: help install install-test run test test-python test-rust inplace wheel clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ test-python: ## run the Python tests (pytest)
 
 test-rust: ## run the Rust unit tests (cargo test)
 	cargo test -q --workspace --all-targets
+
+inplace: ## build the extension (release) into python/k2/ without installing (use PYTHONPATH=python)
+	cargo build -q --release -p k2-native --features python
+	cp $(CARGO_TARGET_DIR)/release/libk2_native.so python/k2/_native.abi3.so
 
 wheel: ## build the abi3 release wheel into dist/ (what the GPU machine installs)
 	$(PYTHON) -m maturin build --release --out dist
