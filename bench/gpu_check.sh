@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU check, for the GPU test machine (see README "GPU verification"): installs the carried
+# abi3 wheel from dist/, runs every `gpu` test, then the kernel benchmark. Under 8 minutes on an
+# H200. Build the wheel here first with `make wheel`, then carry `dist`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/k2-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+wheel=$(ls -t dist/k2_train-*.whl | head -n 1)
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/k2site "$wheel"
+export PYTHONPATH=/tmp/k2site
+python3 -c "import k2, torch; print('k2', k2.__version__, '| torch', torch.__version__, '|', torch.cuda.get_device_name(0))"
+
+status=0
+timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" || status=$?
+timeout 120 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.txt" || status=$?
+exit $status
