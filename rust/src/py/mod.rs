@@ -5,6 +5,7 @@
 //! `k2.errors`, always naming the file, tensor or worker they are about.
 
 mod checksum;
+mod data;
 mod errors;
 mod runtime;
 
@@ -16,5 +17,6 @@ use pyo3::prelude::*;
 fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     checksum::register(m)?;
+    data::register(m)?;
     Ok(())
 }

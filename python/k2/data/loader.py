@@ -1,0 +1,198 @@
+"""``TokenLoader``: deterministic, resumable, prefetching batches of token ids.
+
+The heavy lifting is in Rust (``rust/src/data/``): the shards are memory-mapped; background
+threads, which never take the GIL, cut samples from the packed token stream, widen them to
+int64 and queue the batches in order; waiting for a batch releases the GIL too.
+
+Sampling, in short (the details are in ``rust/src/data/sampler.rs``):
+
+* the stream of ``T`` tokens holds ``N = (T - 1) // seq_len`` samples; sample ``i`` has inputs
+  ``stream[i*seq_len : (i+1)*seq_len]`` and targets shifted by one;
+* each epoch visits the samples in a new order, a permutation seeded by ``(seed, epoch)``;
+* step ``s`` reads the global batch of ``world_size * batch_size`` samples at positions
+  ``[s*G, (s+1)*G)`` of that order, and rank ``r`` takes the ``r``-th block of ``batch_size`` of
+  them: the ranks step in lockstep, and their batches together are exactly the batch a single
+  process with ``batch_size * world_size`` would read;
+* every rank has ``len(loader) = N // G`` steps per epoch; the last ``N % G`` samples of each
+  epoch's order are dropped (a different few each epoch).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from k2 import _native
+from k2.errors import ConfigError, DataError
+
+STATE_VERSION = 1
+
+
+class Batch(NamedTuple):
+    """One rank's batch. The arrays are fresh int64 ``[batch_size, seq_len]`` arrays owned by
+    Python; ``torch.from_numpy`` wraps them without copying."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    """``inputs`` shifted by one token: what each position should predict."""
+    positions: np.ndarray
+    """Each input token's position within its document (0 at every document start)."""
+    epoch: int
+    step: int
+
+
+def shard_paths(path: str | PathLike[str] | Sequence[str | PathLike[str]], split: str) -> list[Path]:
+    """The shard files a loader reads.
+
+    Args:
+        path: a prepared data directory (its ``manifest.json`` lists the shards of ``split``),
+            one ``.k2tok`` shard, or a list of shards.
+        split: ``"train"`` or ``"validation"``; used for directories only.
+
+    Raises:
+        DataError: the manifest is missing or malformed, or lacks the split.
+    """
+    if isinstance(path, (list, tuple)):
+        return [Path(p) for p in path]
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        shards = manifest["splits"][split]["shards"]
+        return [path / shard["file"] for shard in shards]
+    except FileNotFoundError:
+        raise DataError(f"{path} is not a prepared data directory: {manifest_path} is missing "
+                        "(run `k2 data prepare`)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{manifest_path} does not list the shards of split {split!r}: {err!r}") from None
+
+
+class TokenLoader:
+    """Batches of ``[batch_size, seq_len]`` token ids for one rank.
+
+    Iterating yields the batches from the current position to the end of the current epoch
+    (a full epoch when it starts at step 0); :meth:`next_batch` runs on forever, rolling over
+    into the next epoch with a new order.
+
+    Args:
+        path: a prepared data directory, a shard file, or a list of shard files.
+        seq_len: tokens per sample.
+        batch_size: samples per batch on this rank.
+        seed: the shuffle seed; the same seed gives the same order on every machine.
+        rank: this process's data-parallel rank.
+        world_size: number of data-parallel ranks.
+        split: which split of a prepared directory to read.
+        prefetch: batches produced ahead of the consumer.
+        threads: background threads producing them.
+        verify: recompute the shards' checksums when opening them.
+
+    Raises:
+        ConfigError: an argument is out of range.
+        DataError: a shard is missing, corrupt or from a newer format, or the data holds fewer
+            samples than one global batch.
+    """
+
+    def __init__(
+        self,
+        path: str | PathLike[str] | Sequence[str | PathLike[str]],
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        split: str = "train",
+        prefetch: int = 4,
+        threads: int = 2,
+        verify: bool = True,
+    ) -> None:
+        for name, value, low in (
+            ("seq_len", seq_len, 1),
+            ("batch_size", batch_size, 1),
+            ("world_size", world_size, 1),
+            ("rank", rank, 0),
+            ("seed", seed, 0),
+            ("prefetch", prefetch, 1),
+            ("threads", threads, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"TokenLoader {name} must be an int >= {low}, got {value!r}")
+        if rank >= world_size:
+            raise ConfigError(f"TokenLoader rank {rank} must be below world_size {world_size}")
+        self.paths = shard_paths(path, split)
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self._native = _native.TokenLoader(
+            [str(p) for p in self.paths], seq_len, batch_size, seed, rank, world_size,
+            prefetch, threads, verify,
+        )
+
+    def __len__(self) -> int:
+        """Steps per epoch (the same on every rank)."""
+        return self._native.steps_per_epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples of ``seq_len + 1`` tokens in the stream (before each epoch's remainder is
+        dropped)."""
+        return self._native.num_samples
+
+    @property
+    def token_count(self) -> int:
+        return self._native.token_count
+
+    @property
+    def vocab_size(self) -> int:
+        return self._native.vocab_size
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self._native.state()["epoch"]
+
+    @property
+    def step(self) -> int:
+        """The step, within its epoch, of the next batch."""
+        return self._native.state()["step"]
+
+    @property
+    def buffered(self) -> int:
+        """Batches the background threads have produced ahead of the consumer."""
+        return self._native.buffered
+
+    def next_batch(self) -> Batch:
+        """The next batch, rolling over into the next epoch after the last step."""
+        return Batch(*self._native.next_batch())
+
+    def __iter__(self) -> Iterator[Batch]:
+        state = self._native.state()
+        for _ in range(len(self) - state["step"]):
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the next batch the caller will get (batches the threads have read
+        ahead do not count), and what a resuming loader must share: seed, seq_len, global batch
+        size, sample count and a fingerprint of the data. Plain ints, so it fits JSON and
+        ``torch.save``."""
+        return {"version": STATE_VERSION, **self._native.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next batch is the one the saving loader would
+        have returned next. Read-ahead batches are discarded.
+
+        Raises:
+            DataError: the state is malformed, or from different data, seed, ``seq_len`` or
+                global batch size (``world_size * batch_size``).
+        """
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise DataError(f"not a TokenLoader state of version {STATE_VERSION}: {state!r}")
+        self._native.load_state(state)

@@ -1,0 +1,256 @@
+//! Bindings for [`crate::data`]: the shard writer and the token loader.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use numpy::ndarray::Array2;
+use numpy::{PyArray2, PyReadonlyArray1};
+use pyo3::import_exception;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::errors::{K2Error, K2IOError};
+use super::runtime::detached;
+use crate::data::{self, Batch, LoaderConfig, LoaderState};
+
+import_exception!(k2.errors, DataError);
+
+/// How long a waiting `next_batch` sleeps without the GIL before it checks for Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+impl From<data::DataError> for PyErr {
+    fn from(err: data::DataError) -> PyErr {
+        match err {
+            data::DataError::Io { .. } => K2IOError::new_err(err.to_string()),
+            _ => DataError::new_err(err.to_string()),
+        }
+    }
+}
+
+/// Writes one token shard (see `docs/token-shards.md`), document by document. The shard
+/// appears under its name only once `finish()` succeeds.
+#[pyclass(frozen, module = "k2._native", name = "ShardWriter")]
+struct PyShardWriter {
+    path: PathBuf,
+    writer: Mutex<Option<data::ShardWriter>>,
+}
+
+impl PyShardWriter {
+    fn with_writer<T>(
+        &self,
+        work: impl FnOnce(&mut data::ShardWriter) -> Result<T, data::DataError>,
+    ) -> PyResult<T> {
+        let mut guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let writer = guard.as_mut().ok_or_else(|| {
+            DataError::new_err(format!("{}: the shard writer is already finished", self.path.display()))
+        })?;
+        Ok(work(writer)?)
+    }
+}
+
+#[pymethods]
+impl PyShardWriter {
+    #[new]
+    fn new(path: PathBuf, vocab_size: u32) -> PyResult<Self> {
+        let writer = data::ShardWriter::create(&path, vocab_size)?;
+        Ok(Self { path, writer: Mutex::new(Some(writer)) })
+    }
+
+    /// Append documents: `tokens` (uint32) holds them back to back, `lengths` (int64) gives
+    /// each one's token count. The write runs without the GIL.
+    fn add_documents(
+        &self,
+        py: Python<'_>,
+        tokens: PyReadonlyArray1<'_, u32>,
+        lengths: PyReadonlyArray1<'_, i64>,
+    ) -> PyResult<()> {
+        let tokens = tokens.as_slice()?;
+        let lengths = lengths.as_slice()?;
+        let total: i64 = lengths.iter().sum();
+        if lengths.iter().any(|&n| n < 0) || total != tokens.len() as i64 {
+            return Err(DataError::new_err(format!(
+                "{}: document lengths sum to {total}, but {} tokens were given",
+                self.path.display(),
+                tokens.len()
+            )));
+        }
+        detached(py, "ShardWriter.add_documents", |_| {
+            self.with_writer(|writer| {
+                let mut start = 0;
+                for &n in lengths {
+                    writer.add_document(&tokens[start..start + n as usize])?;
+                    start += n as usize;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Complete the shard; returns `{"tokens", "documents", "checksum"}`.
+    fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let writer = writer.ok_or_else(|| {
+            DataError::new_err(format!("{}: the shard writer is already finished", self.path.display()))
+        })?;
+        let summary = detached(py, "ShardWriter.finish", |_| writer.finish())?;
+        let out = PyDict::new(py);
+        out.set_item("tokens", summary.token_count)?;
+        out.set_item("documents", summary.doc_count)?;
+        out.set_item("checksum", summary.checksum)?;
+        Ok(out)
+    }
+}
+
+/// Read a shard's header and verify it fully; returns
+/// `{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum"}`.
+#[pyfunction]
+fn inspect_shard<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let header = detached(py, "inspect_shard", |_| {
+        data::Shard::open(&path, true).map(|shard| *shard.header())
+    })?;
+    let out = PyDict::new(py);
+    out.set_item("version", header.version)?;
+    out.set_item("vocab_size", header.vocab_size)?;
+    out.set_item("token_bytes", header.token_bytes)?;
+    out.set_item("tokens", header.token_count)?;
+    out.set_item("documents", header.doc_count)?;
+    out.set_item("checksum", header.checksum)?;
+    Ok(out)
+}
+
+/// The native token loader; use it through `k2.data.TokenLoader`.
+#[pyclass(frozen, module = "k2._native", name = "TokenLoader")]
+struct PyTokenLoader {
+    inner: data::TokenLoader,
+}
+
+fn to_numpy<'py>(py: Python<'py>, rows: usize, cols: usize, v: Vec<i64>) -> Bound<'py, PyArray2<i64>> {
+    let array = Array2::from_shape_vec((rows, cols), v).expect("a batch holds rows * cols tokens");
+    // Moves the buffer into the array without copying; Python owns it from here on.
+    PyArray2::from_owned_array(py, array)
+}
+
+const STATE_FIELDS: [&str; 7] =
+    ["epoch", "step", "seed", "seq_len", "global_batch", "num_samples", "fingerprint"];
+
+#[pymethods]
+impl PyTokenLoader {
+    #[new]
+    #[pyo3(signature = (paths, seq_len, batch_size, seed=0, rank=0, world_size=1, prefetch=4, threads=2, verify=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        paths: Vec<PathBuf>,
+        seq_len: u64,
+        batch_size: u64,
+        seed: u64,
+        rank: u64,
+        world_size: u64,
+        prefetch: usize,
+        threads: usize,
+        verify: bool,
+    ) -> PyResult<Self> {
+        let config = LoaderConfig { seq_len, batch_size, seed, rank, world_size, prefetch, threads };
+        let inner = detached(py, "TokenLoader", |_| data::TokenLoader::open(&paths, config, verify))?;
+        Ok(Self { inner })
+    }
+
+    /// Steps per epoch, the same on every rank.
+    #[getter]
+    fn steps_per_epoch(&self) -> u64 {
+        self.inner.steps_per_epoch()
+    }
+
+    /// Samples in the stream (before dropping the remainder of each epoch).
+    #[getter]
+    fn num_samples(&self) -> u64 {
+        self.inner.plan().num_samples
+    }
+
+    /// Tokens in the stream.
+    #[getter]
+    fn token_count(&self) -> u64 {
+        self.inner.stream().token_count()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> u32 {
+        self.inner.stream().vocab_size()
+    }
+
+    /// Batches already produced and waiting.
+    #[getter]
+    fn buffered(&self) -> usize {
+        self.inner.buffered()
+    }
+
+    /// The next batch as `(inputs, targets, positions, epoch, step)`; the arrays are fresh
+    /// int64 `[batch_size, seq_len]` arrays. Waits without the GIL; Ctrl-C interrupts the wait.
+    fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+        let batch: Batch = loop {
+            match py.detach(|| self.inner.next_within(SIGNAL_POLL)) {
+                Some(Ok(batch)) => break batch,
+                Some(Err(panic)) => {
+                    return Err(K2Error::new_err(format!(
+                        "internal error in TokenLoader prefetch (a bug in k2, please report it): \
+                         {panic}"
+                    )))
+                }
+                None => py.check_signals()?,
+            }
+        };
+        let config = self.inner.config();
+        let (rows, cols) = (config.batch_size as usize, config.seq_len as usize);
+        (
+            to_numpy(py, rows, cols, batch.inputs),
+            to_numpy(py, rows, cols, batch.targets),
+            to_numpy(py, rows, cols, batch.positions),
+            batch.epoch,
+            batch.step,
+        )
+            .into_pyobject(py)
+    }
+
+    /// The position of the next batch (read-ahead batches do not count) and the facts that a
+    /// resuming loader must share, as a dict of ints.
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.state();
+        let values = [s.epoch, s.step, s.seed, s.seq_len, s.global_batch, s.num_samples, s.fingerprint];
+        let out = PyDict::new(py);
+        for (name, value) in STATE_FIELDS.iter().zip(values) {
+            out.set_item(name, value)?;
+        }
+        Ok(out)
+    }
+
+    /// Resume from a dict returned by `state()`.
+    fn load_state(&self, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut v = [0u64; 7];
+        for (slot, name) in v.iter_mut().zip(STATE_FIELDS) {
+            let item = state.get_item(name)?.ok_or_else(|| {
+                DataError::new_err(format!("the loader state lacks the field '{name}'"))
+            })?;
+            *slot = item.extract().map_err(|_| {
+                DataError::new_err(format!("the loader state field '{name}' is not a non-negative int"))
+            })?;
+        }
+        let saved = LoaderState {
+            epoch: v[0],
+            step: v[1],
+            seed: v[2],
+            seq_len: v[3],
+            global_batch: v[4],
+            num_samples: v[5],
+            fingerprint: v[6],
+        };
+        Ok(self.inner.load_state(&saved)?)
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyShardWriter>()?;
+    m.add_class::<PyTokenLoader>()?;
+    m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
+    Ok(())
+}
