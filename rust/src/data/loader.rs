@@ -42,16 +42,11 @@ fn produce(stream: &TokenStream, plan: &Plan, seq_len: u64, index: u64) -> Batch
     let (epoch, step) = (index / steps, index % steps);
     let samples = plan.batch(&plan.order(epoch), step);
     let n = (plan.batch_size * seq_len) as usize;
-    let (mut inputs, mut targets, mut positions) = (vec![0; n], vec![0; n], vec![0; n]);
-    let t = seq_len as usize;
-    for (row, &sample) in samples.iter().enumerate() {
-        let rows = row * t..(row + 1) * t;
-        stream.sample_into(
-            sample,
-            &mut inputs[rows.clone()],
-            &mut targets[rows.clone()],
-            &mut positions[rows],
-        );
+    let mut inputs = Vec::with_capacity(n);
+    let mut targets = Vec::with_capacity(n);
+    let mut positions = Vec::with_capacity(n);
+    for sample in samples {
+        stream.extend_sample(sample, seq_len as usize, &mut inputs, &mut targets, &mut positions);
     }
     Batch { inputs, targets, positions, epoch, step }
 }

@@ -83,52 +83,54 @@ impl TokenStream {
         checksum::xxh3_64(&bytes)
     }
 
-    /// Widen stream tokens `[start, start + out.len())` into `out`, across shards.
-    pub fn read_into(&self, start: u64, out: &mut [i64]) {
+    /// Append stream tokens `[start, start + count)`, widened to i64, to `out` (across shards).
+    pub fn extend_tokens(&self, start: u64, count: usize, out: &mut Vec<i64>) {
+        let end = start + count as u64;
         let mut at = start;
-        let mut filled = 0;
         // The shard that holds `start`: the last one that starts at or before it.
         let mut k = self.shard_starts.partition_point(|&s| s <= at) - 1;
-        while filled < out.len() {
-            let shard_end = self.shard_starts[k + 1];
-            let n = ((shard_end - at) as usize).min(out.len() - filled);
-            self.shards[k].read_into(at - self.shard_starts[k], &mut out[filled..filled + n]);
-            filled += n;
-            at += n as u64;
+        while at < end {
+            let n = self.shard_starts[k + 1].min(end) - at;
+            self.shards[k].extend_tokens(at - self.shard_starts[k], n as usize, out);
+            at += n;
             k += 1;
         }
     }
 
-    /// Position ids of stream tokens `[start, start + out.len())`: the distance of each token
-    /// from the start of its document.
-    pub fn positions_into(&self, start: u64, out: &mut [i64]) {
-        // Index of the first document start after `start`.
+    /// Append the position ids of stream tokens `[start, start + count)` to `out`: each
+    /// token's distance from the start of its document.
+    pub fn extend_positions(&self, start: u64, count: usize, out: &mut Vec<i64>) {
+        let end = start + count as u64;
+        // The first document that starts after `start`, and the one `start` is in.
         let mut next = self.doc_starts.partition_point(|&d| d <= start);
         let mut doc_start = if next == 0 { 0 } else { self.doc_starts[next - 1] };
-        for (i, p) in out.iter_mut().enumerate() {
-            let t = start + i as u64;
-            while next < self.doc_starts.len() && self.doc_starts[next] <= t {
+        let mut at = start;
+        while at < end {
+            let run_end = self.doc_starts.get(next).map_or(end, |&d| d.min(end));
+            let first = (at - doc_start) as i64;
+            out.extend(first..first + (run_end - at) as i64);
+            at = run_end;
+            if at < end {
                 doc_start = self.doc_starts[next];
                 next += 1;
             }
-            *p = (t - doc_start) as i64;
         }
     }
 
-    /// Fill one sample's inputs, targets and position ids (each `seq_len` long).
-    pub fn sample_into(
+    /// Append one sample's inputs, targets and position ids (`seq_len` values each).
+    pub fn extend_sample(
         &self,
         sample: u64,
-        inputs: &mut [i64],
-        targets: &mut [i64],
-        positions: &mut [i64],
+        seq_len: usize,
+        inputs: &mut Vec<i64>,
+        targets: &mut Vec<i64>,
+        positions: &mut Vec<i64>,
     ) {
-        let seq_len = inputs.len() as u64;
-        let start = sample * seq_len;
-        assert!(start + seq_len < self.token_count(), "sample {sample} is past the end");
-        self.read_into(start, inputs);
-        self.read_into(start + 1, targets);
-        self.positions_into(start, positions);
+        let start = sample * seq_len as u64;
+        assert!(start + (seq_len as u64) < self.token_count(), "sample {sample} is past the end");
+        self.extend_tokens(start, seq_len, inputs);
+        self.extend_tokens(start + 1, seq_len, targets);
+        self.extend_positions(start, seq_len, positions);
     }
 }
 
@@ -152,18 +154,18 @@ mod tests {
         let s = two_shards(&dir);
         assert_eq!(s.token_count(), 10);
         assert_eq!(s.num_samples(3), 3); // (10 - 1) / 3
-        let (mut x, mut y, mut p) = ([0i64; 3], [0i64; 3], [0i64; 3]);
-        s.sample_into(1, &mut x, &mut y, &mut p);
-        assert_eq!(x, [13, 14, 15]);
-        assert_eq!(y, [14, 15, 16]);
-        assert_eq!(p, [0, 1, 0]);
-        s.sample_into(2, &mut x, &mut y, &mut p);
-        assert_eq!(x, [16, 17, 18]);
-        assert_eq!(y, [17, 18, 19]);
-        assert_eq!(p, [0, 1, 2]);
-        let mut all = [0i64; 10];
-        s.positions_into(0, &mut all);
-        assert_eq!(all, [0, 1, 2, 0, 1, 0, 0, 1, 2, 3]);
+        let sample = |i| {
+            let (mut x, mut y, mut p) = (Vec::new(), Vec::new(), Vec::new());
+            s.extend_sample(i, 3, &mut x, &mut y, &mut p);
+            (x, y, p)
+        };
+        assert_eq!(sample(1), (vec![13, 14, 15], vec![14, 15, 16], vec![0, 1, 0]));
+        assert_eq!(sample(2), (vec![16, 17, 18], vec![17, 18, 19], vec![0, 1, 2]));
+        for start in 0..10 {
+            let mut all = Vec::new();
+            s.extend_positions(start, 10 - start as usize, &mut all);
+            assert_eq!(all, [0, 1, 2, 0, 1, 0, 0, 1, 2, 3][start as usize..], "from {start}");
+        }
     }
 
     #[test]
