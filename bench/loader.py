@@ -110,8 +110,13 @@ def bench_torch(raw: Path, seconds: float) -> float:
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
-        _Windows(raw), batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True,
-        persistent_workers=True, generator=torch.Generator().manual_seed(0),
+        _Windows(raw),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=2,
+        drop_last=True,
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(0),
     )
     state = {"it": iter(loader)}
 
@@ -145,10 +150,14 @@ def main() -> None:
 
     import k2
 
-    print(f"k2 loader bench: batches of {BATCH} x {SEQ_LEN}, {tokens:,}-token u16 stream, quick={args.quick}")
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__}, k2 {k2.__version__}"
+        f"k2 loader bench: batches of {BATCH} x {SEQ_LEN}, {tokens:,}-token u16 stream, "
+        f"quick={args.quick}"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"python {platform.python_version()}, numpy {np.__version__}, "
+        f"torch {torch.__version__}, k2 {k2.__version__}"
     )
     with tempfile.TemporaryDirectory(prefix="k2-loader-bench-") as tmp:
         shard, raw = make_stream(tokens, Path(tmp))
@@ -159,7 +168,11 @@ def main() -> None:
         }
     memcpy = bench_memcpy(seconds)
     batch_tokens = BATCH * SEQ_LEN
-    out_bytes = {"k2": 3 * batch_tokens * 8, "numpy": BATCH * (SEQ_LEN + 1) * 8, "torch": BATCH * (SEQ_LEN + 1) * 8}
+    out_bytes = {
+        "k2": 3 * batch_tokens * 8,
+        "numpy": BATCH * (SEQ_LEN + 1) * 8,
+        "torch": BATCH * (SEQ_LEN + 1) * 8,
+    }
     print()
     print(f"{'loader':<34} {'batches/s':>10} {'Mtokens/s':>10} {'GB/s out':>9}")
     names = {
@@ -168,7 +181,10 @@ def main() -> None:
         "torch": "torch DataLoader, 2 workers (b)",
     }
     for key, rate in rates.items():
-        print(f"{names[key]:<34} {rate:>10.0f} {rate * batch_tokens / 1e6:>10.1f} {rate * out_bytes[key] / 1e9:>9.2f}")
+        tokens_per_s, bytes_per_s = rate * batch_tokens, rate * out_bytes[key]
+        print(
+            f"{names[key]:<34} {rate:>10.0f} {tokens_per_s / 1e6:>10.1f} {bytes_per_s / 1e9:>9.2f}"
+        )
     print(f"{'memcpy 256 MiB':<34} {'':>10} {'':>10} {memcpy / 1e9:>9.2f}")
     result = {
         "bench": "loader",

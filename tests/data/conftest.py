@@ -83,6 +83,8 @@ def small_corpus(tmp_path: Path) -> Path:
         body = SAMPLE_TEXT.replace("fibonacci", f"fib_{i}").replace("Stack", f"Stack{i}")
         (root / "code" / f"mod_{i:02d}.py").write_text(body * (1 + i % 3), encoding="utf-8")
     (root / "notes.txt").write_text("Grüße aus Köln — naïve café. 東京\n" * 40, encoding="utf-8")
-    records = [f'{{"text": "record {i}: the quick brown fox jumps over {i} lazy dogs"}}' for i in range(20)]
+    records = [
+        f'{{"text": "record {i}: the quick brown fox jumps over {i} lazy dogs"}}' for i in range(20)
+    ]
     (root / "records.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
     return root

@@ -26,8 +26,16 @@ MESSAGES = [
         "role": "assistant",
         "content": "Checking.",
         "tool_calls": [
-            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
-            {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+            {
+                "id": "call_a",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            },
+            {
+                "id": "call_b",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            },
         ],
     },
     {"role": "tool", "tool_call_id": "call_a", "content": "18 °C"},
@@ -35,7 +43,13 @@ MESSAGES = [
     {
         "role": "assistant",
         "content": "",
-        "tool_calls": [{"id": "call_c", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}],
+        "tool_calls": [
+            {
+                "id": "call_c",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Rome"}},
+            }
+        ],
     },
     {"role": "tool", "tool_call_id": "call_c", "content": "24 °C"},
     {"role": "assistant", "content": "Paris 18, Oslo 9, Rome 24.", "name": "kimi"},
@@ -43,19 +57,23 @@ MESSAGES = [
 ]
 
 EXPECTED = (
-    '<|im_system|>tool_declare<|im_middle|>[{"type": "function", "function": {"name": "get_weather", '
+    "<|im_system|>tool_declare<|im_middle|>"
+    '[{"type": "function", "function": {"name": "get_weather", '
     '"description": "Current weather", "parameters": {"type": "object", "properties": {"city": '
     '{"type": "string"}}}}}]<|im_end|>'
     "<|im_system|>system<|im_middle|>Be brief.<|im_end|>"
     "<|im_user|>user<|im_middle|>Weather in Paris and Oslo?<|im_end|>"
     "<|im_assistant|>assistant<|im_middle|>Checking.<|tool_calls_section_begin|>"
-    '<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
-    '<|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|>'
+    "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+    '{"city": "Paris"}<|tool_call_end|>'
+    "<|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>"
+    '{"city": "Oslo"}<|tool_call_end|>'
     "<|tool_calls_section_end|><|im_end|>"
     "<|im_system|>tool<|im_middle|>## Return of functions.get_weather:0\n18 °C<|im_end|>"
     "<|im_system|>tool<|im_middle|>## Return of functions.get_weather:1\n9 °C<|im_end|>"
     "<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|>"
-    '<|tool_call_begin|>functions.get_weather:2<|tool_call_argument_begin|>{"city": "Rome"}<|tool_call_end|>'
+    "<|tool_call_begin|>functions.get_weather:2<|tool_call_argument_begin|>"
+    '{"city": "Rome"}<|tool_call_end|>'
     "<|tool_calls_section_end|><|im_end|>"
     "<|im_system|>tool<|im_middle|>## Return of functions.get_weather:2\n24 °C<|im_end|>"
     "<|im_assistant|>kimi<|im_middle|>Paris 18, Oslo 9, Rome 24.<|im_end|>"
@@ -98,6 +116,7 @@ def test_transformers_loads_the_tokenizer_and_renders_the_same_chat(prepared: Pa
     hf = AutoTokenizer.from_pretrained(prepared)
     assert hf.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=False) == EXPECTED
     assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>"
-    assert hf.encode(EXPECTED, add_special_tokens=False) == load_tokenizer(prepared).encode(
-        EXPECTED, add_special_tokens=False
-    ).ids
+    assert (
+        hf.encode(EXPECTED, add_special_tokens=False)
+        == load_tokenizer(prepared).encode(EXPECTED, add_special_tokens=False).ids
+    )

@@ -76,7 +76,10 @@ def test_ranks_step_in_lockstep_and_form_the_global_batch(counting_shards, world
     paths = counting_shards[0]
     batch = 4
     single = TokenLoader(paths, SEQ, batch * world_size, seed=11)
-    ranks = [TokenLoader(paths, SEQ, batch, seed=11, rank=r, world_size=world_size) for r in range(world_size)]
+    ranks = [
+        TokenLoader(paths, SEQ, batch, seed=11, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
     assert {len(r) for r in ranks} == {len(single)} == {97 // (batch * world_size)}
     for _ in range(len(single) + 3):  # into the second epoch
         expected = single.next_batch()

@@ -29,7 +29,9 @@ def test_default_corpus_is_the_stdlib_without_packages_tests_or_build_files() ->
     for rel in relative:
         parts = rel.split("/")
         assert rel.endswith(".py")
-        assert not {"site-packages", "dist-packages", "test", "tests", "idle_test"} & set(parts[:-1]), rel
+        assert not {"site-packages", "dist-packages", "test", "tests", "idle_test"} & set(
+            parts[:-1]
+        ), rel
         assert not parts[-1].startswith("_sysconfigdata_"), rel
     assert not any(rel.startswith("test/") for rel in relative)
 
@@ -85,9 +87,13 @@ def test_an_empty_corpus_and_bad_jsonl_are_data_errors(tmp_path: Path) -> None:
         read_corpus([bad])
 
 
-def test_prepare_writes_a_tokenizer_and_shards_that_decode_to_the_corpus(small_corpus, tmp_path) -> None:
+def test_prepare_writes_a_tokenizer_and_shards_that_decode_to_the_corpus(
+    small_corpus, tmp_path
+) -> None:
     out = tmp_path / "out"
-    manifest = prepare(PrepareOptions(corpus=[small_corpus], out_dir=out, vocab_size=VOCAB, val_fraction=0.2))
+    manifest = prepare(
+        PrepareOptions(corpus=[small_corpus], out_dir=out, vocab_size=VOCAB, val_fraction=0.2)
+    )
     tokenizer = load_tokenizer(out)
     assert tokenizer.get_vocab_size() == manifest["vocab_size"] <= VOCAB
     for i, token in enumerate(SPECIAL_TOKENS):
@@ -101,9 +107,11 @@ def test_prepare_writes_a_tokenizer_and_shards_that_decode_to_the_corpus(small_c
         assert entry["documents"] == len(chunks)
         tokens, index = read_shard_reference(out / entry["shards"][0]["file"])
         decoded = []
-        for start, end in zip(index[:-1], index[1:]):
+        for start, end in zip(index[:-1], index[1:], strict=True):
             assert tokens[end - 1] == eod and eod not in tokens[start : end - 1]
-            decoded.append(tokenizer.decode(tokens[start : end - 1].tolist(), skip_special_tokens=False))
+            decoded.append(
+                tokenizer.decode(tokens[start : end - 1].tolist(), skip_special_tokens=False)
+            )
         assert decoded == chunks
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
@@ -114,17 +122,35 @@ def test_prepare_writes_a_tokenizer_and_shards_that_decode_to_the_corpus(small_c
 
 def test_prepare_is_byte_for_byte_reproducible(small_corpus: Path, tmp_path: Path) -> None:
     for name in ("a", "b"):
-        prepare(PrepareOptions(corpus=[small_corpus], out_dir=tmp_path / name, vocab_size=VOCAB, val_fraction=0.2))
+        prepare(
+            PrepareOptions(
+                corpus=[small_corpus], out_dir=tmp_path / name, vocab_size=VOCAB, val_fraction=0.2
+            )
+        )
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert {"manifest.json", "tokenizer.json", "tokenizer_config.json", "train-00000.k2tok"} <= set(files)
+    assert {"manifest.json", "tokenizer.json", "tokenizer_config.json", "train-00000.k2tok"} <= set(
+        files
+    )
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 def test_the_cli_prepares_data_and_reports_errors(small_corpus, tmp_path, capsys) -> None:
     out = tmp_path / "cli"
-    code = main(["data", "prepare", "--corpus", str(small_corpus), "--out", str(out), "--vocab-size", str(VOCAB), "--quiet"])
+    code = main(
+        [
+            "data",
+            "prepare",
+            "--corpus",
+            str(small_corpus),
+            "--out",
+            str(out),
+            "--vocab-size",
+            str(VOCAB),
+            "--quiet",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "files" in printed and "sha256" in printed and "train:" in printed

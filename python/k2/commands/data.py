@@ -44,12 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="files or directories (.txt, .md, .rst, .py, and .jsonl with a 'text' field); "
         "default: the Python standard library",
     )
-    prepare.add_argument("--out", type=Path, default=Path("data"), help="output directory (default: data)")
+    prepare.add_argument(
+        "--out", type=Path, default=Path("data"), help="output directory (default: data)"
+    )
     prepare.add_argument(
         "--vocab-size",
         type=int,
         default=8192,
-        help="tokenizer vocabulary size; match the model's vocab_size (default 8192, the tiny preset's)",
+        help="tokenizer vocabulary size; match the model's vocab_size "
+        "(default 8192, the tiny preset's)",
     )
     prepare.add_argument(
         "--val-fraction",

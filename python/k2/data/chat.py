@@ -75,9 +75,13 @@ CHAT_TEMPLATE = r"""
 """The chat template shipped in ``tokenizer_config.json``."""
 
 
-def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     """The ``tojson`` filter as transformers defines it (no HTML escaping, UTF-8 kept)."""
-    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 @functools.cache
@@ -85,7 +89,9 @@ def _compiled_template() -> Any:
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     return env.from_string(CHAT_TEMPLATE)
 
@@ -109,5 +115,7 @@ def render_chat(
         The rendered text, special tokens spelled out.
     """
     return _compiled_template().render(
-        messages=list(messages), tools=list(tools) if tools else None, add_generation_prompt=add_generation_prompt
+        messages=list(messages),
+        tools=list(tools) if tools else None,
+        add_generation_prompt=add_generation_prompt,
     )

@@ -258,6 +258,6 @@ def split_chunks(
         is_val[min(range(len(chunks)), key=lambda i: chunks[i][1])] = True
     if all(is_val):
         is_val[max(range(len(chunks)), key=lambda i: chunks[i][1])] = False
-    train = [c for (c, _), v in zip(chunks, is_val) if not v]
-    validation = [c for (c, _), v in zip(chunks, is_val) if v]
+    train = [c for (c, _), v in zip(chunks, is_val, strict=True) if not v]
+    validation = [c for (c, _), v in zip(chunks, is_val, strict=True) if v]
     return train, validation

@@ -46,7 +46,9 @@ class Batch(NamedTuple):
     step: int
 
 
-def shard_paths(path: str | PathLike[str] | Sequence[str | PathLike[str]], split: str) -> list[Path]:
+def shard_paths(
+    path: str | PathLike[str] | Sequence[str | PathLike[str]], split: str
+) -> list[Path]:
     """The shard files a loader reads.
 
     Args:
@@ -68,10 +70,14 @@ def shard_paths(path: str | PathLike[str] | Sequence[str | PathLike[str]], split
         shards = manifest["splits"][split]["shards"]
         return [path / shard["file"] for shard in shards]
     except FileNotFoundError:
-        raise DataError(f"{path} is not a prepared data directory: {manifest_path} is missing "
-                        "(run `k2 data prepare`)") from None
+        raise DataError(
+            f"{path} is not a prepared data directory: {manifest_path} is missing "
+            "(run `k2 data prepare`)"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{manifest_path} does not list the shards of split {split!r}: {err!r}") from None
+        raise DataError(
+            f"{manifest_path} does not list the shards of split {split!r}: {err!r}"
+        ) from None
 
 
 class TokenLoader:
@@ -132,8 +138,15 @@ class TokenLoader:
         self.rank = rank
         self.world_size = world_size
         self._native = _native.TokenLoader(
-            [str(p) for p in self.paths], seq_len, batch_size, seed, rank, world_size,
-            prefetch, threads, verify,
+            [str(p) for p in self.paths],
+            seq_len,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+            prefetch,
+            threads,
+            verify,
         )
 
     def __len__(self) -> int:

@@ -82,7 +82,7 @@ def _write_split(
         lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(batch))
         tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
         ends = np.cumsum(lengths)
-        for e, end, n in zip(encodings, ends, lengths):
+        for e, end, n in zip(encodings, ends, lengths, strict=True):
             tokens[end - n : end - 1] = e.ids
             tokens[end - 1] = eod
         if writer is None or shard_tokens >= SHARD_TOKENS:
@@ -138,20 +138,28 @@ def prepare(
         f"{corpus.size_bytes / 1e6:.2f} MB, sha256 {corpus.digest[:16]}"
     )
     train, validation = split_chunks(corpus.documents, options.val_fraction, options.chunk_bytes)
-    log(f"chunks: {len(train)} train, {len(validation)} validation (<= {options.chunk_bytes} bytes each)")
+    log(
+        f"chunks: {len(train)} train, {len(validation)} validation "
+        f"(<= {options.chunk_bytes} bytes each)"
+    )
 
     tokenizer = train_tokenizer(train, options.vocab_size)
     vocab_size = tokenizer.get_vocab_size()
     save_tokenizer(tokenizer, out_dir)
-    log(f"tokenizer: byte-level BPE, {vocab_size} tokens ({len(SPECIAL_TOKENS)} special) -> {out_dir / 'tokenizer.json'}")
+    log(
+        f"tokenizer: byte-level BPE, {vocab_size} tokens ({len(SPECIAL_TOKENS)} special) "
+        f"-> {out_dir / 'tokenizer.json'}"
+    )
 
     from tqdm import tqdm
 
     total_chars = sum(map(len, train)) + sum(map(len, validation))
-    bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenize", disable=not show_progress)
+    bar = tqdm(
+        total=total_chars, unit="char", unit_scale=True, desc="tokenize", disable=not show_progress
+    )
     splits = {}
     with bar:
-        for name, chunks in zip(SPLITS, (train, validation)):
+        for name, chunks in zip(SPLITS, (train, validation), strict=True):
             splits[name] = _write_split(name, chunks, tokenizer, out_dir, vocab_size, bar.update)
 
     manifest = {
@@ -180,6 +188,9 @@ def prepare(
     partial.replace(out_dir / MANIFEST)
     for name in SPLITS:
         s = splits[name]
-        log(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents, {len(s['shards'])} shard(s)")
+        log(
+            f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents, "
+            f"{len(s['shards'])} shard(s)"
+        )
     log(f"done in {time.perf_counter() - started:.1f} s -> {out_dir / MANIFEST}")
     return manifest

@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub enum DataError {
     /// The file could not be opened, read, mapped or written.
-    Io { path: PathBuf, action: &'static str, source: io::Error },
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        source: io::Error,
+    },
     /// The file is not a valid token shard (wrong magic, truncated, inconsistent header, a
     /// document index that does not add up, a checksum mismatch, a newer format version).
     Corrupt { path: PathBuf, reason: String },
@@ -19,26 +23,44 @@ pub enum DataError {
 
 impl DataError {
     pub fn io(path: &Path, action: &'static str, source: io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), action, source }
+        Self::Io {
+            path: path.to_path_buf(),
+            action,
+            source,
+        }
     }
 
     pub fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
-        Self::Corrupt { path: path.to_path_buf(), reason: reason.into() }
+        Self::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
 
     pub fn invalid(path: &Path, reason: impl Into<String>) -> Self {
-        Self::Invalid { path: path.to_path_buf(), reason: reason.into() }
+        Self::Invalid {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
 }
 
 impl fmt::Display for DataError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Io { path, action, source } => {
+            Self::Io {
+                path,
+                action,
+                source,
+            } => {
                 write!(f, "cannot {action} {}: {source}", path.display())
             }
             Self::Corrupt { path, reason } => {
-                write!(f, "{} is not a valid k2 token shard: {reason}", path.display())
+                write!(
+                    f,
+                    "{} is not a valid k2 token shard: {reason}",
+                    path.display()
+                )
             }
             Self::Invalid { path, reason } => write!(f, "{}: {reason}", path.display()),
         }

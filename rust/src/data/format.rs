@@ -78,7 +78,10 @@ impl Header {
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         if &b[0..8] != MAGIC {
-            return Err(DataError::corrupt(path, format!("wrong magic {:?}", &b[0..8])));
+            return Err(DataError::corrupt(
+                path,
+                format!("wrong magic {:?}", &b[0..8]),
+            ));
         }
         let header = Self {
             version: u32_at(8),
@@ -114,13 +117,17 @@ impl Header {
 
     /// Byte offset of the document index.
     fn index_offset(&self) -> Option<u64> {
-        let tokens_end = self.token_count.checked_mul(self.token_bytes as u64)?.checked_add(HEADER_BYTES as u64)?;
+        let tokens_end = self
+            .token_count
+            .checked_mul(self.token_bytes as u64)?
+            .checked_add(HEADER_BYTES as u64)?;
         tokens_end.checked_next_multiple_of(8)
     }
 
     /// The exact file size this header promises.
     fn file_size(&self) -> Option<u64> {
-        self.index_offset()?.checked_add(self.doc_count.checked_add(1)?.checked_mul(8)?)
+        self.index_offset()?
+            .checked_add(self.doc_count.checked_add(1)?.checked_mul(8)?)
     }
 }
 
@@ -159,7 +166,8 @@ impl ShardWriter {
         let partial = PathBuf::from(partial);
         let file = File::create(&partial).map_err(|e| DataError::io(&partial, "create", e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&[0u8; HEADER_BYTES]).map_err(|e| DataError::io(&partial, "write", e))?;
+        out.write_all(&[0u8; HEADER_BYTES])
+            .map_err(|e| DataError::io(&partial, "write", e))?;
         Ok(Self {
             path: path.to_path_buf(),
             partial,
@@ -188,9 +196,11 @@ impl ShardWriter {
         }
         self.scratch.clear();
         if self.token_bytes == 2 {
-            self.scratch.extend(tokens.iter().flat_map(|&t| (t as u16).to_le_bytes()));
+            self.scratch
+                .extend(tokens.iter().flat_map(|&t| (t as u16).to_le_bytes()));
         } else {
-            self.scratch.extend(tokens.iter().flat_map(|&t| t.to_le_bytes()));
+            self.scratch
+                .extend(tokens.iter().flat_map(|&t| t.to_le_bytes()));
         }
         let bytes = std::mem::take(&mut self.scratch);
         let written = self.write(&bytes);
@@ -203,7 +213,9 @@ impl ShardWriter {
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.hasher.update(bytes);
-        self.out.write_all(bytes).map_err(|e| DataError::io(&self.partial, "write", e))
+        self.out
+            .write_all(bytes)
+            .map_err(|e| DataError::io(&self.partial, "write", e))
     }
 
     /// Write the padding, the document index and the header; make the shard durable and give
@@ -230,8 +242,13 @@ impl ShardWriter {
         file.write_all(&header.encode()).map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);
-        fs::rename(&partial, &self.path).map_err(|e| DataError::io(&self.path, "rename into", e))?;
-        Ok(ShardSummary { token_count, doc_count: header.doc_count, checksum: header.checksum })
+        fs::rename(&partial, &self.path)
+            .map_err(|e| DataError::io(&self.path, "rename into", e))?;
+        Ok(ShardSummary {
+            token_count,
+            doc_count: header.doc_count,
+            checksum: header.checksum,
+        })
     }
 }
 
@@ -249,7 +266,10 @@ impl Shard {
     /// (one read of the file at memory speed); the structure is always checked.
     pub fn open(path: &Path, verify: bool) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::io(path, "open", e))?;
-        let size = file.metadata().map_err(|e| DataError::io(path, "stat", e))?.len();
+        let size = file
+            .metadata()
+            .map_err(|e| DataError::io(path, "stat", e))?
+            .len();
         if size < HEADER_BYTES as u64 {
             return Err(DataError::corrupt(
                 path,
@@ -304,7 +324,12 @@ impl Shard {
                 "the document index is not an ordered run from 0 to the token count",
             ));
         }
-        Ok(Self { path: path.to_path_buf(), header, map, doc_offsets })
+        Ok(Self {
+            path: path.to_path_buf(),
+            header,
+            map,
+            doc_offsets,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -339,9 +364,15 @@ impl Shard {
         // Extending from an exact-size iterator writes each element once (no zero-fill first),
         // and the loop vectorizes.
         if tb == 2 {
-            out.extend(src.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i64));
+            out.extend(
+                src.chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64),
+            );
         } else {
-            out.extend(src.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64));
+            out.extend(
+                src.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64),
+            );
         }
     }
 }
@@ -358,8 +389,8 @@ pub(crate) mod tests {
             use std::sync::atomic::{AtomicUsize, Ordering};
             static NEXT: AtomicUsize = AtomicUsize::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("k2-data-{tag}-{}-{n}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("k2-data-{tag}-{}-{n}", std::process::id()));
             fs::create_dir_all(&dir).unwrap();
             Self(dir)
         }
@@ -440,7 +471,9 @@ pub(crate) mod tests {
         let mut bytes = fs::read(&path).unwrap();
         edit(&mut bytes);
         fs::write(&path, &bytes).unwrap();
-        let err = Shard::open(&path, true).err().expect("a corrupt shard must not open");
+        let err = Shard::open(&path, true)
+            .err()
+            .expect("a corrupt shard must not open");
         let msg = err.to_string();
         assert!(msg.contains("bad.k2tok"), "the error names the file: {msg}");
         msg
@@ -471,7 +504,9 @@ pub(crate) mod tests {
 
     #[test]
     fn missing_shard_is_an_io_error_naming_it() {
-        let err = Shard::open(Path::new("/nonexistent/x.k2tok"), true).err().unwrap();
+        let err = Shard::open(Path::new("/nonexistent/x.k2tok"), true)
+            .err()
+            .unwrap();
         assert!(matches!(err, DataError::Io { .. }));
         assert!(err.to_string().contains("/nonexistent/x.k2tok"));
     }

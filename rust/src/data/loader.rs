@@ -46,9 +46,21 @@ fn produce(stream: &TokenStream, plan: &Plan, seq_len: u64, index: u64) -> Batch
     let mut targets = Vec::with_capacity(n);
     let mut positions = Vec::with_capacity(n);
     for sample in samples {
-        stream.extend_sample(sample, seq_len as usize, &mut inputs, &mut targets, &mut positions);
+        stream.extend_sample(
+            sample,
+            seq_len as usize,
+            &mut inputs,
+            &mut targets,
+            &mut positions,
+        );
     }
-    Batch { inputs, targets, positions, epoch, step }
+    Batch {
+        inputs,
+        targets,
+        positions,
+        epoch,
+        step,
+    }
 }
 
 /// A deterministic, resumable, prefetching loader over token shards.
@@ -66,7 +78,9 @@ impl TokenLoader {
         let name = stream.name().to_path_buf();
         let invalid = |reason: String| DataError::invalid(&name, reason);
         if config.seq_len == 0 || config.batch_size == 0 || config.world_size == 0 {
-            return Err(invalid("seq_len, batch_size and world_size must be positive".into()));
+            return Err(invalid(
+                "seq_len, batch_size and world_size must be positive".into(),
+            ));
         }
         if config.rank >= config.world_size {
             return Err(invalid(format!(
@@ -101,7 +115,12 @@ impl TokenLoader {
                 produce(&stream, &plan, seq_len, index)
             })
         };
-        Ok(Self { stream, plan, config, prefetcher })
+        Ok(Self {
+            stream,
+            plan,
+            config,
+            prefetcher,
+        })
     }
 
     pub fn config(&self) -> &LoaderConfig {
@@ -164,7 +183,8 @@ impl TokenLoader {
                 format!("cannot resume from this loader state: {reason}"),
             ));
         }
-        self.prefetcher.seek(saved.epoch * self.steps_per_epoch() + saved.step);
+        self.prefetcher
+            .seek(saved.epoch * self.steps_per_epoch() + saved.step);
         Ok(())
     }
 }
@@ -175,7 +195,15 @@ mod tests {
     use super::*;
 
     fn config(batch_size: u64, rank: u64, world_size: u64) -> LoaderConfig {
-        LoaderConfig { seq_len: 4, batch_size, seed: 3, rank, world_size, prefetch: 3, threads: 2 }
+        LoaderConfig {
+            seq_len: 4,
+            batch_size,
+            seed: 3,
+            rank,
+            world_size,
+            prefetch: 3,
+            threads: 2,
+        }
     }
 
     /// 2 shards, 301 tokens: token i has id i % 97 so windows are recognisable.
@@ -227,9 +255,15 @@ mod tests {
     fn too_small_a_dataset_and_a_bad_rank_are_refused() {
         let dir = TempDir::new("small");
         let paths = dataset(&dir);
-        let msg = TokenLoader::open(&paths, config(40, 0, 2), true).err().unwrap().to_string();
+        let msg = TokenLoader::open(&paths, config(40, 0, 2), true)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("fewer than one global batch"), "{msg}");
-        let msg = TokenLoader::open(&paths, config(1, 2, 2), true).err().unwrap().to_string();
+        let msg = TokenLoader::open(&paths, config(1, 2, 2), true)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("rank 2"), "{msg}");
     }
 }

@@ -92,7 +92,12 @@ impl<T: Send + 'static> Prefetcher<T> {
             if left.is_zero() {
                 return None;
             }
-            q = self.shared.changed.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0;
+            q = self
+                .shared
+                .changed
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -169,7 +174,9 @@ mod tests {
             std::thread::sleep(Duration::from_micros((i % 3) * 300));
             i * 10
         });
-        let got: Vec<u64> = (0..20).map(|_| p.next_within(WAIT).unwrap().unwrap()).collect();
+        let got: Vec<u64> = (0..20)
+            .map(|_| p.next_within(WAIT).unwrap().unwrap())
+            .collect();
         assert_eq!(got, (5..25).map(|i| i * 10).collect::<Vec<_>>());
         assert_eq!(p.position(), 25);
     }

@@ -38,9 +38,14 @@ impl Plan {
 
     /// The sample ids of this rank's batch at `step` of the epoch whose order is `order`.
     pub fn batch(&self, order: &Permutation, step: u64) -> Vec<u64> {
-        assert!(step < self.steps_per_epoch(), "step {step} is past the end of the epoch");
+        assert!(
+            step < self.steps_per_epoch(),
+            "step {step} is past the end of the epoch"
+        );
         let first = step * self.global_batch() + self.rank * self.batch_size;
-        (first..first + self.batch_size).map(|i| order.get(i)).collect()
+        (first..first + self.batch_size)
+            .map(|i| order.get(i))
+            .collect()
     }
 }
 
@@ -50,7 +55,13 @@ mod tests {
     use std::collections::HashSet;
 
     fn plan(n: u64, batch: u64, world: u64, rank: u64) -> Plan {
-        Plan { num_samples: n, batch_size: batch, world_size: world, rank, seed: 9 }
+        Plan {
+            num_samples: n,
+            batch_size: batch,
+            world_size: world,
+            rank,
+            seed: 9,
+        }
     }
 
     #[test]

@@ -57,7 +57,11 @@ impl Permutation {
 
     /// The element at position `i` of the shuffled order (`i < n`).
     pub fn get(&self, i: u64) -> u64 {
-        assert!(i < self.n, "position {i} is outside a permutation of {}", self.n);
+        assert!(
+            i < self.n,
+            "position {i} is outside a permutation of {}",
+            self.n
+        );
         // Cycle-walking: the cycle of the domain permutation through i returns to 0..n within
         // fewer than 4 steps on average, because the domain is less than 4n.
         let mut x = self.encrypt(i);
@@ -101,9 +105,16 @@ mod tests {
         // Few fixed points and no long ascending runs, as for a uniformly random permutation
         // (expected fixed points: 1; expected ascending adjacent pairs: n/2).
         let o = order(10_000, 42, 0);
-        let fixed = o.iter().enumerate().filter(|&(i, &x)| i as u64 == x).count();
+        let fixed = o
+            .iter()
+            .enumerate()
+            .filter(|&(i, &x)| i as u64 == x)
+            .count();
         assert!(fixed < 10, "{fixed} fixed points");
         let ascending = o.windows(2).filter(|w| w[0] < w[1]).count();
-        assert!((4500..5500).contains(&ascending), "{ascending} ascending pairs");
+        assert!(
+            (4500..5500).contains(&ascending),
+            "{ascending} ascending pairs"
+        );
     }
 }

@@ -23,7 +23,11 @@ impl LoaderState {
         let fields = [
             ("seed", self.seed, saved.seed),
             ("seq_len", self.seq_len, saved.seq_len),
-            ("global batch size (world_size * batch_size)", self.global_batch, saved.global_batch),
+            (
+                "global batch size (world_size * batch_size)",
+                self.global_batch,
+                saved.global_batch,
+            ),
             ("num_samples", self.num_samples, saved.num_samples),
             ("data fingerprint", self.fingerprint, saved.fingerprint),
         ];
@@ -37,7 +41,10 @@ impl LoaderState {
         }
         let steps = self.num_samples / self.global_batch;
         if saved.step >= steps {
-            return Some(format!("step {} is not below the {steps} steps per epoch", saved.step));
+            return Some(format!(
+                "step {} is not below the {steps} steps per epoch",
+                saved.step
+            ));
         }
         None
     }
@@ -58,9 +65,28 @@ mod tests {
             num_samples: 100,
             fingerprint: 7,
         };
-        assert_eq!(mine.mismatch(&LoaderState { epoch: 3, step: 24, ..mine }), None);
-        let msg = mine.mismatch(&LoaderState { seed: 2, fingerprint: 8, ..mine }).unwrap();
-        assert!(msg.contains("seed is 2") && msg.contains("fingerprint"), "{msg}");
-        assert!(mine.mismatch(&LoaderState { step: 25, ..mine }).unwrap().contains("step 25"));
+        assert_eq!(
+            mine.mismatch(&LoaderState {
+                epoch: 3,
+                step: 24,
+                ..mine
+            }),
+            None
+        );
+        let msg = mine
+            .mismatch(&LoaderState {
+                seed: 2,
+                fingerprint: 8,
+                ..mine
+            })
+            .unwrap();
+        assert!(
+            msg.contains("seed is 2") && msg.contains("fingerprint"),
+            "{msg}"
+        );
+        assert!(mine
+            .mismatch(&LoaderState { step: 25, ..mine })
+            .unwrap()
+            .contains("step 25"));
     }
 }

@@ -27,7 +27,10 @@ impl TokenStream {
     /// vocabulary.
     pub fn open(paths: &[PathBuf], verify: bool) -> Result<Self> {
         let Some(first) = paths.first() else {
-            return Err(DataError::invalid(&PathBuf::from("<no shards>"), "no shards to read"));
+            return Err(DataError::invalid(
+                &PathBuf::from("<no shards>"),
+                "no shards to read",
+            ));
         };
         let mut shards = Vec::with_capacity(paths.len());
         let mut shard_starts = vec![0u64];
@@ -52,7 +55,11 @@ impl TokenStream {
                 ),
             ));
         }
-        Ok(Self { shards, shard_starts, doc_starts })
+        Ok(Self {
+            shards,
+            shard_starts,
+            doc_starts,
+        })
     }
 
     pub fn token_count(&self) -> u64 {
@@ -103,7 +110,11 @@ impl TokenStream {
         let end = start + count as u64;
         // The first document that starts after `start`, and the one `start` is in.
         let mut next = self.doc_starts.partition_point(|&d| d <= start);
-        let mut doc_start = if next == 0 { 0 } else { self.doc_starts[next - 1] };
+        let mut doc_start = if next == 0 {
+            0
+        } else {
+            self.doc_starts[next - 1]
+        };
         let mut at = start;
         while at < end {
             let run_end = self.doc_starts.get(next).map_or(end, |&d| d.min(end));
@@ -127,7 +138,10 @@ impl TokenStream {
         positions: &mut Vec<i64>,
     ) {
         let start = sample * seq_len as u64;
-        assert!(start + (seq_len as u64) < self.token_count(), "sample {sample} is past the end");
+        assert!(
+            start + (seq_len as u64) < self.token_count(),
+            "sample {sample} is past the end"
+        );
         self.extend_tokens(start, seq_len, inputs);
         self.extend_tokens(start + 1, seq_len, targets);
         self.extend_positions(start, seq_len, positions);
@@ -159,12 +173,22 @@ mod tests {
             s.extend_sample(i, 3, &mut x, &mut y, &mut p);
             (x, y, p)
         };
-        assert_eq!(sample(1), (vec![13, 14, 15], vec![14, 15, 16], vec![0, 1, 0]));
-        assert_eq!(sample(2), (vec![16, 17, 18], vec![17, 18, 19], vec![0, 1, 2]));
+        assert_eq!(
+            sample(1),
+            (vec![13, 14, 15], vec![14, 15, 16], vec![0, 1, 0])
+        );
+        assert_eq!(
+            sample(2),
+            (vec![16, 17, 18], vec![17, 18, 19], vec![0, 1, 2])
+        );
         for start in 0..10 {
             let mut all = Vec::new();
             s.extend_positions(start, 10 - start as usize, &mut all);
-            assert_eq!(all, [0, 1, 2, 0, 1, 0, 0, 1, 2, 3][start as usize..], "from {start}");
+            assert_eq!(
+                all,
+                [0, 1, 2, 0, 1, 0, 0, 1, 2, 3][start as usize..],
+                "from {start}"
+            );
         }
     }
 
@@ -176,6 +200,9 @@ mod tests {
         write_shard(&a, 32, &[vec![1, 2]]);
         write_shard(&b, 64, &[vec![1, 2]]);
         let msg = TokenStream::open(&[a, b], true).err().unwrap().to_string();
-        assert!(msg.contains("b.k2tok") && msg.contains("vocabulary size 64"), "{msg}");
+        assert!(
+            msg.contains("b.k2tok") && msg.contains("vocabulary size 64"),
+            "{msg}"
+        );
     }
 }

@@ -43,7 +43,10 @@ impl PyShardWriter {
     ) -> PyResult<T> {
         let mut guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let writer = guard.as_mut().ok_or_else(|| {
-            DataError::new_err(format!("{}: the shard writer is already finished", self.path.display()))
+            DataError::new_err(format!(
+                "{}: the shard writer is already finished",
+                self.path.display()
+            ))
         })?;
         Ok(work(writer)?)
     }
@@ -54,7 +57,10 @@ impl PyShardWriter {
     #[new]
     fn new(path: PathBuf, vocab_size: u32) -> PyResult<Self> {
         let writer = data::ShardWriter::create(&path, vocab_size)?;
-        Ok(Self { path, writer: Mutex::new(Some(writer)) })
+        Ok(Self {
+            path,
+            writer: Mutex::new(Some(writer)),
+        })
     }
 
     /// Append documents: `tokens` (uint32) holds them back to back, `lengths` (int64) gives
@@ -91,7 +97,10 @@ impl PyShardWriter {
     fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         let writer = writer.ok_or_else(|| {
-            DataError::new_err(format!("{}: the shard writer is already finished", self.path.display()))
+            DataError::new_err(format!(
+                "{}: the shard writer is already finished",
+                self.path.display()
+            ))
         })?;
         let summary = detached(py, "ShardWriter.finish", |_| writer.finish())?;
         let out = PyDict::new(py);
@@ -125,14 +134,26 @@ struct PyTokenLoader {
     inner: data::TokenLoader,
 }
 
-fn to_numpy<'py>(py: Python<'py>, rows: usize, cols: usize, v: Vec<i64>) -> Bound<'py, PyArray2<i64>> {
+fn to_numpy<'py>(
+    py: Python<'py>,
+    rows: usize,
+    cols: usize,
+    v: Vec<i64>,
+) -> Bound<'py, PyArray2<i64>> {
     let array = Array2::from_shape_vec((rows, cols), v).expect("a batch holds rows * cols tokens");
     // Moves the buffer into the array without copying; Python owns it from here on.
     PyArray2::from_owned_array(py, array)
 }
 
-const STATE_FIELDS: [&str; 7] =
-    ["epoch", "step", "seed", "seq_len", "global_batch", "num_samples", "fingerprint"];
+const STATE_FIELDS: [&str; 7] = [
+    "epoch",
+    "step",
+    "seed",
+    "seq_len",
+    "global_batch",
+    "num_samples",
+    "fingerprint",
+];
 
 #[pymethods]
 impl PyTokenLoader {
@@ -151,8 +172,18 @@ impl PyTokenLoader {
         threads: usize,
         verify: bool,
     ) -> PyResult<Self> {
-        let config = LoaderConfig { seq_len, batch_size, seed, rank, world_size, prefetch, threads };
-        let inner = detached(py, "TokenLoader", |_| data::TokenLoader::open(&paths, config, verify))?;
+        let config = LoaderConfig {
+            seq_len,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+            prefetch,
+            threads,
+        };
+        let inner = detached(py, "TokenLoader", |_| {
+            data::TokenLoader::open(&paths, config, verify)
+        })?;
         Ok(Self { inner })
     }
 
@@ -216,7 +247,15 @@ impl PyTokenLoader {
     /// resuming loader must share, as a dict of ints.
     fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.state();
-        let values = [s.epoch, s.step, s.seed, s.seq_len, s.global_batch, s.num_samples, s.fingerprint];
+        let values = [
+            s.epoch,
+            s.step,
+            s.seed,
+            s.seq_len,
+            s.global_batch,
+            s.num_samples,
+            s.fingerprint,
+        ];
         let out = PyDict::new(py);
         for (name, value) in STATE_FIELDS.iter().zip(values) {
             out.set_item(name, value)?;
@@ -232,7 +271,9 @@ impl PyTokenLoader {
                 DataError::new_err(format!("the loader state lacks the field '{name}'"))
             })?;
             *slot = item.extract().map_err(|_| {
-                DataError::new_err(format!("the loader state field '{name}' is not a non-negative int"))
+                DataError::new_err(format!(
+                    "the loader state field '{name}' is not a non-negative int"
+                ))
             })?;
         }
         let saved = LoaderState {
