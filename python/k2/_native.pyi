@@ -7,6 +7,9 @@ Every function here releases the GIL for its heavy work, turns a Rust panic into
 from collections.abc import Buffer
 from os import PathLike
 
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
 """The crate's version; equals ``k2.__version__``."""
 
@@ -28,8 +31,6 @@ def xxh3_64_file(path: str | PathLike[str]) -> int:
 
 # --- token pipeline (rust/src/data/, rust/src/py/data.rs) ----------------------------------
 
-import numpy as np
-import numpy.typing as npt
 
 class ShardWriter:
     """Writes one token shard (docs/token-shards.md), document by document.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -180,10 +181,12 @@ def test_other_python_threads_run_while_next_batch_waits(tmp_path: Path) -> None
             ticks.append(time.perf_counter())
 
     spinner = threading.Thread(target=spin)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)  # hand the GIL back and forth quickly
     spinner.start()
     windows = []
     try:
-        for _ in range(4):
+        for _ in range(6):
             loader.load_state_dict(start)  # drop the read-ahead batch: next_batch must wait
             t0 = time.perf_counter()
             loader.next_batch()
@@ -191,11 +194,12 @@ def test_other_python_threads_run_while_next_batch_waits(tmp_path: Path) -> None
     finally:
         stop.set()
         spinner.join()
+        sys.setswitchinterval(interval)
     # Had next_batch kept the GIL, the spinner would stall for the whole production of a batch
-    # (all of a window but the moments around entering and leaving the call); without it, the
-    # spinner's ticks cover the window with only scheduling-sized gaps.
+    # (all of a window but a switch interval or two around entering and leaving the call);
+    # without it, the spinner's ticks cover the window with only scheduling-sized gaps.
     long_waits = [(a, b) for a, b in windows if b - a > 0.03]
-    assert len(long_waits) >= 2, f"batches came too fast to test: {windows}"
+    assert len(long_waits) >= 3, f"batches came too fast to test: {windows}"
     stalls = []
     for a, b in long_waits:
         inside = [a, *(t for t in ticks if a < t < b), b]

@@ -5,10 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::error::{DataError, Result};
+use super::pool::BufferPool;
 use super::prefetch::{Prefetcher, Produced};
 use super::sampler::Plan;
 use super::state::LoaderState;
 use super::stream::TokenStream;
+
+/// The most memory the buffer pool keeps in spare batches.
+const POOL_BYTES: u64 = 256 << 20;
 
 /// How to cut, shuffle, split and prefetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,14 +41,20 @@ pub struct Batch {
 }
 
 /// Build the batch at global step index `index` (`epoch * steps_per_epoch + step`).
-fn produce(stream: &TokenStream, plan: &Plan, seq_len: u64, index: u64) -> Batch {
+fn produce(
+    stream: &TokenStream,
+    pool: &BufferPool,
+    plan: &Plan,
+    seq_len: u64,
+    index: u64,
+) -> Batch {
     let steps = plan.steps_per_epoch();
     let (epoch, step) = (index / steps, index % steps);
     let samples = plan.batch(&plan.order(epoch), step);
     let n = (plan.batch_size * seq_len) as usize;
-    let mut inputs = Vec::with_capacity(n);
-    let mut targets = Vec::with_capacity(n);
-    let mut positions = Vec::with_capacity(n);
+    let mut inputs = pool.take(n);
+    let mut targets = pool.take(n);
+    let mut positions = pool.take(n);
     for sample in samples {
         stream.extend_sample(
             sample,
@@ -66,6 +76,7 @@ fn produce(stream: &TokenStream, plan: &Plan, seq_len: u64, index: u64) -> Batch
 /// A deterministic, resumable, prefetching loader over token shards.
 pub struct TokenLoader {
     stream: Arc<TokenStream>,
+    pool: Arc<BufferPool>,
     plan: Plan,
     config: LoaderConfig,
     prefetcher: Prefetcher<Batch>,
@@ -108,15 +119,22 @@ impl TokenLoader {
                 config.batch_size
             )));
         }
+        // Enough spare batches for the queue, those in flight and a few the caller holds, but no
+        // more than POOL_BYTES of them.
+        let batch_bytes = 3 * 8 * config.batch_size * config.seq_len;
+        let keep =
+            (config.prefetch + config.threads + 4).min((POOL_BYTES / batch_bytes).max(1) as usize);
+        let pool = Arc::new(BufferPool::new(3 * keep));
         let prefetcher = {
-            let stream = Arc::clone(&stream);
+            let (stream, pool) = (Arc::clone(&stream), Arc::clone(&pool));
             let seq_len = config.seq_len;
             Prefetcher::new(0, config.prefetch, config.threads, move |index| {
-                produce(&stream, &plan, seq_len, index)
+                produce(&stream, &pool, &plan, seq_len, index)
             })
         };
         Ok(Self {
             stream,
+            pool,
             plan,
             config,
             prefetcher,
@@ -133,6 +151,19 @@ impl TokenLoader {
 
     pub fn stream(&self) -> &TokenStream {
         &self.stream
+    }
+
+    /// The pool batch buffers come from; hand them back with [`BufferPool::give`] (or
+    /// [`TokenLoader::recycle`]) once nothing reads them any more.
+    pub fn pool(&self) -> &Arc<BufferPool> {
+        &self.pool
+    }
+
+    /// Return a batch's buffers to the pool.
+    pub fn recycle(&self, batch: Batch) {
+        for buffer in [batch.inputs, batch.targets, batch.positions] {
+            self.pool.give(buffer);
+        }
     }
 
     /// Steps per epoch (the same on every rank).

@@ -6,12 +6,14 @@
 //! * [`shuffle`] — the seeded, epoch-dependent permutation of samples;
 //! * [`sampler`] — which samples each rank reads at each step (ranks in lockstep);
 //! * [`prefetch`] — background threads that produce batches ahead, in order;
+//! * [`pool`] — recycled batch buffers, so batches do not cost page faults;
 //! * [`state`] — the resumable position of a loader;
 //! * [`loader`] — [`loader::TokenLoader`], which puts them together.
 
 pub mod error;
 pub mod format;
 pub mod loader;
+pub mod pool;
 pub mod prefetch;
 pub mod sampler;
 pub mod shuffle;
