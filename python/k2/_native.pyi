@@ -64,6 +64,10 @@ def inspect_shard(path: str | PathLike[str]) -> dict[str, int]:
         k2.errors.DataError: the file is not a valid shard (the message names it and says why).
     """
 
+class BatchBuffer:
+    """The memory behind one batch array (the array's ``base``): a buffer from the loader's
+    pool, returned to the pool when the last array using it is freed. Not created from Python."""
+
 class TokenLoader:
     """The native loader behind ``k2.data.TokenLoader`` (use that one)."""
 

@@ -215,3 +215,19 @@ def test_bad_arguments_are_config_errors(counting_shards) -> None:
         TokenLoader(paths, 0, 5)
     with pytest.raises(DataError, match="fewer than one global batch"):
         TokenLoader(paths, SEQ, 50, world_size=2)
+
+
+def test_held_batches_stay_intact_while_freed_ones_are_recycled(counting_shards) -> None:
+    paths, stream, doc_starts = counting_shards
+    loader = TokenLoader(paths, SEQ, 5, seed=6, prefetch=2)
+    kept = []
+    for i in range(3 * len(loader)):
+        batch = loader.next_batch()
+        if i % 2 == 0:
+            kept.append(batch)  # the odd ones are freed at once and their buffers reused
+    for batch in kept:
+        for row, s in enumerate(sample_ids(batch)):
+            x, y, p = reference_sample(stream, doc_starts, s)
+            np.testing.assert_array_equal(batch.inputs[row], x)
+            np.testing.assert_array_equal(batch.targets[row], y)
+            np.testing.assert_array_equal(batch.positions[row], p)
