@@ -71,3 +71,9 @@ def test_a_missing_shard_is_an_io_error_naming_it(tmp_path: Path) -> None:
 def test_a_directory_without_a_manifest_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="k2 data prepare"):
         TokenLoader(tmp_path, 4, 2)
+
+
+def test_a_manifest_of_another_format_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text('{"format": "something-else", "version": 1}')
+    with pytest.raises(DataError, match="not a version-1 k2-token-shards manifest"):
+        TokenLoader(tmp_path, 4, 2)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from k2 import _native
+from k2.data.prepare import FORMAT
 from k2.errors import ConfigError, DataError
 
 STATE_VERSION = 1
@@ -67,6 +68,11 @@ def shard_paths(
     manifest_path = path / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT or manifest.get("version") != 1:
+            raise DataError(
+                f"{manifest_path} is not a version-1 {FORMAT} manifest "
+                f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
+            )
         shards = manifest["splits"][split]["shards"]
         return [path / shard["file"] for shard in shards]
     except FileNotFoundError:

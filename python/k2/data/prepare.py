@@ -153,6 +153,9 @@ def prepare(
 
     from tqdm import tqdm
 
+    for stale in sorted(out_dir.glob("*.k2tok")):  # shards of an earlier run are replaced
+        if stale.name.split("-")[0] in SPLITS:
+            stale.unlink()
     total_chars = sum(map(len, train)) + sum(map(len, validation))
     bar = tqdm(
         total=total_chars, unit="char", unit_scale=True, desc="tokenize", disable=not show_progress
