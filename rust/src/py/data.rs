@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use numpy::ndarray::Array2;
+use std::sync::Arc;
+
+use numpy::ndarray::ArrayView2;
 use numpy::{PyArray2, PyReadonlyArray1};
 use pyo3::import_exception;
 use pyo3::prelude::*;
@@ -12,6 +14,7 @@ use pyo3::types::PyDict;
 
 use super::errors::{K2Error, K2IOError};
 use super::runtime::detached;
+use crate::data::pool::BufferPool;
 use crate::data::{self, Batch, LoaderConfig, LoaderState};
 
 import_exception!(k2.errors, DataError);
@@ -134,15 +137,45 @@ struct PyTokenLoader {
     inner: data::TokenLoader,
 }
 
+/// The memory behind one batch array: a buffer from the loader's pool, which goes back to the
+/// pool when numpy frees the last array that uses it.
+#[pyclass(frozen, module = "k2._native", name = "BatchBuffer")]
+struct PyBatchBuffer {
+    data: Vec<i64>,
+    pool: Arc<BufferPool>,
+}
+
+impl Drop for PyBatchBuffer {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.data));
+    }
+}
+
+/// A `[rows, cols]` int64 numpy array over `data`, without copying; the array owns the buffer.
 fn to_numpy<'py>(
     py: Python<'py>,
     rows: usize,
     cols: usize,
-    v: Vec<i64>,
-) -> Bound<'py, PyArray2<i64>> {
-    let array = Array2::from_shape_vec((rows, cols), v).expect("a batch holds rows * cols tokens");
-    // Moves the buffer into the array without copying; Python owns it from here on.
-    PyArray2::from_owned_array(py, array)
+    data: Vec<i64>,
+    pool: &Arc<BufferPool>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    assert_eq!(
+        data.len(),
+        rows * cols,
+        "a batch array holds rows * cols tokens"
+    );
+    let owner = Bound::new(
+        py,
+        PyBatchBuffer {
+            data,
+            pool: Arc::clone(pool),
+        },
+    )?;
+    let view = ArrayView2::from_shape((rows, cols), owner.get().data.as_slice())
+        .expect("the shape matches the length");
+    // SAFETY: `owner` becomes the array's base object, so it (and the Vec it holds) lives as
+    // long as the array; the Vec is never modified or reallocated while it is in the owner.
+    Ok(unsafe { PyArray2::borrow_from_array(&view, owner.clone().into_any()) })
 }
 
 const STATE_FIELDS: [&str; 7] = [
@@ -233,10 +266,11 @@ impl PyTokenLoader {
         };
         let config = self.inner.config();
         let (rows, cols) = (config.batch_size as usize, config.seq_len as usize);
+        let pool = self.inner.pool();
         (
-            to_numpy(py, rows, cols, batch.inputs),
-            to_numpy(py, rows, cols, batch.targets),
-            to_numpy(py, rows, cols, batch.positions),
+            to_numpy(py, rows, cols, batch.inputs, pool)?,
+            to_numpy(py, rows, cols, batch.targets, pool)?,
+            to_numpy(py, rows, cols, batch.positions, pool)?,
             batch.epoch,
             batch.step,
         )
@@ -292,6 +326,7 @@ impl PyTokenLoader {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyShardWriter>()?;
     m.add_class::<PyTokenLoader>()?;
+    m.add_class::<PyBatchBuffer>()?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     Ok(())
 }
