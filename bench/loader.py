@@ -7,17 +7,20 @@ by one) drawn from the same synthetic u16 token stream, memory-mapped from disk:
 
 * k2          — ``k2.data.TokenLoader`` over a k2 shard: Rust prefetch threads (GIL released),
                 three fresh int64 arrays per batch (inputs, targets, position ids);
-* numpy       — the baseline: an in-process numpy fancy-index gather of random windows from a
-                ``np.memmap`` of the same tokens, widened to int64 (one [32, 1025] array; inputs
-                and targets are views of it; no position ids);
-* torch       — ``torch.utils.data.DataLoader`` with 2 worker processes over the same memmap
+* numpy       — baseline (a): an in-process numpy fancy-index gather of random windows from a
+                ``np.memmap`` of the same tokens, delivering what k2 delivers: contiguous int64
+                inputs, targets and position ids (gathered from a precomputed u32 position
+                stream, memory-mapped too);
+* numpy lean  — for reference, the least a numpy gather can do: one int64 [32, 1025] array,
+                inputs and targets as views of it, no position ids;
+* torch       — baseline (b): ``torch.utils.data.DataLoader`` with 2 worker processes over the same memmap
                 (a map-style dataset of windows, shuffled, default collate);
 * memcpy      — ``np.copyto`` between two 256 MiB arrays: this machine's copy bandwidth, the
                 ceiling for bytes delivered.
 
-Bytes delivered count the int64 arrays handed to the caller (k2: 3 x 32 x 1024 x 8 per batch;
-numpy and torch: 32 x 1025 x 8). Prints a header, a table and one JSON line with the ratios
-(goals: k2 >= 1.5x numpy in tokens/s, k2 >= 30% of memcpy in bytes/s).
+Bytes delivered count the int64 arrays handed to the caller (k2 and numpy: 3 x 32 x 1024 x 8
+per batch; numpy lean and torch: 32 x 1025 x 8). Prints a header, a table and one JSON line with
+the ratios (goals: k2 >= 1.5x numpy in tokens/s, k2 >= 30% of memcpy in bytes/s).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ BATCH = 32
 VOCAB = 8192
 
 
-def make_stream(tokens: int, directory: Path) -> tuple[Path, Path]:
-    """Write the same pseudo-random documents as a k2 shard and as a raw u16 file."""
+def make_stream(tokens: int, directory: Path) -> tuple[Path, Path, Path]:
+    """Write the same pseudo-random documents as a k2 shard, as a raw u16 token file and as a
+    raw u32 file of each token's position in its document."""
     from k2 import _native
 
     rng = np.random.default_rng(0)
@@ -51,7 +55,10 @@ def make_stream(tokens: int, directory: Path) -> tuple[Path, Path]:
     writer.add_documents(ids.astype(np.uint32), lengths.astype(np.int64))
     writer.finish()
     ids.tofile(raw)
-    return shard, raw
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    positions = directory / "bench.pos.u32"
+    (np.arange(len(ids)) - starts).astype(np.uint32).tofile(positions)
+    return shard, raw, positions
 
 
 def measure(next_batch, seconds: float, warmup: int = 3) -> float:
@@ -72,7 +79,24 @@ def bench_k2(shard: Path, seconds: float) -> float:
     return measure(loader.next_batch, seconds)
 
 
-def bench_numpy(raw: Path, seconds: float) -> float:
+def bench_numpy(raw: Path, positions_raw: Path, seconds: float) -> float:
+    tokens = np.memmap(raw, dtype=np.uint16, mode="r")
+    positions = np.memmap(positions_raw, dtype=np.uint32, mode="r")
+    samples = (len(tokens) - 1) // SEQ_LEN
+    rng = np.random.default_rng(0)
+    window = np.arange(SEQ_LEN + 1)
+
+    def next_batch():
+        starts = rng.integers(0, samples, size=BATCH) * SEQ_LEN
+        index = starts[:, None] + window  # [B, T+1]
+        x = tokens[index].astype(np.int64)
+        inputs, targets = np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
+        return inputs, targets, positions[index[:, :-1]].astype(np.int64)
+
+    return measure(next_batch, seconds)
+
+
+def bench_numpy_lean(raw: Path, seconds: float) -> float:
     tokens = np.memmap(raw, dtype=np.uint16, mode="r")
     samples = (len(tokens) - 1) // SEQ_LEN
     rng = np.random.default_rng(0)
@@ -160,24 +184,28 @@ def main() -> None:
         f"torch {torch.__version__}, k2 {k2.__version__}"
     )
     with tempfile.TemporaryDirectory(prefix="k2-loader-bench-") as tmp:
-        shard, raw = make_stream(tokens, Path(tmp))
+        shard, raw, positions = make_stream(tokens, Path(tmp))
         rates = {
             "k2": bench_k2(shard, seconds),
-            "numpy": bench_numpy(raw, seconds),
+            "numpy": bench_numpy(raw, positions, seconds),
+            "numpy_lean": bench_numpy_lean(raw, seconds),
             "torch": bench_torch(raw, seconds),
         }
     memcpy = bench_memcpy(seconds)
     batch_tokens = BATCH * SEQ_LEN
+    lean_bytes = BATCH * (SEQ_LEN + 1) * 8
     out_bytes = {
         "k2": 3 * batch_tokens * 8,
-        "numpy": BATCH * (SEQ_LEN + 1) * 8,
-        "torch": BATCH * (SEQ_LEN + 1) * 8,
+        "numpy": 3 * batch_tokens * 8,
+        "numpy_lean": lean_bytes,
+        "torch": lean_bytes,
     }
     print()
     print(f"{'loader':<34} {'batches/s':>10} {'Mtokens/s':>10} {'GB/s out':>9}")
     names = {
         "k2": "k2 TokenLoader (2 threads)",
         "numpy": "numpy memmap gather (baseline a)",
+        "numpy_lean": "numpy gather, lean (reference)",
         "torch": "torch DataLoader, 2 workers (b)",
     }
     for key, rate in rates.items():
@@ -191,6 +219,7 @@ def main() -> None:
         "quick": args.quick,
         "k2_tokens_per_s": round(rates["k2"] * batch_tokens),
         "k2_vs_numpy": round(rates["k2"] / rates["numpy"], 3),
+        "k2_vs_numpy_lean": round(rates["k2"] / rates["numpy_lean"], 3),
         "k2_vs_torch": round(rates["k2"] / rates["torch"], 3),
         "k2_bytes_vs_memcpy": round(rates["k2"] * out_bytes["k2"] / memcpy, 3),
         "memcpy_bytes_per_s": round(memcpy),
