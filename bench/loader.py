@@ -13,8 +13,8 @@ by one) drawn from the same synthetic u16 token stream, memory-mapped from disk:
                 stream, memory-mapped too);
 * numpy lean  — for reference, the least a numpy gather can do: one int64 [32, 1025] array,
                 inputs and targets as views of it, no position ids;
-* torch       — baseline (b): ``torch.utils.data.DataLoader`` with 2 worker processes over the same memmap
-                (a map-style dataset of windows, shuffled, default collate);
+* torch       — baseline (b): ``torch.utils.data.DataLoader`` with 2 worker processes over the
+                same memmap (a map-style dataset of windows, shuffled, default collate);
 * memcpy      — ``np.copyto`` between two 256 MiB arrays: this machine's copy bandwidth, the
                 ceiling for bytes delivered.
 
