@@ -1,16 +1,15 @@
-//! Bindings for [`crate::data`]: the shard writer and the token loader.
+//! Bindings for [`crate::data`]: the shard writer and the token loader, whose batches reach
+//! numpy without a copy (each array's base is a [`PyBatchBuffer`] holding a pooled buffer).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::sync::Arc;
 
 use numpy::ndarray::ArrayView2;
 use numpy::{PyArray2, PyReadonlyArray1};
 use pyo3::import_exception;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
 use super::errors::{K2Error, K2IOError};
 use super::runtime::detached;
@@ -251,7 +250,7 @@ impl PyTokenLoader {
 
     /// The next batch as `(inputs, targets, positions, epoch, step)`; the arrays are fresh
     /// int64 `[batch_size, seq_len]` arrays. Waits without the GIL; Ctrl-C interrupts the wait.
-    fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+    fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         let batch: Batch = loop {
             match py.detach(|| self.inner.next_within(SIGNAL_POLL)) {
                 Some(Ok(batch)) => break batch,
