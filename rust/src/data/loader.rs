@@ -214,8 +214,20 @@ impl TokenLoader {
                 format!("cannot resume from this loader state: {reason}"),
             ));
         }
-        self.prefetcher
-            .seek(saved.epoch * self.steps_per_epoch() + saved.step);
+        let index = saved
+            .epoch
+            .checked_mul(self.steps_per_epoch())
+            .and_then(|i| i.checked_add(saved.step))
+            .ok_or_else(|| {
+                DataError::invalid(
+                    self.stream.name(),
+                    format!(
+                        "cannot resume from this loader state: epoch {} is out of range",
+                        saved.epoch
+                    ),
+                )
+            })?;
+        self.prefetcher.seek(index);
         Ok(())
     }
 }
