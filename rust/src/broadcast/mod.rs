@@ -1,0 +1,192 @@
+//! Weight broadcast on one host: the trainer publishes each new weight version to the rollout
+//! workers through shared memory (k2's "checkpoint engine", SPEC §7).
+//!
+//! * [`plan`] — the bucket plan: tensors packed 256-byte aligned into fixed-size buckets, and
+//!   each subscriber's copies (its slice of every tensor);
+//! * [`segment`] — the shared-memory file: a control block of atomics (round, per-slot tags and
+//!   checksums, per-worker state, ack, heartbeat) and two bucket slots;
+//! * [`publisher`] / [`subscriber`] — the two ends of the protocol: the publisher stages bucket
+//!   `i + 1` into one slot while workers copy bucket `i` out of the other; every wait is
+//!   bounded, and a dead or stuck worker is evicted and named while the others go on;
+//! * [`error`] — the error type, whose messages name the worker, bucket or tensor.
+//!
+//! The module moves bytes only; tensors, dtypes and devices are the Python layer's business.
+
+pub mod error;
+pub mod plan;
+pub mod publisher;
+pub mod segment;
+pub mod subscriber;
+pub mod wait;
+
+pub use error::{BroadcastError, ErrorKind};
+pub use plan::{BucketPlan, Piece, ReceivePlan, TensorSpec, Want};
+pub use publisher::{Publisher, WorkerFailure, WorkerStatus};
+pub use subscriber::{RoundInfo, Subscriber};
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::interrupt::Cancel;
+
+    fn shm_path(tag: &str) -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+        dir.join(format!("k2-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// Three tensors of 300 + 1000 + 40 bytes in 512-byte buckets: four buckets.
+    fn plan() -> BucketPlan {
+        let spec = |name: &str, n: u64| TensorSpec { name: name.into(), dtype: "uint8".into(), shape: vec![n], itemsize: 1 };
+        BucketPlan::new(vec![spec("a", 300), spec("b", 1000), spec("c", 40)], 512).unwrap()
+    }
+
+    /// The arena of version `v`: byte i is (i * 7 + v) mod 256.
+    fn arena(plan: &BucketPlan, v: u64) -> Vec<u8> {
+        (0..plan.arena_bytes()).map(|i| ((i * 7 + v) % 256) as u8).collect()
+    }
+
+    fn publish(publisher: &mut Publisher, version: u64, catch_up: bool) -> Result<Vec<WorkerFailure>, BroadcastError> {
+        let plan = publisher.plan().clone();
+        let data = arena(&plan, if catch_up { publisher.published_version() } else { version });
+        publisher.begin_round(version, catch_up)?;
+        for b in 0..plan.num_buckets() {
+            let r = plan.bucket_range(b);
+            publisher.stage(b, &Cancel::never(), |slot| slot.copy_from_slice(&data[r.start as usize..r.end as usize]))?;
+        }
+        publisher.finish_round(&Cancel::never())
+    }
+
+    /// Receive one round and return (version, the whole arena as received).
+    fn receive(sub: &mut Subscriber, wait: Duration) -> Result<Option<(u64, Vec<u8>)>, BroadcastError> {
+        let Some(round) = sub.next_round(wait, &Cancel::never())? else { return Ok(None) };
+        let plan = sub.plan().clone();
+        let mut out = vec![0u8; plan.arena_bytes() as usize];
+        for b in 0..plan.num_buckets() {
+            let r = plan.bucket_range(b);
+            sub.receive(b, &Cancel::never(), |bytes| out[r.start as usize..r.end as usize].copy_from_slice(bytes))?;
+        }
+        sub.applied(round.version);
+        Ok(Some((round.version, out)))
+    }
+
+    #[test]
+    fn every_worker_receives_every_version_bit_for_bit() {
+        let path = shm_path("roundtrip");
+        let mut publisher = Publisher::create(&path, plan(), true, Duration::from_secs(5)).unwrap();
+        let workers: Vec<_> = (0..2)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut sub = Subscriber::join(&path, &format!("w{i}"), Duration::from_secs(5), true, &Cancel::never()).unwrap();
+                    (1..=3).map(|_| receive(&mut sub, Duration::from_secs(5)).unwrap().unwrap()).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        while publisher.workers().len() < 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for v in 1..=3 {
+            assert_eq!(publish(&mut publisher, v, false).unwrap(), vec![]);
+        }
+        for w in workers {
+            let got = w.join().unwrap();
+            for (i, (v, bytes)) in got.into_iter().enumerate() {
+                assert_eq!(v, i as u64 + 1);
+                assert!(bytes == arena(&plan(), v), "version {v} arrived corrupted");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stalled_worker_is_named_after_the_timeout_and_the_others_complete() {
+        let path = shm_path("stall");
+        let timeout = Duration::from_millis(300);
+        let mut publisher = Publisher::create(&path, plan(), false, timeout).unwrap();
+        let mut healthy = Subscriber::join(&path, "healthy", Duration::from_secs(5), false, &Cancel::never()).unwrap();
+        let mut stalled = Subscriber::join(&path, "stalled-7", Duration::from_secs(5), false, &Cancel::never()).unwrap();
+        let reader = std::thread::spawn(move || {
+            let got = receive(&mut healthy, Duration::from_secs(5)).unwrap().unwrap();
+            (healthy, got)
+        });
+        // The stalled worker takes the round and reads bucket 0, then stops.
+        let round = std::thread::spawn(move || {
+            stalled.next_round(Duration::from_secs(5), &Cancel::never()).unwrap().unwrap();
+            stalled.acquire(0, &Cancel::never()).unwrap();
+            stalled
+        });
+        let started = Instant::now();
+        let failures = publish(&mut publisher, 1, false).unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].worker, "stalled-7");
+        assert!(failures[0].reason.contains("bucket 0 of version 1"), "{}", failures[0].reason);
+        assert!(elapsed >= timeout && elapsed < timeout * 5, "took {elapsed:?}");
+        let (_healthy, (v, bytes)) = reader.join().unwrap();
+        assert_eq!((v, bytes == arena(&plan(), 1)), (1, true));
+
+        // The stalled worker finds out it was evicted, rejoins, and catches up.
+        let mut stalled = round.join().unwrap();
+        let err = stalled.release(0).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Evicted, "{err}");
+        stalled.rejoin().unwrap();
+        assert!(publisher.catch_up_pending());
+        let catcher = std::thread::spawn(move || receive(&mut stalled, Duration::from_secs(5)).unwrap().unwrap());
+        assert_eq!(publish(&mut publisher, 0, true).unwrap(), vec![]);
+        let (v, bytes) = catcher.join().unwrap();
+        assert_eq!((v, bytes == arena(&plan(), 1)), (1, true));
+        assert!(!publisher.catch_up_pending());
+    }
+
+    #[test]
+    fn a_corrupted_bucket_fails_verification_naming_its_tensors() {
+        let path = shm_path("checksum");
+        let mut publisher = Publisher::create(&path, plan(), true, Duration::from_secs(5)).unwrap();
+        let mut sub = Subscriber::join(&path, "careful", Duration::from_secs(5), true, &Cancel::never()).unwrap();
+        publisher.begin_round(1, false).unwrap();
+        publisher.stage(0, &Cancel::never(), |slot| slot.fill(1)).unwrap();
+        // Flip a byte after the checksum was recorded.
+        unsafe { *publisher.segment().slot_ptr(0).add(10) ^= 0xFF };
+        sub.next_round(Duration::from_secs(1), &Cancel::never()).unwrap().unwrap();
+        let err = sub.acquire(0, &Cancel::never()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Checksum);
+        assert!(err.message.contains("bucket 0 of version 1") && err.message.contains("(tensors a)"), "{err}");
+    }
+
+    #[test]
+    fn a_worker_waiting_on_a_silent_publisher_times_out_naming_it() {
+        let path = shm_path("silent");
+        let mut publisher = Publisher::create(&path, plan(), false, Duration::from_secs(5)).unwrap();
+        let mut sub = Subscriber::join(&path, "patient", Duration::from_millis(200), false, &Cancel::never()).unwrap();
+        publisher.begin_round(1, false).unwrap();
+        sub.next_round(Duration::from_secs(1), &Cancel::never()).unwrap().unwrap();
+        let err = sub.acquire(0, &Cancel::never()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Timeout);
+        assert!(err.message.contains("worker patient") && err.message.contains("bucket 0 of version 1"), "{err}");
+        drop(publisher);
+        let err = sub.next_round(Duration::from_secs(1), &Cancel::never()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::PublisherGone, "{err}");
+    }
+
+    #[test]
+    fn a_name_in_use_by_a_live_worker_is_refused() {
+        let path = shm_path("names");
+        let _publisher = Publisher::create(&path, plan(), false, Duration::from_secs(5)).unwrap();
+        let _first = Subscriber::join(&path, "twin", Duration::from_secs(1), false, &Cancel::never()).unwrap();
+        let err = Subscriber::join(&path, "twin", Duration::from_secs(1), false, &Cancel::never()).err().unwrap();
+        assert_eq!(err.kind, ErrorKind::Join);
+        assert!(err.message.contains("twin"), "{err}");
+    }
+
+    #[test]
+    fn joining_without_a_publisher_times_out_naming_the_path() {
+        let path = shm_path("nobody");
+        let err = Subscriber::join(&path, "lonely", Duration::from_millis(50), false, &Cancel::never()).err().unwrap();
+        assert_eq!(err.kind, ErrorKind::Timeout);
+        assert!(err.message.contains(path.to_str().unwrap()), "{err}");
+    }
+}

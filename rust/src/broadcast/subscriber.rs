@@ -1,0 +1,356 @@
+//! A worker's side of the shared-memory protocol.
+//!
+//! A worker joins by claiming a free worker record (it starts out wanting a catch-up, so the
+//! publisher sends it the current version), then for each round that includes it: waits for the
+//! round to begin, and for every bucket in order acquires it (waits until the slot carries the
+//! bucket's tag), copies what it needs, and releases it (acknowledges), which lets the publisher
+//! reuse the slot. Every wait is bounded and names what it waited for; a worker also stops
+//! waiting as soon as the publisher's process is gone, the publisher abandons the round, or the
+//! publisher evicts it.
+
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::{BroadcastError, ErrorKind, Result};
+use super::plan::BucketPlan;
+use super::segment::{now_ms, state, tag, Segment, MAX_WORKERS, NAME_BYTES, SLOTS};
+use super::wait::{own_pid, process_alive, Backoff};
+use crate::checksum::xxh3_64;
+use crate::interrupt::Cancel;
+
+/// The round a worker is taking part in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundInfo {
+    pub id: u64,
+    pub version: u64,
+}
+
+/// A joined worker; see the module docs. Dropping it leaves (frees its record).
+pub struct Subscriber {
+    seg: Arc<Segment>,
+    plan: BucketPlan,
+    name: String,
+    record: usize,
+    timeout: Duration,
+    verify: bool,
+    last_round: u64,
+    round: Option<RoundInfo>,
+    /// The next bucket to acquire in the current round.
+    next: usize,
+    /// Whether bucket `next` is acquired and not yet released.
+    held: bool,
+}
+
+const LIVENESS_EVERY: Duration = Duration::from_millis(5);
+
+impl Subscriber {
+    /// Open the segment at `path` (waiting up to `timeout` for a live publisher to create it)
+    /// and join as worker `name`. `verify` checks every bucket against the publisher's
+    /// checksum (if it records them). `timeout` bounds every later wait too.
+    pub fn join(path: &Path, name: &str, timeout: Duration, verify: bool, cancel: &Cancel) -> Result<Self> {
+        if name.is_empty() || name.len() > NAME_BYTES {
+            return Err(BroadcastError::plan(format!(
+                "worker name {name:?} must be 1 to {NAME_BYTES} bytes long"
+            )));
+        }
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        let seg = loop {
+            let attempt = Segment::open(path).and_then(|seg| {
+                let c = seg.control();
+                let pid = c.publisher_pid.load(Ordering::Relaxed);
+                if c.closed.load(Ordering::Acquire) == 0 && process_alive(pid) {
+                    Ok(seg)
+                } else {
+                    Err(BroadcastError::new(ErrorKind::PublisherGone, "stale segment"))
+                }
+            });
+            match attempt {
+                Ok(seg) => break seg,
+                Err(err) if start.elapsed() >= timeout => {
+                    return Err(BroadcastError::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "worker {name}: no live publisher at {} within {:.1} s ({err})",
+                            path.display(),
+                            timeout.as_secs_f64()
+                        ),
+                    ))
+                }
+                Err(_) => {
+                    cancel.check()?;
+                    backoff.snooze();
+                }
+            }
+        };
+        let plan = seg.plan()?;
+        let record = claim(&seg, name)?;
+        Ok(Self {
+            seg: Arc::new(seg),
+            plan,
+            name: name.to_string(),
+            record,
+            timeout,
+            verify,
+            last_round: 0,
+            round: None,
+            next: 0,
+            held: false,
+        })
+    }
+
+    pub fn plan(&self) -> &BucketPlan {
+        &self.plan
+    }
+
+    pub fn segment(&self) -> &Arc<Segment> {
+        &self.seg
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The newest version the publisher delivered in full.
+    pub fn published_version(&self) -> u64 {
+        self.seg.control().published_version.load(Ordering::Acquire)
+    }
+
+    /// After an eviction: ask to be sent the current version again.
+    pub fn rejoin(&mut self) -> Result<()> {
+        let w = &self.seg.control().workers[self.record];
+        let ours = w.pid.load(Ordering::Relaxed) == own_pid() && w.name() == self.name;
+        let revived = ours
+            && w.state.compare_exchange(state::EVICTED, state::WANTS_CATCH_UP, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if !revived {
+            // The record was freed (the publisher thought this process dead): claim a new one.
+            self.record = claim(&self.seg, &self.name)?;
+        }
+        self.round = None;
+        self.held = false;
+        Ok(())
+    }
+
+    /// Fail if the publisher is gone or evicted this worker.
+    fn check_standing(&self, check_publisher: bool) -> Result<()> {
+        let c = self.seg.control();
+        let w = &c.workers[self.record];
+        let st = w.state.load(Ordering::Acquire);
+        let lost = st == state::EVICTED
+            || st == state::FREE
+            || w.pid.load(Ordering::Relaxed) != own_pid()
+            || (check_publisher && w.name() != self.name);
+        if lost {
+            return Err(BroadcastError::new(
+                ErrorKind::Evicted,
+                format!("worker {}: the publisher evicted it (too slow or thought dead); rejoin to catch up", self.name),
+            ));
+        }
+        if c.closed.load(Ordering::Acquire) != 0
+            || (check_publisher && !process_alive(c.publisher_pid.load(Ordering::Relaxed)))
+        {
+            return Err(BroadcastError::new(
+                ErrorKind::PublisherGone,
+                format!(
+                    "worker {}: the publisher (process {}) closed or exited",
+                    self.name,
+                    c.publisher_pid.load(Ordering::Relaxed)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Wait up to `timeout` for a round that includes this worker. `Ok(None)` if none began.
+    pub fn next_round(&mut self, timeout: Duration, cancel: &Cancel) -> Result<Option<RoundInfo>> {
+        let c = self.seg.control();
+        let start = Instant::now();
+        let mut last_liveness = start;
+        let mut backoff = Backoff::new();
+        loop {
+            let s1 = c.round_seq.load(Ordering::Acquire);
+            let id = c.round_id.load(Ordering::Acquire);
+            let version = c.round_version.load(Ordering::Acquire);
+            let audience = c.round_audience.load(Ordering::Acquire);
+            fence(Ordering::Acquire);
+            let stable = s1 % 2 == 0 && c.round_seq.load(Ordering::Relaxed) == s1;
+            if stable && id > self.last_round && audience & (1 << self.record) != 0 {
+                self.last_round = id;
+                let info = RoundInfo { id, version };
+                self.round = Some(info);
+                self.next = 0;
+                self.held = false;
+                return Ok(Some(info));
+            }
+            let check = last_liveness.elapsed() >= LIVENESS_EVERY;
+            if check {
+                last_liveness = Instant::now();
+                c.workers[self.record].heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+            }
+            self.check_standing(check)?;
+            if start.elapsed() >= timeout {
+                return Ok(None);
+            }
+            cancel.check()?;
+            backoff.snooze();
+        }
+    }
+
+    /// Wait for bucket `bucket` of the current round and return its bytes. They stay valid
+    /// (the publisher does not touch the slot) until [`Subscriber::release`].
+    pub fn acquire(&mut self, bucket: usize, cancel: &Cancel) -> Result<&[u8]> {
+        let round = self.round.ok_or_else(|| BroadcastError::protocol(format!("worker {}: no round in progress", self.name)))?;
+        if self.held || bucket != self.next || bucket >= self.plan.num_buckets() {
+            return Err(BroadcastError::protocol(format!(
+                "worker {}: buckets are read in order, one at a time: expected bucket {}{}, got {bucket}",
+                self.name,
+                self.next,
+                if self.held { " to be released" } else { "" }
+            )));
+        }
+        let c = self.seg.control();
+        let slot = &c.slots[bucket % SLOTS];
+        let target = tag(round.id, bucket);
+        let start = Instant::now();
+        let mut last_liveness = start;
+        let mut backoff = Backoff::new();
+        while slot.tag.load(Ordering::Acquire) != target {
+            if c.round_id.load(Ordering::Acquire) != round.id {
+                return Err(BroadcastError::protocol(format!(
+                    "worker {}: the publisher abandoned version {} before bucket {bucket}",
+                    self.name, round.version
+                )));
+            }
+            let check = last_liveness.elapsed() >= LIVENESS_EVERY;
+            if check {
+                last_liveness = Instant::now();
+                c.workers[self.record].heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+            }
+            self.check_standing(check)?;
+            if start.elapsed() >= self.timeout {
+                return Err(BroadcastError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "worker {}: the publisher (process {}) did not deliver bucket {bucket} of version {} within {:.1} s",
+                        self.name,
+                        c.publisher_pid.load(Ordering::Relaxed),
+                        round.version,
+                        self.timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            cancel.check()?;
+            backoff.snooze();
+        }
+        let len = slot.len.load(Ordering::Relaxed) as usize;
+        // SAFETY: the tag says the slot holds this bucket completely, and the publisher will not
+        // write it again before this worker acknowledges it (release) or evicts it (which
+        // release detects before the bytes are trusted).
+        let bytes = unsafe { std::slice::from_raw_parts(self.seg.slot_ptr(bucket % SLOTS), len) };
+        if self.verify && c.checksums.load(Ordering::Relaxed) != 0 {
+            let expected = slot.checksum.load(Ordering::Relaxed);
+            if xxh3_64(bytes) != expected {
+                let names: Vec<&str> =
+                    self.plan.chunks(bucket).iter().map(|ch| self.plan.tensors()[ch.tensor].name.as_str()).collect();
+                return Err(BroadcastError::new(
+                    ErrorKind::Checksum,
+                    format!(
+                        "worker {}: bucket {bucket} of version {} fails its checksum (tensors {})",
+                        self.name,
+                        round.version,
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        self.held = true;
+        Ok(bytes)
+    }
+
+    /// Finish with the acquired bucket: check that its bytes were not overwritten while they
+    /// were read (which happens only to an evicted worker), then acknowledge it.
+    pub fn release(&mut self, bucket: usize) -> Result<()> {
+        let round = self.round.ok_or_else(|| BroadcastError::protocol(format!("worker {}: no round in progress", self.name)))?;
+        if !self.held || self.next != bucket {
+            return Err(BroadcastError::protocol(format!("worker {}: bucket {bucket} is not held", self.name)));
+        }
+        let c = self.seg.control();
+        let target = tag(round.id, bucket);
+        fence(Ordering::Acquire);
+        if c.slots[bucket % SLOTS].tag.load(Ordering::Acquire) != target {
+            self.held = false;
+            return Err(BroadcastError::new(
+                ErrorKind::Evicted,
+                format!(
+                    "worker {}: bucket {bucket} of version {} was overwritten while it was read (the worker was evicted); rejoin to catch up",
+                    self.name, round.version
+                ),
+            ));
+        }
+        self.check_standing(false)?;
+        let w = &c.workers[self.record];
+        if bucket + 1 == self.plan.num_buckets() {
+            // Every bucket has landed: this worker holds the round's version.
+            let _ = w.state.compare_exchange(state::WANTS_CATCH_UP, state::CURRENT, Ordering::AcqRel, Ordering::Acquire);
+        }
+        w.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+        w.ack.store(target, Ordering::Release);
+        self.held = false;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Acquire bucket `bucket`, hand its bytes to `read`, release it.
+    pub fn receive(&mut self, bucket: usize, cancel: &Cancel, read: impl FnOnce(&[u8])) -> Result<()> {
+        read(self.acquire(bucket, cancel)?);
+        self.release(bucket)
+    }
+
+    /// Record that `version` is now applied to the worker's model.
+    pub fn applied(&self, version: u64) {
+        self.seg.control().workers[self.record].applied.store(version, Ordering::Release);
+    }
+}
+
+/// Claim a free worker record for `name`, refusing a name a live worker already uses.
+fn claim(seg: &Segment, name: &str) -> Result<usize> {
+    let c = seg.control();
+    for w in c.workers.iter() {
+        let st = w.state.load(Ordering::Acquire);
+        if (st == state::CURRENT || st == state::WANTS_CATCH_UP)
+            && w.name() == name
+            && process_alive(w.pid.load(Ordering::Relaxed))
+        {
+            return Err(BroadcastError::new(
+                ErrorKind::Join,
+                format!("worker name {name} is already used by live process {}", w.pid.load(Ordering::Relaxed)),
+            ));
+        }
+    }
+    for (i, w) in c.workers.iter().enumerate() {
+        if w.state.compare_exchange(state::FREE, state::CLAIMING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            w.pid.store(own_pid(), Ordering::Relaxed);
+            w.set_name(name);
+            w.ack.store(0, Ordering::Relaxed);
+            w.applied.store(0, Ordering::Relaxed);
+            w.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+            // A joiner always asks for the current version; if none was published yet, the
+            // next publish round includes it anyway.
+            w.state.store(state::WANTS_CATCH_UP, Ordering::Release);
+            return Ok(i);
+        }
+    }
+    Err(BroadcastError::new(ErrorKind::Join, format!("worker {name}: all {MAX_WORKERS} worker records are taken")))
+}
+
+impl Drop for Subscriber {
+    /// Leave: free the record if it is still this worker's.
+    fn drop(&mut self) {
+        let w = &self.seg.control().workers[self.record];
+        if w.pid.load(Ordering::Relaxed) == own_pid() && w.name() == self.name {
+            w.state.store(state::FREE, Ordering::Release);
+        }
+    }
+}
