@@ -22,7 +22,7 @@ pub mod wait;
 pub use error::{BroadcastError, ErrorKind};
 pub use plan::{BucketPlan, Piece, ReceivePlan, TensorSpec, Want};
 pub use publisher::{Publisher, WorkerFailure, WorkerStatus};
-pub use subscriber::{RoundInfo, Subscriber};
+pub use subscriber::{announced_plan, RoundInfo, Subscriber};
 
 #[cfg(test)]
 mod tests {

@@ -55,36 +55,7 @@ impl Subscriber {
                 "worker name {name:?} must be 1 to {NAME_BYTES} bytes long"
             )));
         }
-        let start = Instant::now();
-        let mut backoff = Backoff::new();
-        let seg = loop {
-            let attempt = Segment::open(path).and_then(|seg| {
-                let c = seg.control();
-                let pid = c.publisher_pid.load(Ordering::Relaxed);
-                if c.closed.load(Ordering::Acquire) == 0 && process_alive(pid) {
-                    Ok(seg)
-                } else {
-                    Err(BroadcastError::new(ErrorKind::PublisherGone, "stale segment"))
-                }
-            });
-            match attempt {
-                Ok(seg) => break seg,
-                Err(err) if start.elapsed() >= timeout => {
-                    return Err(BroadcastError::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "worker {name}: no live publisher at {} within {:.1} s ({err})",
-                            path.display(),
-                            timeout.as_secs_f64()
-                        ),
-                    ))
-                }
-                Err(_) => {
-                    cancel.check()?;
-                    backoff.snooze();
-                }
-            }
-        };
+        let seg = open_live(path, &format!("worker {name}"), timeout, cancel)?;
         let plan = seg.plan()?;
         let record = claim(&seg, name)?;
         Ok(Self {
@@ -312,6 +283,43 @@ impl Subscriber {
     pub fn applied(&self, version: u64) {
         self.seg.control().workers[self.record].applied.store(version, Ordering::Release);
     }
+}
+
+/// Open the segment at `path`, waiting up to `timeout` for a live publisher to create it.
+/// `who` names the caller in the timeout message.
+pub fn open_live(path: &Path, who: &str, timeout: Duration, cancel: &Cancel) -> Result<Segment> {
+    let start = Instant::now();
+    let mut backoff = Backoff::new();
+    loop {
+        let attempt = Segment::open(path).and_then(|seg| {
+            let c = seg.control();
+            let pid = c.publisher_pid.load(Ordering::Relaxed);
+            if c.closed.load(Ordering::Acquire) == 0 && process_alive(pid) {
+                Ok(seg)
+            } else {
+                Err(BroadcastError::new(ErrorKind::PublisherGone, format!("its publisher (process {pid}) is gone")))
+            }
+        });
+        match attempt {
+            Ok(seg) => return Ok(seg),
+            Err(err) if start.elapsed() >= timeout => {
+                return Err(BroadcastError::new(
+                    ErrorKind::Timeout,
+                    format!("{who}: no live publisher at {} within {:.1} s ({err})", path.display(), timeout.as_secs_f64()),
+                ))
+            }
+            Err(_) => {
+                cancel.check()?;
+                backoff.snooze();
+            }
+        }
+    }
+}
+
+/// The plan announced at `path` (waiting up to `timeout` for a live publisher), read without
+/// joining, so a worker can check its model before any bytes move.
+pub fn announced_plan(path: &Path, timeout: Duration, cancel: &Cancel) -> Result<BucketPlan> {
+    open_live(path, "worker", timeout, cancel)?.plan()
 }
 
 /// Claim a free worker record for `name`, refusing a name a live worker already uses.

@@ -4,6 +4,7 @@
 //! released, panics caught, Ctrl-C honoured); errors become the exception classes of
 //! `k2.errors`, always naming the file, tensor or worker they are about.
 
+mod broadcast;
 mod checksum;
 mod data;
 mod errors;
@@ -18,5 +19,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     checksum::register(m)?;
     data::register(m)?;
+    broadcast::register(m)?;
     Ok(())
 }
