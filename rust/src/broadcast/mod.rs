@@ -173,6 +173,24 @@ mod tests {
     }
 
     #[test]
+    fn a_joiner_never_mistakes_a_leavers_round_for_its_own() {
+        let path = shm_path("reuse");
+        let mut publisher = Publisher::create(&path, plan(), false, Duration::from_millis(200)).unwrap();
+        let mut first = Subscriber::join(&path, "first", Duration::from_secs(1), false, &Cancel::never()).unwrap();
+        let reader = std::thread::spawn(move || {
+            receive(&mut first, Duration::from_secs(5)).unwrap().unwrap();
+            first // leaves when dropped below, after the round
+        });
+        publish(&mut publisher, 1, false).unwrap();
+        drop(reader.join().unwrap());
+        let mut second = Subscriber::join(&path, "second", Duration::from_secs(1), false, &Cancel::never()).unwrap();
+        assert_eq!(second.next_round(Duration::from_millis(50), &Cancel::never()).unwrap(), None);
+        let catcher = std::thread::spawn(move || receive(&mut second, Duration::from_secs(5)).unwrap().unwrap());
+        assert_eq!(publish(&mut publisher, 0, true).unwrap(), vec![]);
+        assert_eq!(catcher.join().unwrap().0, 1);
+    }
+
+    #[test]
     fn a_name_in_use_by_a_live_worker_is_refused() {
         let path = shm_path("names");
         let _publisher = Publisher::create(&path, plan(), false, Duration::from_secs(5)).unwrap();

@@ -141,6 +141,9 @@ impl Publisher {
     pub fn begin_round(&mut self, version: u64, catch_up: bool) -> Result<usize> {
         let c = self.seg.control();
         let version = if catch_up { self.published_version() } else { version };
+        // The round description stays "being rewritten" (odd) while records are freed below,
+        // so a worker that claims a freed record reads the new audience, never the old one.
+        c.round_seq.fetch_add(1, Ordering::AcqRel);
         let mut members = Vec::new();
         let mut failures = Vec::new();
         for (i, w) in c.workers.iter().enumerate() {
@@ -150,7 +153,7 @@ impl Publisher {
             if st == state::FREE || (st == state::CLAIMING && process_alive(pid)) {
                 continue;
             }
-            if !process_alive(pid) {
+            if st == state::LEFT || !process_alive(pid) {
                 // Records are freed only here, between rounds, so a joiner can never claim a
                 // record that the round in flight still counts in its audience.
                 if joined {
@@ -170,7 +173,6 @@ impl Publisher {
         let id = self.next_round;
         self.next_round += 1;
         let audience = members.iter().fold(0u64, |mask, (i, _)| mask | (1 << i));
-        c.round_seq.fetch_add(1, Ordering::AcqRel);
         c.round_id.store(id, Ordering::Release);
         c.round_version.store(version, Ordering::Release);
         c.round_audience.store(audience, Ordering::Release);
@@ -286,7 +288,7 @@ impl Publisher {
                 }
                 let st = w.state.load(Ordering::Acquire);
                 let what = format!("bucket {bucket} of version {}", round.version);
-                let reason = if w.pid.load(Ordering::Relaxed) != pid || st == state::FREE {
+                let reason = if w.pid.load(Ordering::Relaxed) != pid || st == state::LEFT || st == state::FREE {
                     Some(format!("left while {what} was in flight"))
                 } else if check_liveness && !process_alive(pid) {
                     Some(format!("process {pid} exited before it finished reading {what}"))

@@ -42,6 +42,8 @@ pub mod state {
     pub const WANTS_CATCH_UP: u64 = 3;
     /// The publisher gave up on it; it must rejoin.
     pub const EVICTED: u64 = 4;
+    /// The worker left; the publisher frees the record when it begins its next round.
+    pub const LEFT: u64 = 5;
 }
 
 /// One bucket slot's header. `tag` names the (round, bucket) whose bytes the slot holds

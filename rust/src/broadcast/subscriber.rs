@@ -111,6 +111,7 @@ impl Subscriber {
         let st = w.state.load(Ordering::Acquire);
         let lost = st == state::EVICTED
             || st == state::FREE
+            || st == state::LEFT
             || w.pid.load(Ordering::Relaxed) != own_pid()
             || (check_publisher && w.name() != self.name);
         if lost {
@@ -354,11 +355,12 @@ fn claim(seg: &Segment, name: &str) -> Result<usize> {
 }
 
 impl Drop for Subscriber {
-    /// Leave: free the record if it is still this worker's.
+    /// Leave: mark the record left if it is still this worker's (the publisher frees it
+    /// between rounds).
     fn drop(&mut self) {
         let w = &self.seg.control().workers[self.record];
         if w.pid.load(Ordering::Relaxed) == own_pid() && w.name() == self.name {
-            w.state.store(state::FREE, Ordering::Release);
+            w.state.store(state::LEFT, Ordering::Release);
         }
     }
 }

@@ -1,0 +1,199 @@
+"""Across hosts: the same buckets broadcast with ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Every process of a fixed process group takes part: the publisher (usually rank 0) creates a
+:class:`DistributedWeightPublisher`, every other rank a :class:`DistributedWeightSubscriber`;
+the constructors are collective. Buckets travel double-buffered: the publisher packs bucket
+``i + 1`` while bucket ``i`` is on the wire, and a subscriber lands bucket ``i`` while bucket
+``i + 1`` arrives. As on the shared-memory path, a version is applied only after every bucket
+has landed, under the subscriber's lock.
+
+Failure semantics (different from shared memory): a collective needs every member, so a worker
+that dies or stalls breaks the whole group. The publisher's ``publish()`` then fails after the
+process group's own timeout (``init_process_group(timeout=...)``) with a :class:`BroadcastError`
+that names the version, the bucket and the group's workers; which member failed is known only
+when its peer connection reports it. The group cannot be repaired: destroy it
+(``dist.destroy_process_group()``), build a new one with the surviving (or restarted) workers,
+and create new publisher/subscribers on it; the first ``publish()`` on the new group brings
+every worker to the current weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from k2 import _native
+from k2.broadcast.layout import (
+    Landing,
+    Rows,
+    TensorSource,
+    check_model,
+    named_tensors,
+    pack,
+    source_bytes,
+    tensor_specs,
+)
+from k2.broadcast.shm import DEFAULT_BUCKET_BYTES
+from k2.errors import BroadcastError
+
+
+def _device(group) -> torch.device:
+    """Where buffers live: the current CUDA device for NCCL, the CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Member:
+    """What both ends share: the group, the plan, two bucket buffers, the roster of workers."""
+
+    def __init__(self, group, src: int, worker: str) -> None:
+        self.group = group
+        self.src = src
+        self.device = _device(group)
+        self.worker = worker
+
+    def _join(self, announced: list, check) -> None:
+        """Collective: share the publisher's announcement ``[specs, bucket_bytes]``, run
+        ``check(specs)`` (a model check returning a problem or None) everywhere, gather the
+        results, and raise on every rank if any member's model does not fit."""
+        dist.broadcast_object_list(announced, src=self.src, group=self.group)
+        specs, bucket_bytes = announced
+        problem = check(specs)
+        reports: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(reports, (self.worker, problem), group=self.group)
+        self.roster = [w for w, _ in reports]
+        problems = [p for _, p in reports if p]
+        if problems:
+            raise BroadcastError("the group's models do not match the published weights:\n" + "\n".join(problems))
+        self.plan = _native.BucketPlan(specs, bucket_bytes)
+        self.buffers = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+
+    def _failed(self, version: int, bucket: int | str, err: Exception) -> BroadcastError:
+        return BroadcastError(
+            f"{self.worker}: torch.distributed broadcast of version {version} failed at bucket {bucket}"
+            f" ({type(err).__name__}: {err}); a member of the group {self.roster} died or stalled, and the"
+            " process group is now broken: destroy it, build a new one with the workers that are left,"
+            " and create new publisher/subscribers on it")
+
+    def _window(self, b: int) -> torch.Tensor:
+        """Bucket ``b``'s buffer, cut to the bucket's length."""
+        start, end = self.plan.bucket_range(b)
+        return self.buffers[b % 2][: end - start]
+
+
+class DistributedWeightPublisher(_Member):
+    """The publishing rank of a ``torch.distributed`` weight broadcast (collective constructor).
+
+    Args:
+        tensors: the trainer's tensors or module.
+        group: the process group (default: the world).
+        bucket_bytes: bucket size (a multiple of 256).
+    """
+
+    def __init__(self, tensors: TensorSource, *, group=None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        super().__init__(group, dist.get_rank(), worker="publisher")
+        self._tensors = named_tensors(tensors)
+        self._join([tensor_specs(self._tensors()), bucket_bytes], check=lambda specs: None)
+        self.version = 0
+
+    def publish(self) -> int:
+        """Broadcast the tensors' current values to the group as a new version.
+
+        Returns:
+            The new version number.
+
+        Raises:
+            BroadcastError: a member failed (the group is broken; see the module docs), or the
+                tensors no longer match the plan.
+        """
+        sources = source_bytes(self._tensors(), self.plan)
+        version = self.version + 1
+        header = torch.tensor([version], dtype=torch.int64, device=self.device)
+        pending: list = [None, None]
+        b: int | str = "header"
+        try:
+            dist.broadcast(header, src=self.src, group=self.group)
+            for b in range(self.plan.num_buckets):
+                if pending[b % 2] is not None:
+                    pending[b % 2].wait()
+                window = self._window(b)
+                pack(self.plan, b, sources, window)
+                pending[b % 2] = dist.broadcast(window, src=self.src, group=self.group, async_op=True)
+            for work in pending:
+                if work is not None:
+                    work.wait()
+        except (RuntimeError, dist.DistError) as err:
+            raise self._failed(version, b, err) from err
+        self.version = version
+        return version
+
+
+class DistributedWeightSubscriber(_Member):
+    """A receiving rank of a ``torch.distributed`` weight broadcast (collective constructor).
+
+    Args:
+        tensors: the worker's tensors or module; a sliced tensor has the slice's shape.
+        src: the publisher's global rank.
+        worker: this worker's name (default ``rank-N``).
+        group: the process group (default: the world).
+        slices: rows (dim 0) wanted per tensor, as for ``WeightSubscriber``.
+        strict: whether a published tensor missing from the model is an error.
+    """
+
+    def __init__(self, tensors: TensorSource, *, src: int = 0, worker: str | None = None,
+                 group=None, slices: Mapping[str, Rows] | None = None, strict: bool = True) -> None:
+        super().__init__(group, src, worker=worker or f"rank-{dist.get_rank()}")
+        model = named_tensors(tensors)()
+        slices = dict(slices or {})
+
+        def check(specs) -> str | None:
+            try:
+                check_model(specs, model, slices, strict, who=f"worker {self.worker}")
+            except BroadcastError as err:
+                return str(err)
+            return None
+
+        self._join([None, None], check)
+        self._landing = Landing(self.plan, model, slices)
+        self.lock = threading.RLock()
+        """Held while a version is applied; readers take it to see one whole version."""
+        self.version = 0
+
+    def update(self) -> int:
+        """Receive the next published version and apply it (blocks until the publisher
+        publishes, bounded by the process group's timeout).
+
+        Returns:
+            The applied version.
+
+        Raises:
+            BroadcastError: a member failed; the group is broken (see the module docs). The
+                model keeps its previous version.
+        """
+        header = torch.zeros(1, dtype=torch.int64, device=self.device)
+        n = self.plan.num_buckets
+        b: int | str = "header"
+        version = self.version + 1
+        try:
+            dist.broadcast(header, src=self.src, group=self.group)
+            version = int(header.item())
+            pending = [None, None]
+            if n:
+                pending[0] = dist.broadcast(self._window(0), src=self.src, group=self.group, async_op=True)
+            for b in range(n):
+                if b + 1 < n:
+                    pending[(b + 1) % 2] = dist.broadcast(self._window(b + 1), src=self.src,
+                                                          group=self.group, async_op=True)
+                pending[b % 2].wait()
+                self._landing.land(b, self._window(b))
+        except (RuntimeError, dist.DistError) as err:
+            raise self._failed(version, b, err) from err
+        with self.lock:
+            self._landing.apply()
+            self.version = version
+        return version

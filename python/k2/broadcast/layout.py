@@ -1,0 +1,208 @@
+"""How tensors map onto buckets, seen from torch: the plan, model checks, packing and landing.
+
+Both transports (shared memory and ``torch.distributed``) move the same buckets, built by the
+native :class:`k2._native.BucketPlan`: tensors packed 256-byte aligned, in name order, into
+fixed-size buckets. The publisher *packs* each bucket from its tensors; a subscriber *lands*
+the pieces it wants into a private landing buffer and, once every bucket has landed, *applies*
+the landing buffer to its model under its lock.
+
+A subscriber may want only some rows (dim 0) of a tensor: ``slices={"w": slice(0, 128)}`` for a
+tensor-parallel row range, or ``slices={"experts.gate_proj": [3, 17, 42]}`` for a subset of
+experts of a stacked ``[E, ...]`` tensor. Its model tensor then has the slice's shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
+
+import torch
+
+from k2 import _native
+from k2.errors import BroadcastError
+
+Rows = Union[slice, range, Sequence[int]]
+"""A selection of rows along dim 0: a slice/range with step 1, or a list of row indices."""
+
+Spec = tuple[str, str, list[int], int]
+"""``(name, dtype, shape, itemsize)`` as the native plan takes it."""
+
+TensorSource = Union[Mapping[str, torch.Tensor], torch.nn.Module]
+
+
+def named_tensors(source: TensorSource) -> Callable[[], dict[str, torch.Tensor]]:
+    """A function returning the current ``name -> tensor`` mapping of ``source``.
+
+    A module is read through ``state_dict(keep_vars=True)`` at every call, so parameters that
+    were replaced (``p.data = ...``) are still found.
+    """
+    if isinstance(source, torch.nn.Module):
+        return lambda: {k: v.detach() for k, v in source.state_dict(keep_vars=True).items()}
+    tensors = dict(source)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise BroadcastError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return lambda: tensors
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_specs(tensors: Mapping[str, torch.Tensor]) -> list[Spec]:
+    """The plan's view of ``tensors``, sorted by name (so every process packs the same way)."""
+    return [
+        (name, dtype_name(t.dtype), list(t.shape), t.element_size())
+        for name, t in sorted(tensors.items())
+    ]
+
+
+def make_plan(tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> _native.BucketPlan:
+    """The bucket plan of ``tensors`` with buckets of ``bucket_bytes`` (a multiple of 256)."""
+    return _native.BucketPlan(tensor_specs(tensors), bucket_bytes)
+
+
+def row_ranges(rows: Rows, num_rows: int, name: str) -> list[tuple[int, int]]:
+    """``rows`` as ``(start, stop)`` ranges, consecutive indices merged, order kept.
+
+    Raises:
+        BroadcastError: if a slice has a step other than 1 or an index is out of range.
+    """
+    if isinstance(rows, (slice, range)):
+        start, stop, step = (rows.indices(num_rows) if isinstance(rows, slice)
+                             else (rows.start, rows.stop, rows.step))
+        if step != 1:
+            raise BroadcastError(f"{name}: a row slice must have step 1, got {step}")
+        if not 0 <= start < stop <= num_rows:
+            raise BroadcastError(f"{name}: rows {start}..{stop} are empty or outside its {num_rows} rows")
+        return [(start, stop)]
+    ranges: list[tuple[int, int]] = []
+    for i in rows:
+        i = int(i)
+        if not 0 <= i < num_rows:
+            raise BroadcastError(f"{name}: row {i} is outside its {num_rows} rows")
+        if ranges and ranges[-1][1] == i:
+            ranges[-1] = (ranges[-1][0], i + 1)
+        else:
+            ranges.append((i, i + 1))
+    if not ranges:
+        raise BroadcastError(f"{name}: an empty row selection")
+    return ranges
+
+
+def model_differences(
+    published: Sequence[Spec],
+    model: Mapping[str, torch.Tensor],
+    slices: Mapping[str, Rows],
+    strict: bool,
+) -> list[str]:
+    """Every way ``model`` (with ``slices``) does not fit the published tensors, one line each.
+
+    Args:
+        published: the announced specs.
+        model: the subscriber's tensors; sliced ones have the slice's shape.
+        slices: rows wanted per tensor name.
+        strict: whether a published tensor missing from the model is a difference.
+
+    Returns:
+        Human-readable differences; empty when the model fits.
+    """
+    specs = {name: (dtype, shape) for name, dtype, shape, _ in published}
+    out = [f"{n}: in the model but not published" for n in sorted(model) if n not in specs]
+    if strict:
+        out += [f"{n}: published but not in the model" for n in sorted(specs) if n not in model]
+    out += [f"{n}: a slice is asked of a tensor the model does not have" for n in sorted(slices) if n not in model]
+    for name in sorted(set(specs) & set(model)):
+        dtype, shape = specs[name]
+        t = model[name]
+        if dtype_name(t.dtype) != dtype:
+            out.append(f"{name}: dtype {dtype_name(t.dtype)} in the model, {dtype} published")
+        expected = list(shape)
+        if name in slices:
+            if not shape:
+                out.append(f"{name}: a 0-d tensor cannot be sliced")
+                continue
+            try:
+                ranges = row_ranges(slices[name], shape[0], name)
+            except BroadcastError as err:
+                out.append(str(err))
+                continue
+            expected = [sum(b - a for a, b in ranges), *shape[1:]]
+        if list(t.shape) != expected:
+            sliced = f" (sliced from {tuple(shape)})" if name in slices else ""
+            out.append(f"{name}: shape {tuple(t.shape)} in the model, {tuple(expected)} published{sliced}")
+    return out
+
+
+def check_model(published: Sequence[Spec], model: Mapping[str, torch.Tensor],
+                slices: Mapping[str, Rows], strict: bool, who: str) -> None:
+    """Raise :class:`BroadcastError` listing every difference (see :func:`model_differences`)."""
+    differences = model_differences(published, model, slices, strict)
+    if differences:
+        listing = "\n  ".join(differences)
+        raise BroadcastError(f"{who}: the model does not match the published weights:\n  {listing}")
+
+
+def source_bytes(tensors: Mapping[str, torch.Tensor], plan: _native.BucketPlan) -> list[torch.Tensor]:
+    """Each planned tensor of ``tensors`` as a flat uint8 tensor, in plan order.
+
+    Raises:
+        BroadcastError: listing tensors whose name, dtype or shape changed since the plan.
+    """
+    check_model(plan.tensors(), tensors, {}, strict=True, who="publisher")
+    out = []
+    for name, _, _, _ in plan.tensors():
+        t = tensors[name].detach()
+        out.append(t.contiguous().reshape(-1).view(torch.uint8))
+    return out
+
+
+def pack(plan: _native.BucketPlan, bucket: int, sources: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """Copy bucket ``bucket``'s pieces of ``sources`` (see :func:`source_bytes`) into ``out``
+    (a uint8 tensor of the bucket's length)."""
+    with torch.no_grad():
+        for tensor, tensor_offset, bucket_offset, n in plan.chunks(bucket):
+            out[bucket_offset:bucket_offset + n].copy_(sources[tensor][tensor_offset:tensor_offset + n])
+
+
+class Landing:
+    """A subscriber's landing buffer: where buckets land before a version is applied.
+
+    Args:
+        plan: the published plan.
+        model: the subscriber's tensors (sliced ones with the slice's shape), already checked.
+        slices: rows wanted per tensor name.
+    """
+
+    def __init__(self, plan: _native.BucketPlan, model: Mapping[str, torch.Tensor],
+                 slices: Mapping[str, Rows]) -> None:
+        names = [spec[0] for spec in plan.tensors()]
+        index = {name: i for i, name in enumerate(names)}
+        shapes = {spec[0]: spec[2] for spec in plan.tensors()}
+        wants = []
+        for name in sorted(model, key=index.__getitem__):
+            rows = row_ranges(slices[name], shapes[name][0], name) if name in slices else None
+            wants.append((index[name], rows))
+        nbytes, targets, self.pieces = plan.receive_plan(wants)
+        devices = {t.device for t in model.values()}
+        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        # (model tensor, its bytes in the landing buffer)
+        self.targets = [(model[names[i]], self._typed(offset, n, model[names[i]]))
+                        for i, offset, n in targets]
+
+    def _typed(self, offset: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        return self.buffer[offset:offset + n].view(like.dtype).view(like.shape)
+
+    def land(self, bucket: int, data: torch.Tensor) -> None:
+        """Copy this subscriber's pieces of bucket ``bucket`` (uint8 ``data``) into the buffer."""
+        with torch.no_grad():
+            for bucket_offset, landing_offset, n in self.pieces[bucket]:
+                self.buffer[landing_offset:landing_offset + n].copy_(data[bucket_offset:bucket_offset + n])
+
+    def apply(self) -> None:
+        """Copy the landed version into the model (the caller holds the subscriber's lock)."""
+        with torch.no_grad():
+            for tensor, landed in self.targets:
+                tensor.copy_(landed)

@@ -1,0 +1,364 @@
+"""Same-host weight broadcast through Rust-owned shared memory.
+
+The trainer's :class:`WeightPublisher` owns a segment (a file in ``/dev/shm``) with two bucket
+slots; it stages bucket ``i + 1`` into one while the workers' :class:`WeightSubscriber` copy
+bucket ``i`` out of the other through zero-copy views. Every wait is bounded by ``timeout``: a
+worker that dies or stalls is evicted and named (:class:`WorkersFailed`) while the others
+still get the version, and a late or restarted worker is sent the current version as soon as
+it joins (the publisher keeps a packed snapshot of it and serves catch-ups from a background
+thread).
+
+Example (trainer)::
+
+    publisher = WeightPublisher(model, name="policy")
+    ...
+    version = publisher.publish()        # after each optimizer step
+
+Example (each rollout worker, its own process)::
+
+    subscriber = WeightSubscriber(model, name="policy", worker="rollout-3")
+    while True:
+        subscriber.update(timeout=0.0)   # apply a new version if one is in flight
+        with subscriber.lock:            # generation never sees a half-applied version
+            generate(model, ...)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from k2 import _native
+from k2.broadcast.layout import (
+    Landing,
+    Rows,
+    TensorSource,
+    check_model,
+    make_plan,
+    named_tensors,
+    pack,
+    source_bytes,
+)
+from k2.errors import BroadcastError
+
+log = logging.getLogger("k2.broadcast")
+
+DEFAULT_BUCKET_BYTES = 64 << 20
+"""64 MiB buckets: large enough that per-bucket overhead vanishes, small enough to pipeline."""
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def segment_path(name: str) -> Path:
+    """The shared-memory file of broadcast ``name`` (in ``/dev/shm`` where it exists)."""
+    if not _NAME.fullmatch(name):
+        raise BroadcastError(f"broadcast name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    directory = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    return directory / f"k2-broadcast-{name}"
+
+
+class WorkersFailed(BroadcastError):
+    """Some workers failed during a publish; every other worker got the version.
+
+    Attributes:
+        version: the version that was published.
+        failures: worker name -> why the publisher gave up on it.
+    """
+
+    def __init__(self, version: int, failures: Mapping[str, str]) -> None:
+        self.version = version
+        self.failures = dict(failures)
+        listing = "; ".join(f"worker {w}: {why}" for w, why in self.failures.items())
+        super().__init__(f"version {version} was published without {len(self.failures)} worker(s): {listing}")
+
+
+class Bucket:
+    """One bucket of a version, lent to a worker as zero-copy views of shared memory.
+
+    The views are valid until :meth:`release`; releasing while a view is alive is refused,
+    and a released bucket refuses new views, so a view never shows reused memory. Treat
+    views as read-only (other workers read the same bytes).
+    """
+
+    def __init__(self, core: _native.ShmSubscriber, lease: _native.BucketLease,
+                 plan: _native.BucketPlan, version: int) -> None:
+        self._core, self._lease, self._plan = core, lease, plan
+        self.index = lease.bucket
+        self.version = version
+
+    @property
+    def released(self) -> bool:
+        return self._lease.released
+
+    def view(self, name: str | None = None) -> torch.Tensor:
+        """A zero-copy view of the bucket.
+
+        Args:
+            name: a tensor; None for the whole bucket as uint8.
+
+        Returns:
+            The whole bucket (uint8), or the piece of ``name`` held here as a 1-D tensor of its
+            dtype (shaped like the tensor when the piece is all of it); see :meth:`offset`.
+        """
+        data = torch.frombuffer(memoryview(self._lease), dtype=torch.uint8)
+        if name is None:
+            return data
+        tensor, _, bucket_offset, n = self._chunk(name)
+        _, dtype, shape, itemsize = self._plan.tensors()[tensor]
+        piece = data[bucket_offset:bucket_offset + n].view(getattr(torch, dtype))
+        whole = n == itemsize * int(torch.Size(shape).numel())
+        return piece.view(shape) if whole else piece
+
+    def offset(self, name: str) -> int:
+        """Element offset, within the flattened tensor ``name``, of its piece in this bucket."""
+        tensor, tensor_offset, _, _ = self._chunk(name)
+        return tensor_offset // self._plan.tensors()[tensor][3]
+
+    def names(self) -> list[str]:
+        """The tensors that have a piece in this bucket."""
+        specs = self._plan.tensors()
+        return [specs[c[0]][0] for c in self._plan.chunks(self.index)]
+
+    def _chunk(self, name: str) -> tuple[int, int, int, int]:
+        for chunk in self._plan.chunks(self.index):
+            if self._plan.tensors()[chunk[0]][0] == name:
+                return chunk
+        raise BroadcastError(f"tensor {name} has no piece in bucket {self.index}")
+
+    def release(self) -> None:
+        """Hand the bucket back (acknowledge it). Every view must be dropped first."""
+        self._core.release(self._lease)
+
+    def __enter__(self) -> Bucket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.released:
+            self.release()
+
+
+class WeightPublisher:
+    """Publishes weight versions from the trainer to the rollout workers on this host.
+
+    Args:
+        tensors: the trainer's tensors (``name -> tensor``) or module (its state dict).
+        name: the broadcast's name; workers subscribe by it.
+        bucket_bytes: bucket size (a multiple of 256).
+        timeout: seconds to wait for a worker before giving up on it.
+        checksums: record an XXH3 checksum with every bucket (workers may verify it).
+        catch_up: keep a packed snapshot of the current version and send it to late or
+            restarted workers as soon as they join (costs one copy of the weights in memory).
+    """
+
+    def __init__(self, tensors: TensorSource, *, name: str = "k2",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: float = 30.0,
+                 checksums: bool = False, catch_up: bool = True) -> None:
+        self._tensors = named_tensors(tensors)
+        self.plan = make_plan(self._tensors(), bucket_bytes)
+        self.path = segment_path(name)
+        self._core = _native.ShmPublisher(self.path, self.plan, checksums, timeout)
+        self._lock = threading.Lock()
+        self.version = 0
+        self.failures: dict[str, str] = {}
+        """Workers the last round (publish or catch-up) gave up on, with the reasons."""
+        self._snapshot = torch.empty(self.plan.arena_bytes, dtype=torch.uint8) if catch_up else None
+        self._closed = threading.Event()
+        self._server: threading.Thread | None = None
+        if catch_up:
+            self._server = threading.Thread(target=self._serve_catch_ups, name=f"k2-broadcast-{name}",
+                                            daemon=True)
+            self._server.start()
+
+    def publish(self) -> int:
+        """Send the tensors' current values to every joined worker as a new version.
+
+        Returns:
+            The new version number (1, 2, ...).
+
+        Raises:
+            WorkersFailed: if some workers died or stalled (named, with reasons); the version
+                was still published to all the others.
+            BroadcastError: if the tensors no longer match the plan (listing the differences).
+        """
+        with self._lock:
+            sources = source_bytes(self._tensors(), self.plan)
+            version = self.version + 1
+            self._round(version, catch_up=False,
+                        fill=lambda b, slot: pack(self.plan, b, sources, slot))
+            self.version = version
+            failures = dict(self.failures)
+        if failures:
+            raise WorkersFailed(version, failures)
+        return version
+
+    def _round(self, version: int, catch_up: bool, fill) -> None:
+        self._core.begin_round(version, catch_up)
+        for b in range(self.plan.num_buckets):
+            lease = self._core.acquire_slot(b)
+            slot = torch.frombuffer(memoryview(lease), dtype=torch.uint8)
+            fill(b, slot)
+            if self._snapshot is not None and not catch_up:
+                start, end = self.plan.bucket_range(b)
+                self._snapshot[start:end].copy_(slot)
+            del slot
+            self._core.commit(lease)
+        self.failures = {w: why for w, _, why in self._core.finish_round()}
+
+    def _serve_catch_ups(self) -> None:
+        """Background thread: send the current version to workers that joined late."""
+        assert self._snapshot is not None
+        snapshot = self._snapshot
+
+        def fill(b: int, slot: torch.Tensor) -> None:
+            start, end = self.plan.bucket_range(b)
+            slot.copy_(snapshot[start:end])
+
+        while not self._closed.wait(0.01):
+            try:
+                if not self._core.catch_up_pending():
+                    continue
+                with self._lock:
+                    self._round(self.version, catch_up=True, fill=fill)
+                    if self.failures:
+                        log.warning("catch-up of version %d failed for: %s", self.version,
+                                    "; ".join(f"{w}: {why}" for w, why in self.failures.items()))
+            except BroadcastError as err:
+                if self._closed.is_set():
+                    return
+                log.warning("catch-up server: %s", err)
+
+    def workers(self) -> list[dict]:
+        """Every joined worker: ``worker``, ``pid``, ``state``, ``applied`` (version), ``alive``."""
+        return self._core.workers()
+
+    def close(self) -> None:
+        """Stop serving: waiting workers fail at once and the shared-memory file is removed."""
+        self._closed.set()
+        if self._server is not None:
+            self._server.join()
+        with self._lock:
+            self._core.close()
+
+    def __enter__(self) -> WeightPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WeightSubscriber:
+    """A rollout worker's end: receives weight versions into its own model.
+
+    The model is checked against the published tensors before the worker joins; a mismatch
+    raises :class:`BroadcastError` listing every difference, and no bytes move. A version is
+    applied only after every bucket of it has landed, under :attr:`lock`, which readers
+    (generation) take too, so they always see one whole version.
+
+    Args:
+        tensors: the worker's tensors or module; a sliced tensor has the slice's shape.
+        worker: this worker's name (unique among live workers; errors name it).
+        name: the broadcast's name (as given to the publisher).
+        slices: rows (dim 0) wanted per tensor, e.g. ``{"w": slice(0, 64)}`` or a list of
+            expert indices; other tensors are received whole.
+        timeout: seconds to wait for the publisher (to appear, and per bucket).
+        verify: check every bucket against the publisher's checksum (if it records them).
+        strict: whether a published tensor missing from the model is an error.
+    """
+
+    def __init__(self, tensors: TensorSource, *, worker: str, name: str = "k2",
+                 slices: Mapping[str, Rows] | None = None, timeout: float = 30.0,
+                 verify: bool = False, strict: bool = True) -> None:
+        self.worker = worker
+        self.timeout = timeout
+        self.path = segment_path(name)
+        model = named_tensors(tensors)()
+        self._slices = dict(slices or {})
+        announced = _native.ShmSubscriber.announced_plan(self.path, timeout)
+        check_model(announced.tensors(), model, self._slices, strict, who=f"worker {worker}")
+        self._core = _native.ShmSubscriber(self.path, worker, timeout, verify)
+        self.plan = self._core.plan
+        if self.plan.tensors() != announced.tensors():  # a new publisher came in between
+            self._core.close()
+            check_model(self.plan.tensors(), model, self._slices, strict, who=f"worker {worker}")
+            self._core = _native.ShmSubscriber(self.path, worker, timeout, verify)
+            self.plan = self._core.plan
+        self._landing = Landing(self.plan, model, self._slices)
+        self.lock = threading.RLock()
+        """Held while a version is applied; readers take it to see one whole version."""
+        self.version = 0
+
+    def buckets(self, timeout: float | None = None) -> Iterator[Bucket]:
+        """The buckets of the next version that includes this worker, as zero-copy leases.
+
+        Waits up to ``timeout`` seconds (default: the subscriber's) for the version to begin;
+        yields nothing if none does. Release each bucket (or use it as a context manager)
+        before taking the next; one left unreleased is released when the next is requested.
+        After the last, call :meth:`mark_applied` once the version is in the model.
+        """
+        started = self._core.next_round(self.timeout if timeout is None else timeout)
+        if started is None:
+            return
+        _, version = started
+        for b in range(self.plan.num_buckets):
+            bucket = Bucket(self._core, self._core.acquire(b), self.plan, version)
+            yield bucket
+            if not bucket.released:
+                bucket.release()
+
+    def update(self, timeout: float | None = None) -> int | None:
+        """Receive the next version and apply it to the model.
+
+        Args:
+            timeout: seconds to wait for a version to begin (default: the subscriber's
+                timeout; 0 polls).
+
+        Returns:
+            The applied version, or None if none began within ``timeout``.
+
+        Raises:
+            BroadcastError: the publisher vanished or stalled (named), this worker was evicted
+                (call :meth:`rejoin`), or a bucket failed its checksum; the model keeps its
+                previous version.
+        """
+        version = None
+        for bucket in self.buckets(timeout):
+            version = bucket.version
+            with bucket:
+                self._landing.land(bucket.index, bucket.view())
+        if version is None:
+            return None
+        with self.lock:
+            self._landing.apply()
+            self.mark_applied(version)
+        return version
+
+    def mark_applied(self, version: int) -> None:
+        """Record that ``version`` is now in the model (for :meth:`buckets` users)."""
+        self.version = version
+        self._core.applied(version)
+
+    def rejoin(self) -> None:
+        """After an eviction: ask the publisher to send the current version again."""
+        self._core.rejoin()
+
+    @property
+    def published_version(self) -> int:
+        """The newest version the publisher delivered in full."""
+        return self._core.published_version
+
+    def close(self) -> None:
+        """Leave the broadcast."""
+        self._core.close()
+
+    def __enter__(self) -> WeightSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

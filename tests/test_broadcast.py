@@ -1,0 +1,248 @@
+"""The weight-broadcast pipeline: bit-identical delivery, slices, whole versions, failures.
+
+Workers run as separate processes (spawn); the reference for every received tensor is the
+trainer's tensor (or plain torch indexing of it for slices), compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+
+import broadcast_workers as workers
+from k2 import _native
+from k2.broadcast import WeightPublisher, WeightSubscriber, WorkersFailed
+from k2.broadcast.layout import row_ranges
+from k2.errors import BroadcastError
+
+SPAWN = mp.get_context("spawn")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_identical(got: dict, want: dict[str, torch.Tensor], who: str) -> None:
+    got = workers.restored(got)
+    assert got.keys() == want.keys(), who
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, (who, name)
+        assert torch.equal(bits(got[name]), bits(want[name])), f"{who}: {name} differs"
+
+
+def unique_name() -> str:
+    return f"test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_for_workers(publisher: WeightPublisher, count: int, procs, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(publisher.workers()) < count:
+        assert all(p.exitcode in (None, 0) for p in procs), "a worker process failed to start"
+        assert time.monotonic() < deadline, f"only {publisher.workers()} joined"
+        time.sleep(0.02)
+
+
+def set_weights(source: dict[str, torch.Tensor], version: int) -> None:
+    for name, value in workers.weights(version).items():
+        source[name].copy_(value)
+
+
+def test_plan_packs_aligned_buckets_and_small_tensors_do_not_straddle() -> None:
+    # 40 B at 0; 500 B at 256; 500 B would straddle bucket 0 -> 1024; 3000 B at 1536 onwards.
+    plan = _native.BucketPlan([("a", "float32", [10], 4), ("b", "float32", [125], 4),
+                               ("c", "float32", [125], 4), ("d", "float32", [750], 4)], 1024)
+    assert plan.offsets() == [0, 256, 1024, 1536]
+    assert plan.num_buckets == 5 and plan.arena_bytes == 4536
+    assert plan.chunks(1) == [(2, 0, 0, 500), (3, 0, 512, 512)]
+    with pytest.raises(BroadcastError, match="multiple of 256"):
+        _native.BucketPlan([("a", "float32", [10], 4)], 1000)
+
+
+def test_row_selections_become_merged_ranges() -> None:
+    assert row_ranges(slice(2, 5), 8, "w") == [(2, 5)]
+    assert row_ranges(slice(None), 8, "w") == [(0, 8)]
+    assert row_ranges([5, 1, 2, 3, 7], 8, "w") == [(5, 6), (1, 4), (7, 8)]
+    with pytest.raises(BroadcastError, match="w: row 9"):
+        row_ranges([9], 8, "w")
+
+
+@pytest.mark.slow
+def test_every_worker_gets_the_trainers_bits_and_slices_get_exactly_their_rows() -> None:
+    name = unique_name()
+    source = workers.weights(0)
+    out = SPAWN.Queue()
+    with WeightPublisher(source, name=name, bucket_bytes=1024, timeout=30.0, checksums=True) as pub:
+        assert pub.plan.num_buckets > 5  # small buckets: tensors straddle, slots are reused
+        procs = [
+            SPAWN.Process(target=workers.receive_versions, args=(name, "full", None, 2, True, out)),
+            SPAWN.Process(target=workers.receive_versions,
+                          args=(name, "sliced", workers.SLICES, 2, False, out)),
+        ]
+        for p in procs:
+            p.start()
+        wait_for_workers(pub, 2, procs)
+        for version in (1, 2):
+            set_weights(source, version)
+            assert pub.publish() == version
+        results = [out.get(timeout=60) for _ in range(4)]
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    for worker, version, model in results:
+        want = workers.weights(version)
+        if worker == "sliced":
+            want = workers.sliced(want, workers.SLICES)
+        assert_bit_identical(model, want, f"{worker} v{version}")
+    assert sorted((w, v) for w, v, _ in results) == [("full", 1), ("full", 2), ("sliced", 1), ("sliced", 2)]
+
+
+@pytest.mark.slow
+def test_a_reader_only_ever_sees_whole_versions() -> None:
+    name = unique_name()
+    source = workers.fingerprint_model(48)
+    out = SPAWN.Queue()
+    last = 25
+    with WeightPublisher(source, name=name, bucket_bytes=4096, timeout=30.0) as pub:
+        proc = SPAWN.Process(target=workers.read_while_updating, args=(name, "reader", 48, last, out))
+        proc.start()
+        wait_for_workers(pub, 1, [proc])
+        for version in range(1, last + 1):
+            for t in source.values():
+                t.fill_(float(version))
+            pub.publish()
+        reads, torn, seen = out.get(timeout=60)
+        proc.join(30)
+    assert torn == 0, f"{torn} of {reads} reads saw a mix of versions"
+    assert reads > 10 and len(seen) >= 3, (reads, seen)
+    assert set(seen) <= set(map(float, range(0, last + 1)))
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_named_the_others_complete_and_a_restart_catches_up() -> None:
+    name = unique_name()
+    timeout = 8.0
+    source = workers.weights(0)
+    out = SPAWN.Queue()
+    holding = SPAWN.Event()
+    with WeightPublisher(source, name=name, bucket_bytes=1024, timeout=timeout) as pub:
+        healthy = SPAWN.Process(target=workers.receive_versions, args=(name, "healthy", None, 1, False, out))
+        victim = SPAWN.Process(target=workers.stall_holding_a_bucket, args=(name, "victim", holding))
+        healthy.start()
+        victim.start()
+        wait_for_workers(pub, 2, [healthy, victim])
+        set_weights(source, 1)
+        outcome: list = []
+        publishing = threading.Thread(target=lambda: outcome.append(_capture(pub.publish)))
+        publishing.start()
+        assert holding.wait(60), "the victim never took a bucket"
+        os.kill(victim.pid, signal.SIGKILL)  # not reaped until join(): a zombie counts as dead
+        killed_at = time.monotonic()
+        publishing.join(timeout + 10)
+        reported_after = time.monotonic() - killed_at
+        error = outcome[0]
+        assert isinstance(error, WorkersFailed), error
+        assert error.version == 1 and list(error.failures) == ["victim"]
+        assert "exited" in error.failures["victim"] and "version 1" in error.failures["victim"]
+        assert reported_after < timeout, f"reported {reported_after:.1f} s after the kill"
+        worker, version, model = out.get(timeout=60)
+        assert (worker, version) == ("healthy", 1)
+        assert_bit_identical(model, workers.weights(1), "healthy")
+        victim.join()
+
+        # Restarted under the same name, it is sent the current version without a new publish.
+        restarted = SPAWN.Process(target=workers.receive_versions, args=(name, "victim", None, 1, True, out))
+        restarted.start()
+        worker, version, model = out.get(timeout=60)
+        restarted.join(30)
+        healthy.join(30)
+    assert (worker, version) == ("victim", 1)
+    assert_bit_identical(model, workers.weights(1), "restarted victim")
+
+
+def _capture(fn):
+    try:
+        return fn()
+    except BaseException as err:  # noqa: BLE001 - handed back to the test thread
+        return err
+
+
+def test_a_mismatched_model_is_refused_listing_every_difference_before_joining() -> None:
+    name = unique_name()
+    with WeightPublisher(workers.weights(1), name=name, bucket_bytes=1024, timeout=5.0) as pub:
+        model = workers.empty_model(None)
+        del model["norm.weight"]  # missing
+        model["extra.bias"] = torch.zeros(3)  # not published
+        model["embed.weight"] = torch.zeros(37, 25)  # wrong shape
+        model["layers.0.mlp.gate.e_score_correction_bias"] = torch.zeros(8, dtype=torch.float64)
+        before = {k: v.clone() for k, v in model.items()}
+        with pytest.raises(BroadcastError) as info:
+            WeightSubscriber(model, worker="odd-one", name=name, timeout=5.0,
+                             slices={"layers.0.mlp.experts.gate_proj": [1, 9]})
+        message = str(info.value)
+        for expected in ("worker odd-one", "norm.weight: published but not in the model",
+                         "extra.bias: in the model but not published",
+                         "embed.weight: shape (37, 25) in the model, (37, 24) published",
+                         "e_score_correction_bias: dtype float64 in the model, float32 published",
+                         "gate_proj: row 9 is outside its 8 rows"):
+            assert expected in message, message
+        assert pub.workers() == []  # it never joined
+        assert all(torch.equal(model[k], before[k]) for k in model)
+
+
+def test_views_are_valid_only_until_their_bucket_is_released() -> None:
+    name = unique_name()
+    source = workers.weights(1)
+    with WeightPublisher(source, name=name, bucket_bytes=1024, timeout=10.0) as pub:
+        sub = WeightSubscriber(workers.empty_model(None), worker="viewer", name=name, timeout=10.0)
+        publishing = threading.Thread(target=pub.publish)
+        publishing.start()
+        buckets = sub.buckets(timeout=10.0)
+        bucket = next(buckets)
+        first = bucket.names()[0]
+        view = bucket.view(first)
+        assert torch.equal(bits(view), bits(source[first])[: bits(view).numel()])
+        with pytest.raises(BroadcastError, match="still alive"):
+            bucket.release()
+        del view
+        bucket.release()
+        with pytest.raises(BroadcastError, match="was released"):
+            bucket.view()
+        for rest in buckets:
+            with rest:
+                pass
+        publishing.join(10)
+        sub.mark_applied(1)
+        assert pub.workers()[0]["applied"] == 1
+        sub.close()
+
+
+@pytest.mark.slow
+def test_the_gloo_path_gives_the_same_bits_to_three_processes(tmp_path) -> None:
+    out = SPAWN.Queue()
+    store = str(tmp_path / "gloo-store")
+    slices = {1: None, 2: workers.SLICES}
+    procs = [SPAWN.Process(target=workers.distributed_member,
+                           args=(rank, 3, store, 2, slices.get(rank), out)) for rank in range(3)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=90) for _ in range(6)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    received = sorted((w, v) for w, v, _ in results)
+    assert received == [("publisher", 1), ("publisher", 2), ("rank-1", 1), ("rank-1", 2),
+                        ("rank-2", 1), ("rank-2", 2)]
+    for worker, version, model in results:
+        if worker == "publisher":
+            continue
+        want = workers.weights(version)
+        if worker == "rank-2":
+            want = workers.sliced(want, workers.SLICES)
+        assert_bit_identical(model, want, f"{worker} v{version}")
