@@ -5,8 +5,11 @@ For each weight set (a ~1 GiB synthetic set, and the ``tiny`` and ``small`` mode
 applied in every worker, timed from the trainer's call until every worker reports its model
 updated. Methods, all in the same run and the same worker processes:
 
-* ``k2 shm``            — ``WeightPublisher`` / ``WeightSubscriber`` (shared memory, this host);
-* ``k2 gloo``           — ``DistributedWeightPublisher`` / ``...Subscriber`` over gloo;
+* ``k2 shm``            — ``WeightPublisher`` / ``WeightSubscriber`` (shared memory, this host)
+  with the defaults: a catch-up snapshot in the publisher, versions applied by copy;
+* ``k2 shm fast``       — the same without the catch-up snapshot, versions applied by swap;
+* ``k2 gloo``           — ``DistributedWeightPublisher`` / ``...Subscriber`` over gloo, and
+  ``k2 gloo fast`` with versions applied by swap;
 * ``gloo per tensor``   — baseline (a): one ``torch.distributed.broadcast`` per tensor, gloo;
 * ``torch.save/load``   — baseline (b): ``torch.save`` to /dev/shm, ``torch.load`` in each worker;
 * ``memcpy``            — libc memmove of the same bytes between two buffers, one thread.
@@ -80,15 +83,17 @@ def worker_main(rank: int, world: int, store: str, commands, done) -> None:
             model = {}
             model = build(args[0])
         elif cmd == "k2 shm":
-            name, rounds = args
-            with WeightSubscriber(model, worker=f"worker-{rank}", name=name, timeout=600) as sub:
+            name, rounds, swap = args
+            with WeightSubscriber(model, worker=f"worker-{rank}", name=name, timeout=600,
+                                  swap=swap) as sub:
                 done.put("joined")
                 for _ in range(rounds):
                     sub.update(timeout=600)
                     done.put("applied")
         elif cmd == "k2 gloo":
-            sub = DistributedWeightSubscriber(model, src=0, worker=f"worker-{rank}")
-            for _ in range(args[0]):
+            rounds, swap = args
+            sub = DistributedWeightSubscriber(model, src=0, worker=f"worker-{rank}", swap=swap)
+            for _ in range(rounds):
                 sub.update()
                 done.put("applied")
             del sub
@@ -162,18 +167,21 @@ def run_methods(weights: dict[str, torch.Tensor], specs: Specs, pool: Pool, roun
     pool.send("model", specs)
     out = {}
 
-    name = f"bench-{uuid.uuid4().hex[:8]}"
-    with WeightPublisher(weights, name=name, bucket_bytes=bucket_bytes, timeout=600) as pub:
-        pool.send("k2 shm", name, rounds + 1)
-        pool.wait("joined")
-        while len(pub.workers()) < len(pool.procs):
-            time.sleep(0.01)
-        out["k2 shm"] = timed_rounds(rounds, pub.publish, pool)
+    for method, fast in (("k2 shm", False), ("k2 shm fast", True)):
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        with WeightPublisher(weights, name=name, bucket_bytes=bucket_bytes, timeout=600,
+                             catch_up=not fast) as pub:
+            pool.send("k2 shm", name, rounds + 1, fast)
+            pool.wait("joined")
+            while len(pub.workers()) < len(pool.procs):
+                time.sleep(0.01)
+            out[method] = timed_rounds(rounds, pub.publish, pool)
 
-    pool.send("k2 gloo", rounds + 1)
-    gloo_pub = DistributedWeightPublisher(weights, bucket_bytes=bucket_bytes)
-    out["k2 gloo"] = timed_rounds(rounds, gloo_pub.publish, pool)
-    del gloo_pub
+    for method, fast in (("k2 gloo", False), ("k2 gloo fast", True)):
+        pool.send("k2 gloo", rounds + 1, fast)
+        gloo_pub = DistributedWeightPublisher(weights, bucket_bytes=bucket_bytes)
+        out[method] = timed_rounds(rounds, gloo_pub.publish, pool)
+        del gloo_pub
 
     pool.send("gloo per tensor", rounds + 1)
 
@@ -228,7 +236,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024, help="size of the synthetic set (MiB)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up)")
-    parser.add_argument("--bucket-mib", type=int, default=64, help="bucket size (MiB)")
+    parser.add_argument("--bucket-mib", type=int, default=16, help="bucket size (MiB)")
     args = parser.parse_args()
     if args.quick:
         args.mib, args.workers, args.rounds, args.bucket_mib = 16, [1], 1, 4
@@ -263,7 +271,10 @@ def main() -> None:
                           f"{100 * memcpy / seconds:>8.0f}")
                 summary[f"{label}/{n}w"] = {
                     "shm_vs_gloo_per_tensor": round(baseline / times["k2 shm"], 3),
+                    "shm_fast_vs_gloo_per_tensor": round(baseline / times["k2 shm fast"], 3),
+                    "shm_fast_of_memcpy": round(memcpy / times["k2 shm fast"], 3),
                     "k2_gloo_vs_gloo_per_tensor": round(baseline / times["k2 gloo"], 3),
+                    "k2_gloo_fast_vs_gloo_per_tensor": round(baseline / times["k2 gloo fast"], 3),
                     "shm_vs_save_load": round(times["torch.save/load"] / times["k2 shm"], 3),
                     "shm_of_memcpy": round(memcpy / times["k2 shm"], 3),
                 }

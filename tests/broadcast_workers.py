@@ -59,14 +59,14 @@ def empty_model(slices: Mapping | None) -> dict[str, torch.Tensor]:
 
 
 def receive_versions(name: str, worker: str, slices: Mapping | None, versions: int,
-                     verify: bool, out) -> None:
+                     verify: bool, out, swap: bool = False) -> None:
     """Apply ``versions`` updates; after each, report ``(worker, version, model copy)``."""
     from k2.broadcast import WeightSubscriber
 
     torch.set_num_threads(1)
     model = empty_model(slices)
     with WeightSubscriber(model, worker=worker, name=name, slices=slices, timeout=30.0,
-                          verify=verify) as sub:
+                          verify=verify, swap=swap) as sub:
         for _ in range(versions):
             version = sub.update(timeout=30.0)
             out.put((worker, version, portable(model)))

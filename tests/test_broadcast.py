@@ -81,7 +81,8 @@ def test_every_worker_gets_the_trainers_bits_and_slices_get_exactly_their_rows()
     with WeightPublisher(source, name=name, bucket_bytes=1024, timeout=30.0, checksums=True) as pub:
         assert pub.plan.num_buckets > 5  # small buckets: tensors straddle, slots are reused
         procs = [
-            SPAWN.Process(target=workers.receive_versions, args=(name, "full", None, 2, True, out)),
+            # applies by swapping storage: both landing buffers get used over two versions
+            SPAWN.Process(target=workers.receive_versions, args=(name, "full", None, 2, True, out, True)),
             SPAWN.Process(target=workers.receive_versions,
                           args=(name, "sliced", workers.SLICES, 2, False, out)),
         ]

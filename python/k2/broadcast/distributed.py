@@ -143,10 +143,12 @@ class DistributedWeightSubscriber(_Member):
         group: the process group (default: the world).
         slices: rows (dim 0) wanted per tensor, as for ``WeightSubscriber``.
         strict: whether a published tensor missing from the model is an error.
+        swap: apply by swapping storage instead of copying (as for ``WeightSubscriber``).
     """
 
     def __init__(self, tensors: TensorSource, *, src: int = 0, worker: str | None = None,
-                 group=None, slices: Mapping[str, Rows] | None = None, strict: bool = True) -> None:
+                 group=None, slices: Mapping[str, Rows] | None = None, strict: bool = True,
+                 swap: bool = False) -> None:
         super().__init__(group, src, worker=worker or f"rank-{dist.get_rank()}")
         model = named_tensors(tensors)()
         slices = dict(slices or {})
@@ -159,7 +161,7 @@ class DistributedWeightSubscriber(_Member):
             return None
 
         self._join([None, None], check)
-        self._landing = Landing(self.plan, model, slices)
+        self._landing = Landing(self.plan, model, slices, swap=swap)
         self.lock = threading.RLock()
         """Held while a version is applied; readers take it to see one whole version."""
         self.version = 0
@@ -182,15 +184,20 @@ class DistributedWeightSubscriber(_Member):
         try:
             dist.broadcast(header, src=self.src, group=self.group)
             version = int(header.item())
+            # Receive straight into the landing buffer where it mirrors the buckets, else
+            # into the two bucket buffers, landing bucket b while bucket b + 1 arrives.
+            direct = [self._landing.direct(i, self.plan.bucket_range(i)) for i in range(n)]
+            targets = [self._window(i) if d is None else d for i, d in enumerate(direct)]
             pending = [None, None]
             if n:
-                pending[0] = dist.broadcast(self._window(0), src=self.src, group=self.group, async_op=True)
+                pending[0] = dist.broadcast(targets[0], src=self.src, group=self.group, async_op=True)
             for b in range(n):
                 if b + 1 < n:
-                    pending[(b + 1) % 2] = dist.broadcast(self._window(b + 1), src=self.src,
+                    pending[(b + 1) % 2] = dist.broadcast(targets[b + 1], src=self.src,
                                                           group=self.group, async_op=True)
                 pending[b % 2].wait()
-                self._landing.land(b, self._window(b))
+                if direct[b] is None:
+                    self._landing.land(b, targets[b])
         except (RuntimeError, dist.DistError) as err:
             raise self._failed(version, b, err) from err
         with self.lock:

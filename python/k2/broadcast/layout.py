@@ -169,14 +169,23 @@ def pack(plan: _native.BucketPlan, bucket: int, sources: Sequence[torch.Tensor],
 class Landing:
     """A subscriber's landing buffer: where buckets land before a version is applied.
 
+    Two ways to apply a landed version (both under the subscriber's lock):
+
+    * copy (default): copy the landing buffer into the model tensors;
+    * swap: point every model tensor at its bytes in the landing buffer (``Tensor.set_``) and
+      land the next version in a second buffer. No copy, and readers wait only microseconds;
+      but the model's storage moves at every update, so nothing may keep a view or data
+      pointer of a model tensor across updates (e.g. a cached transpose, a CUDA graph).
+
     Args:
         plan: the published plan.
         model: the subscriber's tensors (sliced ones with the slice's shape), already checked.
         slices: rows wanted per tensor name.
+        swap: apply by swapping storage instead of copying.
     """
 
     def __init__(self, plan: _native.BucketPlan, model: Mapping[str, torch.Tensor],
-                 slices: Mapping[str, Rows]) -> None:
+                 slices: Mapping[str, Rows], swap: bool = False) -> None:
         names = [spec[0] for spec in plan.tensors()]
         index = {name: i for i, name in enumerate(names)}
         shapes = {spec[0]: spec[2] for spec in plan.tensors()}
@@ -187,22 +196,42 @@ class Landing:
         nbytes, targets, self.pieces = plan.receive_plan(wants)
         devices = {t.device for t in model.values()}
         device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        # (model tensor, its bytes in the landing buffer)
-        self.targets = [(model[names[i]], self._typed(offset, n, model[names[i]]))
-                        for i, offset, n in targets]
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device)
+                        for _ in range(2 if swap else 1)]
+        self.swap = swap
+        self._next = 0  # the buffer the next version lands in
+        # (model tensor, byte offset of its bytes in a landing buffer)
+        self.targets = [(model[names[i]], offset) for i, offset, _ in targets]
 
-    def _typed(self, offset: int, n: int, like: torch.Tensor) -> torch.Tensor:
-        return self.buffer[offset:offset + n].view(like.dtype).view(like.shape)
+    def direct(self, bucket: int, window: tuple[int, int]) -> torch.Tensor | None:
+        """Where bucket ``bucket`` can be received with no copy at all, or None.
+
+        That is possible when this subscriber's landing buffer mirrors the plan's arena (it
+        takes every tensor whole), so the bucket's ``window`` (start, end) is a slice of it;
+        any padding at the window's end lands on bytes no tensor owns.
+        """
+        start, end = window
+        if self.pieces[bucket] and self.pieces[bucket][0][:2] == (0, start) and len(self.pieces[bucket]) == 1:
+            return self.buffers[self._next][start:end]
+        return None
 
     def land(self, bucket: int, data: torch.Tensor) -> None:
         """Copy this subscriber's pieces of bucket ``bucket`` (uint8 ``data``) into the buffer."""
+        buffer = self.buffers[self._next]
         with torch.no_grad():
             for bucket_offset, landing_offset, n in self.pieces[bucket]:
-                self.buffer[landing_offset:landing_offset + n].copy_(data[bucket_offset:bucket_offset + n])
+                buffer[landing_offset:landing_offset + n].copy_(data[bucket_offset:bucket_offset + n])
 
     def apply(self) -> None:
-        """Copy the landed version into the model (the caller holds the subscriber's lock)."""
+        """Put the landed version into the model (the caller holds the subscriber's lock)."""
+        buffer = self.buffers[self._next]
         with torch.no_grad():
-            for tensor, landed in self.targets:
-                tensor.copy_(landed)
+            for tensor, offset in self.targets:
+                if self.swap:
+                    strides = torch.empty(tensor.shape, device="meta").stride()
+                    tensor.set_(buffer.untyped_storage(), offset // tensor.element_size(),
+                                tensor.shape, strides)
+                else:
+                    n = tensor.numel() * tensor.element_size()
+                    tensor.copy_(buffer[offset:offset + n].view(tensor.dtype).view(tensor.shape))
+        self._next = (self._next + 1) % len(self.buffers)

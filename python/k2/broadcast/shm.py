@@ -190,25 +190,32 @@ class WeightPublisher:
         with self._lock:
             sources = source_bytes(self._tensors(), self.plan)
             version = self.version + 1
+
+            def keep(b: int) -> None:  # runs while the workers copy bucket b
+                start, end = self.plan.bucket_range(b)
+                pack(self.plan, b, sources, self._snapshot[start:end])
+
             self._round(version, catch_up=False,
-                        fill=lambda b, slot: pack(self.plan, b, sources, slot))
+                        fill=lambda b, slot: pack(self.plan, b, sources, slot),
+                        after_commit=keep if self._snapshot is not None else None)
             self.version = version
             failures = dict(self.failures)
         if failures:
             raise WorkersFailed(version, failures)
         return version
 
-    def _round(self, version: int, catch_up: bool, fill) -> None:
+    def _round(self, version: int, catch_up: bool, fill, after_commit=None) -> None:
+        """One round: for every bucket, ``fill(b, slot)`` then commit, then
+        ``after_commit(b)`` (overlapping the workers' copies of bucket ``b``)."""
         self._core.begin_round(version, catch_up)
         for b in range(self.plan.num_buckets):
             lease = self._core.acquire_slot(b)
             slot = torch.frombuffer(memoryview(lease), dtype=torch.uint8)
             fill(b, slot)
-            if self._snapshot is not None and not catch_up:
-                start, end = self.plan.bucket_range(b)
-                self._snapshot[start:end].copy_(slot)
             del slot
             self._core.commit(lease)
+            if after_commit is not None:
+                after_commit(b)
         self.failures = {w: why for w, _, why in self._core.finish_round()}
 
     def _serve_catch_ups(self) -> None:
@@ -270,11 +277,14 @@ class WeightSubscriber:
         timeout: seconds to wait for the publisher (to appear, and per bucket).
         verify: check every bucket against the publisher's checksum (if it records them).
         strict: whether a published tensor missing from the model is an error.
+        swap: apply a version by pointing the model tensors at the landed bytes instead of
+            copying them (faster, readers barely wait; see ``k2.broadcast.layout.Landing`` for
+            what that forbids).
     """
 
     def __init__(self, tensors: TensorSource, *, worker: str, name: str = "k2",
                  slices: Mapping[str, Rows] | None = None, timeout: float = 30.0,
-                 verify: bool = False, strict: bool = True) -> None:
+                 verify: bool = False, strict: bool = True, swap: bool = False) -> None:
         self.worker = worker
         self.timeout = timeout
         self.path = segment_path(name)
@@ -289,7 +299,7 @@ class WeightSubscriber:
             check_model(self.plan.tensors(), model, self._slices, strict, who=f"worker {worker}")
             self._core = _native.ShmSubscriber(self.path, worker, timeout, verify)
             self.plan = self._core.plan
-        self._landing = Landing(self.plan, model, self._slices)
+        self._landing = Landing(self.plan, model, self._slices, swap=swap)
         self.lock = threading.RLock()
         """Held while a version is applied; readers take it to see one whole version."""
         self.version = 0
