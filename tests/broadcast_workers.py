@@ -135,7 +135,8 @@ def distributed_member(rank: int, world: int, store: str, versions: int, slices,
     try:
         if rank == 0:
             source = weights(1)
-            publisher = DistributedWeightPublisher(source, bucket_bytes=1024)
+            # pieces of 300 bytes or more go alone, smaller ones packed: both kinds travel
+            publisher = DistributedWeightPublisher(source, bucket_bytes=1024, direct_bytes=300)
             for v in range(1, versions + 1):
                 for k, t in weights(v).items():
                     source[k].copy_(t)

@@ -102,3 +102,151 @@ class TokenLoader:
         """``{"epoch", "step", "seed", "seq_len", "global_batch", "num_samples", "fingerprint"}``."""
     def load_state(self, state: dict[str, int]) -> None:
         """Resume from ``state()``; raises ``k2.errors.DataError`` if it does not match."""
+
+# --------------------------------------------------------------------------------------------
+# Weight broadcast (k2.broadcast): the bucket plan and the shared-memory protocol. Use them
+# through k2.broadcast.WeightPublisher / WeightSubscriber; these are the native pieces.
+
+Spec = tuple[str, str, list[int], int]
+
+class BucketPlan:
+    """Tensors packed 256-byte aligned into fixed-size buckets.
+
+    Tensors lie in one flat arena in the given order, each at a 256-byte aligned offset; a
+    tensor that fits in a bucket never straddles two, a larger one runs through several.
+
+    Args:
+        tensors: ``(name, dtype, shape, itemsize)`` per tensor, in packing order.
+        bucket_bytes: bucket size, a positive multiple of 256.
+
+    Raises:
+        k2.errors.BroadcastError: for a bad bucket size, a repeated or malformed name.
+    """
+
+    def __init__(self, tensors: list[Spec], bucket_bytes: int) -> None: ...
+    @property
+    def bucket_bytes(self) -> int: ...
+    @property
+    def num_buckets(self) -> int: ...
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes from the arena's start to the end of the last tensor."""
+    def tensors(self) -> list[Spec]:
+        """``(name, dtype, shape, itemsize)`` of every tensor, in plan order."""
+    def offsets(self) -> list[int]:
+        """Arena offset of every tensor, in plan order."""
+    def bucket_range(self, bucket: int) -> tuple[int, int]:
+        """``(start, end)``: the arena window of a bucket (the last may be short)."""
+    def chunks(self, bucket: int) -> list[tuple[int, int, int, int]]:
+        """``(tensor, tensor_offset, bucket_offset, nbytes)`` per tensor piece in a bucket."""
+    def receive_plan(
+        self, wants: list[tuple[int, list[tuple[int, int]] | None]]
+    ) -> tuple[int, list[tuple[int, int, int]], list[list[tuple[int, int, int]]]]:
+        """One subscriber's copies.
+
+        Args:
+            wants: ``(tensor index, row ranges or None for all of it)`` per wanted tensor; row
+                ranges are ``(start, stop)`` along dim 0, laid out in the order given.
+
+        Returns:
+            ``(landing_bytes, targets, pieces)``: the landing buffer's size; per wanted tensor
+            ``(tensor, landing_offset, nbytes)``; per bucket the copies
+            ``(bucket_offset, landing_offset, nbytes)``.
+
+        Raises:
+            k2.errors.BroadcastError: a row range outside its tensor.
+        """
+
+class BucketLease:
+    """A bucket slot lent out as a buffer over the shared memory itself.
+
+    ``memoryview(lease)`` / ``torch.frombuffer(memoryview(lease), dtype=torch.uint8)`` are
+    zero-copy views, valid until the lease is released (subscriber) or committed (publisher):
+    both are refused while a view is alive, and a released lease refuses new views (raising
+    ``k2.errors.BroadcastError``). Subscribers must treat the bytes as read-only.
+    """
+
+    @property
+    def bucket(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def released(self) -> bool: ...
+    @property
+    def views(self) -> int:
+        """Buffer views of the lease currently alive."""
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+class ShmPublisher:
+    """The publishing end of a shared-memory segment (a file, normally in /dev/shm).
+
+    Args:
+        path: the segment's file; replaced if a dead or closed publisher left one.
+        plan: the bucket plan.
+        checksums: record an XXH3-64 checksum with every bucket.
+        timeout: seconds to wait for a worker before evicting it.
+
+    Raises:
+        k2.errors.BroadcastError: a live publisher already serves ``path``.
+        k2.errors.K2IOError: the file cannot be created or mapped.
+    """
+
+    def __init__(self, path: str | PathLike[str], plan: BucketPlan, checksums: bool, timeout: float) -> None: ...
+    @property
+    def published_version(self) -> int:
+        """The newest version delivered in full (0 before the first)."""
+    def workers(self) -> list[dict]:
+        """Joined workers: dicts with ``worker``, ``pid``, ``state`` (``current``,
+        ``catching-up`` or ``evicted``), ``applied`` (version) and ``alive``."""
+    def catch_up_pending(self) -> bool:
+        """Whether a live worker waits to be sent the published version."""
+    def begin_round(self, version: int, catch_up: bool) -> int:
+        """Start a round carrying ``version`` (or, with ``catch_up``, the published version to
+        the workers that asked for it); returns the number of workers in it."""
+    def acquire_slot(self, bucket: int) -> BucketLease:
+        """Wait (bounded, no GIL) until the bucket's slot is free; lend it out, writable."""
+    def commit(self, lease: BucketLease) -> None:
+        """Publish the filled slot (refused while a view of the lease is alive)."""
+    def finish_round(self) -> list[tuple[str, int, str]]:
+        """Wait (bounded, no GIL) for the last acknowledgements; ``(worker, pid, reason)``
+        for every worker that failed during the round."""
+    def close(self) -> None:
+        """Close: waiting workers fail at once, the file is removed."""
+
+class ShmSubscriber:
+    """A worker's end of a shared-memory segment.
+
+    Args:
+        path: the segment's file.
+        worker: this worker's name (1-64 bytes, unique among live workers).
+        timeout: seconds to wait for a live publisher, and for every later wait.
+        verify: check each bucket's checksum (when the publisher records them).
+
+    Raises:
+        k2.errors.BroadcastError: no live publisher within the timeout, or the name is taken.
+    """
+
+    def __init__(self, path: str | PathLike[str], worker: str, timeout: float, verify: bool) -> None: ...
+    @staticmethod
+    def announced_plan(path: str | PathLike[str], timeout: float) -> BucketPlan:
+        """The plan announced at ``path``, read without joining."""
+    @property
+    def plan(self) -> BucketPlan: ...
+    @property
+    def published_version(self) -> int: ...
+    def next_round(self, timeout: float) -> tuple[int, int] | None:
+        """Wait up to ``timeout`` seconds (no GIL) for a round that includes this worker:
+        ``(round, version)``, or None. Raises ``BroadcastError`` if the publisher is gone or
+        evicted this worker."""
+    def acquire(self, bucket: int) -> BucketLease:
+        """Wait (bounded, no GIL) for a bucket of the current round and lend it out; raises
+        ``BroadcastError`` naming the worker and bucket on timeout or checksum mismatch."""
+    def release(self, lease: BucketLease) -> None:
+        """Acknowledge the bucket (refused while a view of it is alive); raises
+        ``BroadcastError`` if it was overwritten while read (the worker was evicted)."""
+    def applied(self, version: int) -> None:
+        """Record that ``version`` is in the model."""
+    def rejoin(self) -> None:
+        """After an eviction, ask to be sent the current version again."""
+    def close(self) -> None:
+        """Leave the segment."""

@@ -2,9 +2,10 @@
 
 Every process of a fixed process group takes part: the publisher (usually rank 0) creates a
 :class:`DistributedWeightPublisher`, every other rank a :class:`DistributedWeightSubscriber`;
-the constructors are collective. Buckets travel double-buffered: the publisher packs bucket
-``i + 1`` while bucket ``i`` is on the wire, and a subscriber lands bucket ``i`` while bucket
-``i + 1`` arrives. As on the shared-memory path, a version is applied only after every bucket
+the constructors are collective. Buckets travel double-buffered: the publisher prepares bucket
+``i + 1`` while bucket ``i`` is on the wire (large pieces go straight out of its tensors, small
+ones packed together), and a subscriber handles bucket ``i`` while bucket ``i + 1`` arrives
+(straight into its landing buffer when it takes every tensor whole). As on the shared-memory path, a version is applied only after every bucket
 has landed, under the subscriber's lock.
 
 Failure semantics (different from shared memory): a collective needs every member, so a worker
@@ -32,7 +33,6 @@ from k2.broadcast.layout import (
     TensorSource,
     check_model,
     named_tensors,
-    pack,
     source_bytes,
     tensor_specs,
 )
@@ -47,8 +47,18 @@ def _device(group) -> torch.device:
     return torch.device("cpu")
 
 
+DIRECT_BYTES = 1 << 20
+"""Pieces of at least this many bytes travel alone, straight out of the trainer's tensor."""
+
+
 class _Member:
-    """What both ends share: the group, the plan, two bucket buffers, the roster of workers."""
+    """What both ends share: the group, the plan, the message layout, the roster of workers.
+
+    Each bucket travels as a few messages: every piece of at least ``direct_bytes`` alone
+    (the publisher sends it straight from its tensor, no packing copy), then the smaller pieces
+    packed together in bucket order. Two sets of buffers alternate between even and odd
+    buckets, so bucket ``b + 1`` is in flight while bucket ``b`` is handled.
+    """
 
     def __init__(self, group, src: int, worker: str) -> None:
         self.group = group
@@ -57,11 +67,12 @@ class _Member:
         self.worker = worker
 
     def _join(self, announced: list, check) -> None:
-        """Collective: share the publisher's announcement ``[specs, bucket_bytes]``, run
+        """Collective: share the publisher's announcement ``[specs, bucket_bytes,
+        direct_bytes]``, run
         ``check(specs)`` (a model check returning a problem or None) everywhere, gather the
         results, and raise on every rank if any member's model does not fit."""
         dist.broadcast_object_list(announced, src=self.src, group=self.group)
-        specs, bucket_bytes = announced
+        specs, bucket_bytes, direct_bytes = announced
         problem = check(specs)
         reports: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(reports, (self.worker, problem), group=self.group)
@@ -70,7 +81,15 @@ class _Member:
         if problems:
             raise BroadcastError("the group's models do not match the published weights:\n" + "\n".join(problems))
         self.plan = _native.BucketPlan(specs, bucket_bytes)
-        self.buffers = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        # Per bucket: the pieces sent alone, and those packed together (tensor, tensor_offset,
+        # bucket_offset, nbytes).
+        self.layout = []
+        for b in range(self.plan.num_buckets):
+            chunks = self.plan.chunks(b)
+            self.layout.append(([c for c in chunks if c[3] >= direct_bytes],
+                                [c for c in chunks if c[3] < direct_bytes]))
+        packed_max = max((sum(c[3] for c in small) for _, small in self.layout), default=0)
+        self.packed = [torch.empty(packed_max, dtype=torch.uint8, device=self.device) for _ in range(2)]
 
     def _failed(self, version: int, bucket: int | str, err: Exception) -> BroadcastError:
         return BroadcastError(
@@ -79,10 +98,8 @@ class _Member:
             " process group is now broken: destroy it, build a new one with the workers that are left,"
             " and create new publisher/subscribers on it")
 
-    def _window(self, b: int) -> torch.Tensor:
-        """Bucket ``b``'s buffer, cut to the bucket's length."""
-        start, end = self.plan.bucket_range(b)
-        return self.buffers[b % 2][: end - start]
+    def _broadcast(self, tensors: list[torch.Tensor]) -> list:
+        return [dist.broadcast(t, src=self.src, group=self.group, async_op=True) for t in tensors]
 
 
 class DistributedWeightPublisher(_Member):
@@ -92,13 +109,17 @@ class DistributedWeightPublisher(_Member):
         tensors: the trainer's tensors or module.
         group: the process group (default: the world).
         bucket_bytes: bucket size (a multiple of 256).
+        direct_bytes: pieces of at least this size are sent straight from the tensors (no
+            packing copy); smaller ones are packed together per bucket.
     """
 
     def __init__(self, tensors: TensorSource, *, group=None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 direct_bytes: int = DIRECT_BYTES) -> None:
         super().__init__(group, dist.get_rank(), worker="publisher")
         self._tensors = named_tensors(tensors)
-        self._join([tensor_specs(self._tensors()), bucket_bytes], check=lambda specs: None)
+        self._join([tensor_specs(self._tensors()), bucket_bytes, direct_bytes],
+                   check=lambda specs: None)
         self.version = 0
 
     def publish(self) -> int:
@@ -114,19 +135,25 @@ class DistributedWeightPublisher(_Member):
         sources = source_bytes(self._tensors(), self.plan)
         version = self.version + 1
         header = torch.tensor([version], dtype=torch.int64, device=self.device)
-        pending: list = [None, None]
+        in_flight: list[list] = [[], []]
         b: int | str = "header"
         try:
             dist.broadcast(header, src=self.src, group=self.group)
             for b in range(self.plan.num_buckets):
-                if pending[b % 2] is not None:
-                    pending[b % 2].wait()
-                window = self._window(b)
-                pack(self.plan, b, sources, window)
-                pending[b % 2] = dist.broadcast(window, src=self.src, group=self.group, async_op=True)
-            for work in pending:
-                if work is not None:
+                for work in in_flight[b % 2]:  # bucket b - 2 used these buffers
                     work.wait()
+                alone, small = self.layout[b]
+                messages = [sources[t][off:off + n] for t, off, _, n in alone]
+                if small:
+                    packed, cursor = self.packed[b % 2], 0
+                    with torch.no_grad():
+                        for t, off, _, n in small:
+                            packed[cursor:cursor + n].copy_(sources[t][off:off + n])
+                            cursor += n
+                    messages.append(packed[:cursor])
+                in_flight[b % 2] = self._broadcast(messages)
+            for work in in_flight[0] + in_flight[1]:
+                work.wait()
         except (RuntimeError, dist.DistError) as err:
             raise self._failed(version, b, err) from err
         self.version = version
@@ -160,11 +187,38 @@ class DistributedWeightSubscriber(_Member):
                 return str(err)
             return None
 
-        self._join([None, None], check)
+        self._join([None, None, None], check)
         self._landing = Landing(self.plan, model, slices, swap=swap)
+        self.images = [torch.empty(self.plan.bucket_bytes, dtype=torch.uint8, device=self.device)
+                       for _ in range(2)]
         self.lock = threading.RLock()
         """Held while a version is applied; readers take it to see one whole version."""
         self.version = 0
+
+    def _post(self, b: int):
+        """Post the receives of bucket ``b``; return them and the function that finishes it.
+
+        The bucket is rebuilt in its image: a window of the landing buffer where that mirrors
+        the arena (then nothing is copied at all), else bucket buffer ``b % 2``, landed after.
+        """
+        start, end = self.plan.bucket_range(b)
+        direct = self._landing.direct(b, (start, end))
+        image = self.images[b % 2][: end - start] if direct is None else direct
+        alone, small = self.layout[b]
+        targets = [image[off:off + n] for _, _, off, n in alone]
+        packed = self.packed[b % 2][: sum(c[3] for c in small)]
+        if small:
+            targets.append(packed)
+
+        def finish() -> None:
+            cursor = 0
+            for _, _, off, n in small:
+                image[off:off + n].copy_(packed[cursor:cursor + n])
+                cursor += n
+            if direct is None:
+                self._landing.land(b, image)
+
+        return self._broadcast(targets), finish
 
     def update(self) -> int:
         """Receive the next published version and apply it (blocks until the publisher
@@ -184,20 +238,14 @@ class DistributedWeightSubscriber(_Member):
         try:
             dist.broadcast(header, src=self.src, group=self.group)
             version = int(header.item())
-            # Receive straight into the landing buffer where it mirrors the buckets, else
-            # into the two bucket buffers, landing bucket b while bucket b + 1 arrives.
-            direct = [self._landing.direct(i, self.plan.bucket_range(i)) for i in range(n)]
-            targets = [self._window(i) if d is None else d for i, d in enumerate(direct)]
-            pending = [None, None]
-            if n:
-                pending[0] = dist.broadcast(targets[0], src=self.src, group=self.group, async_op=True)
+            posted = {0: self._post(0)} if n else {}
             for b in range(n):
                 if b + 1 < n:
-                    pending[(b + 1) % 2] = dist.broadcast(targets[b + 1], src=self.src,
-                                                          group=self.group, async_op=True)
-                pending[b % 2].wait()
-                if direct[b] is None:
-                    self._landing.land(b, targets[b])
+                    posted[b + 1] = self._post(b + 1)  # in flight while bucket b is handled
+                works, finish = posted.pop(b)
+                for work in works:
+                    work.wait()
+                finish()
         except (RuntimeError, dist.DistError) as err:
             raise self._failed(version, b, err) from err
         with self.lock:
