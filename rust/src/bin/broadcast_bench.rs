@@ -26,11 +26,20 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { mib: 1024, bucket_mib: 64, workers: vec![1, 2, 4], rounds: 3 };
+    let mut args = Args {
+        mib: 1024,
+        bucket_mib: 64,
+        workers: vec![1, 2, 4],
+        rounds: 3,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
-        let value = || argv.get(i + 1).and_then(|v| v.parse::<u64>().ok()).expect("a number after the flag");
+        let value = || {
+            argv.get(i + 1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("a number after the flag")
+        };
         match argv[i].as_str() {
             "--quick" => {
                 args.mib = 64;
@@ -79,11 +88,15 @@ fn worker(path: &Path, name: &str, rounds: usize) {
     let plan = sub.plan().clone();
     let mut landing = touched(plan.arena_bytes() as usize, 0);
     for _ in 0..rounds {
-        sub.next_round(TIMEOUT, &Cancel::never()).expect("round").expect("a round within the timeout");
+        sub.next_round(TIMEOUT, &Cancel::never())
+            .expect("round")
+            .expect("a round within the timeout");
         for b in 0..plan.num_buckets() {
             let r = plan.bucket_range(b);
-            sub.receive(b, &Cancel::never(), |bytes| landing[r.start as usize..r.end as usize].copy_from_slice(bytes))
-                .expect("bucket");
+            sub.receive(b, &Cancel::never(), |bytes| {
+                landing[r.start as usize..r.end as usize].copy_from_slice(bytes)
+            })
+            .expect("bucket");
         }
     }
     // Keep the copies observable so they are not optimized away.
@@ -93,13 +106,21 @@ fn worker(path: &Path, name: &str, rounds: usize) {
 /// Publish `rounds` versions to `n` worker processes; the best time of a round (after one
 /// warm-up round).
 fn publish_to(n: usize, plan: &BucketPlan, source: &[u8], rounds: usize) -> Duration {
-    let path = PathBuf::from(format!("/dev/shm/k2-broadcast-bench-{}-{n}", std::process::id()));
+    let path = PathBuf::from(format!(
+        "/dev/shm/k2-broadcast-bench-{}-{n}",
+        std::process::id()
+    ));
     let mut publisher = Publisher::create(&path, plan.clone(), false, TIMEOUT).expect("publisher");
     let exe = std::env::current_exe().expect("own path");
     let mut children: Vec<Child> = (0..n)
         .map(|i| {
             Command::new(&exe)
-                .args(["worker", path.to_str().unwrap(), &format!("w{i}"), &(rounds + 1).to_string()])
+                .args([
+                    "worker",
+                    path.to_str().unwrap(),
+                    &format!("w{i}"),
+                    &(rounds + 1).to_string(),
+                ])
                 .spawn()
                 .expect("spawn worker")
         })
@@ -112,11 +133,15 @@ fn publish_to(n: usize, plan: &BucketPlan, source: &[u8], rounds: usize) -> Dura
     let mut best = Duration::MAX;
     for round in 0..=rounds {
         let start = Instant::now();
-        publisher.begin_round(round as u64 + 1, false).expect("round");
+        publisher
+            .begin_round(round as u64 + 1, false)
+            .expect("round");
         for b in 0..plan.num_buckets() {
             let r = plan.bucket_range(b);
             publisher
-                .stage(b, &Cancel::never(), |slot| slot.copy_from_slice(&source[r.start as usize..r.end as usize]))
+                .stage(b, &Cancel::never(), |slot| {
+                    slot.copy_from_slice(&source[r.start as usize..r.end as usize])
+                })
                 .expect("stage");
         }
         let failures = publisher.finish_round(&Cancel::never()).expect("finish");
@@ -151,7 +176,11 @@ fn gbps(bytes: u64, t: Duration) -> f64 {
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("worker") {
-        worker(Path::new(&argv[2]), &argv[3], argv[4].parse().expect("rounds"));
+        worker(
+            Path::new(&argv[2]),
+            &argv[3],
+            argv[4].parse().expect("rounds"),
+        );
         return;
     }
     let args = parse_args();
@@ -161,7 +190,9 @@ fn main() {
     println!("# k2 broadcast_bench: shared-memory pipeline alone (Rust, no Python)");
     println!(
         "# machine: {} CPUs, {}; k2-native {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         std::env::consts::ARCH,
         env!("CARGO_PKG_VERSION")
     );
@@ -173,8 +204,17 @@ fn main() {
         args.rounds
     );
     let memcpy = memcpy_time(&source, args.rounds);
-    println!("{:<22} {:>10} {:>16} {:>12}", "method", "time (s)", "GB/s per worker", "% memcpy");
-    println!("{:<22} {:>10.3} {:>16.2} {:>12}", "memcpy (1 thread)", memcpy.as_secs_f64(), gbps(bytes, memcpy), "100");
+    println!(
+        "{:<22} {:>10} {:>16} {:>12}",
+        "method", "time (s)", "GB/s per worker", "% memcpy"
+    );
+    println!(
+        "{:<22} {:>10.3} {:>16.2} {:>12}",
+        "memcpy (1 thread)",
+        memcpy.as_secs_f64(),
+        gbps(bytes, memcpy),
+        "100"
+    );
     let mut ratios = Vec::new();
     for &n in &args.workers {
         let t = publish_to(n, &plan, &source, args.rounds);

@@ -39,7 +39,10 @@ pub type Result<T, E = BroadcastError> = std::result::Result<T, E>;
 
 impl BroadcastError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 
     pub fn plan(message: impl Into<String>) -> Self {

@@ -35,40 +35,75 @@ mod tests {
 
     fn shm_path(tag: &str) -> PathBuf {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
-        dir.join(format!("k2-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+        let dir = if std::path::Path::new("/dev/shm").is_dir() {
+            "/dev/shm".into()
+        } else {
+            std::env::temp_dir()
+        };
+        dir.join(format!(
+            "k2-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
     }
 
     /// Three tensors of 300 + 1000 + 40 bytes in 512-byte buckets: four buckets.
     fn plan() -> BucketPlan {
-        let spec = |name: &str, n: u64| TensorSpec { name: name.into(), dtype: "uint8".into(), shape: vec![n], itemsize: 1 };
+        let spec = |name: &str, n: u64| TensorSpec {
+            name: name.into(),
+            dtype: "uint8".into(),
+            shape: vec![n],
+            itemsize: 1,
+        };
         BucketPlan::new(vec![spec("a", 300), spec("b", 1000), spec("c", 40)], 512).unwrap()
     }
 
     /// The arena of version `v`: byte i is (i * 7 + v) mod 256.
     fn arena(plan: &BucketPlan, v: u64) -> Vec<u8> {
-        (0..plan.arena_bytes()).map(|i| ((i * 7 + v) % 256) as u8).collect()
+        (0..plan.arena_bytes())
+            .map(|i| ((i * 7 + v) % 256) as u8)
+            .collect()
     }
 
-    fn publish(publisher: &mut Publisher, version: u64, catch_up: bool) -> Result<Vec<WorkerFailure>, BroadcastError> {
+    fn publish(
+        publisher: &mut Publisher,
+        version: u64,
+        catch_up: bool,
+    ) -> Result<Vec<WorkerFailure>, BroadcastError> {
         let plan = publisher.plan().clone();
-        let data = arena(&plan, if catch_up { publisher.published_version() } else { version });
+        let data = arena(
+            &plan,
+            if catch_up {
+                publisher.published_version()
+            } else {
+                version
+            },
+        );
         publisher.begin_round(version, catch_up)?;
         for b in 0..plan.num_buckets() {
             let r = plan.bucket_range(b);
-            publisher.stage(b, &Cancel::never(), |slot| slot.copy_from_slice(&data[r.start as usize..r.end as usize]))?;
+            publisher.stage(b, &Cancel::never(), |slot| {
+                slot.copy_from_slice(&data[r.start as usize..r.end as usize])
+            })?;
         }
         publisher.finish_round(&Cancel::never())
     }
 
     /// Receive one round and return (version, the whole arena as received).
-    fn receive(sub: &mut Subscriber, wait: Duration) -> Result<Option<(u64, Vec<u8>)>, BroadcastError> {
-        let Some(round) = sub.next_round(wait, &Cancel::never())? else { return Ok(None) };
+    fn receive(
+        sub: &mut Subscriber,
+        wait: Duration,
+    ) -> Result<Option<(u64, Vec<u8>)>, BroadcastError> {
+        let Some(round) = sub.next_round(wait, &Cancel::never())? else {
+            return Ok(None);
+        };
         let plan = sub.plan().clone();
         let mut out = vec![0u8; plan.arena_bytes() as usize];
         for b in 0..plan.num_buckets() {
             let r = plan.bucket_range(b);
-            sub.receive(b, &Cancel::never(), |bytes| out[r.start as usize..r.end as usize].copy_from_slice(bytes))?;
+            sub.receive(b, &Cancel::never(), |bytes| {
+                out[r.start as usize..r.end as usize].copy_from_slice(bytes)
+            })?;
         }
         sub.applied(round.version);
         Ok(Some((round.version, out)))
@@ -82,8 +117,17 @@ mod tests {
             .map(|i| {
                 let path = path.clone();
                 std::thread::spawn(move || {
-                    let mut sub = Subscriber::join(&path, &format!("w{i}"), Duration::from_secs(5), true, &Cancel::never()).unwrap();
-                    (1..=3).map(|_| receive(&mut sub, Duration::from_secs(5)).unwrap().unwrap()).collect::<Vec<_>>()
+                    let mut sub = Subscriber::join(
+                        &path,
+                        &format!("w{i}"),
+                        Duration::from_secs(5),
+                        true,
+                        &Cancel::never(),
+                    )
+                    .unwrap();
+                    (1..=3)
+                        .map(|_| receive(&mut sub, Duration::from_secs(5)).unwrap().unwrap())
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
@@ -107,15 +151,34 @@ mod tests {
         let path = shm_path("stall");
         let timeout = Duration::from_millis(300);
         let mut publisher = Publisher::create(&path, plan(), false, timeout).unwrap();
-        let mut healthy = Subscriber::join(&path, "healthy", Duration::from_secs(5), false, &Cancel::never()).unwrap();
-        let mut stalled = Subscriber::join(&path, "stalled-7", Duration::from_secs(5), false, &Cancel::never()).unwrap();
+        let mut healthy = Subscriber::join(
+            &path,
+            "healthy",
+            Duration::from_secs(5),
+            false,
+            &Cancel::never(),
+        )
+        .unwrap();
+        let mut stalled = Subscriber::join(
+            &path,
+            "stalled-7",
+            Duration::from_secs(5),
+            false,
+            &Cancel::never(),
+        )
+        .unwrap();
         let reader = std::thread::spawn(move || {
-            let got = receive(&mut healthy, Duration::from_secs(5)).unwrap().unwrap();
+            let got = receive(&mut healthy, Duration::from_secs(5))
+                .unwrap()
+                .unwrap();
             (healthy, got)
         });
         // The stalled worker takes the round and reads bucket 0, then stops.
         let round = std::thread::spawn(move || {
-            stalled.next_round(Duration::from_secs(5), &Cancel::never()).unwrap().unwrap();
+            stalled
+                .next_round(Duration::from_secs(5), &Cancel::never())
+                .unwrap()
+                .unwrap();
             stalled.acquire(0, &Cancel::never()).unwrap();
             stalled
         });
@@ -124,8 +187,15 @@ mod tests {
         let elapsed = started.elapsed();
         assert_eq!(failures.len(), 1, "{failures:?}");
         assert_eq!(failures[0].worker, "stalled-7");
-        assert!(failures[0].reason.contains("bucket 0 of version 1"), "{}", failures[0].reason);
-        assert!(elapsed >= timeout && elapsed < timeout * 5, "took {elapsed:?}");
+        assert!(
+            failures[0].reason.contains("bucket 0 of version 1"),
+            "{}",
+            failures[0].reason
+        );
+        assert!(
+            elapsed >= timeout && elapsed < timeout * 5,
+            "took {elapsed:?}"
+        );
         let (_healthy, (v, bytes)) = reader.join().unwrap();
         assert_eq!((v, bytes == arena(&plan(), 1)), (1, true));
 
@@ -135,7 +205,11 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Evicted, "{err}");
         stalled.rejoin().unwrap();
         assert!(publisher.catch_up_pending());
-        let catcher = std::thread::spawn(move || receive(&mut stalled, Duration::from_secs(5)).unwrap().unwrap());
+        let catcher = std::thread::spawn(move || {
+            receive(&mut stalled, Duration::from_secs(5))
+                .unwrap()
+                .unwrap()
+        });
         assert_eq!(publish(&mut publisher, 0, true).unwrap(), vec![]);
         let (v, bytes) = catcher.join().unwrap();
         assert_eq!((v, bytes == arena(&plan(), 1)), (1, true));
@@ -146,46 +220,101 @@ mod tests {
     fn a_corrupted_bucket_fails_verification_naming_its_tensors() {
         let path = shm_path("checksum");
         let mut publisher = Publisher::create(&path, plan(), true, Duration::from_secs(5)).unwrap();
-        let mut sub = Subscriber::join(&path, "careful", Duration::from_secs(5), true, &Cancel::never()).unwrap();
+        let mut sub = Subscriber::join(
+            &path,
+            "careful",
+            Duration::from_secs(5),
+            true,
+            &Cancel::never(),
+        )
+        .unwrap();
         publisher.begin_round(1, false).unwrap();
-        publisher.stage(0, &Cancel::never(), |slot| slot.fill(1)).unwrap();
+        publisher
+            .stage(0, &Cancel::never(), |slot| slot.fill(1))
+            .unwrap();
         // Flip a byte after the checksum was recorded.
         unsafe { *publisher.segment().slot_ptr(0).add(10) ^= 0xFF };
-        sub.next_round(Duration::from_secs(1), &Cancel::never()).unwrap().unwrap();
+        sub.next_round(Duration::from_secs(1), &Cancel::never())
+            .unwrap()
+            .unwrap();
         let err = sub.acquire(0, &Cancel::never()).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Checksum);
-        assert!(err.message.contains("bucket 0 of version 1") && err.message.contains("(tensors a)"), "{err}");
+        assert!(
+            err.message.contains("bucket 0 of version 1") && err.message.contains("(tensors a)"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_worker_waiting_on_a_silent_publisher_times_out_naming_it() {
         let path = shm_path("silent");
-        let mut publisher = Publisher::create(&path, plan(), false, Duration::from_secs(5)).unwrap();
-        let mut sub = Subscriber::join(&path, "patient", Duration::from_millis(200), false, &Cancel::never()).unwrap();
+        let mut publisher =
+            Publisher::create(&path, plan(), false, Duration::from_secs(5)).unwrap();
+        let mut sub = Subscriber::join(
+            &path,
+            "patient",
+            Duration::from_millis(200),
+            false,
+            &Cancel::never(),
+        )
+        .unwrap();
         publisher.begin_round(1, false).unwrap();
-        sub.next_round(Duration::from_secs(1), &Cancel::never()).unwrap().unwrap();
+        sub.next_round(Duration::from_secs(1), &Cancel::never())
+            .unwrap()
+            .unwrap();
         let err = sub.acquire(0, &Cancel::never()).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Timeout);
-        assert!(err.message.contains("worker patient") && err.message.contains("bucket 0 of version 1"), "{err}");
+        assert!(
+            err.message.contains("worker patient") && err.message.contains("bucket 0 of version 1"),
+            "{err}"
+        );
         drop(publisher);
-        let err = sub.next_round(Duration::from_secs(1), &Cancel::never()).unwrap_err();
+        let err = sub
+            .next_round(Duration::from_secs(1), &Cancel::never())
+            .unwrap_err();
         assert_eq!(err.kind, ErrorKind::PublisherGone, "{err}");
     }
 
     #[test]
     fn a_joiner_never_mistakes_a_leavers_round_for_its_own() {
         let path = shm_path("reuse");
-        let mut publisher = Publisher::create(&path, plan(), false, Duration::from_millis(200)).unwrap();
-        let mut first = Subscriber::join(&path, "first", Duration::from_secs(1), false, &Cancel::never()).unwrap();
+        let mut publisher =
+            Publisher::create(&path, plan(), false, Duration::from_millis(200)).unwrap();
+        let mut first = Subscriber::join(
+            &path,
+            "first",
+            Duration::from_secs(1),
+            false,
+            &Cancel::never(),
+        )
+        .unwrap();
         let reader = std::thread::spawn(move || {
-            receive(&mut first, Duration::from_secs(5)).unwrap().unwrap();
+            receive(&mut first, Duration::from_secs(5))
+                .unwrap()
+                .unwrap();
             first // leaves when dropped below, after the round
         });
         publish(&mut publisher, 1, false).unwrap();
         drop(reader.join().unwrap());
-        let mut second = Subscriber::join(&path, "second", Duration::from_secs(1), false, &Cancel::never()).unwrap();
-        assert_eq!(second.next_round(Duration::from_millis(50), &Cancel::never()).unwrap(), None);
-        let catcher = std::thread::spawn(move || receive(&mut second, Duration::from_secs(5)).unwrap().unwrap());
+        let mut second = Subscriber::join(
+            &path,
+            "second",
+            Duration::from_secs(1),
+            false,
+            &Cancel::never(),
+        )
+        .unwrap();
+        assert_eq!(
+            second
+                .next_round(Duration::from_millis(50), &Cancel::never())
+                .unwrap(),
+            None
+        );
+        let catcher = std::thread::spawn(move || {
+            receive(&mut second, Duration::from_secs(5))
+                .unwrap()
+                .unwrap()
+        });
         assert_eq!(publish(&mut publisher, 0, true).unwrap(), vec![]);
         assert_eq!(catcher.join().unwrap().0, 1);
     }
@@ -194,8 +323,23 @@ mod tests {
     fn a_name_in_use_by_a_live_worker_is_refused() {
         let path = shm_path("names");
         let _publisher = Publisher::create(&path, plan(), false, Duration::from_secs(5)).unwrap();
-        let _first = Subscriber::join(&path, "twin", Duration::from_secs(1), false, &Cancel::never()).unwrap();
-        let err = Subscriber::join(&path, "twin", Duration::from_secs(1), false, &Cancel::never()).err().unwrap();
+        let _first = Subscriber::join(
+            &path,
+            "twin",
+            Duration::from_secs(1),
+            false,
+            &Cancel::never(),
+        )
+        .unwrap();
+        let err = Subscriber::join(
+            &path,
+            "twin",
+            Duration::from_secs(1),
+            false,
+            &Cancel::never(),
+        )
+        .err()
+        .unwrap();
         assert_eq!(err.kind, ErrorKind::Join);
         assert!(err.message.contains("twin"), "{err}");
     }
@@ -203,7 +347,15 @@ mod tests {
     #[test]
     fn joining_without_a_publisher_times_out_naming_the_path() {
         let path = shm_path("nobody");
-        let err = Subscriber::join(&path, "lonely", Duration::from_millis(50), false, &Cancel::never()).err().unwrap();
+        let err = Subscriber::join(
+            &path,
+            "lonely",
+            Duration::from_millis(50),
+            false,
+            &Cancel::never(),
+        )
+        .err()
+        .unwrap();
         assert_eq!(err.kind, ErrorKind::Timeout);
         assert!(err.message.contains(path.to_str().unwrap()), "{err}");
     }

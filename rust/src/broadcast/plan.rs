@@ -99,7 +99,10 @@ impl BucketPlan {
                 )));
             }
             if !seen.insert(t.name.as_str()) {
-                return Err(BroadcastError::plan(format!("tensor {} is listed twice", t.name)));
+                return Err(BroadcastError::plan(format!(
+                    "tensor {} is listed twice",
+                    t.name
+                )));
             }
         }
         let mut offsets = Vec::with_capacity(tensors.len());
@@ -114,7 +117,12 @@ impl BucketPlan {
             offsets.push(cursor);
             cursor += n;
         }
-        Ok(Self { bucket_bytes, tensors, offsets, arena_bytes: cursor })
+        Ok(Self {
+            bucket_bytes,
+            tensors,
+            offsets,
+            arena_bytes: cursor,
+        })
     }
 
     pub fn bucket_bytes(&self) -> u64 {
@@ -175,7 +183,13 @@ impl BucketPlan {
         let mut s = format!("bucket_bytes\t{}\n", self.bucket_bytes);
         for t in &self.tensors {
             let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
-            s.push_str(&format!("{}\t{}\t{}\t{}\n", t.name, t.dtype, shape.join(","), t.itemsize));
+            s.push_str(&format!(
+                "{}\t{}\t{}\t{}\n",
+                t.name,
+                t.dtype,
+                shape.join(","),
+                t.itemsize
+            ));
         }
         s
     }
@@ -198,7 +212,9 @@ impl BucketPlan {
             let shape = if f[2].is_empty() {
                 Vec::new()
             } else {
-                f[2].split(',').map(|d| d.parse().map_err(|_| bad(line))).collect::<Result<_>>()?
+                f[2].split(',')
+                    .map(|d| d.parse().map_err(|_| bad(line)))
+                    .collect::<Result<_>>()?
             };
             tensors.push(TensorSpec {
                 name: f[0].to_string(),
@@ -268,30 +284,52 @@ impl ReceivePlan {
             }
         }
         let mirror = wants.len() == plan.tensors.len()
-            && wants.iter().enumerate().all(|(i, w)| w.tensor == i && w.rows.is_none());
+            && wants
+                .iter()
+                .enumerate()
+                .all(|(i, w)| w.tensor == i && w.rows.is_none());
         let mut targets = Vec::with_capacity(wants.len());
         let mut pieces = vec![Vec::new(); plan.num_buckets()];
         let mut cursor = 0u64;
         for w in wants {
             let t = &plan.tensors[w.tensor];
+            #[allow(clippy::single_range_in_vec_init)] // one range: the whole tensor
             let byte_ranges: Vec<Range<u64>> = match &w.rows {
                 None => vec![0..t.nbytes()],
-                Some(rows) => rows.iter().map(|r| r.start * t.row_bytes()..r.end * t.row_bytes()).collect(),
+                Some(rows) => rows
+                    .iter()
+                    .map(|r| r.start * t.row_bytes()..r.end * t.row_bytes())
+                    .collect(),
             };
-            let landing_offset = if mirror { plan.offsets[w.tensor] } else { align_up(cursor) };
+            let landing_offset = if mirror {
+                plan.offsets[w.tensor]
+            } else {
+                align_up(cursor)
+            };
             let mut dst = landing_offset;
             for r in byte_ranges {
-                let (mut src, end) = (plan.offsets[w.tensor] + r.start, plan.offsets[w.tensor] + r.end);
+                let (mut src, end) = (
+                    plan.offsets[w.tensor] + r.start,
+                    plan.offsets[w.tensor] + r.end,
+                );
                 while src < end {
                     let b = (src / plan.bucket_bytes) as usize;
                     let window = plan.bucket_range(b);
                     let len = end.min(window.end) - src;
-                    pieces[b].push(Piece { bucket_offset: src - window.start, landing_offset: dst, len });
+                    pieces[b].push(Piece {
+                        bucket_offset: src - window.start,
+                        landing_offset: dst,
+                        len,
+                    });
                     src += len;
                     dst += len;
                 }
             }
-            targets.push(Target { tensor: w.tensor, landing_offset, len: dst - landing_offset });
+            targets.push(Target {
+                tensor: w.tensor,
+                landing_offset,
+                len: dst - landing_offset,
+            });
             cursor = dst;
         }
         for list in &mut pieces {
@@ -299,7 +337,11 @@ impl ReceivePlan {
             *list = merge(std::mem::take(list), mirror);
         }
         let landing_bytes = if mirror { plan.arena_bytes } else { cursor };
-        Ok(Self { landing_bytes, targets, pieces })
+        Ok(Self {
+            landing_bytes,
+            targets,
+            pieces,
+        })
     }
 }
 
@@ -313,7 +355,8 @@ fn merge(pieces: Vec<Piece>, mirror: bool) -> Vec<Piece> {
             let src_end = last.bucket_offset + last.len;
             let dst_end = last.landing_offset + last.len;
             let joins = if mirror {
-                p.bucket_offset >= src_end && p.bucket_offset - src_end == p.landing_offset.wrapping_sub(dst_end)
+                p.bucket_offset >= src_end
+                    && p.bucket_offset - src_end == p.landing_offset.wrapping_sub(dst_end)
             } else {
                 p.bucket_offset == src_end && p.landing_offset == dst_end
             };
@@ -332,7 +375,12 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, shape: &[u64], itemsize: u64) -> TensorSpec {
-        TensorSpec { name: name.into(), dtype: "float32".into(), shape: shape.to_vec(), itemsize }
+        TensorSpec {
+            name: name.into(),
+            dtype: "float32".into(),
+            shape: shape.to_vec(),
+            itemsize,
+        }
     }
 
     #[test]
@@ -340,32 +388,63 @@ mod tests {
         // bucket 1024: a (40 B) at 0; b (500 B) at 256; c (500 B) would straddle at 768, so it
         // moves to 1024; d (3000 B, bigger than a bucket) at 1536, running through buckets 1..=4.
         let plan = BucketPlan::new(
-            vec![spec("a", &[10], 4), spec("b", &[125], 4), spec("c", &[125], 4), spec("d", &[750], 4)],
+            vec![
+                spec("a", &[10], 4),
+                spec("b", &[125], 4),
+                spec("c", &[125], 4),
+                spec("d", &[750], 4),
+            ],
             1024,
         )
         .unwrap();
-        assert_eq!((0..4).map(|i| plan.offset(i)).collect::<Vec<_>>(), vec![0, 256, 1024, 1536]);
+        assert_eq!(
+            (0..4).map(|i| plan.offset(i)).collect::<Vec<_>>(),
+            vec![0, 256, 1024, 1536]
+        );
         assert_eq!(plan.arena_bytes(), 4536);
         assert_eq!(plan.num_buckets(), 5);
         assert_eq!(plan.bucket_range(4), 4096..4536);
         assert_eq!(
             plan.chunks(1),
             vec![
-                Chunk { tensor: 2, tensor_offset: 0, bucket_offset: 0, len: 500 },
-                Chunk { tensor: 3, tensor_offset: 0, bucket_offset: 512, len: 512 },
+                Chunk {
+                    tensor: 2,
+                    tensor_offset: 0,
+                    bucket_offset: 0,
+                    len: 500
+                },
+                Chunk {
+                    tensor: 3,
+                    tensor_offset: 0,
+                    bucket_offset: 512,
+                    len: 512
+                },
             ]
         );
-        assert_eq!(plan.chunks(4), vec![Chunk { tensor: 3, tensor_offset: 2560, bucket_offset: 0, len: 440 }]);
+        assert_eq!(
+            plan.chunks(4),
+            vec![Chunk {
+                tensor: 3,
+                tensor_offset: 2560,
+                bucket_offset: 0,
+                len: 440
+            }]
+        );
     }
 
     #[test]
     fn every_byte_of_every_tensor_is_in_exactly_one_chunk() {
-        let tensors: Vec<_> = (0..20).map(|i| spec(&format!("t{i}"), &[i * 37 + 1, 3], 2)).collect();
+        let tensors: Vec<_> = (0..20)
+            .map(|i| spec(&format!("t{i}"), &[i * 37 + 1, 3], 2))
+            .collect();
         let plan = BucketPlan::new(tensors.clone(), 512).unwrap();
         let mut covered: Vec<u64> = vec![0; tensors.len()];
         for b in 0..plan.num_buckets() {
             for c in plan.chunks(b) {
-                assert_eq!(c.tensor_offset, covered[c.tensor], "chunks of a tensor come in order");
+                assert_eq!(
+                    c.tensor_offset, covered[c.tensor],
+                    "chunks of a tensor come in order"
+                );
                 assert!(c.bucket_offset + c.len <= 512);
                 covered[c.tensor] += c.len;
             }
@@ -383,7 +462,11 @@ mod tests {
 
     #[test]
     fn encode_then_decode_is_the_same_plan() {
-        let plan = BucketPlan::new(vec![spec("x.weight", &[3, 5], 4), spec("scalar", &[], 8)], 2048).unwrap();
+        let plan = BucketPlan::new(
+            vec![spec("x.weight", &[3, 5], 4), spec("scalar", &[], 8)],
+            2048,
+        )
+        .unwrap();
         assert_eq!(BucketPlan::decode(&plan.encode()).unwrap(), plan);
     }
 
@@ -395,7 +478,8 @@ mod tests {
             for p in list {
                 let src = (base + p.bucket_offset) as usize;
                 let dst = p.landing_offset as usize;
-                landing[dst..dst + p.len as usize].copy_from_slice(&arena[src..src + p.len as usize]);
+                landing[dst..dst + p.len as usize]
+                    .copy_from_slice(&arena[src..src + p.len as usize]);
             }
         }
         landing
@@ -403,9 +487,16 @@ mod tests {
 
     #[test]
     fn a_full_subscriber_lands_each_bucket_with_one_copy() {
-        let tensors: Vec<_> = (0..9).map(|i| spec(&format!("t{i}"), &[i * 50 + 3], 4)).collect();
+        let tensors: Vec<_> = (0..9)
+            .map(|i| spec(&format!("t{i}"), &[i * 50 + 3], 4))
+            .collect();
         let plan = BucketPlan::new(tensors, 1024).unwrap();
-        let wants: Vec<_> = (0..9).map(|i| Want { tensor: i, rows: None }).collect();
+        let wants: Vec<_> = (0..9)
+            .map(|i| Want {
+                tensor: i,
+                rows: None,
+            })
+            .collect();
         let recv = ReceivePlan::new(&plan, &wants).unwrap();
         assert!(recv.pieces.iter().all(|p| p.len() == 1));
         let arena: Vec<u8> = (0..plan.arena_bytes()).map(|i| (i % 251) as u8).collect();
@@ -420,10 +511,28 @@ mod tests {
     #[test]
     fn a_slice_subscriber_gets_exactly_its_rows_in_order() {
         // experts: [6, 4, 5] float32 = 80 B per expert, 480 B total; bucket 256 forces splits.
-        let plan = BucketPlan::new(vec![spec("w", &[3, 7], 4), spec("experts", &[6, 4, 5], 4)], 256).unwrap();
+        let plan = BucketPlan::new(
+            vec![spec("w", &[3, 7], 4), spec("experts", &[6, 4, 5], 4)],
+            256,
+        )
+        .unwrap();
         let rows = vec![4..6, 1..2];
-        let recv = ReceivePlan::new(&plan, &[Want { tensor: 1, rows: Some(rows) }]).unwrap();
-        assert_eq!(recv.targets, vec![Target { tensor: 1, landing_offset: 0, len: 240 }]);
+        let recv = ReceivePlan::new(
+            &plan,
+            &[Want {
+                tensor: 1,
+                rows: Some(rows),
+            }],
+        )
+        .unwrap();
+        assert_eq!(
+            recv.targets,
+            vec![Target {
+                tensor: 1,
+                landing_offset: 0,
+                len: 240
+            }]
+        );
         let arena: Vec<u8> = (0..plan.arena_bytes()).map(|i| (i % 253) as u8).collect();
         let landing = land(&plan, &recv, &arena);
         let e = plan.offset(1) as usize;
@@ -434,9 +543,17 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one row range
     fn rows_outside_the_tensor_are_refused() {
         let plan = BucketPlan::new(vec![spec("w", &[3, 7], 4)], 256).unwrap();
-        let err = ReceivePlan::new(&plan, &[Want { tensor: 0, rows: Some(vec![2..4]) }]).unwrap_err();
+        let err = ReceivePlan::new(
+            &plan,
+            &[Want {
+                tensor: 0,
+                rows: Some(vec![2..4]),
+            }],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("w: row range 2..4"), "{err}");
     }
 }

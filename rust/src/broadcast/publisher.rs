@@ -73,21 +73,36 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(5);
 impl Publisher {
     /// Create the segment at `path` for `plan`. Refuses if a live publisher already serves
     /// `path`. `timeout` bounds every wait for a worker.
-    pub fn create(path: &Path, plan: BucketPlan, checksums: bool, timeout: Duration) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        plan: BucketPlan,
+        checksums: bool,
+        timeout: Duration,
+    ) -> Result<Self> {
         if let Ok(old) = Segment::open(path) {
             let c = old.control();
             let pid = c.publisher_pid.load(Ordering::Relaxed);
             if pid != own_pid() && c.closed.load(Ordering::Acquire) == 0 && process_alive(pid) {
                 return Err(BroadcastError::new(
                     ErrorKind::Join,
-                    format!("{} is already published by live process {pid}", path.display()),
+                    format!(
+                        "{} is already published by live process {pid}",
+                        path.display()
+                    ),
                 ));
             }
             c.closed.store(1, Ordering::Release);
         }
         let seg = Segment::create(path, &plan, checksums)?;
         let inode = std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0);
-        Ok(Self { seg: Arc::new(seg), plan, timeout, inode, next_round: 1, round: None })
+        Ok(Self {
+            seg: Arc::new(seg),
+            plan,
+            timeout,
+            inode,
+            next_round: 1,
+            round: None,
+        })
     }
 
     pub fn segment(&self) -> &Arc<Segment> {
@@ -131,7 +146,8 @@ impl Publisher {
     pub fn catch_up_pending(&self) -> bool {
         self.published_version() > 0
             && self.seg.control().workers.iter().any(|w| {
-                w.state.load(Ordering::Acquire) == state::WANTS_CATCH_UP && process_alive(w.pid.load(Ordering::Relaxed))
+                w.state.load(Ordering::Acquire) == state::WANTS_CATCH_UP
+                    && process_alive(w.pid.load(Ordering::Relaxed))
             })
     }
 
@@ -140,7 +156,11 @@ impl Publisher {
     /// abandoned (its workers see that and fail their update). Returns the audience size.
     pub fn begin_round(&mut self, version: u64, catch_up: bool) -> Result<usize> {
         let c = self.seg.control();
-        let version = if catch_up { self.published_version() } else { version };
+        let version = if catch_up {
+            self.published_version()
+        } else {
+            version
+        };
         // The round description stays "being rewritten" (odd) while records are freed below,
         // so a worker that claims a freed record reads the new audience, never the old one.
         c.round_seq.fetch_add(1, Ordering::AcqRel);
@@ -178,12 +198,21 @@ impl Publisher {
         c.round_audience.store(audience, Ordering::Release);
         c.round_seq.fetch_add(1, Ordering::AcqRel);
         let n = members.len();
-        self.round = Some(Round { id, version, catch_up, members, failures, next: 0 });
+        self.round = Some(Round {
+            id,
+            version,
+            catch_up,
+            members,
+            failures,
+            next: 0,
+        });
         Ok(n)
     }
 
     fn round_mut(&mut self, what: &str) -> Result<&mut Round> {
-        self.round.as_mut().ok_or_else(|| BroadcastError::protocol(format!("{what}: no round in progress")))
+        self.round
+            .as_mut()
+            .ok_or_else(|| BroadcastError::protocol(format!("{what}: no round in progress")))
     }
 
     /// Wait until bucket `bucket`'s slot is free, clear its tag and return the slot's bytes
@@ -208,7 +237,9 @@ impl Publisher {
         // SAFETY: every audience worker acknowledged the slot's previous bucket and the tag is
         // 0, so no reader touches the slot until commit() publishes the new tag; the slot is
         // bucket_bytes >= len long; &mut self keeps a second borrow out.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.seg.slot_ptr(bucket % SLOTS), len as usize) })
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(self.seg.slot_ptr(bucket % SLOTS), len as usize)
+        })
     }
 
     /// Publish bucket `bucket` (filled since `acquire_slot`) to the workers.
@@ -216,7 +247,10 @@ impl Publisher {
         let id = {
             let r = self.round_mut("commit")?;
             if r.next != bucket {
-                return Err(BroadcastError::protocol(format!("commit of bucket {bucket}, but bucket {} is staged", r.next)));
+                return Err(BroadcastError::protocol(format!(
+                    "commit of bucket {bucket}, but bucket {} is staged",
+                    r.next
+                )));
             }
             r.next += 1;
             r.id
@@ -227,7 +261,9 @@ impl Publisher {
         let len = range.end - range.start;
         if c.checksums.load(Ordering::Relaxed) != 0 {
             // SAFETY: the slot is ours until the tag is published below.
-            let bytes = unsafe { std::slice::from_raw_parts(self.seg.slot_ptr(bucket % SLOTS), len as usize) };
+            let bytes = unsafe {
+                std::slice::from_raw_parts(self.seg.slot_ptr(bucket % SLOTS), len as usize)
+            };
             slot.checksum.store(xxh3_64(bytes), Ordering::Relaxed);
         }
         slot.len.store(len, Ordering::Relaxed);
@@ -236,7 +272,12 @@ impl Publisher {
     }
 
     /// Stage bucket `bucket`: acquire its slot, let `fill` write it, commit it.
-    pub fn stage(&mut self, bucket: usize, cancel: &Cancel, fill: impl FnOnce(&mut [u8])) -> Result<()> {
+    pub fn stage(
+        &mut self,
+        bucket: usize,
+        cancel: &Cancel,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<()> {
         fill(self.acquire_slot(bucket, cancel)?);
         self.commit(bucket)
     }
@@ -250,14 +291,19 @@ impl Publisher {
         };
         let n = self.plan.num_buckets();
         if next != n {
-            return Err(BroadcastError::protocol(format!("finish_round after {next} of {n} buckets")));
+            return Err(BroadcastError::protocol(format!(
+                "finish_round after {next} of {n} buckets"
+            )));
         }
         if n > 0 {
             self.await_acks(tag(id, n - 1), n - 1, cancel)?;
         }
         let round = self.round.take().expect("checked above");
         if !round.catch_up {
-            self.seg.control().published_version.store(round.version, Ordering::Release);
+            self.seg
+                .control()
+                .published_version
+                .store(round.version, Ordering::Release);
         }
         Ok(round.failures)
     }
@@ -288,10 +334,15 @@ impl Publisher {
                 }
                 let st = w.state.load(Ordering::Acquire);
                 let what = format!("bucket {bucket} of version {}", round.version);
-                let reason = if w.pid.load(Ordering::Relaxed) != pid || st == state::LEFT || st == state::FREE {
+                let reason = if w.pid.load(Ordering::Relaxed) != pid
+                    || st == state::LEFT
+                    || st == state::FREE
+                {
                     Some(format!("left while {what} was in flight"))
                 } else if check_liveness && !process_alive(pid) {
-                    Some(format!("process {pid} exited before it finished reading {what}"))
+                    Some(format!(
+                        "process {pid} exited before it finished reading {what}"
+                    ))
                 } else if timed_out {
                     let seen = now_ms().saturating_sub(w.heartbeat_ms.load(Ordering::Relaxed));
                     Some(format!(
@@ -307,7 +358,11 @@ impl Publisher {
                         if w.pid.load(Ordering::Relaxed) == pid {
                             w.state.store(state::EVICTED, Ordering::Release);
                         }
-                        round.failures.push(WorkerFailure { worker: w.name(), pid, reason });
+                        round.failures.push(WorkerFailure {
+                            worker: w.name(),
+                            pid,
+                            reason,
+                        });
                     }
                     None => {
                         pending = true;
@@ -346,7 +401,12 @@ mod tests {
     fn a_live_publisher_cannot_be_replaced_but_a_closed_one_can() {
         let path = std::env::temp_dir().join(format!("k2-bcast-pub-{}", own_pid()));
         let plan = BucketPlan::new(
-            vec![TensorSpec { name: "w".into(), dtype: "uint8".into(), shape: vec![10], itemsize: 1 }],
+            vec![TensorSpec {
+                name: "w".into(),
+                dtype: "uint8".into(),
+                shape: vec![10],
+                itemsize: 1,
+            }],
             256,
         )
         .unwrap();

@@ -115,8 +115,12 @@ impl WorkerRecord {
     /// The worker's name (valid while the record is claimed).
     pub fn name(&self) -> String {
         let len = (self.name_len.load(Ordering::Acquire) as usize).min(NAME_BYTES);
-        let bytes: Vec<u8> =
-            self.name.iter().flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes()).take(len).collect();
+        let bytes: Vec<u8> = self
+            .name
+            .iter()
+            .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
+            .take(len)
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -125,7 +129,10 @@ impl WorkerRecord {
         let mut buf = [0u8; NAME_BYTES];
         buf[..name.len()].copy_from_slice(name.as_bytes());
         for (word, chunk) in self.name.iter().zip(buf.chunks_exact(8)) {
-            word.store(u64::from_le_bytes(chunk.try_into().unwrap()), Ordering::Relaxed);
+            word.store(
+                u64::from_le_bytes(chunk.try_into().unwrap()),
+                Ordering::Relaxed,
+            );
         }
         self.name_len.store(name.len() as u64, Ordering::Release);
     }
@@ -144,7 +151,10 @@ unsafe impl Send for Segment {}
 unsafe impl Sync for Segment {}
 
 fn io_err(action: &str, path: &Path, err: std::io::Error) -> BroadcastError {
-    BroadcastError::new(ErrorKind::Io, format!("cannot {action} {}: {err}", path.display()))
+    BroadcastError::new(
+        ErrorKind::Io,
+        format!("cannot {action} {}: {err}", path.display()),
+    )
 }
 
 impl Segment {
@@ -162,7 +172,9 @@ impl Segment {
 
         let tmp = path.with_file_name(format!(
             "{}.tmp-{}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("k2-broadcast"),
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("k2-broadcast"),
             std::process::id()
         ));
         let file = OpenOptions::new()
@@ -174,20 +186,29 @@ impl Segment {
             .map_err(|e| io_err("create", &tmp, e))?;
         file.set_len(total).map_err(|e| io_err("size", &tmp, e))?;
         let map = MmapRaw::map_raw(&file).map_err(|e| io_err("map", &tmp, e))?;
-        let seg = Self { map, path: path.to_path_buf() };
+        let seg = Self {
+            map,
+            path: path.to_path_buf(),
+        };
         // SAFETY: the new mapping is `total` bytes long and private to us until the rename.
         unsafe {
-            std::ptr::copy_nonoverlapping(text.as_ptr(), seg.ptr().add(plan_offset as usize), text.len());
+            std::ptr::copy_nonoverlapping(
+                text.as_ptr(),
+                seg.ptr().add(plan_offset as usize),
+                text.len(),
+            );
         }
         let c = seg.control();
         c.bucket_bytes.store(plan.bucket_bytes(), Ordering::Relaxed);
-        c.num_buckets.store(plan.num_buckets() as u64, Ordering::Relaxed);
+        c.num_buckets
+            .store(plan.num_buckets() as u64, Ordering::Relaxed);
         c.plan_len.store(text.len() as u64, Ordering::Relaxed);
         c.plan_offset.store(plan_offset, Ordering::Relaxed);
         c.slots_offset.store(slots_offset, Ordering::Relaxed);
         c.slot_stride.store(slot_stride, Ordering::Relaxed);
         c.checksums.store(u64::from(checksums), Ordering::Relaxed);
-        c.publisher_pid.store(super::wait::own_pid(), Ordering::Relaxed);
+        c.publisher_pid
+            .store(super::wait::own_pid(), Ordering::Relaxed);
         c.magic.store(MAGIC, Ordering::Release);
         std::fs::rename(&tmp, path).map_err(|e| io_err("rename into place", path, e))?;
         Ok(seg)
@@ -196,20 +217,37 @@ impl Segment {
     /// Map the segment at `path`. Fails with [`ErrorKind::Io`] if it does not exist (yet), and
     /// with [`ErrorKind::Layout`] if it is not a complete k2 broadcast segment.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| io_err("open", path, e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err("open", path, e))?;
         let len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
         if len < std::mem::size_of::<Control>() as u64 {
-            return Err(BroadcastError::layout(format!("{} is too short to be a k2 broadcast segment", path.display())));
+            return Err(BroadcastError::layout(format!(
+                "{} is too short to be a k2 broadcast segment",
+                path.display()
+            )));
         }
         let map = MmapRaw::map_raw(&file).map_err(|e| io_err("map", path, e))?;
-        let seg = Self { map, path: path.to_path_buf() };
+        let seg = Self {
+            map,
+            path: path.to_path_buf(),
+        };
         let c = seg.control();
         if c.magic.load(Ordering::Acquire) != MAGIC {
-            return Err(BroadcastError::layout(format!("{} is not a k2 broadcast segment", path.display())));
+            return Err(BroadcastError::layout(format!(
+                "{} is not a k2 broadcast segment",
+                path.display()
+            )));
         }
-        let end = c.slots_offset.load(Ordering::Relaxed) + c.slot_stride.load(Ordering::Relaxed) * SLOTS as u64;
+        let end = c.slots_offset.load(Ordering::Relaxed)
+            + c.slot_stride.load(Ordering::Relaxed) * SLOTS as u64;
         if end > len {
-            return Err(BroadcastError::layout(format!("{} is truncated", path.display())));
+            return Err(BroadcastError::layout(format!(
+                "{} is truncated",
+                path.display()
+            )));
         }
         Ok(seg)
     }
@@ -232,19 +270,25 @@ impl Segment {
     /// The plan this segment carries.
     pub fn plan(&self) -> Result<BucketPlan> {
         let c = self.control();
-        let (off, len) = (c.plan_offset.load(Ordering::Relaxed), c.plan_len.load(Ordering::Relaxed));
+        let (off, len) = (
+            c.plan_offset.load(Ordering::Relaxed),
+            c.plan_len.load(Ordering::Relaxed),
+        );
         // SAFETY: the plan text was written once before the magic was published and is never
         // written again; open() checked the file is long enough.
-        let bytes = unsafe { std::slice::from_raw_parts(self.ptr().add(off as usize), len as usize) };
-        let text = std::str::from_utf8(bytes)
-            .map_err(|_| BroadcastError::layout(format!("{}: plan is not UTF-8", self.path.display())))?;
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.ptr().add(off as usize), len as usize) };
+        let text = std::str::from_utf8(bytes).map_err(|_| {
+            BroadcastError::layout(format!("{}: plan is not UTF-8", self.path.display()))
+        })?;
         BucketPlan::decode(text)
     }
 
     /// Start of slot `slot`'s bytes (`bucket_bytes` long).
     pub fn slot_ptr(&self, slot: usize) -> *mut u8 {
         let c = self.control();
-        let off = c.slots_offset.load(Ordering::Relaxed) + c.slot_stride.load(Ordering::Relaxed) * slot as u64;
+        let off = c.slots_offset.load(Ordering::Relaxed)
+            + c.slot_stride.load(Ordering::Relaxed) * slot as u64;
         // SAFETY: slot < SLOTS and the mapping covers every slot (checked on open).
         unsafe { self.ptr().add(off as usize) }
     }

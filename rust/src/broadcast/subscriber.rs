@@ -49,7 +49,13 @@ impl Subscriber {
     /// Open the segment at `path` (waiting up to `timeout` for a live publisher to create it)
     /// and join as worker `name`. `verify` checks every bucket against the publisher's
     /// checksum (if it records them). `timeout` bounds every later wait too.
-    pub fn join(path: &Path, name: &str, timeout: Duration, verify: bool, cancel: &Cancel) -> Result<Self> {
+    pub fn join(
+        path: &Path,
+        name: &str,
+        timeout: Duration,
+        verify: bool,
+        cancel: &Cancel,
+    ) -> Result<Self> {
         if name.is_empty() || name.len() > NAME_BYTES {
             return Err(BroadcastError::plan(format!(
                 "worker name {name:?} must be 1 to {NAME_BYTES} bytes long"
@@ -94,7 +100,14 @@ impl Subscriber {
         let w = &self.seg.control().workers[self.record];
         let ours = w.pid.load(Ordering::Relaxed) == own_pid() && w.name() == self.name;
         let revived = ours
-            && w.state.compare_exchange(state::EVICTED, state::WANTS_CATCH_UP, Ordering::AcqRel, Ordering::Acquire).is_ok();
+            && w.state
+                .compare_exchange(
+                    state::EVICTED,
+                    state::WANTS_CATCH_UP,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok();
         if !revived {
             // The record was freed (the publisher thought this process dead): claim a new one.
             self.record = claim(&self.seg, &self.name)?;
@@ -159,7 +172,9 @@ impl Subscriber {
             let check = last_liveness.elapsed() >= LIVENESS_EVERY;
             if check {
                 last_liveness = Instant::now();
-                c.workers[self.record].heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+                c.workers[self.record]
+                    .heartbeat_ms
+                    .store(now_ms(), Ordering::Relaxed);
             }
             self.check_standing(check)?;
             if start.elapsed() >= timeout {
@@ -173,7 +188,9 @@ impl Subscriber {
     /// Wait for bucket `bucket` of the current round and return its bytes. They stay valid
     /// (the publisher does not touch the slot) until [`Subscriber::release`].
     pub fn acquire(&mut self, bucket: usize, cancel: &Cancel) -> Result<&[u8]> {
-        let round = self.round.ok_or_else(|| BroadcastError::protocol(format!("worker {}: no round in progress", self.name)))?;
+        let round = self.round.ok_or_else(|| {
+            BroadcastError::protocol(format!("worker {}: no round in progress", self.name))
+        })?;
         if self.held || bucket != self.next || bucket >= self.plan.num_buckets() {
             return Err(BroadcastError::protocol(format!(
                 "worker {}: buckets are read in order, one at a time: expected bucket {}{}, got {bucket}",
@@ -198,7 +215,9 @@ impl Subscriber {
             let check = last_liveness.elapsed() >= LIVENESS_EVERY;
             if check {
                 last_liveness = Instant::now();
-                c.workers[self.record].heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+                c.workers[self.record]
+                    .heartbeat_ms
+                    .store(now_ms(), Ordering::Relaxed);
             }
             self.check_standing(check)?;
             if start.elapsed() >= self.timeout {
@@ -224,8 +243,12 @@ impl Subscriber {
         if self.verify && c.checksums.load(Ordering::Relaxed) != 0 {
             let expected = slot.checksum.load(Ordering::Relaxed);
             if xxh3_64(bytes) != expected {
-                let names: Vec<&str> =
-                    self.plan.chunks(bucket).iter().map(|ch| self.plan.tensors()[ch.tensor].name.as_str()).collect();
+                let names: Vec<&str> = self
+                    .plan
+                    .chunks(bucket)
+                    .iter()
+                    .map(|ch| self.plan.tensors()[ch.tensor].name.as_str())
+                    .collect();
                 return Err(BroadcastError::new(
                     ErrorKind::Checksum,
                     format!(
@@ -244,9 +267,14 @@ impl Subscriber {
     /// Finish with the acquired bucket: check that its bytes were not overwritten while they
     /// were read (which happens only to an evicted worker), then acknowledge it.
     pub fn release(&mut self, bucket: usize) -> Result<()> {
-        let round = self.round.ok_or_else(|| BroadcastError::protocol(format!("worker {}: no round in progress", self.name)))?;
+        let round = self.round.ok_or_else(|| {
+            BroadcastError::protocol(format!("worker {}: no round in progress", self.name))
+        })?;
         if !self.held || self.next != bucket {
-            return Err(BroadcastError::protocol(format!("worker {}: bucket {bucket} is not held", self.name)));
+            return Err(BroadcastError::protocol(format!(
+                "worker {}: bucket {bucket} is not held",
+                self.name
+            )));
         }
         let c = self.seg.control();
         let target = tag(round.id, bucket);
@@ -265,7 +293,12 @@ impl Subscriber {
         let w = &c.workers[self.record];
         if bucket + 1 == self.plan.num_buckets() {
             // Every bucket has landed: this worker holds the round's version.
-            let _ = w.state.compare_exchange(state::WANTS_CATCH_UP, state::CURRENT, Ordering::AcqRel, Ordering::Acquire);
+            let _ = w.state.compare_exchange(
+                state::WANTS_CATCH_UP,
+                state::CURRENT,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
         }
         w.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
         w.ack.store(target, Ordering::Release);
@@ -275,14 +308,21 @@ impl Subscriber {
     }
 
     /// Acquire bucket `bucket`, hand its bytes to `read`, release it.
-    pub fn receive(&mut self, bucket: usize, cancel: &Cancel, read: impl FnOnce(&[u8])) -> Result<()> {
+    pub fn receive(
+        &mut self,
+        bucket: usize,
+        cancel: &Cancel,
+        read: impl FnOnce(&[u8]),
+    ) -> Result<()> {
         read(self.acquire(bucket, cancel)?);
         self.release(bucket)
     }
 
     /// Record that `version` is now applied to the worker's model.
     pub fn applied(&self, version: u64) {
-        self.seg.control().workers[self.record].applied.store(version, Ordering::Release);
+        self.seg.control().workers[self.record]
+            .applied
+            .store(version, Ordering::Release);
     }
 }
 
@@ -298,7 +338,10 @@ pub fn open_live(path: &Path, who: &str, timeout: Duration, cancel: &Cancel) -> 
             if c.closed.load(Ordering::Acquire) == 0 && process_alive(pid) {
                 Ok(seg)
             } else {
-                Err(BroadcastError::new(ErrorKind::PublisherGone, format!("its publisher (process {pid}) is gone")))
+                Err(BroadcastError::new(
+                    ErrorKind::PublisherGone,
+                    format!("its publisher (process {pid}) is gone"),
+                ))
             }
         });
         match attempt {
@@ -306,7 +349,11 @@ pub fn open_live(path: &Path, who: &str, timeout: Duration, cancel: &Cancel) -> 
             Err(err) if start.elapsed() >= timeout => {
                 return Err(BroadcastError::new(
                     ErrorKind::Timeout,
-                    format!("{who}: no live publisher at {} within {:.1} s ({err})", path.display(), timeout.as_secs_f64()),
+                    format!(
+                        "{who}: no live publisher at {} within {:.1} s ({err})",
+                        path.display(),
+                        timeout.as_secs_f64()
+                    ),
                 ))
             }
             Err(_) => {
@@ -334,12 +381,23 @@ fn claim(seg: &Segment, name: &str) -> Result<usize> {
         {
             return Err(BroadcastError::new(
                 ErrorKind::Join,
-                format!("worker name {name} is already used by live process {}", w.pid.load(Ordering::Relaxed)),
+                format!(
+                    "worker name {name} is already used by live process {}",
+                    w.pid.load(Ordering::Relaxed)
+                ),
             ));
         }
     }
     for (i, w) in c.workers.iter().enumerate() {
-        if w.state.compare_exchange(state::FREE, state::CLAIMING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if w.state
+            .compare_exchange(
+                state::FREE,
+                state::CLAIMING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
             w.pid.store(own_pid(), Ordering::Relaxed);
             w.set_name(name);
             w.ack.store(0, Ordering::Relaxed);
@@ -351,7 +409,10 @@ fn claim(seg: &Segment, name: &str) -> Result<usize> {
             return Ok(i);
         }
     }
-    Err(BroadcastError::new(ErrorKind::Join, format!("worker {name}: all {MAX_WORKERS} worker records are taken")))
+    Err(BroadcastError::new(
+        ErrorKind::Join,
+        format!("worker {name}: all {MAX_WORKERS} worker records are taken"),
+    ))
 }
 
 impl Drop for Subscriber {

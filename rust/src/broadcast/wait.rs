@@ -34,7 +34,9 @@ impl Backoff {
 /// Whether process `pid` exists and has not exited (a zombie, dead but not yet reaped by its
 /// parent, counts as dead).
 pub fn process_alive(pid: u64) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     if pid <= 0 {
         return false;
     }
@@ -46,7 +48,9 @@ pub fn process_alive(pid: u64) -> bool {
     }
     // /proc/PID/stat is "pid (comm) S ..."; the state letter follows the last ')'.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(stat.rsplit(')').next().map(str::trim_start), Some(s) if s.starts_with(['Z', 'X'])),
+        Ok(stat) => {
+            !matches!(stat.rsplit(')').next().map(str::trim_start), Some(s) if s.starts_with(['Z', 'X']))
+        }
         Err(_) => true, // no procfs: trust kill()
     }
 }

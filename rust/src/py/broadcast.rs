@@ -19,10 +19,10 @@ use pyo3::{ffi, import_exception};
 
 use super::errors::K2IOError;
 use super::runtime::detached;
+use crate::broadcast::segment::Segment;
 use crate::broadcast::{
     BucketPlan, ErrorKind, Publisher, ReceivePlan, Subscriber, TensorSpec, Want, WorkerFailure,
 };
-use crate::broadcast::segment::Segment;
 
 import_exception!(k2.errors, BroadcastError);
 
@@ -35,8 +35,11 @@ fn to_py(err: crate::broadcast::BroadcastError) -> PyErr {
 }
 
 fn seconds(what: &str, value: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| PyValueError::new_err(format!("{what} must be a non-negative number of seconds, got {value}")))
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be a non-negative number of seconds, got {value}"
+        ))
+    })
 }
 
 /// Tensors packed 256-byte aligned into fixed-size buckets (see `k2.broadcast`).
@@ -55,9 +58,16 @@ impl PyBucketPlan {
     fn new(tensors: Vec<Spec>, bucket_bytes: u64) -> PyResult<Self> {
         let specs = tensors
             .into_iter()
-            .map(|(name, dtype, shape, itemsize)| TensorSpec { name, dtype, shape, itemsize })
+            .map(|(name, dtype, shape, itemsize)| TensorSpec {
+                name,
+                dtype,
+                shape,
+                itemsize,
+            })
             .collect();
-        BucketPlan::new(specs, bucket_bytes).map(Self).map_err(to_py)
+        BucketPlan::new(specs, bucket_bytes)
+            .map(Self)
+            .map_err(to_py)
     }
 
     #[getter]
@@ -77,12 +87,18 @@ impl PyBucketPlan {
 
     /// ``(name, dtype, shape, itemsize)`` of every tensor, in plan order.
     fn tensors(&self) -> Vec<Spec> {
-        self.0.tensors().iter().map(|t| (t.name.clone(), t.dtype.clone(), t.shape.clone(), t.itemsize)).collect()
+        self.0
+            .tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype.clone(), t.shape.clone(), t.itemsize))
+            .collect()
     }
 
     /// Arena offset of every tensor, in plan order.
     fn offsets(&self) -> Vec<u64> {
-        (0..self.0.tensors().len()).map(|i| self.0.offset(i)).collect()
+        (0..self.0.tensors().len())
+            .map(|i| self.0.offset(i))
+            .collect()
     }
 
     /// ``(start, end)``: the arena window of bucket ``bucket``.
@@ -95,7 +111,12 @@ impl PyBucketPlan {
     /// ``(tensor, tensor_offset, bucket_offset, nbytes)`` for every tensor piece in a bucket.
     fn chunks(&self, bucket: usize) -> PyResult<Vec<(usize, u64, u64, u64)>> {
         self.check_bucket(bucket)?;
-        Ok(self.0.chunks(bucket).iter().map(|c| (c.tensor, c.tensor_offset, c.bucket_offset, c.len)).collect())
+        Ok(self
+            .0
+            .chunks(bucket)
+            .iter()
+            .map(|c| (c.tensor, c.tensor_offset, c.bucket_offset, c.len))
+            .collect())
     }
 
     /// One subscriber's copies.
@@ -117,16 +138,27 @@ impl PyBucketPlan {
             .into_iter()
             .map(|(tensor, rows)| Want {
                 tensor,
-                rows: rows.map(|r| r.into_iter().map(|(a, b)| Range { start: a, end: b }).collect()),
+                rows: rows.map(|r| {
+                    r.into_iter()
+                        .map(|(a, b)| Range { start: a, end: b })
+                        .collect()
+                }),
             })
             .collect();
         let plan = ReceivePlan::new(&self.0, &wants).map_err(to_py)?;
         Ok((
             plan.landing_bytes,
-            plan.targets.iter().map(|t| (t.tensor, t.landing_offset, t.len)).collect(),
+            plan.targets
+                .iter()
+                .map(|t| (t.tensor, t.landing_offset, t.len))
+                .collect(),
             plan.pieces
                 .iter()
-                .map(|list| list.iter().map(|p| (p.bucket_offset, p.landing_offset, p.len)).collect())
+                .map(|list| {
+                    list.iter()
+                        .map(|p| (p.bucket_offset, p.landing_offset, p.len))
+                        .collect()
+                })
                 .collect(),
         ))
     }
@@ -135,7 +167,10 @@ impl PyBucketPlan {
 impl PyBucketPlan {
     fn check_bucket(&self, bucket: usize) -> PyResult<()> {
         if bucket >= self.0.num_buckets() {
-            return Err(PyValueError::new_err(format!("bucket {bucket} is outside the plan's {} buckets", self.0.num_buckets())));
+            return Err(PyValueError::new_err(format!(
+                "bucket {bucket} is outside the plan's {} buckets",
+                self.0.num_buckets()
+            )));
         }
         Ok(())
     }
@@ -181,7 +216,11 @@ impl PyBucketLease {
         self.views.load(Ordering::Acquire)
     }
 
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let lease = slf.get();
         if lease.released.load(Ordering::Acquire) {
             return Err(BroadcastError::new_err(format!(
@@ -192,7 +231,14 @@ impl PyBucketLease {
         // SAFETY: ptr/len lie inside the mapping that `seg` keeps alive for as long as this
         // object lives, and the view holds a reference to this object.
         let rc = unsafe {
-            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), lease.ptr as *mut _, lease.len as ffi::Py_ssize_t, 0, flags)
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                lease.ptr as *mut _,
+                lease.len as ffi::Py_ssize_t,
+                0,
+                flags,
+            )
         };
         if rc != 0 {
             return Err(PyErr::fetch(slf.py()));
@@ -228,14 +274,19 @@ impl PyBucketLease {
             )));
         }
         if self.released.swap(true, Ordering::AcqRel) {
-            return Err(BroadcastError::new_err(format!("bucket {} was already released", self.bucket)));
+            return Err(BroadcastError::new_err(format!(
+                "bucket {} was already released",
+                self.bucket
+            )));
         }
         Ok(())
     }
 }
 
 fn lock<'a, T>(m: &'a Mutex<Option<T>>, what: &str) -> PyResult<MutexGuard<'a, Option<T>>> {
-    let guard = m.lock().map_err(|_| BroadcastError::new_err(format!("{what} is unusable after an internal error")))?;
+    let guard = m.lock().map_err(|_| {
+        BroadcastError::new_err(format!("{what} is unusable after an internal error"))
+    })?;
     if guard.is_none() {
         return Err(BroadcastError::new_err(format!("{what} is closed")));
     }
@@ -251,14 +302,18 @@ impl PyShmPublisher {
     #[new]
     fn new(path: PathBuf, plan: &PyBucketPlan, checksums: bool, timeout: f64) -> PyResult<Self> {
         let timeout = seconds("timeout", timeout)?;
-        let publisher = Publisher::create(&path, plan.0.clone(), checksums, timeout).map_err(to_py)?;
+        let publisher =
+            Publisher::create(&path, plan.0.clone(), checksums, timeout).map_err(to_py)?;
         Ok(Self(Mutex::new(Some(publisher))))
     }
 
     /// The newest version delivered in full (0 before the first).
     #[getter]
     fn published_version(&self) -> PyResult<u64> {
-        Ok(lock(&self.0, "publisher")?.as_ref().unwrap().published_version())
+        Ok(lock(&self.0, "publisher")?
+            .as_ref()
+            .unwrap()
+            .published_version())
     }
 
     /// Every joined worker: dicts with ``worker``, ``pid``, ``state``, ``applied``, ``alive``.
@@ -280,13 +335,20 @@ impl PyShmPublisher {
 
     /// Whether a live worker waits to be sent the published version.
     fn catch_up_pending(&self) -> PyResult<bool> {
-        Ok(lock(&self.0, "publisher")?.as_ref().unwrap().catch_up_pending())
+        Ok(lock(&self.0, "publisher")?
+            .as_ref()
+            .unwrap()
+            .catch_up_pending())
     }
 
     /// Start a round carrying ``version`` (or, with ``catch_up``, the published version to the
     /// workers that asked for it). Returns the number of workers in it.
     fn begin_round(&self, version: u64, catch_up: bool) -> PyResult<usize> {
-        lock(&self.0, "publisher")?.as_mut().unwrap().begin_round(version, catch_up).map_err(to_py)
+        lock(&self.0, "publisher")?
+            .as_mut()
+            .unwrap()
+            .begin_round(version, catch_up)
+            .map_err(to_py)
     }
 
     /// Wait (bounded) until bucket ``bucket``'s slot is free and lend it out, writable.
@@ -304,7 +366,11 @@ impl PyShmPublisher {
     fn commit(&self, py: Python<'_>, lease: &PyBucketLease) -> PyResult<()> {
         lease.retire("commit")?;
         detached(py, "ShmPublisher.commit", |_| {
-            lock(&self.0, "publisher")?.as_mut().unwrap().commit(lease.bucket).map_err(to_py)
+            lock(&self.0, "publisher")?
+                .as_mut()
+                .unwrap()
+                .commit(lease.bucket)
+                .map_err(to_py)
         })
     }
 
@@ -314,9 +380,22 @@ impl PyShmPublisher {
     ///     ``(worker, pid, reason)`` for every worker that failed during the round.
     fn finish_round(&self, py: Python<'_>) -> PyResult<Vec<(String, u64, String)>> {
         let failures = detached(py, "ShmPublisher.finish_round", |cancel| {
-            lock(&self.0, "publisher")?.as_mut().unwrap().finish_round(cancel).map_err(to_py)
+            lock(&self.0, "publisher")?
+                .as_mut()
+                .unwrap()
+                .finish_round(cancel)
+                .map_err(to_py)
         })?;
-        Ok(failures.into_iter().map(|WorkerFailure { worker, pid, reason }| (worker, pid, reason)).collect())
+        Ok(failures
+            .into_iter()
+            .map(
+                |WorkerFailure {
+                     worker,
+                     pid,
+                     reason,
+                 }| (worker, pid, reason),
+            )
+            .collect())
     }
 
     /// Close the segment: waiting workers fail at once, and the file is removed.
@@ -342,14 +421,24 @@ impl PyShmSubscriber {
     /// Join the segment at ``path`` as ``worker``, waiting up to ``timeout`` seconds for a
     /// live publisher; ``timeout`` also bounds every later wait.
     #[new]
-    fn new(py: Python<'_>, path: PathBuf, worker: String, timeout: f64, verify: bool) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        worker: String,
+        timeout: f64,
+        verify: bool,
+    ) -> PyResult<Self> {
         let timeout = seconds("timeout", timeout)?;
         let sub = detached(py, "ShmSubscriber", |cancel| {
             Subscriber::join(&path, &worker, timeout, verify, cancel).map_err(to_py)
         })?;
         let plan = Py::new(py, PyBucketPlan(sub.plan().clone()))?;
         let seg = Arc::clone(sub.segment());
-        Ok(Self { inner: Mutex::new(Some(sub)), seg, plan })
+        Ok(Self {
+            inner: Mutex::new(Some(sub)),
+            seg,
+            plan,
+        })
     }
 
     /// The plan announced at ``path``, read without joining (waits up to ``timeout`` seconds
@@ -358,7 +447,9 @@ impl PyShmSubscriber {
     fn announced_plan(py: Python<'_>, path: PathBuf, timeout: f64) -> PyResult<PyBucketPlan> {
         let timeout = seconds("timeout", timeout)?;
         detached(py, "ShmSubscriber.announced_plan", |cancel| {
-            crate::broadcast::announced_plan(&path, timeout, cancel).map(PyBucketPlan).map_err(to_py)
+            crate::broadcast::announced_plan(&path, timeout, cancel)
+                .map(PyBucketPlan)
+                .map_err(to_py)
         })
     }
 
@@ -371,7 +462,10 @@ impl PyShmSubscriber {
     /// The newest version the publisher delivered in full.
     #[getter]
     fn published_version(&self) -> u64 {
-        self.seg.control().published_version.load(std::sync::atomic::Ordering::Acquire)
+        self.seg
+            .control()
+            .published_version
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Wait up to ``timeout`` seconds for a round that includes this worker.
@@ -381,7 +475,11 @@ impl PyShmSubscriber {
     fn next_round(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<(u64, u64)>> {
         let timeout = seconds("timeout", timeout)?;
         let info = detached(py, "ShmSubscriber.next_round", |cancel| {
-            lock(&self.inner, "subscriber")?.as_mut().unwrap().next_round(timeout, cancel).map_err(to_py)
+            lock(&self.inner, "subscriber")?
+                .as_mut()
+                .unwrap()
+                .next_round(timeout, cancel)
+                .map_err(to_py)
         })?;
         Ok(info.map(|r| (r.id, r.version)))
     }
@@ -402,18 +500,29 @@ impl PyShmSubscriber {
     /// was overwritten while it was read (the worker was evicted).
     fn release(&self, lease: &PyBucketLease) -> PyResult<()> {
         lease.retire("release")?;
-        lock(&self.inner, "subscriber")?.as_mut().unwrap().release(lease.bucket).map_err(to_py)
+        lock(&self.inner, "subscriber")?
+            .as_mut()
+            .unwrap()
+            .release(lease.bucket)
+            .map_err(to_py)
     }
 
     /// Record that ``version`` is applied to the model.
     fn applied(&self, version: u64) -> PyResult<()> {
-        lock(&self.inner, "subscriber")?.as_ref().unwrap().applied(version);
+        lock(&self.inner, "subscriber")?
+            .as_ref()
+            .unwrap()
+            .applied(version);
         Ok(())
     }
 
     /// After an eviction, ask to be sent the current version again.
     fn rejoin(&self) -> PyResult<()> {
-        lock(&self.inner, "subscriber")?.as_mut().unwrap().rejoin().map_err(to_py)
+        lock(&self.inner, "subscriber")?
+            .as_mut()
+            .unwrap()
+            .rejoin()
+            .map_err(to_py)
     }
 
     /// Leave the segment (frees this worker's record).
