@@ -122,7 +122,7 @@ def test_a_reader_only_ever_sees_whole_versions() -> None:
         proc.join(30)
     assert torn == 0, f"{torn} of {reads} reads saw a mix of versions"
     assert reads > 10 and len(seen) >= 3, (reads, seen)
-    assert set(seen) <= set(map(float, range(0, last + 1)))
+    assert set(seen) <= set(map(float, range(last + 1)))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_broadcast_bench_quick_run_prints_a_table_and_ratios() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "broadcast.py"), "--quick"],
-                         capture_output=True, text=True, timeout=180, env=env)
+                         capture_output=True, text=True, timeout=180, env=env, check=False)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert any("gloo per tensor" in line for line in lines)

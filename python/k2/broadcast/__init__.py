@@ -20,11 +20,11 @@ from k2.broadcast.distributed import DistributedWeightPublisher, DistributedWeig
 from k2.broadcast.shm import Bucket, WeightPublisher, WeightSubscriber, WorkersFailed, segment_path
 
 __all__ = [
+    "Bucket",
+    "DistributedWeightPublisher",
+    "DistributedWeightSubscriber",
     "WeightPublisher",
     "WeightSubscriber",
     "WorkersFailed",
-    "Bucket",
     "segment_path",
-    "DistributedWeightPublisher",
-    "DistributedWeightSubscriber",
 ]

@@ -14,20 +14,19 @@ experts of a stacked ``[E, ...]`` tensor. Its model tensor then has the slice's 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 import torch
 
 from k2 import _native
 from k2.errors import BroadcastError
 
-Rows = Union[slice, range, Sequence[int]]
+Rows = slice | range | Sequence[int]
 """A selection of rows along dim 0: a slice/range with step 1, or a list of row indices."""
 
 Spec = tuple[str, str, list[int], int]
 """``(name, dtype, shape, itemsize)`` as the native plan takes it."""
 
-TensorSource = Union[Mapping[str, torch.Tensor], torch.nn.Module]
+TensorSource = Mapping[str, torch.Tensor] | torch.nn.Module
 
 
 def named_tensors(source: TensorSource) -> Callable[[], dict[str, torch.Tensor]]:
