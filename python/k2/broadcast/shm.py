@@ -169,6 +169,7 @@ class WeightPublisher:
         self.failures: dict[str, str] = {}
         """Workers the last round (publish or catch-up) gave up on, with the reasons."""
         self._snapshot = torch.empty(self.plan.arena_bytes, dtype=torch.uint8) if catch_up else None
+        self._snapshot_version = 0  # the version the snapshot holds whole (-1: torn)
         self._closed = threading.Event()
         self._server: threading.Thread | None = None
         if catch_up:
@@ -195,10 +196,11 @@ class WeightPublisher:
                 start, end = self.plan.bucket_range(b)
                 pack(self.plan, b, sources, self._snapshot[start:end])
 
+            self._snapshot_version = -1  # until the round completes
             self._round(version, catch_up=False,
                         fill=lambda b, slot: pack(self.plan, b, sources, slot),
                         after_commit=keep if self._snapshot is not None else None)
-            self.version = version
+            self._snapshot_version = self.version = version
             failures = dict(self.failures)
         if failures:
             raise WorkersFailed(version, failures)
@@ -232,6 +234,8 @@ class WeightPublisher:
                 if not self._core.catch_up_pending():
                     continue
                 with self._lock:
+                    if self._snapshot_version != self.version:
+                        continue  # a publish was interrupted: joiners get the next one
                     self._round(self.version, catch_up=True, fill=fill)
                     if self.failures:
                         log.warning("catch-up of version %d failed for: %s", self.version,
