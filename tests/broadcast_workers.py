@@ -128,6 +128,7 @@ def distributed_member(rank: int, world: int, store: str, versions: int, slices,
     import torch.distributed as dist
 
     from k2.broadcast import DistributedWeightPublisher, DistributedWeightSubscriber
+    from k2.errors import BroadcastError
 
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -147,5 +148,18 @@ def distributed_member(rank: int, world: int, store: str, versions: int, slices,
             for _ in range(versions):
                 version = sub.update()
                 out.put((f"rank-{rank}", version, portable(model)))
+        # A second pair on the same group, where the last rank's model is wrong: every rank
+        # must refuse, listing that rank's differences, before any bucket moves.
+        try:
+            if rank == 0:
+                DistributedWeightPublisher(weights(1), bucket_bytes=1024)
+            else:
+                model = empty_model(None)
+                if rank == world - 1:
+                    model["norm.weight"] = torch.zeros(25, dtype=torch.float16)
+                DistributedWeightSubscriber(model, src=0, worker=f"rank-{rank}")
+            out.put(("mismatch", rank, "accepted"))
+        except BroadcastError as err:
+            out.put(("mismatch", rank, str(err)))
     finally:
         dist.destroy_process_group()

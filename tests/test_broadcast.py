@@ -225,7 +225,7 @@ def test_views_are_valid_only_until_their_bucket_is_released() -> None:
 
 
 @pytest.mark.slow
-def test_the_gloo_path_gives_the_same_bits_to_three_processes(tmp_path) -> None:
+def test_the_gloo_path_gives_the_same_bits_to_three_processes_and_refuses_a_mismatch(tmp_path) -> None:
     out = SPAWN.Queue()
     store = str(tmp_path / "gloo-store")
     slices = {1: None, 2: workers.SLICES}
@@ -233,10 +233,15 @@ def test_the_gloo_path_gives_the_same_bits_to_three_processes(tmp_path) -> None:
                            args=(rank, 3, store, 2, slices.get(rank), out)) for rank in range(3)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=90) for _ in range(6)]
+    results = [out.get(timeout=90) for _ in range(9)]
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
+    refusals = {rank: message for kind, rank, message in results if kind == "mismatch"}
+    assert sorted(refusals) == [0, 1, 2]
+    for message in refusals.values():
+        assert "worker rank-2" in message and "norm.weight: shape (25,) in the model, (24,) published" in message
+    results = [r for r in results if r[0] != "mismatch"]
     received = sorted((w, v) for w, v, _ in results)
     assert received == [("publisher", 1), ("publisher", 2), ("rank-1", 1), ("rank-1", 2),
                         ("rank-2", 1), ("rank-2", 2)]
