@@ -158,3 +158,20 @@ def test_fp8_block_quantized_weights_are_dequantized() -> None:
     model.load_hf_state_dict(hub)
     expected = original.to(torch.float8_e4m3fn).float() * 2.0
     assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, expected)
+
+
+def test_causal_lm_loss_matches_torch_cross_entropy_in_value_and_gradient() -> None:
+    from k2.model.model import causal_lm_loss
+
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 7, 11, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7), generator=generator)
+    labels[0, 3] = labels[2, 5] = -100
+    ours = causal_lm_loss(logits, labels)
+    (grad,) = torch.autograd.grad(2.0 * ours, logits)
+    shifted = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    (expected,) = torch.autograd.grad(2.0 * shifted, logits)
+    assert ours.item() == pytest.approx(shifted.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected)

@@ -58,11 +58,13 @@ class AttentionMask(NamedTuple):
     ``allowed`` [B, 1, T, S] (bool) is causal, document-blocked and padding-aware; a query that
     may see no key at all (a padding token) is let see itself so softmax stays finite.
     ``has_keys`` [B, 1, T, 1] marks the queries that may see some real key: only those count for
-    the recorded max logits.
+    the recorded max logits. ``is_causal`` says ``allowed`` is the plain causal mask (one
+    document, no padding, no cache), which lets attention use the faster causal kernel.
     """
 
     allowed: torch.Tensor
     has_keys: torch.Tensor
+    is_causal: bool = False
 
 
 def build_attention_mask(
@@ -89,17 +91,21 @@ def build_attention_mask(
     query_index = torch.arange(past_length, past_length + length, device=device)
     key_index = torch.arange(past_length + length, device=device)
     allowed = (key_index[None, :] <= query_index[:, None]).expand(batch, -1, -1)  # [B, T, S]
+    is_causal = past_length == 0
     if documents and past_length == 0 and length > 1:
         starts = torch.ones_like(position_ids, dtype=torch.bool)
         starts[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
-        document = starts.cumsum(dim=1)  # [B, T]
-        allowed = allowed & (document[:, :, None] == document[:, None, :])
-    if key_valid is not None:
+        if bool(starts[:, 1:].any()):
+            document = starts.cumsum(dim=1)  # [B, T]
+            allowed = allowed & (document[:, :, None] == document[:, None, :])
+            is_causal = False
+    if key_valid is not None and not bool(key_valid.all()):
         allowed = allowed & key_valid.bool()[:, None, :]
+        is_causal = False
     has_keys = allowed.any(dim=-1, keepdim=True)  # [B, T, 1]
     itself = key_index[None, :] == query_index[:, None]  # [T, S]
     allowed = allowed | (itself & ~has_keys)
-    return AttentionMask(allowed[:, None], has_keys[:, None])
+    return AttentionMask(allowed[:, None], has_keys[:, None], is_causal)
 
 
 class MLA(nn.Module):
@@ -241,23 +247,21 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Softmax attention ``softmax(q k^T * scale) v`` over [B, H, ., .] tensors.
 
-        Training forwards with ``record_max_logits`` materialize the scores (they are needed for
-        the max anyway); everything else goes through ``scaled_dot_product_attention``.
+        Training forwards with ``record_max_logits`` also compute the scores once more without
+        autograd, for the per-head max (the fused attention kernel does not return it).
         """
-        if not (self.training and self.record_max_logits):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask.allowed, scale=self.softmax_scale
-            )
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale  # [B, H, T, S]
-        self._record_max_logits(scores.detach(), mask)
-        scores = scores.masked_fill(~mask.allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v)
+        if self.training and self.record_max_logits:
+            with torch.no_grad():
+                scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+                self._record_max_logits(scores, mask)
+        if mask.is_causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, scale=self.softmax_scale)
 
     @torch.no_grad()
     def _record_max_logits(self, scores: torch.Tensor, mask: AttentionMask) -> None:
         counted = mask.allowed & mask.has_keys  # [B, 1, T, S]
-        per_head = scores.masked_fill(~counted, float("-inf")).amax(dim=(0, 2, 3))  # [H]
+        per_head = scores.masked_fill_(~counted, float("-inf")).amax(dim=(0, 2, 3))  # [H]
         if self.max_logits is None:
             self.max_logits = per_head
         else:

@@ -318,15 +318,43 @@ class K2ForCausalLM(nn.Module):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: position t predicts ``labels[t + 1]``; -100 is ignored.
 
+    The labels are shifted (not the logits, which would copy them) exactly as transformers does.
+
     Args:
         logits: [B, T, V].
         labels: [B, T].
 
     Returns:
-        A scalar in fp32.
+        A scalar in fp32 (NaN when no position has a target, as in torch).
     """
     if labels.shape != logits.shape[:2]:
         raise DataError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])}")
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
+    return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over rows whose target is not -100, from logits [N, V].
+
+    Same value and gradient as ``F.cross_entropy(..., ignore_index=-100)``, but the backward
+    writes ``softmax - onehot`` into one fresh [N, V] buffer instead of going through
+    log-softmax and NLL intermediates: the output head is memory-bound on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        valid = targets != IGNORE_INDEX  # [N]
+        safe = targets.masked_fill(~valid, 0)
+        log_normalizer = torch.logsumexp(logits.float(), dim=-1)  # [N]
+        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+        count = valid.sum()
+        ctx.save_for_backward(logits, log_normalizer, safe, valid, count)
+        return ((log_normalizer - picked) * valid).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        logits, log_normalizer, safe, valid, count = ctx.saved_tensors
+        grad_logits = torch.exp(logits.float() - log_normalizer[:, None])  # softmax, [N, V]
+        grad_logits.scatter_add_(1, safe[:, None], -torch.ones_like(log_normalizer)[:, None])
+        grad_logits.mul_((valid * (grad / count))[:, None])
+        return grad_logits.to(logits.dtype), None
