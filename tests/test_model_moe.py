@@ -146,3 +146,16 @@ def test_bf16_model_keeps_an_fp32_selection_bias() -> None:
     assert moe.experts.gate_proj.dtype == torch.bfloat16
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_grouped_swiglu_backward_passes_gradcheck() -> None:
+    from k2.model.moe import GroupedSwiGLU
+
+    generator = torch.Generator().manual_seed(12)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    x, gate, up, down = leaf(7, 5), leaf(4, 3, 5), leaf(4, 3, 5), leaf(4, 5, 3)
+    counts = [2, 0, 4, 1]  # expert 1 idle
+    assert torch.autograd.gradcheck(lambda *t: GroupedSwiGLU.apply(*t, counts), (x, gate, up, down))

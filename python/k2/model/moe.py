@@ -19,6 +19,8 @@ Shapes: N tokens, H hidden, I expert intermediate, E routed experts, K experts p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,14 +108,61 @@ class Experts(nn.Module):
             [N*K, H] expert outputs in the same order. Experts that got no rows do no work; their
             weights still receive an (exactly zero) gradient.
         """
-        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outputs = []
-        for expert, rows in enumerate(x_sorted.split(counts)):
-            if rows.shape[0] == 0:
-                continue
-            hidden = F.silu(rows @ gates[expert].T) * (rows @ ups[expert].T)  # [n_e, I]
-            outputs.append(hidden @ downs[expert].T)  # [n_e, H]
-        return torch.cat(outputs)
+        return GroupedSwiGLU.apply(x_sorted, self.gate_proj, self.up_proj, self.down_proj, counts)
+
+
+class GroupedSwiGLU(torch.autograd.Function):
+    """``y_e = (silu(x_e G_e^T) * (x_e U_e^T)) D_e^T`` for each expert e's contiguous rows x_e.
+
+    A grouped GEMM written as a loop of per-expert matrix products into preallocated buffers, with
+    the elementwise SwiGLU done once over all rows, and a hand-written backward (one autograd node
+    instead of a dozen per expert). Idle experts get exactly zero gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, up, down, counts):  # noqa: ANN001, ANN205
+        rows, hidden = x.shape
+        a = x.new_empty(rows, gate.shape[1])  # gate pre-activation [N*K, I]
+        b = x.new_empty(rows, up.shape[1])  # up projection [N*K, I]
+        for expert, block in _expert_blocks(counts):
+            torch.mm(x[block], gate[expert].T, out=a[block])
+            torch.mm(x[block], up[expert].T, out=b[block])
+        h = F.silu(a) * b  # [N*K, I]
+        y = x.new_empty(rows, hidden)
+        for expert, block in _expert_blocks(counts):
+            torch.mm(h[block], down[expert].T, out=y[block])
+        ctx.save_for_backward(x, gate, up, down, a, b, h)
+        ctx.counts = counts
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        x, gate, up, down, a, b, h = ctx.saved_tensors
+        dy = dy.contiguous()
+        d_gate, d_up, d_down = torch.zeros_like(gate), torch.zeros_like(up), torch.zeros_like(down)
+        dh = torch.empty_like(h)
+        for expert, block in _expert_blocks(ctx.counts):
+            torch.mm(dy[block], down[expert], out=dh[block])
+            torch.mm(dy[block].T, h[block], out=d_down[expert])
+        sigmoid = torch.sigmoid(a)
+        da = dh * b * sigmoid * (1 + a * (1 - sigmoid))  # d silu(a) / da = s (1 + a (1 - s))
+        db = dh * a * sigmoid
+        dx = torch.empty_like(x)
+        for expert, block in _expert_blocks(ctx.counts):
+            torch.mm(da[block], gate[expert], out=dx[block])
+            dx[block].addmm_(db[block], up[expert])
+            torch.mm(da[block].T, x[block], out=d_gate[expert])
+            torch.mm(db[block].T, x[block], out=d_up[expert])
+        return dx, d_gate, d_up, d_down, None
+
+
+def _expert_blocks(counts: list[int]) -> Iterator[tuple[int, slice]]:
+    """(expert, row slice) for every expert with at least one row."""
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            yield expert, slice(start, start + count)
+        start += count
 
 
 def permute_tokens(
