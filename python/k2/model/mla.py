@@ -57,13 +57,13 @@ class AttentionMask(NamedTuple):
 
     ``allowed`` [B, 1, T, S] (bool) is causal, document-blocked and padding-aware; a query that
     may see no key at all (a padding token) is let see itself so softmax stays finite.
-    ``has_keys`` [B, 1, T, 1] marks the queries that may see some real key: only those count for
-    the recorded max logits. ``is_causal`` says ``allowed`` is the plain causal mask (one
+    ``uncounted`` [B, 1, T, S] marks the pairs that do not count for the recorded max logits:
+    those not allowed, and every pair of a query that may see no real key. ``is_causal`` says ``allowed`` is the plain causal mask (one
     document, no padding, no cache), which lets attention use the faster causal kernel.
     """
 
     allowed: torch.Tensor
-    has_keys: torch.Tensor
+    uncounted: torch.Tensor
     is_causal: bool = False
 
 
@@ -103,9 +103,10 @@ def build_attention_mask(
         allowed = allowed & key_valid.bool()[:, None, :]
         is_causal = False
     has_keys = allowed.any(dim=-1, keepdim=True)  # [B, T, 1]
+    uncounted = ~(allowed & has_keys)
     itself = key_index[None, :] == query_index[:, None]  # [T, S]
     allowed = allowed | (itself & ~has_keys)
-    return AttentionMask(allowed[:, None], has_keys[:, None], is_causal)
+    return AttentionMask(allowed[:, None], uncounted[:, None], is_causal)
 
 
 class MLA(nn.Module):
@@ -252,16 +253,21 @@ class MLA(nn.Module):
         """
         if self.training and self.record_max_logits:
             with torch.no_grad():
-                scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+                scores = torch.matmul(q * self.softmax_scale, k.transpose(-1, -2)).float()
                 self._record_max_logits(scores, mask)
+        # Fused (flash) attention kernels want one head size for q, k and v: pad v with zeros.
+        value_dim = v.shape[-1]
+        if value_dim < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - value_dim))
         if mask.is_causal:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, scale=self.softmax_scale)
+        return out[..., :value_dim]
 
     @torch.no_grad()
     def _record_max_logits(self, scores: torch.Tensor, mask: AttentionMask) -> None:
-        counted = mask.allowed & mask.has_keys  # [B, 1, T, S]
-        per_head = scores.masked_fill_(~counted, float("-inf")).amax(dim=(0, 2, 3))  # [H]
+        per_head = scores.masked_fill_(mask.uncounted, float("-inf")).amax(dim=(0, 2, 3))  # [H]
         if self.max_logits is None:
             self.max_logits = per_head
         else:

@@ -336,25 +336,37 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy over rows whose target is not -100, from logits [N, V].
 
-    Same value and gradient as ``F.cross_entropy(..., ignore_index=-100)``, but the backward
-    writes ``softmax - onehot`` into one fresh [N, V] buffer instead of going through
-    log-softmax and NLL intermediates: the output head is memory-bound on a CPU.
+    Same value and gradient as ``F.cross_entropy(..., ignore_index=-100)``, computed in row
+    chunks of about 1 MiB that stay in cache: the forward keeps only each row's log-normalizer,
+    and the backward writes ``softmax - onehot`` into one fresh [N, V] buffer. The output head is
+    memory-bound on a CPU, so this is markedly faster than log-softmax + NLL.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        rows = max(1, (1 << 18) // logits.shape[1])
         valid = targets != IGNORE_INDEX  # [N]
         safe = targets.masked_fill(~valid, 0)
-        log_normalizer = torch.logsumexp(logits.float(), dim=-1)  # [N]
+        log_normalizer = torch.cat(
+            [torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(rows)]
+        )  # [N]
         picked = logits.gather(1, safe[:, None]).squeeze(1).float()
         count = valid.sum()
         ctx.save_for_backward(logits, log_normalizer, safe, valid, count)
+        ctx.rows = rows
         return ((log_normalizer - picked) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
         logits, log_normalizer, safe, valid, count = ctx.saved_tensors
-        grad_logits = torch.exp(logits.float() - log_normalizer[:, None])  # softmax, [N, V]
-        grad_logits.scatter_add_(1, safe[:, None], -torch.ones_like(log_normalizer)[:, None])
-        grad_logits.mul_((valid * (grad / count))[:, None])
+        row_scale = valid * (grad / count)  # [N]
+        grad_logits = torch.empty_like(logits, dtype=torch.float32)  # softmax - onehot, scaled
+        chunks = zip(
+            grad_logits.split(ctx.rows), logits.split(ctx.rows),
+            log_normalizer.split(ctx.rows), row_scale.split(ctx.rows),
+        )  # fmt: skip
+        for out, chunk, normalizer, scale in chunks:
+            torch.sub(chunk.float(), normalizer[:, None], out=out)
+            out.exp_().mul_(scale[:, None])
+        grad_logits.scatter_add_(1, safe[:, None], -row_scale[:, None])
         return grad_logits.to(logits.dtype), None

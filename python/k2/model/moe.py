@@ -189,7 +189,7 @@ def permute_tokens(
 def combine_tokens(
     y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Undo :func:`permute_tokens` and take each token's weighted sum (the combine half).
+    """Scatter expert outputs back to their tokens as weighted sums (the combine half).
 
     Args:
         y_sorted: [N*K, H] expert outputs in expert-contiguous order.
@@ -200,9 +200,9 @@ def combine_tokens(
         [N, H] ``sum_k weights[n, k] * y[n, k]``.
     """
     tokens, top_k = weights.shape
-    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # [N*K, H], (token, slot) order
-    y = y.view(tokens, top_k, -1)
-    return torch.bmm(weights.to(y.dtype)[:, None, :], y).squeeze(1)  # [N, H]
+    row_weights = weights.reshape(-1)[order].to(y_sorted.dtype)  # [N*K], in sorted order
+    out = y_sorted.new_zeros(tokens, y_sorted.shape[1])
+    return out.index_add(0, order // top_k, y_sorted * row_weights[:, None])
 
 
 class MoE(nn.Module):
