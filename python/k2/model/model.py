@@ -347,9 +347,13 @@ class CrossEntropy(torch.autograd.Function):
         rows = max(1, (1 << 18) // logits.shape[1])
         valid = targets != IGNORE_INDEX  # [N]
         safe = targets.masked_fill(~valid, 0)
-        log_normalizer = torch.cat(
-            [torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(rows)]
-        )  # [N]
+        log_normalizer = logits.new_empty(logits.shape[0], dtype=torch.float32)  # [N]
+        scratch = logits.new_empty(min(rows, logits.shape[0]), logits.shape[1], dtype=torch.float32)
+        for chunk, out in zip(logits.split(rows), log_normalizer.split(rows), strict=True):
+            work = scratch[: chunk.shape[0]]
+            peak = chunk.amax(dim=-1, keepdim=True).float()  # [rows, 1]
+            torch.sub(chunk, peak, out=work)
+            torch.add(work.exp_().sum(dim=-1).log_(), peak.squeeze(1), out=out)
         picked = logits.gather(1, safe[:, None]).squeeze(1).float()
         count = valid.sum()
         ctx.save_for_backward(logits, log_normalizer, safe, valid, count)
