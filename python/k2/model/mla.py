@@ -15,8 +15,9 @@ Two equal computations of the same attention:
   value half into the output, so attention runs over the cached latent ``c`` and ``k_pe`` only —
   ``kv_lora_rank + qk_rope`` numbers per token per layer.
 
-Both reduce to one softmax attention over (query, key, value) triples, :meth:`MLA._attend`, which
-also records each head's largest pre-softmax logit for QK-Clip in training forwards.
+The naive path runs PyTorch's fused attention (:meth:`MLA._attend`); the absorbed path, whose
+keys are shared by all heads, writes its softmax out. Both record each head's largest
+pre-softmax logit for QK-Clip in training forwards.
 
 Shapes: B batch, T new tokens, S keys (cached + new), H heads, R kv_lora_rank,
 N qk_nope_head_dim, P qk_rope_head_dim, V v_head_dim.
@@ -232,21 +233,24 @@ class MLA(nn.Module):
 
         Returns [B, T, H, V].
         """
-        batch, keys, rank = c.shape
+        rank = c.shape[-1]
         heads, nope = self.num_heads, self.qk_nope_head_dim
         w = self.kv_b_proj.weight.view(heads, nope + self.v_head_dim, rank)
         w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, N, R], [H, V, R]
         q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, R+P]
-        k = torch.cat((c, k_pe), dim=-1)[:, None].expand(batch, heads, keys, rank + self.qk_rope_head_dim)
-        v = c[:, None].expand(batch, heads, keys, rank)
-        out_latent = self._attend(q, k, v, mask)  # [B, H, T, R]
+        k = torch.cat((c, k_pe), dim=-1)[:, None]  # [B, 1, S, R+P]: one key for every head
+        scores = torch.matmul(q * self.softmax_scale, k.transpose(-1, -2)).float()  # [B, H, T, S]
+        if self.training and self.record_max_logits:
+            self._record_max_logits(scores.detach().clone(), mask)
+        probs = torch.softmax(scores.masked_fill(~mask.allowed, float("-inf")), dim=-1)
+        out_latent = torch.matmul(probs.to(c.dtype), c[:, None])  # [B, H, T, R]
         return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
     ) -> torch.Tensor:
-        """Softmax attention ``softmax(q k^T * scale) v`` over [B, H, ., .] tensors.
+        """Softmax attention ``softmax(q k^T * scale) v`` over [B, H, ., .] tensors (naive path).
 
         Training forwards with ``record_max_logits`` also compute the scores once more without
         autograd, for the per-head max (the fused attention kernel does not return it).
