@@ -16,7 +16,9 @@ where N_matmul counts the weights one token multiplies with (active parameters m
 embedding table and norm gains: lm_head, router and the K chosen + shared experts included), and
 the second term is causal attention (scores and weighted values over T/2 keys on average). The
 achieved FLOP/s are compared with this machine's fp32 matmul rate, measured in the same run on a
-square GEMM.
+square GEMM; the step time that rate implies is a floor for any implementation of the same math
+whose GEMMs run no faster than that (the tiny model is GEMM-bound, which caps any speedup over
+transformers).
 
 Run:  python bench/model_throughput.py            (batch 8 x 256, the tiny preset)
       python bench/model_throughput.py --quick    (a few seconds: smoke test)
@@ -204,6 +206,9 @@ def main() -> None:
     print(f"\nmodel FLOPs/token = 6*N_matmul + 6*L*H*(d_qk+d_v)*T/2 = {flops_token / 1e6:.1f} MFLOP")
     print(f"fp32 matmul rate ({args.gemm_size}x{args.gemm_size} GEMM): {peak / 1e9:.1f} GFLOP/s; "
           f"k2 achieves {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of it")  # fmt: skip
+    floor = flops_token * step_tokens / peak
+    print(f"a step whose every FLOP ran at that rate would take {floor * 1e3:.0f} ms: k2 takes "
+          f"{seconds['k2'] / floor:.2f}x that, {best_hf} {seconds[best_hf] / floor:.2f}x")  # fmt: skip
 
     result = {
         "bench": "model_throughput",
@@ -219,6 +224,7 @@ def main() -> None:
         "model_flops_per_token": flops_token,
         "gemm_size": args.gemm_size,
         "fraction_of_fp32_matmul_peak": round(achieved / peak, 4),
+        "gemm_floor_ms": round(flops_token * step_tokens / peak * 1e3, 1),
     }
     print(json.dumps(result))
 

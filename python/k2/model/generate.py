@@ -96,7 +96,10 @@ def generate(
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     if stop_tokens is None:
         stop_tokens = config.eos_token_id
-    stops = [] if stop_tokens is None else [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens)
+    if stop_tokens is None:
+        stops: list[int] = []
+    else:
+        stops = [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens)
 
     as_lists = not isinstance(input_ids, torch.Tensor)
     device = next(model.parameters()).device

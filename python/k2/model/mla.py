@@ -59,8 +59,9 @@ class AttentionMask(NamedTuple):
     ``allowed`` [B, 1, T, S] (bool) is causal, document-blocked and padding-aware; a query that
     may see no key at all (a padding token) is let see itself so softmax stays finite.
     ``uncounted`` [B, 1, T, S] marks the pairs that do not count for the recorded max logits:
-    those not allowed, and every pair of a query that may see no real key. ``is_causal`` says ``allowed`` is the plain causal mask (one
-    document, no padding, no cache), which lets attention use the faster causal kernel.
+    those not allowed, and every pair of a query that may see no real key. ``is_causal`` says
+    ``allowed`` is the plain causal mask (one document, no padding, no cache), which lets
+    attention use the faster causal kernel.
     """
 
     allowed: torch.Tensor
@@ -115,7 +116,13 @@ class MLA(nn.Module):
 
     Submodules are named as the Hub checkpoint names them (``q_a_proj``, ``q_a_layernorm``,
     ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``,
-    ``o_proj``); row layouts are documented in MODEL_CONTRACT.md.
+    ``o_proj``), with the Hub's row layouts (what QK-Clip rescales per head):
+
+    * ``q_b_proj`` / ``q_proj``: H blocks of N + P rows; head h's first N rows make its
+      ``q_nope``, the next P its ``q_pe``;
+    * ``kv_b_proj``: H blocks of N + V rows; head h's first N rows make its ``k_nope``, the next V
+      its value;
+    * ``kv_a_proj_with_mqa``: R rows for the latent ``c``, then P for the shared ``k_pe``.
 
     QK-Clip: in a training-mode forward with ``record_max_logits`` on, ``max_logits`` keeps the
     running per-head maximum (fp32 [H]) of the pre-softmax logit over allowed (query, key) pairs
@@ -324,8 +331,10 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         self.capacity = capacity
+        device = torch.device(device)
+        rank, rope_dim = config.kv_lora_rank, config.qk_rope_head_dim
         self.layers = [
-            LatentCache(batch, capacity, config.kv_lora_rank, config.qk_rope_head_dim, dtype, torch.device(device))
+            LatentCache(batch, capacity, rank, rope_dim, dtype, device)
             for _ in range(config.num_hidden_layers)
         ]
 
