@@ -21,6 +21,7 @@ whose GEMMs run no faster than that (the tiny model is GEMM-bound, which caps an
 transformers).
 
 Run:  python bench/model_throughput.py            (batch 8 x 256, the tiny preset)
+      python bench/model_throughput.py --threads 1 --clock cpu   (steadier on a busy machine)
       python bench/model_throughput.py --quick    (a few seconds: smoke test)
 """
 
@@ -66,10 +67,13 @@ def matmul_flops_per_second(size: int, repeats: int) -> float:
     return 2 * size**3 / best
 
 
+CLOCK = time.perf_counter  # --clock cpu switches to the process's CPU time
+
+
 def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def model_flops_per_token(model: K2ForCausalLM, seq_len: int) -> float:
@@ -155,8 +159,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median)")
     parser.add_argument("--gemm-size", type=int, default=1024, help="square fp32 GEMM for the peak rate")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a machine "
+        "shared with other jobs (use it with --threads 1)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="batch 2 x 64, 1 repeat: a smoke run")
     args = parser.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.seq_len, args.repeats, args.gemm_size = 2, 64, 1, 256
     warmup = 1
@@ -173,7 +188,7 @@ def main() -> None:
     print(f"# model_throughput: k2 vs transformers DeepseekV3ForCausalLM, preset {args.preset}, "
           f"batch {args.batch} x {args.seq_len}, forward+backward, fp32, CPU")  # fmt: skip
     print(f"# machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"torch_threads={torch.get_num_threads()}")  # fmt: skip
+          f"torch_threads={torch.get_num_threads()} clock={args.clock}")  # fmt: skip
     print(f"# versions: python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; preliminary on a shared, loaded machine")  # fmt: skip
 
@@ -223,6 +238,8 @@ def main() -> None:
         "block_speedups": {k: round(v, 3) for k, v in block_ratios.items()},
         "model_flops_per_token": flops_token,
         "gemm_size": args.gemm_size,
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "fraction_of_fp32_matmul_peak": round(achieved / peak, 4),
         "gemm_floor_ms": round(flops_token * step_tokens / peak * 1e3, 1),
     }
