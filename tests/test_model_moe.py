@@ -144,8 +144,12 @@ def test_bf16_model_keeps_an_fp32_selection_bias() -> None:
     moe = model.model.layers[2].mlp
     assert moe.gate.e_score_correction_bias.dtype == torch.float32
     assert moe.experts.gate_proj.dtype == torch.bfloat16
-    logits = model(torch.tensor([[1, 2, 3]])).logits
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    out = model(tokens, labels=tokens)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    out.loss.backward()
+    assert moe.experts.gate_proj.grad.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_grouped_swiglu_backward_passes_gradcheck() -> None:
