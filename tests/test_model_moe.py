@@ -8,7 +8,8 @@ from model_helpers import random_model, randomize, small_config
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-from k2.model import MoE, combine_tokens, permute_tokens
+from k2.kernels.moe_dispatch import combine, permute, route
+from k2.model import MoE
 from k2.model.moe import sequence_balance_loss
 
 
@@ -46,14 +47,15 @@ def test_permute_then_combine_is_the_weighted_sum_of_each_tokens_rows() -> None:
     x = torch.randn(6, 4, generator=generator)
     experts = torch.tensor([[2, 0], [1, 2], [0, 3], [3, 1], [2, 3], [0, 1]])
     weights = torch.rand(6, 2, generator=generator)
-    x_sorted, counts, order = permute_tokens(x, experts, num_experts=5)
-    assert counts.tolist() == [3, 3, 3, 3, 0]
+    routing = route(experts, num_experts=5)
+    x_sorted, order = permute(x, routing), routing.assignment_of_row
+    assert routing.tokens_per_expert.tolist() == [3, 3, 3, 3, 0]
     # Rows are grouped by expert, and each row is its token's input.
     assert torch.equal(experts.flatten()[order], torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]))
     assert torch.equal(x_sorted, x[order // 2])
     # "Expert" e multiplies by (e + 1): combine must give sum_k w * (e_k + 1) * x.
     scale = (experts.flatten()[order] + 1).float()[:, None]
-    combined = combine_tokens(x_sorted * scale, order, weights)
+    combined = combine(x_sorted * scale, weights, routing)
     expected = ((weights * (experts + 1).float()).sum(-1, keepdim=True)) * x
     torch.testing.assert_close(combined, expected)
 

@@ -100,10 +100,14 @@ def permute_reference(x: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 
 def combine_reference(rows: torch.Tensor, weights: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """:func:`combine` in PyTorch (fp32 accumulation, result in ``rows.dtype``)."""
-    T, k = weights.shape
-    picked = rows.index_select(0, routing.pos).view(T, k, -1).float()   # [T, k, H]
-    return (picked * weights.float().unsqueeze(-1)).sum(1).to(rows.dtype)
+    """:func:`combine` in PyTorch: one weighted scatter-add into token order (fp32 accumulation
+    for 16-bit rows), result in ``rows.dtype``."""
+    T = weights.shape[0]
+    acc = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
+    row_weights = weights.reshape(-1).index_select(0, routing.assignment_of_row).to(acc)  # [N]
+    out = rows.new_zeros(T, rows.shape[1], dtype=acc)
+    out.index_add_(0, routing.token_of_row, rows.to(acc) * row_weights[:, None])
+    return out.to(rows.dtype)
 
 
 def _kernel_dtype(t: torch.Tensor) -> str | None:

@@ -16,7 +16,7 @@ Example::
 from k2.model.config import K2Config
 from k2.model.mla import MLA, KVCache, LatentCache
 from k2.model.model import CausalLMOutput, DecoderLayer, K2ForCausalLM, K2Model
-from k2.model.moe import MLP, MoE, combine_tokens, permute_tokens
+from k2.model.moe import MLP, MoE
 
 __all__ = [
     "K2Config",
@@ -29,6 +29,4 @@ __all__ = [
     "MoE",
     "KVCache",
     "LatentCache",
-    "permute_tokens",
-    "combine_tokens",
 ]

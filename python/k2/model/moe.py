@@ -6,9 +6,10 @@ not a trained parameter) is added only to *choose* the top-k experts (group-limi
 ``routed_scaling_factor``; the output is the weighted sum of the chosen experts' SwiGLU outputs
 plus the shared expert's output.
 
-Dispatch is a sort/permute pair — :func:`permute_tokens` gathers token rows into
-expert-contiguous order, :func:`combine_tokens` scatters the expert outputs back and takes each
-token's weighted sum. They are the PyTorch reference path a CUDA kernel replaces later.
+Dispatch goes through :mod:`k2.kernels.moe_dispatch`: ``route`` (expert histogram and a stable
+expert-contiguous order), ``permute`` (gather token rows into that order) and ``combine`` (each
+token's weighted sum of its experts' outputs). On CUDA they run the hand-written kernels; on the
+CPU, their PyTorch references.
 
 Balancing is auxiliary-loss-free (DeepSeek-V3): :meth:`MoE.update_router_bias` nudges ``b``
 toward equal expert load after each optimizer step; an optional sequence-wise balance loss is
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k2.kernels.moe_dispatch import combine, permute, route
 from k2.model.config import K2Config
 
 
@@ -101,7 +103,7 @@ class Experts(nn.Module):
         """Run each expert on its contiguous block of rows.
 
         Args:
-            x_sorted: [N*K, H] token rows grouped by expert (from :func:`permute_tokens`).
+            x_sorted: [N*K, H] token rows grouped by expert (from ``k2.kernels.moe_dispatch.permute``).
             counts: rows per expert, length E, summing to N*K.
 
         Returns:
@@ -165,46 +167,6 @@ def _expert_blocks(counts: list[int]) -> Iterator[tuple[int, slice]]:
         start += count
 
 
-def permute_tokens(
-    x: torch.Tensor, experts: torch.Tensor, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather token rows into expert-contiguous order (the dispatch half of the MoE).
-
-    Args:
-        x: [N, H] token rows.
-        experts: [N, K] chosen expert ids.
-        num_experts: E.
-
-    Returns:
-        x_sorted [N*K, H] (row i is token ``order[i] // K``), counts [E] (int64, rows per expert),
-        order [N*K] (the stable sort permutation of the flattened (token, slot) pairs).
-    """
-    flat = experts.flatten()  # [N*K]
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    x_sorted = x[order // experts.shape[1]]
-    return x_sorted, counts, order
-
-
-def combine_tokens(
-    y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """Scatter expert outputs back to their tokens as weighted sums (the combine half).
-
-    Args:
-        y_sorted: [N*K, H] expert outputs in expert-contiguous order.
-        order: [N*K] the permutation :func:`permute_tokens` returned.
-        weights: [N, K] routing weights.
-
-    Returns:
-        [N, H] ``sum_k weights[n, k] * y[n, k]``.
-    """
-    tokens, top_k = weights.shape
-    row_weights = weights.reshape(-1)[order].to(y_sorted.dtype)  # [N*K], in sorted order
-    out = y_sorted.new_zeros(tokens, y_sorted.shape[1])
-    return out.index_add(0, order // top_k, y_sorted * row_weights[:, None])
-
-
 class MoE(nn.Module):
     """Routed experts plus shared experts, with load statistics and bias balancing."""
 
@@ -232,9 +194,10 @@ class MoE(nn.Module):
         batch, length, hidden = x.shape
         flat = x.reshape(-1, hidden)  # [N, H]
         scores, weights, experts = self.gate(flat)
-        x_sorted, counts, order = permute_tokens(flat, experts, self.num_experts)
-        y_sorted = self.experts(x_sorted, counts.tolist())
-        out = combine_tokens(y_sorted, order, weights).to(x.dtype)
+        routing = route(experts, self.num_experts)
+        counts = routing.tokens_per_expert
+        y_sorted = self.experts(permute(flat, routing), counts.tolist())
+        out = combine(y_sorted, weights, routing).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         if self.training:
