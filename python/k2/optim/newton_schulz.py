@@ -1,0 +1,148 @@
+"""Newton–Schulz orthogonalization: the matrix step at the heart of Muon (SPEC §4).
+
+Given a batch of matrices G [B, m, n], the iteration drives every singular value of
+X = G / (s·‖G‖_F + eps) towards 1 while keeping the singular vectors, so the result is close to
+the orthogonal polar factor U Vᵀ of G = U S Vᵀ. Each step, with the rows being the shorter side,
+is the odd quintic polynomial
+
+    A = X Xᵀ;   B = b·A + c·A·A;   X = a·X + B·X.
+
+Two coefficient schedules are built in:
+
+- ``"quintic"``: Keller Jordan's constant (a, b, c) = (3.4445, −4.7750, 2.0315), 5 steps. It buys
+  speed by overshooting: singular values end in roughly [0.7, 1.2] rather than at 1, which Muon
+  does not mind.
+- ``"polar_express"``: the per-step schedule of Polar Express (Amsel et al., arXiv 2505.16932),
+  5 steps, designed with a 2% safety margin (the input is also divided by 1.02, as in
+  modded-nanogpt); it converges closer to 1 in the same number of steps.
+
+A schedule may also be given as one (a, b, c) tuple (repeated every step) or a sequence of them
+(one per step).
+
+:func:`orthogonalize` is the one function that does the work on a batch ``[B, m, n]``; it is the
+seam where the CUDA kernel of the kernels issue plugs in. Precision: fp32 on the CPU (bf16
+matmuls are hundreds of times slower there) and bf16 on the GPU, unless chosen explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from k2.errors import ConfigError
+
+Coefficients = tuple[float, float, float]
+
+QUINTIC: Coefficients = (3.4445, -4.7750, 2.0315)
+
+# Polar Express, 5 steps, l = 1e-3, safety factor 1.02 (arXiv 2505.16932; the table modded-nanogpt uses).
+POLAR_EXPRESS: tuple[Coefficients, ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+@dataclass(frozen=True)
+class NewtonSchulzSchedule:
+    """The coefficients of every Newton–Schulz step, and how the input is normalized.
+
+    Attributes:
+        coefficients: one (a, b, c) per step.
+        input_scale: the input is divided by ``input_scale * ‖G‖_F + eps`` (1.0 for the quintic
+            iteration; 1.02 for Polar Express, whose coefficients assume that safety margin).
+    """
+
+    coefficients: tuple[Coefficients, ...]
+    input_scale: float = 1.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.coefficients)
+
+    @staticmethod
+    def resolve(spec: str | Coefficients | Sequence[Coefficients] | NewtonSchulzSchedule,
+                steps: int = 5) -> NewtonSchulzSchedule:
+        """Turn a user's choice of coefficients into a schedule of ``steps`` steps.
+
+        Args:
+            spec: ``"quintic"``, ``"polar_express"``, one (a, b, c) tuple (used for every step), a
+                sequence of (a, b, c) tuples (one per step: its length wins over ``steps``), or a
+                schedule (returned as is).
+            steps: number of steps for the named schedules and a single tuple. Polar Express
+                repeats its last step beyond its 5 designed steps and is cut short below them.
+
+        Returns:
+            The schedule.
+
+        Raises:
+            ConfigError: for an unknown name, a malformed tuple or a step count below 1.
+        """
+        if isinstance(spec, NewtonSchulzSchedule):
+            return spec
+        if steps < 1:
+            raise ConfigError(f"ns_steps must be at least 1, got {steps}")
+        if isinstance(spec, str):
+            if spec == "quintic":
+                return NewtonSchulzSchedule((QUINTIC,) * steps)
+            if spec == "polar_express":
+                table = POLAR_EXPRESS[:steps] + (POLAR_EXPRESS[-1],) * max(0, steps - len(POLAR_EXPRESS))
+                return NewtonSchulzSchedule(table, input_scale=1.02)
+            raise ConfigError(f"ns_coefficients: unknown schedule {spec!r} "
+                              "(use 'quintic', 'polar_express' or (a, b, c) tuples)")
+        items = tuple(spec)
+        if len(items) == 3 and all(isinstance(v, (int, float)) for v in items):
+            return NewtonSchulzSchedule((_coefficients(items),) * steps)
+        if not items:
+            raise ConfigError("ns_coefficients: empty schedule")
+        return NewtonSchulzSchedule(tuple(_coefficients(step) for step in items))
+
+
+def _coefficients(values: Sequence[float]) -> Coefficients:
+    values = tuple(float(v) for v in values)
+    if len(values) != 3:
+        raise ConfigError(f"ns_coefficients: each step needs (a, b, c), got {values}")
+    return values  # type: ignore[return-value]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The Newton–Schulz precision that is fast on ``device``: bf16 on GPUs, fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float = 1e-7,
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """Approximately orthogonalize each matrix of a batch with Newton–Schulz.
+
+    This is the seam for accelerated kernels: everything Muon needs from the iteration passes
+    through this one function.
+
+    Args:
+        G_BMN: the matrices, [B, m, n]; each is normalized by its own Frobenius norm.
+        schedule: coefficients per step and input scale.
+        eps: added to the norm so that a zero matrix stays zero.
+        dtype: precision of the iteration (default: :func:`default_dtype` of the device). The
+            norm is always taken in fp32.
+
+    Returns:
+        [B, m, n] in ``dtype``: each matrix's approximate polar factor.
+    """
+    if G_BMN.ndim != 3:
+        raise ValueError(f"orthogonalize expects a batch [B, m, n], got shape {tuple(G_BMN.shape)}")
+    dtype = dtype or default_dtype(G_BMN.device)
+    X = G_BMN
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:  # iterate with the shorter side as rows: the Gram matrix A is then the small one
+        X = X.mT  # [B, r, s] with r = min(m, n), s = max(m, n)
+    norm_B11 = torch.linalg.vector_norm(X.float(), dim=(-2, -1), keepdim=True)
+    X = (X.float() / (norm_B11 * schedule.input_scale + eps)).to(dtype)
+    for a, b, c in schedule.coefficients:
+        A_BRR = X @ X.mT
+        B_BRR = torch.baddbmm(A_BRR, A_BRR, A_BRR, beta=b, alpha=c)  # b·A + c·A·A
+        X = torch.baddbmm(X, B_BRR, X, beta=a)  # a·X + B·X
+    return X.mT if tall else X
