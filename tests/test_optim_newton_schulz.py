@@ -74,3 +74,24 @@ def test_schedule_resolution() -> None:
         NewtonSchulzSchedule.resolve("cubic")
     with pytest.raises(ConfigError, match="at least 1"):
         NewtonSchulzSchedule.resolve("quintic", 0)
+
+
+def test_folded_first_step_equals_scaled_input() -> None:
+    torch.manual_seed(3)
+    G = torch.randn(2, 16, 24)
+    express = NewtonSchulzSchedule.resolve("polar_express")
+    folded = NewtonSchulzSchedule(express.folded(), input_scale=1.0)
+    torch.testing.assert_close(orthogonalize(G, folded, dtype=torch.float32),
+                               orthogonalize(G, express, dtype=torch.float32), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["quintic", "polar_express"])
+def test_cuda_path_agrees_with_fp32_reference(name: str) -> None:
+    torch.manual_seed(4)
+    G = torch.randn(6, 96, 160, device="cuda")
+    schedule = NewtonSchulzSchedule.resolve(name)
+    gpu = orthogonalize(G, schedule)  # bf16: the CUDA kernel where available
+    reference = orthogonalize(G.cpu(), schedule, dtype=torch.float32)
+    assert gpu.dtype == torch.bfloat16
+    assert (gpu.float().cpu() - reference).norm() / reference.norm() < 3e-2

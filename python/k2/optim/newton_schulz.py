@@ -20,8 +20,10 @@ A schedule may also be given as one (a, b, c) tuple (repeated every step) or a s
 (one per step).
 
 :func:`orthogonalize` is the one function that does the work on a batch ``[B, m, n]``; it is the
-seam where the CUDA kernel of the kernels issue plugs in. Precision: fp32 on the CPU (bf16
-matmuls are hundreds of times slower there) and bf16 on the GPU, unless chosen explicitly.
+seam where accelerated kernels plug in: bf16 batches on a CUDA device go to the CUDA kernel of
+``k2.kernels.newton_schulz`` when kernels are available (``K2_KERNELS`` not 0, CuPy installed).
+Precision: fp32 on the CPU (bf16 matmuls are hundreds of times slower there) and bf16 on the GPU,
+unless chosen explicitly.
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ class NewtonSchulzSchedule:
     @property
     def steps(self) -> int:
         return len(self.coefficients)
+
+    def folded(self) -> tuple[Coefficients, ...]:
+        """The coefficients with ``input_scale`` folded into the first step.
+
+        Dividing the input by s before the first polynomial p(x) = a·x + b·x³ + c·x⁵ is the same
+        as using (a/s, b/s³, c/s⁵) on the undivided input, for kernels that only normalize by
+        ‖G‖_F.
+        """
+        s = self.input_scale
+        (a, b, c), rest = self.coefficients[0], self.coefficients[1:]
+        return ((a / s, b / s**3, c / s**5), *rest)
 
     @staticmethod
     def resolve(spec: str | Coefficients | Sequence[Coefficients] | NewtonSchulzSchedule,
@@ -135,6 +148,12 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
     if G_BMN.ndim != 3:
         raise ValueError(f"orthogonalize expects a batch [B, m, n], got shape {tuple(G_BMN.shape)}")
     dtype = dtype or default_dtype(G_BMN.device)
+    if dtype == torch.bfloat16 and G_BMN.is_cuda and G_BMN.numel():
+        from k2.kernels.launch import use_kernel
+        from k2.kernels.newton_schulz import newton_schulz_cuda
+
+        if use_kernel(G_BMN):
+            return newton_schulz_cuda(G_BMN, schedule.folded(), eps)
     X = G_BMN
     tall = X.shape[-2] > X.shape[-1]
     if tall:  # iterate with the shorter side as rows: the Gram matrix A is then the small one
