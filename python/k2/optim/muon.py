@@ -77,40 +77,38 @@ MOONLIGHT = MuonConventions()
 TORCH_MUON = MuonConventions(momentum="ema", lr_adjust="original")
 
 
-def momentum_step(grads: list[Tensor], buffers: list[Tensor], *, momentum: float, nesterov: bool,
-                  conventions: MuonConventions) -> list[Tensor]:
-    """Advance the momentum buffers in place and return the matrices to orthogonalize.
+def momentum_step(grads: list[Tensor], buffers: list[Tensor], *, momentum: float,
+                  conventions: MuonConventions) -> None:
+    """Advance the momentum buffers in place: M ← μM + G (sum) or M ← μM + (1−μ)G (EMA).
 
     Args:
         grads: gradients, one per parameter.
-        buffers: momentum buffers M, same shapes (updated in place).
+        buffers: momentum buffers M, same shapes.
         momentum: μ.
-        nesterov: use the Nesterov look-ahead (G + μM, or its EMA form) instead of M.
         conventions: sum or EMA momentum.
-
-    Returns:
-        One tensor per parameter (new tensors under Nesterov, the buffers themselves otherwise).
     """
     if conventions.momentum == "sum":
-        torch._foreach_mul_(buffers, momentum)
-        torch._foreach_add_(buffers, grads)
-        return torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers
-    torch._foreach_lerp_(buffers, grads, 1.0 - momentum)
-    return torch._foreach_lerp(grads, buffers, momentum) if nesterov else buffers
+        for G, M in zip(grads, buffers):
+            torch.add(G, M, alpha=momentum, out=M)  # one pass instead of mul_ then add_
+    else:
+        torch._foreach_lerp_(buffers, grads, 1.0 - momentum)
 
 
-def muon_step(params: list[Tensor], updates: list[Tensor], *, lr: float, weight_decay: float,
-              conventions: MuonConventions, schedule: NewtonSchulzSchedule, eps: float = 1e-7,
-              dtype: torch.dtype | None = None, batch_same_shape: bool = True,
-              max_batch_numel: int = 1 << 27) -> None:
-    """Orthogonalize the momentum updates and apply them, with decoupled weight decay.
+def muon_step(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], *, lr: float,
+              weight_decay: float, momentum: float, nesterov: bool, conventions: MuonConventions,
+              schedule: NewtonSchulzSchedule, eps: float = 1e-7, dtype: torch.dtype | None = None,
+              batch_same_shape: bool = True, max_batch_numel: int = 1 << 27) -> None:
+    """One Muon step: momentum, Newton–Schulz, decoupled weight decay and the scaled update.
 
     Args:
         params: parameters, each [m, n] or [E, m, n] (updated in place).
-        updates: the matrices from :func:`momentum_step`, same shapes.
+        grads: their gradients.
+        buffers: their momentum buffers (updated in place).
         lr: learning rate (weight decay uses it unadjusted).
         weight_decay: decoupled weight decay.
-        conventions: the lr factor rule.
+        momentum: μ.
+        nesterov: orthogonalize the look-ahead G + μM (or its EMA form (1−μ)G + μM) instead of M.
+        conventions: momentum form and lr factor rule.
         schedule: Newton–Schulz coefficients.
         eps: Newton–Schulz normalization eps.
         dtype: Newton–Schulz precision (None: fp32 on CPU, bf16 on GPU).
@@ -118,19 +116,28 @@ def muon_step(params: list[Tensor], updates: list[Tensor], *, lr: float, weight_
             parameter on its own (an expert stack is still one batch of E).
         max_batch_numel: cap on the numbers in one batch (a bigger parameter forms its own).
     """
+    momentum_step(grads, buffers, momentum=momentum, conventions=conventions)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     for batch in _batches(params, batch_same_shape, max_batch_numel):
         m, n = params[batch[0]].shape[-2:]
-        U_BMN = torch.cat([updates[i].reshape(-1, m, n) for i in batch]) if len(batch) > 1 \
-            else updates[batch[0]].reshape(-1, m, n)
+        counts = [params[i].numel() // (m * n) for i in batch]
+        if len(batch) == 1 and not nesterov:
+            U_BMN = buffers[batch[0]].reshape(-1, m, n)
+        else:  # gather the matrices to orthogonalize straight into one batch
+            U_BMN = grads[batch[0]].new_empty(sum(counts), m, n)
+            for i, U_part in zip(batch, U_BMN.split(counts)):
+                U_part = U_part.view_as(grads[i])
+                if not nesterov:
+                    U_part.copy_(buffers[i])
+                elif conventions.momentum == "sum":
+                    torch.add(grads[i], buffers[i], alpha=momentum, out=U_part)  # G + μM
+                else:
+                    torch.lerp(grads[i], buffers[i], momentum, out=U_part)  # (1−μ)G + μM
         O_BMN = orthogonalize(U_BMN, schedule, eps=eps, dtype=dtype)
         scale = -lr * conventions.lr_factor(m, n)
-        start = 0
-        for i in batch:
-            count = params[i].numel() // (m * n)
-            params[i].add_(O_BMN[start:start + count].view_as(params[i]).to(params[i].dtype), alpha=scale)
-            start += count
+        for i, O_part in zip(batch, O_BMN.split(counts)):
+            params[i].add_(O_part.view_as(params[i]).to(params[i].dtype), alpha=scale)
 
 
 def _batches(params: list[Tensor], batch_same_shape: bool, max_batch_numel: int) -> list[list[int]]:

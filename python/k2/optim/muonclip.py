@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from k2.errors import ConfigError
 from k2.optim.adamw import adamw_step
-from k2.optim.muon import MOONLIGHT, TORCH_MUON, MuonConventions, momentum_step, muon_step
+from k2.optim.muon import MOONLIGHT, TORCH_MUON, MuonConventions, muon_step
 from k2.optim.newton_schulz import Coefficients, NewtonSchulzSchedule
 from k2.optim.qk_clip import LayerClip, find_clip_targets, qk_clip
 from k2.optim.split import ParamSplit, canonical_name, split_parameters
@@ -229,12 +229,11 @@ class MuonClip(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buffers.append(state["momentum_buffer"])
-        updates = momentum_step(grads, buffers, momentum=group["momentum"], nesterov=group["nesterov"],
-                                conventions=self.conventions)
         schedule = NewtonSchulzSchedule(tuple(map(tuple, group["ns_coefficients"])), group["ns_input_scale"])
-        muon_step(params, updates, lr=group["lr"], weight_decay=group["weight_decay"],
-                  conventions=self.conventions, schedule=schedule, eps=group["ns_eps"],
-                  dtype=self.ns_dtype, batch_same_shape=self.batch_same_shape)
+        muon_step(params, grads, buffers, lr=group["lr"], weight_decay=group["weight_decay"],
+                  momentum=group["momentum"], nesterov=group["nesterov"], conventions=self.conventions,
+                  schedule=schedule, eps=group["ns_eps"], dtype=self.ns_dtype,
+                  batch_same_shape=self.batch_same_shape)
 
     def _adamw_group(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -259,7 +258,9 @@ class MuonClip(torch.optim.Optimizer):
         named += [(f"{t.name}.max_logits", s) for t, s in zip(self.clip_targets, S_max)]
         if not named:
             return []
-        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+        # max |x| is NaN or Inf exactly when x holds one: one pass per tensor, one sync in all.
+        peaks = torch._foreach_norm([t for _, t in named], float("inf"))
+        finite = torch.isfinite(torch.stack([p.float().to(peaks[0].device) for p in peaks]))
         if bool(finite.all()):
             return []
         return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]

@@ -159,9 +159,13 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
     if tall:  # iterate with the shorter side as rows: the Gram matrix A is then the small one
         X = X.mT  # [B, r, s] with r = min(m, n), s = max(m, n)
     norm_B11 = torch.linalg.vector_norm(X.float(), dim=(-2, -1), keepdim=True)
-    X = (X.float() / (norm_B11 * schedule.input_scale + eps)).to(dtype)
+    X = (X.float() / (norm_B11 * schedule.input_scale + eps)).to(dtype).contiguous()
     for a, b, c in schedule.coefficients:
         A_BRR = X @ X.mT
         B_BRR = torch.baddbmm(A_BRR, A_BRR, A_BRR, beta=b, alpha=c)  # b·A + c·A·A
-        X = torch.baddbmm(X, B_BRR, X, beta=a)  # a·X + B·X
+        if X.dtype == torch.float32:  # a·X + B·X = (a·I + B)·X: saves copying X every step
+            B_BRR.diagonal(dim1=-2, dim2=-1).add_(a)
+            X = B_BRR @ X
+        else:  # in bf16, a·I + B would round away B's diagonal
+            X = torch.baddbmm(X, B_BRR, X, beta=a)
     return X.mT if tall else X
