@@ -248,6 +248,7 @@ def main() -> int:
         "speedup_vs_torch_muon": round(t_stock / t_ours, 3),
         "ns_gflop": round(flops / 1e9, 3), "ns_gflops": round(ns_rate / 1e9, 2),
         "matmul_gflops": round(peak / 1e9, 2), "ns_fraction_of_matmul": round(fraction, 3),
+        "max_rel_weight_diff_vs_reference": float(f"{worst:.2e}"),
     }))
     return 0
 

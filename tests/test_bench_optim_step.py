@@ -25,4 +25,4 @@ def test_optim_step_benchmark_quick() -> None:
     assert summary["benchmark"] == "optim_step"
     for key in ("speedup_vs_reference_loop", "speedup_vs_torch_muon", "ns_fraction_of_matmul"):
         assert summary[key] > 0, key
-    assert "max relative weight difference" in result.stdout
+    assert summary["max_rel_weight_diff_vs_reference"] < 1e-4  # MuonClip did the reference's math

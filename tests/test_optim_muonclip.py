@@ -71,12 +71,14 @@ def _run_both(theirs_kwargs: dict, ours_kwargs: dict, steps: int = 3) -> tuple[n
     return ours, theirs
 
 
-@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw", "spectral_unclamped"])
-def test_matches_torch_muon_with_fp32_newton_schulz(monkeypatch: pytest.MonkeyPatch, adjust_lr_fn: str | None) -> None:
+@pytest.mark.parametrize(("adjust_lr_fn", "nesterov"),
+                         [(None, True), ("match_rms_adamw", True), ("spectral_unclamped", False)])
+def test_matches_torch_muon_with_fp32_newton_schulz(monkeypatch: pytest.MonkeyPatch, adjust_lr_fn: str | None,
+                                                    nesterov: bool) -> None:
     monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", _fp32_newton_schulz)
     conventions = MuonConventions(momentum="ema", lr_adjust=adjust_lr_fn or "original")
-    ours, theirs = _run_both({"adjust_lr_fn": adjust_lr_fn},
-                             {"conventions": conventions, "ns_dtype": "float32"})
+    ours, theirs = _run_both({"adjust_lr_fn": adjust_lr_fn, "nesterov": nesterov},
+                             {"conventions": conventions, "ns_dtype": "float32", "nesterov": nesterov})
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
