@@ -154,18 +154,18 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
 
         if use_kernel(G_BMN):
             return newton_schulz_cuda(G_BMN, schedule.folded(), eps)
-    X = G_BMN
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:  # iterate with the shorter side as rows: the Gram matrix A is then the small one
-        X = X.mT  # [B, r, s] with r = min(m, n), s = max(m, n)
-    norm_B11 = torch.linalg.vector_norm(X.float(), dim=(-2, -1), keepdim=True)
-    X = (X.float() / (norm_B11 * schedule.input_scale + eps)).to(dtype).contiguous()
+    # The Gram matrix A is taken on the shorter side, r = min(m, n): A = X Xᵀ for wide matrices
+    # and A = Xᵀ X for tall ones, where the step reads X ← X (a·I + B). Both are the iteration
+    # on the wide orientation, without transposing anything.
+    tall = G_BMN.shape[-2] > G_BMN.shape[-1]
+    norm_B11 = torch.linalg.vector_norm(G_BMN.float(), dim=(-2, -1), keepdim=True)
+    X = (G_BMN.float() / (norm_B11 * schedule.input_scale + eps)).to(dtype).contiguous()
     for a, b, c in schedule.coefficients:
-        A_BRR = X @ X.mT
+        A_BRR = X.mT @ X if tall else X @ X.mT
         B_BRR = torch.baddbmm(A_BRR, A_BRR, A_BRR, beta=b, alpha=c)  # b·A + c·A·A
         if X.dtype == torch.float32:  # a·X + B·X = (a·I + B)·X: saves copying X every step
             B_BRR.diagonal(dim1=-2, dim2=-1).add_(a)
-            X = B_BRR @ X
+            X = X @ B_BRR if tall else B_BRR @ X
         else:  # in bf16, a·I + B would round away B's diagonal
-            X = torch.baddbmm(X, B_BRR, X, beta=a)
-    return X.mT if tall else X
+            X = torch.baddbmm(X, X, B_BRR, beta=a) if tall else torch.baddbmm(X, B_BRR, X, beta=a)
+    return X
