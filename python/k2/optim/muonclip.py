@@ -196,9 +196,9 @@ class MuonClip(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.steps += 1
         S_max = [target.pop_max_logits() for target in self.clip_targets]
         loads = [moe.pop_expert_load() for _, moe in self.moe_layers]
+        self.steps += 1
 
         nonfinite = self._nonfinite(S_max)
         if self._any_rank(bool(nonfinite)):
