@@ -247,3 +247,12 @@ def test_split_rules_wrappers_and_overrides() -> None:
 def test_qk_clip_needs_attention_or_opt_out() -> None:
     with pytest.raises(ConfigError, match="qk_clip_tau=None"):
         MuonClip(Mixed())
+
+
+def test_huge_but_finite_gradient_is_not_skipped() -> None:
+    model = Mixed()
+    opt = MuonClip(model, lr=0.02, qk_clip_tau=None)
+    _set_grads(model, 0)
+    model.norm.bias.grad.fill_(3e38)  # its L2 norm overflows fp32; the values do not
+    opt.step()
+    assert not opt.last_report.skipped

@@ -258,12 +258,13 @@ class MuonClip(torch.optim.Optimizer):
         named += [(f"{t.name}.max_logits", s) for t, s in zip(self.clip_targets, S_max)]
         if not named:
             return []
-        # max |x| is NaN or Inf exactly when x holds one: one pass per tensor, one sync in all.
-        peaks = torch._foreach_norm([t for _, t in named], float("inf"))
-        finite = torch.isfinite(torch.stack([p.float().to(peaks[0].device) for p in peaks]))
-        if bool(finite.all()):
+        # A NaN or Inf makes the L2 norm NaN or Inf: one fast pass per tensor and one sync in all.
+        # A norm can also overflow on huge finite values, so suspects are confirmed one by one.
+        norms = torch._foreach_norm([t for _, t in named])
+        suspect = ~torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
+        if not bool(suspect.any()):
             return []
-        return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        return [name for (name, t), s in zip(named, suspect.tolist()) if s and not bool(torch.isfinite(t).all())]
 
     def _group(self) -> dist.ProcessGroup | None:
         """The process group to agree over, or None when running alone."""
