@@ -160,12 +160,19 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
     tall = G_BMN.shape[-2] > G_BMN.shape[-1]
     norm_B11 = torch.linalg.vector_norm(G_BMN.float(), dim=(-2, -1), keepdim=True)
     X = (G_BMN.float() / (norm_B11 * schedule.input_scale + eps)).to(dtype).contiguous()
+    r = min(X.shape[-2:])
+    # Workspaces written with out=: fresh big tensors every step would cost page faults on CPUs.
+    A_BRR, B_BRR, X_next = X.new_empty(X.shape[0], r, r), X.new_empty(X.shape[0], r, r), torch.empty_like(X)
+    # (a·I + B)·X saves a copy of X every step, but in bf16 a·I + B would round away B's diagonal.
+    fold_a = X.dtype == torch.float32
     for a, b, c in schedule.coefficients:
-        A_BRR = X.mT @ X if tall else X @ X.mT
-        B_BRR = torch.baddbmm(A_BRR, A_BRR, A_BRR, beta=b, alpha=c)  # b·A + c·A·A
-        if X.dtype == torch.float32:  # a·X + B·X = (a·I + B)·X: saves copying X every step
+        left, right = (X.mT, X) if tall else (X, X.mT)
+        torch.bmm(left, right, out=A_BRR)  # A = X Xᵀ (or Xᵀ X)
+        torch.baddbmm(A_BRR, A_BRR, A_BRR, beta=b, alpha=c, out=B_BRR)  # B = b·A + c·A·A
+        if fold_a:
             B_BRR.diagonal(dim1=-2, dim2=-1).add_(a)
-            X = X @ B_BRR if tall else B_BRR @ X
-        else:  # in bf16, a·I + B would round away B's diagonal
-            X = torch.baddbmm(X, X, B_BRR, beta=a) if tall else torch.baddbmm(X, B_BRR, X, beta=a)
+        beta = 0.0 if fold_a else a
+        left, right = (X, B_BRR) if tall else (B_BRR, X)
+        torch.baddbmm(X, left, right, beta=beta, out=X_next)  # X ← a·X + B·X (or X·B)
+        X, X_next = X_next, X
     return X
