@@ -167,8 +167,8 @@ def main() -> int:
     repeat = args.steps or (2 if args.quick else 7)
 
     print(f"# k2 optimizer step | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads | torch {torch.__version__} | "
-          f"Python {platform.python_version()}")
+          f"{torch.get_num_threads()} torch threads | load average {os.getloadavg()[0]:.1f} | "
+          f"torch {torch.__version__} | Python {platform.python_version()}")
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
 
