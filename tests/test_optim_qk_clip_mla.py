@@ -15,12 +15,12 @@ from k2.optim import MuonClip
 HOT_HEADS, COLD_HEADS = [1, 3], [0, 2]
 
 
-def small_model() -> K2ForCausalLM:
-    """Two layers (dense, then MoE), 4 MLA heads with q_lora, 4 routed experts."""
+def small_model(q_lora_rank: int | None = 48) -> K2ForCausalLM:
+    """Two layers (dense, then MoE), 4 MLA heads, 4 routed experts."""
     config = dataclasses.replace(
         K2Config.from_preset("tiny"), vocab_size=256, hidden_size=64, intermediate_size=128,
         moe_intermediate_size=32, num_hidden_layers=2, n_routed_experts=4, kv_lora_rank=32,
-        q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+        q_lora_rank=q_lora_rank, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
     torch.manual_seed(0)
     return K2ForCausalLM(config)
 
@@ -34,12 +34,14 @@ def _record(model: K2ForCausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
     return [attn.pop_max_logits() for attn in model.attention_layers()]
 
 
-def test_clips_two_of_four_mla_heads_exactly() -> None:
-    model = small_model().train()
+@pytest.mark.parametrize("q_lora_rank", [48, None])  # queries through q_a/q_b, or one q_proj
+def test_clips_two_of_four_mla_heads_exactly(q_lora_rank: int | None) -> None:
+    model = small_model(q_lora_rank).train()
     attn = list(model.attention_layers())
+    q_name = "q_b_proj" if q_lora_rank else "q_proj"
     with torch.no_grad():  # make heads 1 and 3 hot in every layer: their query rows x 20
         for layer in attn:
-            layer.q_b_proj.weight.view(4, 24, 48)[HOT_HEADS] *= 20.0
+            getattr(layer, q_name).weight.view(4, 24, -1)[HOT_HEADS] *= 20.0
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     S_max = _record(model, ids)
     tau = 2 * max(float(s[COLD_HEADS].max()) for s in S_max)
@@ -57,8 +59,8 @@ def test_clips_two_of_four_mla_heads_exactly() -> None:
     for i, S_max_H in enumerate(S_max):
         prefix = f"model.layers.{i}.self_attn"
         gamma = (tau / S_max_H[HOT_HEADS]).view(2, 1, 1)
-        q_old = before[f"{prefix}.q_b_proj.weight"].view(4, 24, 48)  # per head: 16 q_nope rows, 8 q_pe rows
-        q_new = attn[i].q_b_proj.weight.detach().view(4, 24, 48)
+        q_old = before[f"{prefix}.{q_name}.weight"].view(4, 24, -1)  # per head: 16 q_nope rows, 8 q_pe rows
+        q_new = getattr(attn[i], q_name).weight.detach().view(4, 24, -1)
         torch.testing.assert_close(q_new[HOT_HEADS, :16], q_old[HOT_HEADS, :16] * gamma.sqrt(), rtol=1e-6, atol=0)
         torch.testing.assert_close(q_new[HOT_HEADS, 16:], q_old[HOT_HEADS, 16:] * gamma, rtol=1e-6, atol=0)
         assert torch.equal(q_new[COLD_HEADS], q_old[COLD_HEADS])
@@ -67,7 +69,7 @@ def test_clips_two_of_four_mla_heads_exactly() -> None:
         torch.testing.assert_close(kv_new[HOT_HEADS, :16], kv_old[HOT_HEADS, :16] * gamma.sqrt(), rtol=1e-6, atol=0)
         assert torch.equal(kv_new[HOT_HEADS, 16:], kv_old[HOT_HEADS, 16:])  # v rows untouched
         assert torch.equal(kv_new[COLD_HEADS], kv_old[COLD_HEADS])
-        clipped |= {f"{prefix}.q_b_proj.weight", f"{prefix}.kv_b_proj.weight"}
+        clipped |= {f"{prefix}.{q_name}.weight", f"{prefix}.kv_b_proj.weight"}
     for name, value in model.state_dict().items():  # k_pe (kv_a) and everything else: bit-identical
         if name not in clipped and "e_score_correction_bias" not in name:
             assert torch.equal(value, before[name]), name
