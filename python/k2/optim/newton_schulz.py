@@ -123,6 +123,12 @@ def _coefficients(values: Sequence[float]) -> Coefficients:
     return values  # type: ignore[return-value]
 
 
+# On the CPU a batch is iterated in pieces of about this many numbers (2 MiB of fp32), which keep
+# the working set in cache: one thread here reached ~0.75 of its fp32 matmul rate on 128 x 256
+# matrices in pieces of 16, against ~0.6 in one batch of 106.
+CPU_PIECE_NUMEL = 1 << 19
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """The Newton–Schulz precision that is fast on ``device``: bf16 on GPUs, fp32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -154,6 +160,15 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
 
         if use_kernel(G_BMN):
             return newton_schulz_cuda(G_BMN, schedule.folded(), eps)
+    if G_BMN.device.type == "cpu":  # in cache-sized pieces
+        per_piece = max(1, CPU_PIECE_NUMEL // (G_BMN.shape[-2] * G_BMN.shape[-1]))
+        if G_BMN.shape[0] > per_piece:
+            return torch.cat([_iterate(part, schedule, eps, dtype) for part in G_BMN.split(per_piece)])
+    return _iterate(G_BMN, schedule, eps, dtype)
+
+
+def _iterate(G_BMN: Tensor, schedule: NewtonSchulzSchedule, eps: float, dtype: torch.dtype) -> Tensor:
+    """The iteration itself, in PyTorch, on one batch [B, m, n]; returns [B, m, n] in ``dtype``."""
     # The Gram matrix A is taken on the shorter side, r = min(m, n): A = X Xᵀ for wide matrices
     # and A = Xᵀ X for tall ones, where the step reads X ← X (a·I + B). Both are the iteration
     # on the wide orientation, without transposing anything.
@@ -169,10 +184,11 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
         left, right = (X.mT, X) if tall else (X, X.mT)
         torch.bmm(left, right, out=A_BRR)  # A = X Xᵀ (or Xᵀ X)
         torch.baddbmm(A_BRR, A_BRR, A_BRR, beta=b, alpha=c, out=B_BRR)  # B = b·A + c·A·A
-        if fold_a:
-            B_BRR.diagonal(dim1=-2, dim2=-1).add_(a)
-        beta = 0.0 if fold_a else a
         left, right = (X, B_BRR) if tall else (B_BRR, X)
-        torch.baddbmm(X, left, right, beta=beta, out=X_next)  # X ← a·X + B·X (or X·B)
+        if fold_a:  # X ← (a·I + B)·X (or X·(a·I + B))
+            B_BRR.diagonal(dim1=-2, dim2=-1).add_(a)
+            torch.bmm(left, right, out=X_next)
+        else:  # X ← a·X + B·X (or X·B)
+            torch.baddbmm(X, left, right, beta=a, out=X_next)
         X, X_next = X_next, X
     return X
