@@ -303,7 +303,7 @@ class MuonClip(torch.optim.Optimizer):
         group = self._group()
         if group is not None:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        for (_, moe), load in zip(self.moe_layers, flat.split(sizes)):
+        for (_, moe), load in zip(self.moe_layers, flat.cpu().split(sizes)):  # one sync for all
             if load.sum() > 0:  # a layer that saw no tokens anywhere keeps its bias
                 moe.update_router_bias(load.to(moe.gate.e_score_correction_bias.device), self.router_bias_rate)
 
