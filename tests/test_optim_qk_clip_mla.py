@@ -55,6 +55,8 @@ def test_clips_two_of_four_mla_heads_exactly(q_lora_rank: int | None) -> None:
     report = opt.last_report
     assert [(layer.name, layer.clipped_heads, layer.num_heads) for layer in report.layers] == [
         (f"model.layers.{i}.self_attn", 2, 4) for i in range(2)]
+    assert report.clipped_heads == 4 and "4 heads clipped" in str(report)
+    assert report.max_logit == pytest.approx(max(float(s.max()) for s in S_max), rel=1e-6)
     clipped = set()
     for i, S_max_H in enumerate(S_max):
         prefix = f"model.layers.{i}.self_attn"
