@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_optim_step_benchmark_quick() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "optim_step.py"), "--quick", "--steps", "1"],
-                            capture_output=True, text=True, timeout=300, env=env)
+                            capture_output=True, text=True, timeout=300, env=env, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("# k2 optimizer step")

@@ -43,7 +43,7 @@ def _set_grads(model: nn.Module, seed: int) -> None:
         p.grad = torch.randn(p.shape, generator=generator)
 
 
-def _fp32_newton_schulz(grad, ns_coefficients, ns_steps, eps):  # noqa: ANN001, ANN202
+def _fp32_newton_schulz(grad, ns_coefficients, ns_steps, eps):
     """torch.optim.Muon's iteration, line for line, but in fp32 instead of bf16."""
     a, b, c = ns_coefficients
     X = grad.to(dtype=torch.float32, copy=True)
