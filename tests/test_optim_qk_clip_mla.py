@@ -89,9 +89,12 @@ def test_router_bias_update_uses_the_step_loads() -> None:
     model(ids, labels=ids).loss.backward()
     (moe,) = model.moe_layers()
     expected = copy.deepcopy(moe)
-    expected.update_router_bias(moe.expert_load.clone(), 0.01)
+    load = moe.expert_load.clone()
+    expected.update_router_bias(load, 0.01)
     opt.step()
     assert torch.equal(moe.gate.e_score_correction_bias, expected.gate.e_score_correction_bias)
+    (reported,) = opt.last_report.expert_loads  # the step reports the loads it used
+    assert torch.equal(reported, load) and reported.sum() == 2 * 12 * model.config.num_experts_per_tok
     assert moe.gate.e_score_correction_bias.abs().sum() > 0
     assert moe.pop_expert_load() is None  # the optimizer consumed this step's loads
 

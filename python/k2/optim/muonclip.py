@@ -58,6 +58,8 @@ class StepReport:
             logits as ``<layer>.max_logits``); empty on a rank whose own values were finite.
         skipped_steps: steps skipped so far.
         layers: QK-Clip per attention layer (empty when skipped or QK-Clip is off).
+        expert_loads: per MoE layer, the tokens each expert received this step, summed over
+            ranks (fp32 [E] on the CPU); empty when skipped or the router-bias update is off.
     """
 
     step: int
@@ -65,6 +67,7 @@ class StepReport:
     nonfinite: tuple[str, ...]
     skipped_steps: int
     layers: tuple[LayerClip, ...]
+    expert_loads: tuple[Tensor, ...] = ()
 
     @property
     def clipped_heads(self) -> int:
@@ -213,9 +216,9 @@ class MuonClip(torch.optim.Optimizer):
             else:
                 self._adamw_group(group)
         layers = qk_clip(self.clip_targets, self._agree_max(S_max), self.qk_clip_tau) if S_max else []
-        if self.moe_layers:
-            self._update_router_biases(loads)
-        self.last_report = StepReport(self.steps, False, (), self.skipped_steps, tuple(layers))
+        expert_loads = self._update_router_biases(loads) if self.moe_layers else []
+        self.last_report = StepReport(self.steps, False, (), self.skipped_steps, tuple(layers),
+                                      tuple(expert_loads))
         return loss
 
     def _muon_group(self, group: dict) -> None:
@@ -294,8 +297,9 @@ class MuonClip(torch.optim.Optimizer):
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
         return list(flat.cpu().split([s.numel() for s in S_max]))
 
-    def _update_router_biases(self, loads: list[Tensor | None]) -> None:
-        """Sum each MoE layer's expert loads over ranks, then update its router bias."""
+    def _update_router_biases(self, loads: list[Tensor | None]) -> list[Tensor]:
+        """Sum each MoE layer's expert loads over ranks, update its router bias, and return the
+        summed loads (on the CPU)."""
         sizes = [moe.gate.e_score_correction_bias.numel() for _, moe in self.moe_layers]
         device = self._collective_device()
         flat = torch.cat([torch.zeros(n, device=device) if load is None else load.float().to(device)
@@ -303,9 +307,11 @@ class MuonClip(torch.optim.Optimizer):
         group = self._group()
         if group is not None:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        for (_, moe), load in zip(self.moe_layers, flat.cpu().split(sizes)):  # one sync for all
+        summed = flat.cpu().split(sizes)  # one sync for all layers
+        for (_, moe), load in zip(self.moe_layers, summed):
             if load.sum() > 0:  # a layer that saw no tokens anywhere keeps its bias
                 moe.update_router_bias(load.to(moe.gate.e_score_correction_bias.device), self.router_bias_rate)
+        return list(summed)
 
     # ---------------------------------------------------------------- state
 
