@@ -6,6 +6,7 @@ use pyo3::PyErr;
 
 import_exception!(k2.errors, K2Error);
 import_exception!(k2.errors, K2IOError);
+import_exception!(k2.errors, CheckpointError);
 
 /// An I/O error about `path`, as `k2.errors.K2IOError` (an `OSError`).
 pub fn io_error(action: &str, path: &std::path::Path, err: &std::io::Error) -> PyErr {

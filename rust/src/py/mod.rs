@@ -5,6 +5,7 @@
 //! `k2.errors`, always naming the file, tensor or worker they are about.
 
 mod broadcast;
+mod checkpoint;
 mod checksum;
 mod data;
 mod errors;
@@ -20,5 +21,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     checksum::register(m)?;
     data::register(m)?;
     broadcast::register(m)?;
+    checkpoint::register(m)?;
     Ok(())
 }

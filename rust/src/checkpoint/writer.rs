@@ -1,0 +1,451 @@
+//! Writing a checkpoint: shards in parallel into a temporary directory, then an atomic publish.
+//!
+//! The order of a save (each step recorded in the [`Trace`], each phase a fault point):
+//!
+//! 1. create `PARENT/.k2-tmp-NAME/` (a stale one from a crashed save is removed first);
+//! 2. write every shard: the bytes of all shards are cut into work units of about one chunk and
+//!    written by the rayon pool with `pwrite`, each chunk hashed as it goes out;
+//! 3. fsync every shard (in parallel), write and fsync the small JSON files, the group indexes
+//!    and finally `manifest.json`; fsync the temporary directory;
+//! 4. rename it to `PARENT/NAME` and fsync `PARENT`;
+//! 5. when publishing into a checkpoint root: write and fsync `latest.tmp`, rename it over
+//!    `latest`, fsync the root, then prune all but the last K checkpoints (each is first renamed
+//!    to `.k2-trash-NAME`, so a half-removed checkpoint never looks like a checkpoint).
+//!
+//! A crash before step 4 leaves only a hidden temporary directory; a crash after it leaves a
+//! complete checkpoint that `latest` may or may not name yet. `latest` only ever names a
+//! directory that was complete and durable before it was moved.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use super::durable;
+use super::error::{CkptError, Result};
+use super::format::{dtype_name, layout, tensor_bytes};
+use super::manifest::{chunk_ranges, hex, FileEntry, Manifest, TensorEntry, MANIFEST_FILE};
+use super::plan::index_file_name;
+use super::trace::{fault_point, Event, Op, Trace};
+use crate::checksum::xxh3_64;
+use crate::interrupt::Cancel;
+
+/// The file in a checkpoint root that names the newest complete checkpoint.
+pub const LATEST_FILE: &str = "latest";
+const TMP_PREFIX: &str = ".k2-tmp-";
+const TRASH_PREFIX: &str = ".k2-trash-";
+
+/// A tensor to write: its bytes are borrowed, never copied before they reach the kernel.
+#[derive(Debug, Clone)]
+pub struct TensorRef<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
+}
+
+/// One shard file and the tensors it holds.
+#[derive(Debug, Clone)]
+pub struct ShardSpec<'a> {
+    pub file_name: String,
+    /// The group (file prefix) whose index lists these tensors.
+    pub group: String,
+    pub tensors: Vec<TensorRef<'a>>,
+}
+
+/// How a checkpoint is written.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// Checksum granularity, in bytes (also the size of a parallel write unit).
+    pub chunk_bytes: usize,
+    /// fsync files and directories (off only to measure serialization into the page cache).
+    pub durable: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions { chunk_bytes: 4 << 20, durable: true }
+    }
+}
+
+/// What to do once the checkpoint directory is in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publish {
+    /// Nothing more (a stand-alone directory, e.g. a Hub export).
+    Directory,
+    /// Move the parent's `latest` pointer to it, then keep only the last `keep_last`
+    /// checkpoints of the parent (all of them if `None`).
+    Latest { keep_last: Option<usize> },
+}
+
+/// A checkpoint being written. Dropping it without [`CheckpointWriter::commit`] leaves the
+/// temporary directory behind; the next save into the same place removes it.
+pub struct CheckpointWriter {
+    final_dir: PathBuf,
+    tmp_dir: PathBuf,
+    options: WriteOptions,
+    manifest: Manifest,
+    /// group -> tensor name -> shard file.
+    weight_map: BTreeMap<String, BTreeMap<String, String>>,
+    /// group -> bytes of tensor data.
+    group_bytes: BTreeMap<String, u64>,
+    trace: Trace,
+}
+
+/// One `pwrite` of a work unit: consecutive pieces of one file.
+struct Unit<'a> {
+    file: usize,
+    offset: u64,
+    pieces: Vec<Piece<'a>>,
+}
+
+/// Bytes of a unit; tensor chunks carry the (tensor slot, chunk index) their hash belongs to.
+struct Piece<'a> {
+    data: &'a [u8],
+    chunk: Option<(usize, usize)>,
+}
+
+thread_local! {
+    static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl CheckpointWriter {
+    /// Start writing the checkpoint that will become `final_dir` (which must not exist).
+    pub fn create(final_dir: &Path, options: WriteOptions) -> Result<Self> {
+        if options.chunk_bytes == 0 {
+            return Err(CkptError::Invalid("chunk_bytes must be positive".into()));
+        }
+        let name = final_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| CkptError::Invalid(format!("bad checkpoint path {}", final_dir.display())))?;
+        if final_dir.exists() {
+            return Err(CkptError::Invalid(format!(
+                "{} already exists; a checkpoint is never overwritten",
+                final_dir.display()
+            )));
+        }
+        let parent = parent_of(final_dir);
+        fs::create_dir_all(&parent).map_err(CkptError::io("create directory", &parent))?;
+        let tmp_dir = parent.join(format!("{TMP_PREFIX}{name}"));
+        let trace = Trace::default();
+        if tmp_dir.exists() {
+            durable::remove_dir(&tmp_dir, &trace)?;
+        }
+        fs::create_dir(&tmp_dir).map_err(CkptError::io("create directory", &tmp_dir))?;
+        fault_point("tmp_created");
+        Ok(CheckpointWriter {
+            final_dir: final_dir.to_path_buf(),
+            tmp_dir,
+            options,
+            manifest: Manifest::new(options.chunk_bytes as u64),
+            weight_map: BTreeMap::new(),
+            group_bytes: BTreeMap::new(),
+            trace,
+        })
+    }
+
+    /// The temporary directory the files go to until [`CheckpointWriter::commit`].
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp_dir
+    }
+
+    /// Write shards, all of them in parallel; each file is fsynced before this returns
+    /// (when durable). Tensor names must be unique within a group.
+    pub fn write_shards(&mut self, shards: &[ShardSpec<'_>], cancel: &Cancel) -> Result<()> {
+        self.check_names(shards)?;
+        // Lay out every shard and open its file.
+        let mut headers = Vec::with_capacity(shards.len());
+        let mut placements = Vec::with_capacity(shards.len());
+        let mut files = Vec::with_capacity(shards.len());
+        let mut paths = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let described: Vec<(&str, Dtype, &[usize])> = shard
+                .tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
+                .collect();
+            let (header, placed) = layout(&described)?;
+            for p in &placed {
+                let t = &shard.tensors[p.index];
+                if t.data.len() != p.end - p.start {
+                    return Err(CkptError::Invalid(format!(
+                        "tensor {:?}: {} bytes given, its dtype and shape need {}",
+                        t.name,
+                        t.data.len(),
+                        p.end - p.start
+                    )));
+                }
+            }
+            let path = self.tmp_dir.join(&shard.file_name);
+            files.push(File::create(&path).map_err(CkptError::io("create", &path))?);
+            paths.push(path);
+            headers.push(header);
+            placements.push(placed);
+        }
+
+        // Cut the bytes into work units and give every tensor a slot for its chunk hashes.
+        let chunk = self.options.chunk_bytes;
+        let mut slots: Vec<(usize, usize)> = Vec::new(); // (shard, tensor index in shard)
+        let mut hashes: Vec<Vec<u64>> = Vec::new();
+        let mut units: Vec<Unit<'_>> = Vec::new();
+        for (f, (shard, placed)) in shards.iter().zip(&placements).enumerate() {
+            let data_start = headers[f].len() as u64;
+            let mut unit = Unit { file: f, offset: 0, pieces: vec![Piece { data: &headers[f], chunk: None }] };
+            let mut unit_len = headers[f].len();
+            for p in placed {
+                let slot = slots.len();
+                let data = shard.tensors[p.index].data;
+                slots.push((f, p.index));
+                hashes.push(vec![0; data.len().div_ceil(chunk)]);
+                for (c, (s, e)) in chunk_ranges(data.len() as u64, chunk as u64).enumerate() {
+                    let piece = &data[s as usize..e as usize];
+                    if unit_len > 0 && unit_len + piece.len() > chunk {
+                        let next_offset = unit.offset + unit_len as u64;
+                        units.push(std::mem::replace(
+                            &mut unit,
+                            Unit { file: f, offset: next_offset, pieces: Vec::new() },
+                        ));
+                        unit_len = 0;
+                    }
+                    unit.pieces.push(Piece { data: piece, chunk: Some((slot, c)) });
+                    unit_len += piece.len();
+                }
+                debug_assert_eq!(unit.offset + unit_len as u64, data_start + p.end as u64);
+            }
+            units.push(unit);
+        }
+
+        // Hash and write every unit in parallel.
+        let done = AtomicUsize::new(0);
+        let half = units.len().div_ceil(2);
+        let results: Vec<Vec<(usize, usize, u64)>> = units
+            .par_iter()
+            .map(|unit| {
+                cancel.check()?;
+                let computed: Vec<(usize, usize, u64)> = unit
+                    .pieces
+                    .iter()
+                    .filter_map(|p| p.chunk.map(|(slot, c)| (slot, c, xxh3_64(p.data))))
+                    .collect();
+                write_unit(&files[unit.file], unit, &paths[unit.file])?;
+                if done.fetch_add(1, Ordering::SeqCst) + 1 == half {
+                    fault_point("mid_write");
+                }
+                Ok(computed)
+            })
+            .collect::<Result<_>>()?;
+        for (slot, c, h) in results.into_iter().flatten() {
+            hashes[slot][c] = h;
+        }
+        for path in &paths {
+            self.trace.record(Op::Write, path);
+        }
+        fault_point("shards_written");
+        if self.options.durable {
+            files
+                .par_iter()
+                .zip(&paths)
+                .try_for_each(|(file, path)| durable::fsync_file(file, path, &self.trace))?;
+        }
+        fault_point("shards_synced");
+
+        // Record the shards in the manifest and the group indexes.
+        for ((f, index), chunk_hashes) in slots.iter().zip(hashes) {
+            let shard = &shards[*f];
+            let placed = placements[*f].iter().find(|p| p.index == *index).expect("placed");
+            let t = &shard.tensors[*index];
+            let entry = self.manifest.files.entry(shard.file_name.clone()).or_default();
+            entry.tensors.insert(
+                t.name.clone(),
+                TensorEntry {
+                    dtype: dtype_name(t.dtype),
+                    shape: t.shape.clone(),
+                    offset: (headers[*f].len() + placed.start) as u64,
+                    bytes: t.data.len() as u64,
+                    chunks: chunk_hashes.iter().map(|&h| hex(h)).collect(),
+                },
+            );
+            self.weight_map
+                .entry(shard.group.clone())
+                .or_default()
+                .insert(t.name.clone(), shard.file_name.clone());
+            *self.group_bytes.entry(shard.group.clone()).or_default() += t.data.len() as u64;
+        }
+        for (f, shard) in shards.iter().enumerate() {
+            let entry = self.manifest.files.entry(shard.file_name.clone()).or_default();
+            entry.bytes = headers[f].len() as u64 + placements[f].last().map_or(0, |p| p.end as u64);
+            entry.xxh3 = hex(xxh3_64(&headers[f]));
+        }
+        Ok(())
+    }
+
+    /// Write a small non-tensor file (JSON) into the checkpoint.
+    pub fn write_file(&mut self, file_name: &str, bytes: &[u8]) -> Result<()> {
+        if self.manifest.files.contains_key(file_name) || file_name == MANIFEST_FILE {
+            return Err(CkptError::Invalid(format!("file {file_name:?} written twice")));
+        }
+        let path = self.tmp_dir.join(file_name);
+        durable::write_file(&path, bytes, self.options.durable, &self.trace)?;
+        self.manifest.files.insert(
+            file_name.to_string(),
+            FileEntry { bytes: bytes.len() as u64, xxh3: hex(xxh3_64(bytes)), tensors: BTreeMap::new() },
+        );
+        Ok(())
+    }
+
+    /// Finish: write the group indexes and the manifest, make everything durable, rename the
+    /// directory into place and publish it. Returns the recorded file-system operations.
+    pub fn commit(mut self, publish: Publish) -> Result<Vec<Event>> {
+        let durable = self.options.durable;
+        for (group, map) in std::mem::take(&mut self.weight_map) {
+            let index = serde_json::json!({
+                "metadata": {"total_size": self.group_bytes.get(&group).copied().unwrap_or(0)},
+                "weight_map": map,
+            });
+            let bytes = serde_json::to_vec_pretty(&index).expect("an index serializes");
+            self.write_file(&index_file_name(&group), &bytes)?;
+        }
+        let manifest_path = self.tmp_dir.join(MANIFEST_FILE);
+        durable::write_file(&manifest_path, &self.manifest.to_json(), durable, &self.trace)?;
+        fault_point("manifest_written");
+        if durable {
+            durable::fsync_dir(&self.tmp_dir, &self.trace)?;
+        }
+        fault_point("before_rename");
+        durable::rename(&self.tmp_dir, &self.final_dir, &self.trace)?;
+        fault_point("after_rename");
+        let root = parent_of(&self.final_dir);
+        if durable {
+            durable::fsync_dir(&root, &self.trace)?;
+        }
+        if let Publish::Latest { keep_last } = publish {
+            let name = self.final_dir.file_name().and_then(|n| n.to_str()).expect("checked in create");
+            move_latest(&root, name, durable, &self.trace)?;
+            fault_point("after_latest");
+            if let Some(keep) = keep_last {
+                prune(&root, keep, durable, &self.trace)?;
+            }
+        }
+        Ok(self.trace.take())
+    }
+
+    fn check_names(&self, shards: &[ShardSpec<'_>]) -> Result<()> {
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        let mut files: HashSet<&str> = HashSet::new();
+        for shard in shards {
+            if !files.insert(&shard.file_name) || self.manifest.files.contains_key(&shard.file_name) {
+                return Err(CkptError::Invalid(format!("shard {:?} written twice", shard.file_name)));
+            }
+            for t in &shard.tensors {
+                let known = self.weight_map.get(&shard.group).is_some_and(|m| m.contains_key(&t.name));
+                if known || !seen.insert((&shard.group, &t.name)) {
+                    return Err(CkptError::Invalid(format!(
+                        "tensor {:?} appears twice in group {:?}",
+                        t.name, shard.group
+                    )));
+                }
+                tensor_bytes(&t.name, t.dtype, &t.shape)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_unit(file: &File, unit: &Unit<'_>, path: &Path) -> Result<()> {
+    if let [single] = unit.pieces.as_slice() {
+        return file.write_all_at(single.data, unit.offset).map_err(CkptError::io("write", path));
+    }
+    GATHER.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.clear();
+        for p in &unit.pieces {
+            buf.extend_from_slice(p.data);
+        }
+        file.write_all_at(&buf, unit.offset).map_err(CkptError::io("write", path))
+    })
+}
+
+fn parent_of(dir: &Path) -> PathBuf {
+    match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Point `root/latest` at checkpoint `name` atomically (write `latest.tmp`, fsync, rename).
+pub fn move_latest(root: &Path, name: &str, durable: bool, trace: &Trace) -> Result<()> {
+    let tmp = root.join(format!("{LATEST_FILE}.tmp"));
+    durable::write_file(&tmp, format!("{name}\n").as_bytes(), durable, trace)?;
+    fault_point("latest_tmp_written");
+    durable::rename(&tmp, &root.join(LATEST_FILE), trace)?;
+    if durable {
+        durable::fsync_dir(root, trace)?;
+    }
+    Ok(())
+}
+
+/// The checkpoint `root/latest` names, if any.
+pub fn read_latest(root: &Path) -> Result<Option<String>> {
+    let path = root.join(LATEST_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let name = text.trim();
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err(CkptError::format(&path, format!("names {name:?}, not a checkpoint")));
+            }
+            Ok(Some(name.to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CkptError::io("read", &path)(e)),
+    }
+}
+
+/// The complete checkpoints in `root` (directories holding a manifest), sorted by name, which
+/// for k2's `step-NNNNNNNN` names is the order they were saved in.
+pub fn list_checkpoints(root: &Path) -> Result<Vec<String>> {
+    let entries = fs::read_dir(root).map_err(CkptError::io("list", root))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(CkptError::io("list", root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && entry.path().join(MANIFEST_FILE).is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Keep the last `keep_last` checkpoints of `root` (and always the one `latest` names); remove
+/// the rest, and any temporary or trash directory a crashed save left behind.
+pub fn prune(root: &Path, keep_last: usize, durable: bool, trace: &Trace) -> Result<()> {
+    let latest = read_latest(root)?;
+    let names = list_checkpoints(root)?;
+    let cut = names.len().saturating_sub(keep_last.max(1));
+    for name in &names[..cut] {
+        if Some(name) == latest.as_ref() {
+            continue;
+        }
+        let trash = root.join(format!("{TRASH_PREFIX}{name}"));
+        durable::rename(&root.join(name), &trash, trace)?;
+        if durable {
+            durable::fsync_dir(root, trace)?;
+        }
+        fault_point("mid_prune");
+        durable::remove_dir(&trash, trace)?;
+    }
+    for entry in fs::read_dir(root).map_err(CkptError::io("list", root))? {
+        let entry = entry.map_err(CkptError::io("list", root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
+            durable::remove_dir(&entry.path(), trace)?;
+        }
+    }
+    Ok(())
+}
