@@ -38,6 +38,7 @@ DEFAULT_MAX_SHARD_BYTES = 4 << 30
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SCALE_SUFFIX = "_scale_inv"
 GiB = 1 << 30
+WRITER_GATHER_BYTES = 1 << 20  # rust/src/checkpoint/writer.rs GATHER_BYTES
 
 
 def export_hf(
@@ -105,8 +106,8 @@ class ImportPlan:
         tensors: output tensor names, in source order.
         out_bytes: bytes of tensor data to write (also the disk space needed).
         shards: output shards (tensor indices).
-        peak_bytes: the most memory the conversion buffers hold at once (one output shard plus
-            the dequantization scratch of one 128-row block).
+        peak_bytes: the most memory the conversion buffers hold at once (one output shard, the
+            dequantization scratch of one 128-row block, and the writer threads' gather buffers).
         skipped_layers: multi-token-prediction layers left out.
     """
 
@@ -218,8 +219,10 @@ def plan_import(
         names.append(name)
         sizes.append(_out_bytes(src_dtype, shape, dtype))
         if _scale_of(reader, name) is not None:
-            # One block of rows in fp32, and the same block's expanded scales.
-            scratch = max(scratch, 2 * FP8_BLOCK * shape[1] * 4)
+            # One block of rows: the fp32 weights, their scaled product and its cast.
+            scratch = max(scratch, FP8_BLOCK * shape[1] * (4 + 4 + dtype.itemsize))
+    # Each writer thread may gather small tensors into one buffer.
+    scratch += (os.cpu_count() or 1) * WRITER_GATHER_BYTES
     largest = max(sizes, default=0)
     budget = memory_cap_bytes - scratch
     if budget < largest:

@@ -3,8 +3,9 @@
 //! The order of a save (each step recorded in the [`Trace`], each phase a fault point):
 //!
 //! 1. create `PARENT/.k2-tmp-NAME/` (a stale one from a crashed save is removed first);
-//! 2. write every shard: the bytes of all shards are cut into work units of about one chunk and
-//!    written by the rayon pool with `pwrite`, each chunk hashed as it goes out;
+//! 2. write every shard: the bytes of all shards are cut into work units (one chunk, or small
+//!    tensors gathered up to [`GATHER_BYTES`]) and written by the rayon pool with `pwrite`,
+//!    each chunk hashed as it goes out;
 //! 3. fsync every shard (in parallel), write and fsync the small JSON files, the group indexes
 //!    and finally `manifest.json`; fsync the temporary directory;
 //! 4. rename it to `PARENT/NAME` and fsync `PARENT`;
@@ -39,6 +40,9 @@ use crate::interrupt::Cancel;
 pub const LATEST_FILE: &str = "latest";
 const TMP_PREFIX: &str = ".k2-tmp-";
 const TRASH_PREFIX: &str = ".k2-trash-";
+/// Small tensors are gathered into one write of at most this many bytes (per worker thread,
+/// the only buffer a save allocates); a larger chunk is written straight from its tensor.
+pub const GATHER_BYTES: usize = 1 << 20;
 
 /// A tensor to write: its bytes are borrowed, never copied before they reach the kernel.
 #[derive(Debug, Clone)]
@@ -191,6 +195,7 @@ impl CheckpointWriter {
 
         // Cut the bytes into work units and give every tensor a slot for its chunk hashes.
         let chunk = self.options.chunk_bytes;
+        let unit_limit = chunk.min(GATHER_BYTES);
         let mut slots: Vec<(usize, usize)> = Vec::new(); // (shard, tensor index in shard)
         let mut hashes: Vec<Vec<u64>> = Vec::new();
         let mut units: Vec<Unit<'_>> = Vec::new();
@@ -205,7 +210,7 @@ impl CheckpointWriter {
                 hashes.push(vec![0; data.len().div_ceil(chunk)]);
                 for (c, (s, e)) in chunk_ranges(data.len() as u64, chunk as u64).enumerate() {
                     let piece = &data[s as usize..e as usize];
-                    if unit_len > 0 && unit_len + piece.len() > chunk {
+                    if unit_len > 0 && unit_len + piece.len() > unit_limit {
                         let next_offset = unit.offset + unit_len as u64;
                         units.push(std::mem::replace(
                             &mut unit,
