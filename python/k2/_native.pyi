@@ -6,6 +6,7 @@ Every function here releases the GIL for its heavy work, turns a Rust panic into
 
 from collections.abc import Buffer
 from os import PathLike
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -250,3 +251,85 @@ class ShmSubscriber:
         """After an eviction, ask to be sent the current version again."""
     def close(self) -> None:
         """Leave the segment."""
+
+# --- checkpoints (rust/src/checkpoint/, bindings in rust/src/py/checkpoint.rs) ---------------
+
+CHECKPOINT_FAULT_PHASES: list[str]
+"""The save's fault-injection points, in order. With ``K2_CKPT_FAULT=<phase>`` in the
+environment, a save kills its process (SIGKILL) on reaching that phase."""
+
+TensorEntry = tuple[str, str, list[int], Buffer]
+"""A tensor to write: ``(name, safetensors dtype, shape, C-contiguous bytes)``."""
+
+class CheckpointWriter:
+    """Writes one checkpoint directory: shards in parallel into ``.k2-tmp-NAME`` beside it, then
+    :meth:`commit` fsyncs, renames it into place and optionally moves the parent's ``latest``.
+
+    Args:
+        final_dir: the directory to create; it must not exist.
+        chunk_bytes: checksum granularity (also the parallel write unit).
+        durable: fsync files and directories (off only to measure page-cache writes).
+
+    Raises:
+        k2.errors.CheckpointError: if ``final_dir`` exists.
+    """
+
+    def __init__(self, final_dir: str | PathLike[str], *, chunk_bytes: int = ..., durable: bool = True) -> None: ...
+    def write_groups(self, groups: list[tuple[str, list[TensorEntry]]], max_shard_bytes: int) -> list[str]:
+        """Write each group as ``GROUP-0000i-of-0000N.safetensors`` shards (at most
+        ``max_shard_bytes``, at least one per writer thread when large), all in parallel.
+        Returns the shard file names."""
+    def write_shard(self, file_name: str, group: str, tensors: list[TensorEntry]) -> None:
+        """Write one shard file listed under ``group`` (for streaming conversions)."""
+    def write_file(self, file_name: str, data: bytes) -> None:
+        """Write a small non-tensor file (JSON, tokenizer files)."""
+    def commit(self, *, publish_latest: bool, keep_last: int | None = None) -> list[tuple[str, str, str | None]]:
+        """Write the group indexes and manifest, fsync, rename into place; with
+        ``publish_latest`` move the parent's ``latest`` and keep the newest ``keep_last``.
+        Returns the recorded operations ``(op, path, rename_target)``, op one of ``write``,
+        ``fsync``, ``rename``, ``dir_fsync``, ``remove``."""
+
+class CheckpointReader:
+    """A checkpoint directory, memory-mapped, its headers checked against the manifest.
+
+    A Hub directory of ``.safetensors`` files (no manifest) opens too but cannot be verified.
+
+    Raises:
+        k2.errors.CheckpointError: naming the file, for a truncated shard, an absurd header
+            length, or a header that disagrees with the manifest.
+    """
+
+    def __init__(self, dir: str | PathLike[str]) -> None: ...
+    @property
+    def dir(self) -> Path: ...
+    @property
+    def has_manifest(self) -> bool: ...
+    @property
+    def bytes_read(self) -> int:
+        """Bytes hashed or copied so far (unverified zero-copy arrays are not counted)."""
+    def tensors(self) -> list[tuple[str, str, list[int], str]]:
+        """``(name, dtype, shape, file_name)`` of every tensor, in file order."""
+    def verify(self) -> None:
+        """Check every chunk and file against the manifest, in parallel.
+
+        Raises:
+            k2.errors.CheckpointError: naming the shard, tensor and chunk of a mismatch.
+        """
+    def array(self, name: str, *, verify: bool = True) -> npt.NDArray[np.uint8]:
+        """A tensor's bytes as a ``uint8`` array over the (private, copy-on-write) map."""
+    def rows(self, name: str, start: int, stop: int, *, verify: bool = True) -> npt.NDArray[np.uint8]:
+        """Rows ``start:stop`` (first dimension) of a tensor, reading only the chunks they overlap."""
+    def read_file(self, name: str, *, verify: bool = True) -> bytes:
+        """A non-tensor file of the checkpoint, checked against the manifest when ``verify``."""
+
+def plan_shards(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Cut tensors of these byte sizes, in order, into shards of at most ``max_shard_bytes``."""
+
+def shard_file_name(group: str, index: int, count: int) -> str:
+    """``GROUP-0000{index+1}-of-0000{count}.safetensors``."""
+
+def read_latest(root: str | PathLike[str]) -> str | None:
+    """The checkpoint name ``ROOT/latest`` holds, or None."""
+
+def list_checkpoints(root: str | PathLike[str]) -> list[str]:
+    """The complete checkpoints (directories with a manifest) in ``root``, sorted by name."""

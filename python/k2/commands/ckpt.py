@@ -24,7 +24,7 @@ def inspect(args: argparse.Namespace) -> int:
         groups[group_of(file)][1] += nbytes
         files[file] += 1
     for group, (count, nbytes) in sorted(groups.items()):
-        print(f"  {group:<12} {count:6d} tensors  {nbytes / GiB:9.3f} GiB")
+        print(f"  {group:<12} {count:6d} tensors  {_human(nbytes):>10}")
     print(f"  {len(files)} shard file(s); checksums: {'yes' if reader.has_manifest else 'no (not a k2 checkpoint)'}")
     if reader.has_file("train_state.json") and reader.has_manifest:
         state = reader.read_json("train_state.json").get("user")
@@ -35,6 +35,14 @@ def inspect(args: argparse.Namespace) -> int:
             dtype, shape, file = reader.info(name)
             print(f"    {name:<64} {dtype:<8} {str(shape):<22} {file}")
     return 0
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
 
 
 def _bytes(dtype: str, shape: list[int]) -> int:
@@ -53,10 +61,8 @@ def verify(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     reader.verify()
     seconds = time.perf_counter() - start
-    print(
-        f"OK {reader.path}: {reader.bytes_read / GiB:.3f} GiB verified in {seconds:.2f} s "
-        f"({reader.bytes_read / GiB / max(seconds, 1e-9):.2f} GiB/s)"
-    )
+    rate = reader.bytes_read / max(seconds, 1e-9)
+    print(f"OK {reader.path}: {_human(reader.bytes_read)} verified in {seconds:.2f} s ({_human(rate)}/s)")
     return 0
 
 

@@ -5,6 +5,8 @@
 //! is cut into shards `{group}-00001-of-0000N.safetensors` in order, each at most
 //! `max_shard_bytes` unless a single tensor is larger.
 
+use super::writer::{ShardSpec, TensorRef};
+
 /// Cut tensors of the given sizes, in order, into shards of at most `max_shard_bytes`.
 /// Returns the tensor indices of each shard; an empty input gives no shards.
 pub fn plan_shards(sizes: &[usize], max_shard_bytes: usize) -> Vec<Vec<usize>> {
@@ -23,6 +25,38 @@ pub fn plan_shards(sizes: &[usize], max_shard_bytes: usize) -> Vec<Vec<usize>> {
         shards.push(current);
     }
     shards
+}
+
+/// Below this many bytes a group is not split further for parallelism.
+pub const MIN_PARALLEL_SHARD_BYTES: usize = 64 << 20;
+
+/// The shard size limit that lets `threads` writers work on different files.
+///
+/// Linux serializes writes to one file (the inode lock), so a group is cut into at least
+/// `threads` shards when it is large, even if `max_shard_bytes` would allow fewer. Shards never
+/// shrink below [`MIN_PARALLEL_SHARD_BYTES`] for this, and never grow past `max_shard_bytes`.
+pub fn parallel_shard_limit(total_bytes: usize, threads: usize, max_shard_bytes: usize) -> usize {
+    let even = total_bytes.div_ceil(threads.max(1));
+    even.max(MIN_PARALLEL_SHARD_BYTES).min(max_shard_bytes).max(1)
+}
+
+/// Cut a group into shards named `{group}-0000i-of-0000N.safetensors`, with at most
+/// `max_shard_bytes` each and at least one per writer thread when the group is large.
+pub fn plan_group<'a>(group: &str, tensors: Vec<TensorRef<'a>>, max_shard_bytes: usize) -> Vec<ShardSpec<'a>> {
+    let sizes: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
+    let limit = parallel_shard_limit(sizes.iter().sum(), rayon::current_num_threads(), max_shard_bytes);
+    let planned = plan_shards(&sizes, limit);
+    let count = planned.len();
+    let mut tensors: Vec<Option<TensorRef<'a>>> = tensors.into_iter().map(Some).collect();
+    planned
+        .into_iter()
+        .enumerate()
+        .map(|(i, indices)| ShardSpec {
+            file_name: shard_file_name(group, i, count),
+            group: group.to_string(),
+            tensors: indices.into_iter().map(|j| tensors[j].take().expect("planned once")).collect(),
+        })
+        .collect()
 }
 
 /// The file name of shard `index` (0-based) of `count` in `group`, as the Hub names them.
@@ -52,6 +86,14 @@ mod tests {
     #[test]
     fn nothing_to_plan_gives_no_shards() {
         assert!(plan_shards(&[], 8).is_empty());
+    }
+
+    #[test]
+    fn large_groups_get_a_shard_per_thread_small_ones_stay_whole() {
+        let gib = 1 << 30;
+        assert_eq!(parallel_shard_limit(gib, 4, 5 * gib), gib / 4);
+        assert_eq!(parallel_shard_limit(gib, 4, 100 << 20), 100 << 20);
+        assert_eq!(parallel_shard_limit(1000, 4, 5 * gib), MIN_PARALLEL_SHARD_BYTES);
     }
 
     #[test]

@@ -116,8 +116,9 @@ impl PyCheckpointWriter {
         Ok(PyCheckpointWriter { inner: Mutex::new(Some(writer)) })
     }
 
-    /// Write groups of tensors, each cut into shards of at most `max_shard_bytes` named
-    /// `GROUP-0000i-of-0000N.safetensors`; all shards of all groups are written in parallel.
+    /// Write groups of tensors, each cut into shards of at most `max_shard_bytes` (and, when
+    /// large, at least one per writer thread) named `GROUP-0000i-of-0000N.safetensors`; all
+    /// shards of all groups are written in parallel.
     ///
     /// Args:
     ///     groups: `[(group, [(name, dtype, shape, buffer), ...]), ...]`.
@@ -139,16 +140,9 @@ impl PyCheckpointWriter {
             detached(py, "CheckpointWriter.write_groups", |cancel| {
                 let mut shards = Vec::new();
                 for (group, tensors) in &groups {
-                    let sizes: Vec<usize> = tensors.iter().map(|t| t.len).collect();
-                    let planned = plan::plan_shards(&sizes, max_shard_bytes.max(1));
-                    for (i, indices) in planned.iter().enumerate() {
-                        shards.push(ShardSpec {
-                            file_name: plan::shard_file_name(group, i, planned.len()),
-                            group: group.clone(),
-                            // SAFETY: `groups` outlives this closure and is only read.
-                            tensors: indices.iter().map(|&j| unsafe { tensors[j].tensor_ref() }).collect(),
-                        });
-                    }
+                    // SAFETY: `groups` outlives this closure and is only read.
+                    let refs = tensors.iter().map(|t| unsafe { t.tensor_ref() }).collect();
+                    shards.extend(plan::plan_group(group, refs, max_shard_bytes));
                 }
                 w.write_shards(&shards, cancel)?;
                 Ok::<_, CkptError>(shards.into_iter().map(|s| s.file_name).collect())
