@@ -228,3 +228,11 @@ def test_loaded_tensors_share_the_memory_map(tmp_path: Path) -> None:
     assert torch.equal(fresh.tensor("embed.weight"), model.embed.weight.detach())
     with pytest.raises(CheckpointError, match="embed.weight"):
         reader.tensor("embed.weight")
+
+
+def test_an_optimizer_state_for_other_parameters_is_a_checkpoint_error(tmp_path: Path) -> None:
+    model, optimizer = trained()
+    checkpoint.save(tmp_path, model, optimizer, step=1)
+    other = torch.optim.AdamW(list(model.parameters())[:2])
+    with pytest.raises(CheckpointError, match="AdamW"):
+        checkpoint.load(tmp_path, model, other)

@@ -223,7 +223,12 @@ def load(
     if optimizer is not None:
         if reader.has_file("optimizer.json"):
             structure = reader.read_json("optimizer.json", verify=verify)["state_dict"]
-            optimizer.load_state_dict(decode(structure, stored))
+            try:
+                optimizer.load_state_dict(decode(structure, stored))
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(
+                    f"the optimizer state in {reader.path} does not fit {type(optimizer).__name__}: {err}"
+                ) from err
         elif strict:
             raise CheckpointError(f"checkpoint {reader.path} holds no optimizer state")
     if reader.has_file("train_state.json"):

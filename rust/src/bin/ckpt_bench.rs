@@ -15,9 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use k2_native::checkpoint::{
-    plan, Checkpoint, CheckpointWriter, Publish, TensorRef, WriteOptions,
-};
+use k2_native::checkpoint::{plan, Checkpoint, CheckpointWriter, Publish, TensorRef, WriteOptions};
 use k2_native::interrupt::Cancel;
 use safetensors::Dtype;
 
@@ -30,7 +28,11 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { mib: 1024, repeats: 5, dir: std::env::temp_dir() };
+    let mut args = Args {
+        mib: 1024,
+        repeats: 5,
+        dir: std::env::temp_dir(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -53,7 +55,9 @@ fn make_tensors(mib: usize) -> Vec<(String, Vec<usize>, Vec<u8>)> {
     let mut i = 0usize;
     while used < mib * MIB {
         let rows: usize = [1024, 2048, 4096][i % 3];
-        let data: Vec<u8> = (0..rows * 4096).map(|j: usize| (j.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..rows * 4096)
+            .map(|j: usize| (j.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         used += data.len();
         out.push((format!("w{i}"), vec![rows, 1024], data));
         i += 1;
@@ -86,16 +90,29 @@ fn time_runs(repeats: usize, mut before: impl FnMut(), mut run: impl FnMut()) ->
 fn save(dir: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)], durable: bool) {
     let refs: Vec<TensorRef<'_>> = tensors
         .iter()
-        .map(|(n, s, d)| TensorRef { name: n.clone(), dtype: Dtype::F32, shape: s.clone(), data: d })
+        .map(|(n, s, d)| TensorRef {
+            name: n.clone(),
+            dtype: Dtype::F32,
+            shape: s.clone(),
+            data: d,
+        })
         .collect();
     let shards = plan::plan_group("model", refs, 5 << 30);
-    let options = WriteOptions { durable, ..WriteOptions::default() };
+    let options = WriteOptions {
+        durable,
+        ..WriteOptions::default()
+    };
     let mut writer = CheckpointWriter::create(&dir.join("step-0"), options).unwrap();
     writer.write_shards(&shards, &Cancel::never()).unwrap();
     writer.commit(Publish::Latest { keep_last: None }).unwrap();
 }
 
-fn plain_write(dir: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)], streams: usize, durable: bool) {
+fn plain_write(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    streams: usize,
+    durable: bool,
+) {
     std::thread::scope(|scope| {
         for s in 0..streams {
             scope.spawn(move || {
@@ -120,30 +137,56 @@ fn fresh(dir: &Path) {
 fn main() {
     let args = parse_args();
     let streams = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let scratch = args.dir.join(format!("k2-ckpt-bench-{}", std::process::id()));
+    let scratch = args
+        .dir
+        .join(format!("k2-ckpt-bench-{}", std::process::id()));
     let tensors = make_tensors(args.mib);
     let bytes: usize = tensors.iter().map(|t| t.2.len()).sum();
     let gib = bytes as f64 / (1u64 << 30) as f64;
-    println!("# ckpt_bench (Rust core): {} MiB in {} tensors, {streams} cores, rayon {} threads", bytes / MIB, tensors.len(), rayon::current_num_threads());
-    println!("# scratch {}; preliminary figures if the machine is shared", scratch.display());
+    println!(
+        "# ckpt_bench (Rust core): {} MiB in {} tensors, {streams} cores, rayon {} threads",
+        bytes / MIB,
+        tensors.len(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "# scratch {}; preliminary figures if the machine is shared",
+        scratch.display()
+    );
 
     let (k2_dir, plain_dir) = (scratch.join("k2"), scratch.join("plain"));
     let r = args.repeats;
     let save_cache = time_runs(r, || fresh(&k2_dir), || save(&k2_dir, &tensors, false));
-    let plain_cache = time_runs(r, || fresh(&plain_dir), || plain_write(&plain_dir, &tensors, streams, false));
+    let plain_cache = time_runs(
+        r,
+        || fresh(&plain_dir),
+        || plain_write(&plain_dir, &tensors, streams, false),
+    );
     let save_durable = time_runs(r, || fresh(&k2_dir), || save(&k2_dir, &tensors, true));
-    let plain_durable = time_runs(r, || fresh(&plain_dir), || plain_write(&plain_dir, &tensors, streams, true));
+    let plain_durable = time_runs(
+        r,
+        || fresh(&plain_dir),
+        || plain_write(&plain_dir, &tensors, streams, true),
+    );
 
     let ckpt_dir = k2_dir.join("step-0");
-    let load = time_runs(r, || (), || {
-        let ckpt = Checkpoint::open(&ckpt_dir).unwrap();
-        ckpt.verify_all(&Cancel::never()).unwrap();
-    });
-    let read = time_runs(r, || (), || {
-        for entry in fs::read_dir(&ckpt_dir).unwrap() {
-            std::hint::black_box(fs::read(entry.unwrap().path()).unwrap());
-        }
-    });
+    let load = time_runs(
+        r,
+        || (),
+        || {
+            let ckpt = Checkpoint::open(&ckpt_dir).unwrap();
+            ckpt.verify_all(&Cancel::never()).unwrap();
+        },
+    );
+    let read = time_runs(
+        r,
+        || (),
+        || {
+            for entry in fs::read_dir(&ckpt_dir).unwrap() {
+                std::hint::black_box(fs::read(entry.unwrap().path()).unwrap());
+            }
+        },
+    );
     let src = vec![1u8; bytes];
     let mut dst = vec![0u8; bytes];
     dst.copy_from_slice(&src);
@@ -155,7 +198,10 @@ fn main() {
         ("save, page cache: k2", save_cache),
         ("save, page cache: plain multi-stream write", plain_cache),
         ("save, fsynced: k2 (+rename, latest)", save_durable),
-        ("save, fsynced: plain multi-stream write+fsync", plain_durable),
+        (
+            "save, fsynced: plain multi-stream write+fsync",
+            plain_durable,
+        ),
         ("load, every chunk verified: k2", load),
         ("load: std::fs::read of every file", read),
         ("memcpy, 1 thread", memcpy),

@@ -20,7 +20,9 @@ pub fn fsync_file(file: &File, path: &Path, trace: &Trace) -> Result<()> {
 /// fsync a directory, which makes the creation, removal and renaming of its entries durable.
 pub fn fsync_dir(dir: &Path, trace: &Trace) -> Result<()> {
     let handle = File::open(dir).map_err(CkptError::io("open directory", dir))?;
-    handle.sync_all().map_err(CkptError::io("fsync directory", dir))?;
+    handle
+        .sync_all()
+        .map_err(CkptError::io("fsync directory", dir))?;
     trace.record(Op::DirFsync, dir);
     Ok(())
 }
@@ -28,7 +30,8 @@ pub fn fsync_dir(dir: &Path, trace: &Trace) -> Result<()> {
 /// Create `path` with `bytes` as its content; fsync it when `durable`.
 pub fn write_file(path: &Path, bytes: &[u8], durable: bool, trace: &Trace) -> Result<()> {
     let mut file = File::create(path).map_err(CkptError::io("create", path))?;
-    file.write_all(bytes).map_err(CkptError::io("write", path))?;
+    file.write_all(bytes)
+        .map_err(CkptError::io("write", path))?;
     trace.record(Op::Write, path);
     if durable {
         fsync_file(&file, path, trace)?;

@@ -36,7 +36,9 @@ pub fn tensor_bytes(name: &str, dtype: Dtype, shape: &[usize]) -> Result<usize> 
     let bits = elements.and_then(|n| n.checked_mul(dtype.bitsize()));
     match bits {
         Some(bits) if bits % 8 == 0 => Ok(bits / 8),
-        _ => Err(CkptError::Invalid(format!("tensor {name:?}: shape {shape:?} is not whole bytes"))),
+        _ => Err(CkptError::Invalid(format!(
+            "tensor {name:?}: shape {shape:?} is not whole bytes"
+        ))),
     }
 }
 
@@ -63,10 +65,18 @@ pub fn layout(tensors: &[(&str, Dtype, &[usize])]) -> Result<(Vec<u8>, Vec<Place
     for index in order {
         let (name, dtype, shape) = tensors[index];
         let bytes = tensor_bytes(name, dtype, shape)?;
-        placed.push(Placed { index, start: offset, end: offset + bytes });
+        placed.push(Placed {
+            index,
+            start: offset,
+            end: offset + bytes,
+        });
         infos.push((
             name.to_string(),
-            TensorInfo { dtype, shape: shape.to_vec(), data_offsets: (offset, offset + bytes) },
+            TensorInfo {
+                dtype,
+                shape: shape.to_vec(),
+                data_offsets: (offset, offset + bytes),
+            },
         ));
         offset += bytes;
     }
@@ -131,7 +141,9 @@ pub fn parse_header(buf: &[u8], path: &Path) -> Result<(usize, Vec<HeaderTensor>
         .offset_keys()
         .into_iter()
         .map(|name| {
-            let info = metadata.info(&name).expect("offset_keys names known tensors");
+            let info = metadata
+                .info(&name)
+                .expect("offset_keys names known tensors");
             let (s, e) = info.data_offsets;
             HeaderTensor {
                 name,
@@ -167,14 +179,18 @@ mod tests {
 
     #[test]
     fn a_laid_out_header_parses_back() {
-        let (mut file, placed) = layout(&[("w", Dtype::F32, &[2, 3]), ("b", Dtype::F32, &[3])]).unwrap();
+        let (mut file, placed) =
+            layout(&[("w", Dtype::F32, &[2, 3]), ("b", Dtype::F32, &[3])]).unwrap();
         let data_start = file.len();
         file.resize(data_start + placed.last().unwrap().end, 0);
         let (start, tensors) = parse_header(&file, Path::new("x.safetensors")).unwrap();
         assert_eq!(start, data_start);
         assert_eq!(tensors[0].name, "w");
         assert_eq!(tensors[0].shape, vec![2, 3]);
-        assert_eq!((tensors[1].start, tensors[1].end), (data_start + 24, data_start + 36));
+        assert_eq!(
+            (tensors[1].start, tensors[1].end),
+            (data_start + 24, data_start + 36)
+        );
     }
 
     #[test]
@@ -182,19 +198,26 @@ mod tests {
         let path = Path::new("bad.safetensors");
         let err = parse_header(&[1, 2, 3], path).unwrap_err().to_string();
         assert!(err.contains("too short"), "{err}");
-        let err = parse_header(&u64::MAX.to_le_bytes(), path).unwrap_err().to_string();
+        let err = parse_header(&u64::MAX.to_le_bytes(), path)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("exceeds"), "{err}");
         let mut buf = 1000u64.to_le_bytes().to_vec();
         buf.extend_from_slice(b"{}      ");
         let err = parse_header(&buf, path).unwrap_err().to_string();
-        assert!(err.contains("past the end") && err.contains("bad.safetensors"), "{err}");
+        assert!(
+            err.contains("past the end") && err.contains("bad.safetensors"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_truncated_data_section_is_reported() {
         let (mut file, _) = layout(&[("w", Dtype::F32, &[4])]).unwrap();
         file.extend_from_slice(&[0u8; 10]); // 16 bytes expected
-        let err = parse_header(&file, Path::new("t.safetensors")).unwrap_err().to_string();
+        let err = parse_header(&file, Path::new("t.safetensors"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("truncated"), "{err}");
     }
 

@@ -59,7 +59,12 @@ pub struct TensorEntry {
 impl Manifest {
     /// An empty manifest with the given chunk size.
     pub fn new(chunk_bytes: u64) -> Self {
-        Manifest { format: FORMAT.into(), version: VERSION, chunk_bytes, files: BTreeMap::new() }
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            chunk_bytes,
+            files: BTreeMap::new(),
+        }
     }
 
     /// Parse a manifest read from `path`, checking its format and version.
@@ -126,9 +131,11 @@ mod tests {
 
     #[test]
     fn a_foreign_json_is_rejected_with_the_path() {
-        let err = Manifest::parse(br#"{"format": "x", "version": 1, "chunk_bytes": 4, "files": {}}"#,
-                                  Path::new("/c/manifest.json"))
-            .unwrap_err();
+        let err = Manifest::parse(
+            br#"{"format": "x", "version": 1, "chunk_bytes": 4, "files": {}}"#,
+            Path::new("/c/manifest.json"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/c/manifest.json"), "{err}");
     }
 }

@@ -37,14 +37,24 @@ pub const MIN_PARALLEL_SHARD_BYTES: usize = 64 << 20;
 /// shrink below [`MIN_PARALLEL_SHARD_BYTES`] for this, and never grow past `max_shard_bytes`.
 pub fn parallel_shard_limit(total_bytes: usize, threads: usize, max_shard_bytes: usize) -> usize {
     let even = total_bytes.div_ceil(threads.max(1));
-    even.max(MIN_PARALLEL_SHARD_BYTES).min(max_shard_bytes).max(1)
+    even.max(MIN_PARALLEL_SHARD_BYTES)
+        .min(max_shard_bytes)
+        .max(1)
 }
 
 /// Cut a group into shards named `{group}-0000i-of-0000N.safetensors`, with at most
 /// `max_shard_bytes` each and at least one per writer thread when the group is large.
-pub fn plan_group<'a>(group: &str, tensors: Vec<TensorRef<'a>>, max_shard_bytes: usize) -> Vec<ShardSpec<'a>> {
+pub fn plan_group<'a>(
+    group: &str,
+    tensors: Vec<TensorRef<'a>>,
+    max_shard_bytes: usize,
+) -> Vec<ShardSpec<'a>> {
     let sizes: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
-    let limit = parallel_shard_limit(sizes.iter().sum(), rayon::current_num_threads(), max_shard_bytes);
+    let limit = parallel_shard_limit(
+        sizes.iter().sum(),
+        rayon::current_num_threads(),
+        max_shard_bytes,
+    );
     let planned = plan_shards(&sizes, limit);
     let count = planned.len();
     let mut tensors: Vec<Option<TensorRef<'a>>> = tensors.into_iter().map(Some).collect();
@@ -54,7 +64,10 @@ pub fn plan_group<'a>(group: &str, tensors: Vec<TensorRef<'a>>, max_shard_bytes:
         .map(|(i, indices)| ShardSpec {
             file_name: shard_file_name(group, i, count),
             group: group.to_string(),
-            tensors: indices.into_iter().map(|j| tensors[j].take().expect("planned once")).collect(),
+            tensors: indices
+                .into_iter()
+                .map(|j| tensors[j].take().expect("planned once"))
+                .collect(),
         })
         .collect()
 }
@@ -75,12 +88,18 @@ mod tests {
 
     #[test]
     fn shards_respect_the_size_limit_and_keep_order() {
-        assert_eq!(plan_shards(&[4, 4, 4, 4, 4], 8), vec![vec![0, 1], vec![2, 3], vec![4]]);
+        assert_eq!(
+            plan_shards(&[4, 4, 4, 4, 4], 8),
+            vec![vec![0, 1], vec![2, 3], vec![4]]
+        );
     }
 
     #[test]
     fn a_tensor_larger_than_the_limit_gets_a_shard_of_its_own() {
-        assert_eq!(plan_shards(&[1, 100, 1], 8), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(
+            plan_shards(&[1, 100, 1], 8),
+            vec![vec![0], vec![1], vec![2]]
+        );
     }
 
     #[test]
@@ -93,12 +112,18 @@ mod tests {
         let gib = 1 << 30;
         assert_eq!(parallel_shard_limit(gib, 4, 5 * gib), gib / 4);
         assert_eq!(parallel_shard_limit(gib, 4, 100 << 20), 100 << 20);
-        assert_eq!(parallel_shard_limit(1000, 4, 5 * gib), MIN_PARALLEL_SHARD_BYTES);
+        assert_eq!(
+            parallel_shard_limit(1000, 4, 5 * gib),
+            MIN_PARALLEL_SHARD_BYTES
+        );
     }
 
     #[test]
     fn names_follow_the_hub_convention() {
-        assert_eq!(shard_file_name("model", 0, 3), "model-00001-of-00003.safetensors");
+        assert_eq!(
+            shard_file_name("model", 0, 3),
+            "model-00001-of-00003.safetensors"
+        );
         assert_eq!(index_file_name("model"), "model.safetensors.index.json");
     }
 }

@@ -69,7 +69,10 @@ impl Checkpoint {
         } else if dir.is_dir() {
             None
         } else {
-            return Err(CkptError::NotFound(format!("no checkpoint directory {}", dir.display())));
+            return Err(CkptError::NotFound(format!(
+                "no checkpoint directory {}",
+                dir.display()
+            )));
         };
         let mut checkpoint = Checkpoint {
             dir: dir.to_path_buf(),
@@ -86,12 +89,17 @@ impl Checkpoint {
                     let path = dir.join(name);
                     let hash = parse_hex(&entry.xxh3, &manifest_path)?;
                     if !name.ends_with(".safetensors") {
-                        checkpoint.other_files.push((name.clone(), entry.bytes, hash));
+                        checkpoint
+                            .other_files
+                            .push((name.clone(), entry.bytes, hash));
                         continue;
                     }
                     let (shard, header_len, tensors) = map_shard(&path, Some(entry.bytes))?;
                     if xxh3_64(&shard.map[..header_len]) != hash {
-                        return Err(CkptError::format(&path, "header checksum mismatch: the file is corrupt"));
+                        return Err(CkptError::format(
+                            &path,
+                            "header checksum mismatch: the file is corrupt",
+                        ));
                     }
                     checkpoint.add_shard(shard, tensors, Some(entry), &manifest_path)?;
                 }
@@ -125,7 +133,11 @@ impl Checkpoint {
             if entry.tensors.len() != tensors.len() {
                 return Err(CkptError::format(
                     &shard.path,
-                    format!("header lists {} tensors, the manifest {}", tensors.len(), entry.tensors.len()),
+                    format!(
+                        "header lists {} tensors, the manifest {}",
+                        tensors.len(),
+                        entry.tensors.len()
+                    ),
                 ));
             }
         }
@@ -134,7 +146,10 @@ impl Checkpoint {
                 None => Vec::new(),
                 Some(entry) => {
                     let expected = entry.tensors.get(&t.name).ok_or_else(|| {
-                        CkptError::format(&shard.path, format!("tensor {:?} is not in the manifest", t.name))
+                        CkptError::format(
+                            &shard.path,
+                            format!("tensor {:?} is not in the manifest", t.name),
+                        )
                     })?;
                     if expected.dtype != dtype_name(t.dtype)
                         || expected.shape != t.shape
@@ -153,7 +168,11 @@ impl Checkpoint {
                         .collect::<Result<Vec<u64>>>()?
                 }
             };
-            if self.by_name.insert(t.name.clone(), self.tensors.len()).is_some() {
+            if self
+                .by_name
+                .insert(t.name.clone(), self.tensors.len())
+                .is_some()
+            {
                 return Err(CkptError::format(
                     &shard.path,
                     format!("tensor {:?} appears in more than one shard", t.name),
@@ -195,9 +214,15 @@ impl Checkpoint {
 
     /// A tensor's description, or an error naming it.
     pub fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.by_name.get(name).map(|&i| &self.tensors[i]).ok_or_else(|| {
-            CkptError::NotFound(format!("no tensor {name:?} in checkpoint {}", self.dir.display()))
-        })
+        self.by_name
+            .get(name)
+            .map(|&i| &self.tensors[i])
+            .ok_or_else(|| {
+                CkptError::NotFound(format!(
+                    "no tensor {name:?} in checkpoint {}",
+                    self.dir.display()
+                ))
+            })
     }
 
     /// Bytes the reader has hashed or copied since it was opened.
@@ -220,14 +245,16 @@ impl Checkpoint {
     pub fn rows(&self, name: &str, start: usize, stop: usize, verify: bool) -> Result<&[u8]> {
         let t = self.info(name)?;
         let Some(&rows) = t.shape.first() else {
-            return Err(CkptError::Invalid(format!("tensor {name:?} is a scalar: it has no rows")));
+            return Err(CkptError::Invalid(format!(
+                "tensor {name:?} is a scalar: it has no rows"
+            )));
         };
         if start > stop || stop > rows {
             return Err(CkptError::Invalid(format!(
                 "rows {start}..{stop} are out of range for tensor {name:?} with {rows} rows"
             )));
         }
-        let row_bytes = if rows == 0 { 0 } else { (t.end - t.start) / rows };
+        let row_bytes = (t.end - t.start).checked_div(rows).unwrap_or(0);
         let (lo, hi) = ((start * row_bytes) as u64, (stop * row_bytes) as u64);
         if verify {
             self.verify_range(t, lo, hi, &Cancel::never())?;
@@ -251,14 +278,23 @@ impl Checkpoint {
         let last = hi.div_ceil(chunk_bytes) as usize;
         let bytes = (t.end - t.start) as u64;
         let ranges: Vec<(u64, u64)> = chunk_ranges(bytes, chunk_bytes).collect();
-        (first..last).into_par_iter().try_for_each(|c| self.verify_chunk(t, c, ranges[c], cancel))
+        (first..last)
+            .into_par_iter()
+            .try_for_each(|c| self.verify_chunk(t, c, ranges[c], cancel))
     }
 
-    fn verify_chunk(&self, t: &TensorInfo, c: usize, (s, e): (u64, u64), cancel: &Cancel) -> Result<()> {
+    fn verify_chunk(
+        &self,
+        t: &TensorInfo,
+        c: usize,
+        (s, e): (u64, u64),
+        cancel: &Cancel,
+    ) -> Result<()> {
         cancel.check()?;
         let shard = &self.shards[t.file];
         let data = &shard.map[t.start + s as usize..t.start + e as usize];
-        self.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         if t.chunks.get(c) != Some(&xxh3_64(data)) {
             return Err(CkptError::Corrupt {
                 path: shard.path.clone(),
@@ -284,10 +320,13 @@ impl Checkpoint {
             .tensors
             .iter()
             .flat_map(|t| {
-                chunk_ranges((t.end - t.start) as u64, chunk_bytes).enumerate().map(move |(c, r)| (t, c, r))
+                chunk_ranges((t.end - t.start) as u64, chunk_bytes)
+                    .enumerate()
+                    .map(move |(c, r)| (t, c, r))
             })
             .collect();
-        work.par_iter().try_for_each(|&(t, c, r)| self.verify_chunk(t, c, r, cancel))?;
+        work.par_iter()
+            .try_for_each(|&(t, c, r)| self.verify_chunk(t, c, r, cancel))?;
         for (name, _, _) in &self.other_files {
             self.read_file(name, true)?;
         }
@@ -299,7 +338,8 @@ impl Checkpoint {
     pub fn read_file(&self, name: &str, verify: bool) -> Result<Vec<u8>> {
         let path = self.dir.join(name);
         let bytes = fs::read(&path).map_err(CkptError::io("read", &path))?;
-        self.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if verify {
             let Some((_, size, hash)) = self.other_files.iter().find(|(n, _, _)| n == name) else {
                 return Err(CkptError::NotFound(format!(
@@ -308,7 +348,10 @@ impl Checkpoint {
                 )));
             };
             if bytes.len() as u64 != *size || xxh3_64(&bytes) != *hash {
-                return Err(CkptError::format(&path, "checksum mismatch: the file is corrupt"));
+                return Err(CkptError::format(
+                    &path,
+                    "checksum mismatch: the file is corrupt",
+                ));
             }
         }
         Ok(bytes)
@@ -316,7 +359,10 @@ impl Checkpoint {
 }
 
 /// Open and map one shard; check its size against the manifest first when known.
-fn map_shard(path: &Path, expected_bytes: Option<u64>) -> Result<(Shard, usize, Vec<super::format::HeaderTensor>)> {
+fn map_shard(
+    path: &Path,
+    expected_bytes: Option<u64>,
+) -> Result<(Shard, usize, Vec<super::format::HeaderTensor>)> {
     let file = File::open(path).map_err(CkptError::io("open", path))?;
     let len = file.metadata().map_err(CkptError::io("stat", path))?.len();
     if let Some(expected) = expected_bytes {
@@ -338,6 +384,17 @@ fn map_shard(path: &Path, expected_bytes: Option<u64>) -> Result<(Shard, usize, 
     // reads fault. Checkpoints are written once, into a new directory, and never modified.
     let map = unsafe { MmapOptions::new().map_copy(&file) }.map_err(CkptError::io("map", path))?;
     let (header_len, tensors) = parse_header(&map, path)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok((Shard { name, path: path.to_path_buf(), map }, header_len, tensors))
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((
+        Shard {
+            name,
+            path: path.to_path_buf(),
+            map,
+        },
+        header_len,
+        tensors,
+    ))
 }

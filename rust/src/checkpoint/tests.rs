@@ -32,10 +32,15 @@ impl Drop for TempDir {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
-const SMALL_CHUNK: WriteOptions = WriteOptions { chunk_bytes: 64, durable: true };
+const SMALL_CHUNK: WriteOptions = WriteOptions {
+    chunk_bytes: 64,
+    durable: true,
+};
 
 /// Save tensors `(name, dtype, shape, bytes)` as one group cut into shards of `max_shard` bytes.
 fn save(
@@ -46,9 +51,17 @@ fn save(
 ) -> Vec<Event> {
     let refs: Vec<TensorRef<'_>> = tensors
         .iter()
-        .map(|(n, d, s, b)| TensorRef { name: n.to_string(), dtype: *d, shape: s.clone(), data: b })
+        .map(|(n, d, s, b)| TensorRef {
+            name: n.to_string(),
+            dtype: *d,
+            shape: s.clone(),
+            data: b,
+        })
         .collect();
-    let plan = plan::plan_shards(&refs.iter().map(|t| t.data.len()).collect::<Vec<_>>(), max_shard);
+    let plan = plan::plan_shards(
+        &refs.iter().map(|t| t.data.len()).collect::<Vec<_>>(),
+        max_shard,
+    );
     let shards: Vec<ShardSpec<'_>> = plan
         .iter()
         .enumerate()
@@ -60,7 +73,9 @@ fn save(
         .collect();
     let mut writer = CheckpointWriter::create(dir, SMALL_CHUNK).unwrap();
     writer.write_shards(&shards, &Cancel::never()).unwrap();
-    writer.write_file("train_state.json", br#"{"step": 3}"#).unwrap();
+    writer
+        .write_file("train_state.json", br#"{"step": 3}"#)
+        .unwrap();
     writer.commit(publish).unwrap()
 }
 
@@ -87,7 +102,10 @@ fn tensors_come_back_byte_for_byte_whatever_the_shard_count() {
             assert_eq!((info.dtype, &info.shape), (dtype, &shape));
             assert_eq!(ckpt.tensor(name, true).unwrap(), &bytes[..], "{name}");
         }
-        assert_eq!(ckpt.read_file("train_state.json", true).unwrap(), br#"{"step": 3}"#);
+        assert_eq!(
+            ckpt.read_file("train_state.json", true).unwrap(),
+            br#"{"step": 3}"#
+        );
     }
 }
 
@@ -97,7 +115,8 @@ fn shards_are_valid_safetensors_files() {
     let dir = root.0.join("c");
     save(&dir, &sample(), 100, Publish::Directory);
     let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_slice(&fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     let weight_map = index["weight_map"].as_object().unwrap();
     assert_eq!(weight_map.len(), sample().len());
     for (name, _, shape, bytes) in sample() {
@@ -123,7 +142,10 @@ fn a_flipped_byte_is_reported_with_its_shard_and_tensor() {
     fs::write(&shard, bytes).unwrap();
     let ckpt = Checkpoint::open(&dir).unwrap();
     let err = ckpt.verify_all(&Cancel::never()).unwrap_err().to_string();
-    assert!(err.contains("model-00001-of-00001.safetensors") && err.contains("\"experts\""), "{err}");
+    assert!(
+        err.contains("model-00001-of-00001.safetensors") && err.contains("\"experts\""),
+        "{err}"
+    );
     // The other tensors still read, and a read of the bad one without verification is allowed.
     assert!(ckpt.tensor("embed", true).is_ok());
     assert!(ckpt.tensor("experts", true).is_err());
@@ -150,7 +172,10 @@ fn the_save_order_makes_every_file_durable_before_it_is_published() {
     let dir = root.0.join("step-1");
     let events = save(&dir, &sample(), 100, Publish::Latest { keep_last: Some(2) });
     let position = |op: Op, path: &Path| events.iter().position(|e| e.op == op && e.path == path);
-    let rename = events.iter().position(|e| e.op == Op::Rename && e.to.as_deref() == Some(&dir)).unwrap();
+    let rename = events
+        .iter()
+        .position(|e| e.op == Op::Rename && e.to.as_deref() == Some(&dir))
+        .unwrap();
     let tmp = events[rename].path.clone();
     for name in fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()) {
         let path = tmp.join(&name);
@@ -166,7 +191,9 @@ fn the_save_order_makes_every_file_durable_before_it_is_published() {
         .position(|e| e.op == Op::Rename && e.to.as_deref() == Some(&root.0.join("latest")))
         .unwrap();
     assert!(parent_sync < latest);
-    assert!(events[latest + 1..].iter().any(|e| e.op == Op::DirFsync && e.path == root.0));
+    assert!(events[latest + 1..]
+        .iter()
+        .any(|e| e.op == Op::DirFsync && e.path == root.0));
     assert_eq!(read_latest(&root.0).unwrap().as_deref(), Some("step-1"));
 }
 
@@ -175,7 +202,12 @@ fn only_the_last_k_checkpoints_are_kept() {
     let root = TempDir::new();
     for step in 1..=4 {
         let dir = root.0.join(format!("step-{step}"));
-        save(&dir, &sample()[..2], 1 << 20, Publish::Latest { keep_last: Some(2) });
+        save(
+            &dir,
+            &sample()[..2],
+            1 << 20,
+            Publish::Latest { keep_last: Some(2) },
+        );
     }
     assert_eq!(list_checkpoints(&root.0).unwrap(), vec!["step-3", "step-4"]);
     assert_eq!(read_latest(&root.0).unwrap().as_deref(), Some("step-4"));
@@ -197,9 +229,17 @@ fn a_truncated_shard_is_a_clear_error() {
     save(&dir, &sample(), 1 << 20, Publish::Directory);
     let shard = dir.join("model-00001-of-00001.safetensors");
     let len = fs::metadata(&shard).unwrap().len();
-    fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len - 10).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
     let err = Checkpoint::open(&dir).err().unwrap().to_string();
-    assert!(err.contains("truncated") && err.contains("model-00001-of-00001"), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains("model-00001-of-00001"),
+        "{err}"
+    );
     // Without the manifest, the header parser catches it too.
     fs::remove_file(dir.join("manifest.json")).unwrap();
     let err = Checkpoint::open(&dir).err().unwrap().to_string();
@@ -213,9 +253,17 @@ fn a_wrong_data_length_is_rejected_before_anything_is_written() {
     let shard = ShardSpec {
         file_name: "model-00001-of-00001.safetensors".into(),
         group: "model".into(),
-        tensors: vec![TensorRef { name: "w".into(), dtype: Dtype::F32, shape: vec![4], data: &data }],
+        tensors: vec![TensorRef {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: vec![4],
+            data: &data,
+        }],
     };
     let mut writer = CheckpointWriter::create(&root.0.join("c"), SMALL_CHUNK).unwrap();
-    let err = writer.write_shards(&[shard], &Cancel::never()).unwrap_err().to_string();
+    let err = writer
+        .write_shards(&[shard], &Cancel::never())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("\"w\"") && err.contains("16"), "{err}");
 }

@@ -86,12 +86,20 @@ pub struct Trace(Mutex<Vec<Event>>);
 impl Trace {
     /// Record `op` on `path`.
     pub fn record(&self, op: Op, path: &Path) {
-        self.push(Event { op, path: path.to_path_buf(), to: None });
+        self.push(Event {
+            op,
+            path: path.to_path_buf(),
+            to: None,
+        });
     }
 
     /// Record a rename of `from` to `to`.
     pub fn record_rename(&self, from: &Path, to: &Path) {
-        self.push(Event { op: Op::Rename, path: from.to_path_buf(), to: Some(to.to_path_buf()) });
+        self.push(Event {
+            op: Op::Rename,
+            path: from.to_path_buf(),
+            to: Some(to.to_path_buf()),
+        });
     }
 
     fn push(&self, event: Event) {

@@ -73,7 +73,10 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        WriteOptions { chunk_bytes: 4 << 20, durable: true }
+        WriteOptions {
+            chunk_bytes: 4 << 20,
+            durable: true,
+        }
     }
 }
 
@@ -127,7 +130,9 @@ impl CheckpointWriter {
         let name = final_dir
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or_else(|| CkptError::Invalid(format!("bad checkpoint path {}", final_dir.display())))?;
+            .ok_or_else(|| {
+                CkptError::Invalid(format!("bad checkpoint path {}", final_dir.display()))
+            })?;
         if final_dir.exists() {
             return Err(CkptError::Invalid(format!(
                 "{} already exists; a checkpoint is never overwritten",
@@ -201,7 +206,14 @@ impl CheckpointWriter {
         let mut units: Vec<Unit<'_>> = Vec::new();
         for (f, (shard, placed)) in shards.iter().zip(&placements).enumerate() {
             let data_start = headers[f].len() as u64;
-            let mut unit = Unit { file: f, offset: 0, pieces: vec![Piece { data: &headers[f], chunk: None }] };
+            let mut unit = Unit {
+                file: f,
+                offset: 0,
+                pieces: vec![Piece {
+                    data: &headers[f],
+                    chunk: None,
+                }],
+            };
             let mut unit_len = headers[f].len();
             for p in placed {
                 let slot = slots.len();
@@ -214,11 +226,18 @@ impl CheckpointWriter {
                         let next_offset = unit.offset + unit_len as u64;
                         units.push(std::mem::replace(
                             &mut unit,
-                            Unit { file: f, offset: next_offset, pieces: Vec::new() },
+                            Unit {
+                                file: f,
+                                offset: next_offset,
+                                pieces: Vec::new(),
+                            },
                         ));
                         unit_len = 0;
                     }
-                    unit.pieces.push(Piece { data: piece, chunk: Some((slot, c)) });
+                    unit.pieces.push(Piece {
+                        data: piece,
+                        chunk: Some((slot, c)),
+                    });
                     unit_len += piece.len();
                 }
                 debug_assert_eq!(unit.offset + unit_len as u64, data_start + p.end as u64);
@@ -263,9 +282,16 @@ impl CheckpointWriter {
         // Record the shards in the manifest and the group indexes.
         for ((f, index), chunk_hashes) in slots.iter().zip(hashes) {
             let shard = &shards[*f];
-            let placed = placements[*f].iter().find(|p| p.index == *index).expect("placed");
+            let placed = placements[*f]
+                .iter()
+                .find(|p| p.index == *index)
+                .expect("placed");
             let t = &shard.tensors[*index];
-            let entry = self.manifest.files.entry(shard.file_name.clone()).or_default();
+            let entry = self
+                .manifest
+                .files
+                .entry(shard.file_name.clone())
+                .or_default();
             entry.tensors.insert(
                 t.name.clone(),
                 TensorEntry {
@@ -283,8 +309,13 @@ impl CheckpointWriter {
             *self.group_bytes.entry(shard.group.clone()).or_default() += t.data.len() as u64;
         }
         for (f, shard) in shards.iter().enumerate() {
-            let entry = self.manifest.files.entry(shard.file_name.clone()).or_default();
-            entry.bytes = headers[f].len() as u64 + placements[f].last().map_or(0, |p| p.end as u64);
+            let entry = self
+                .manifest
+                .files
+                .entry(shard.file_name.clone())
+                .or_default();
+            entry.bytes =
+                headers[f].len() as u64 + placements[f].last().map_or(0, |p| p.end as u64);
             entry.xxh3 = hex(xxh3_64(&headers[f]));
         }
         Ok(())
@@ -293,13 +324,19 @@ impl CheckpointWriter {
     /// Write a small non-tensor file (JSON) into the checkpoint.
     pub fn write_file(&mut self, file_name: &str, bytes: &[u8]) -> Result<()> {
         if self.manifest.files.contains_key(file_name) || file_name == MANIFEST_FILE {
-            return Err(CkptError::Invalid(format!("file {file_name:?} written twice")));
+            return Err(CkptError::Invalid(format!(
+                "file {file_name:?} written twice"
+            )));
         }
         let path = self.tmp_dir.join(file_name);
         durable::write_file(&path, bytes, self.options.durable, &self.trace)?;
         self.manifest.files.insert(
             file_name.to_string(),
-            FileEntry { bytes: bytes.len() as u64, xxh3: hex(xxh3_64(bytes)), tensors: BTreeMap::new() },
+            FileEntry {
+                bytes: bytes.len() as u64,
+                xxh3: hex(xxh3_64(bytes)),
+                tensors: BTreeMap::new(),
+            },
         );
         Ok(())
     }
@@ -317,7 +354,12 @@ impl CheckpointWriter {
             self.write_file(&index_file_name(&group), &bytes)?;
         }
         let manifest_path = self.tmp_dir.join(MANIFEST_FILE);
-        durable::write_file(&manifest_path, &self.manifest.to_json(), durable, &self.trace)?;
+        durable::write_file(
+            &manifest_path,
+            &self.manifest.to_json(),
+            durable,
+            &self.trace,
+        )?;
         fault_point("manifest_written");
         if durable {
             durable::fsync_dir(&self.tmp_dir, &self.trace)?;
@@ -330,7 +372,11 @@ impl CheckpointWriter {
             durable::fsync_dir(&root, &self.trace)?;
         }
         if let Publish::Latest { keep_last } = publish {
-            let name = self.final_dir.file_name().and_then(|n| n.to_str()).expect("checked in create");
+            let name = self
+                .final_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("checked in create");
             move_latest(&root, name, durable, &self.trace)?;
             fault_point("after_latest");
             if let Some(keep) = keep_last {
@@ -344,11 +390,18 @@ impl CheckpointWriter {
         let mut seen: HashSet<(&str, &str)> = HashSet::new();
         let mut files: HashSet<&str> = HashSet::new();
         for shard in shards {
-            if !files.insert(&shard.file_name) || self.manifest.files.contains_key(&shard.file_name) {
-                return Err(CkptError::Invalid(format!("shard {:?} written twice", shard.file_name)));
+            if !files.insert(&shard.file_name) || self.manifest.files.contains_key(&shard.file_name)
+            {
+                return Err(CkptError::Invalid(format!(
+                    "shard {:?} written twice",
+                    shard.file_name
+                )));
             }
             for t in &shard.tensors {
-                let known = self.weight_map.get(&shard.group).is_some_and(|m| m.contains_key(&t.name));
+                let known = self
+                    .weight_map
+                    .get(&shard.group)
+                    .is_some_and(|m| m.contains_key(&t.name));
                 if known || !seen.insert((&shard.group, &t.name)) {
                     return Err(CkptError::Invalid(format!(
                         "tensor {:?} appears twice in group {:?}",
@@ -364,7 +417,9 @@ impl CheckpointWriter {
 
 fn write_unit(file: &File, unit: &Unit<'_>, path: &Path) -> Result<()> {
     if let [single] = unit.pieces.as_slice() {
-        return file.write_all_at(single.data, unit.offset).map_err(CkptError::io("write", path));
+        return file
+            .write_all_at(single.data, unit.offset)
+            .map_err(CkptError::io("write", path));
     }
     GATHER.with(|buf| {
         let mut buf = buf.borrow_mut();
@@ -372,7 +427,8 @@ fn write_unit(file: &File, unit: &Unit<'_>, path: &Path) -> Result<()> {
         for p in &unit.pieces {
             buf.extend_from_slice(p.data);
         }
-        file.write_all_at(&buf, unit.offset).map_err(CkptError::io("write", path))
+        file.write_all_at(&buf, unit.offset)
+            .map_err(CkptError::io("write", path))
     })
 }
 
@@ -402,7 +458,10 @@ pub fn read_latest(root: &Path) -> Result<Option<String>> {
         Ok(text) => {
             let name = text.trim();
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
-                return Err(CkptError::format(&path, format!("names {name:?}, not a checkpoint")));
+                return Err(CkptError::format(
+                    &path,
+                    format!("names {name:?}, not a checkpoint"),
+                ));
             }
             Ok(Some(name.to_string()))
         }

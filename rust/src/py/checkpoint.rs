@@ -19,7 +19,9 @@ use super::errors::{CheckpointError, K2IOError};
 use super::runtime::detached;
 use crate::checkpoint::format::{dtype_name, parse_dtype};
 use crate::checkpoint::trace::{Event, FAULT_PHASES};
-use crate::checkpoint::{plan, writer, Checkpoint, CkptError, Publish, ShardSpec, TensorRef, WriteOptions};
+use crate::checkpoint::{
+    plan, writer, Checkpoint, CkptError, Publish, ShardSpec, TensorRef, WriteOptions,
+};
 
 impl From<CkptError> for PyErr {
     fn from(err: CkptError) -> PyErr {
@@ -48,7 +50,9 @@ impl Borrowed {
     fn new((name, dtype, shape, data): PyTensor<'_>) -> PyResult<Self> {
         let buffer = PyUntypedBuffer::get(&data)?;
         if !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("tensor {name:?}: buffer is not C-contiguous")));
+            return Err(PyValueError::new_err(format!(
+                "tensor {name:?}: buffer is not C-contiguous"
+            )));
         }
         Ok(Borrowed {
             dtype: parse_dtype(&dtype)?,
@@ -65,7 +69,12 @@ impl Borrowed {
     /// caller must only read it, and not let it outlive `self`.
     unsafe fn tensor_ref(&self) -> TensorRef<'_> {
         let data = unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) };
-        TensorRef { name: self.name.clone(), dtype: self.dtype, shape: self.shape.clone(), data }
+        TensorRef {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            data,
+        }
     }
 }
 
@@ -97,11 +106,16 @@ pub struct PyCheckpointWriter {
 }
 
 impl PyCheckpointWriter {
-    fn with_writer<T>(&self, f: impl FnOnce(&mut writer::CheckpointWriter) -> PyResult<T>) -> PyResult<T> {
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut writer::CheckpointWriter) -> PyResult<T>,
+    ) -> PyResult<T> {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match guard.as_mut() {
             Some(w) => f(w),
-            None => Err(CheckpointError::new_err("this CheckpointWriter was already committed")),
+            None => Err(CheckpointError::new_err(
+                "this CheckpointWriter was already committed",
+            )),
         }
     }
 }
@@ -110,10 +124,22 @@ impl PyCheckpointWriter {
 impl PyCheckpointWriter {
     #[new]
     #[pyo3(signature = (final_dir, *, chunk_bytes = 4 << 20, durable = true))]
-    fn new(py: Python<'_>, final_dir: PathBuf, chunk_bytes: usize, durable: bool) -> PyResult<Self> {
-        let options = WriteOptions { chunk_bytes, durable };
-        let writer = detached(py, "CheckpointWriter", |_| writer::CheckpointWriter::create(&final_dir, options))?;
-        Ok(PyCheckpointWriter { inner: Mutex::new(Some(writer)) })
+    fn new(
+        py: Python<'_>,
+        final_dir: PathBuf,
+        chunk_bytes: usize,
+        durable: bool,
+    ) -> PyResult<Self> {
+        let options = WriteOptions {
+            chunk_bytes,
+            durable,
+        };
+        let writer = detached(py, "CheckpointWriter", |_| {
+            writer::CheckpointWriter::create(&final_dir, options)
+        })?;
+        Ok(PyCheckpointWriter {
+            inner: Mutex::new(Some(writer)),
+        })
     }
 
     /// Write groups of tensors, each cut into shards of at most `max_shard_bytes` (and, when
@@ -134,7 +160,14 @@ impl PyCheckpointWriter {
     ) -> PyResult<Vec<String>> {
         let groups: Vec<(String, Vec<Borrowed>)> = groups
             .into_iter()
-            .map(|(g, ts)| Ok((g, ts.into_iter().map(Borrowed::new).collect::<PyResult<Vec<_>>>()?)))
+            .map(|(g, ts)| {
+                Ok((
+                    g,
+                    ts.into_iter()
+                        .map(Borrowed::new)
+                        .collect::<PyResult<Vec<_>>>()?,
+                ))
+            })
             .collect::<PyResult<_>>()?;
         self.with_writer(|w| {
             detached(py, "CheckpointWriter.write_groups", |cancel| {
@@ -152,20 +185,40 @@ impl PyCheckpointWriter {
 
     /// Write one shard file holding `tensors` (a list of `(name, dtype, shape, buffer)`), listed
     /// under `group` in that group's index. Used to stream a conversion shard by shard.
-    fn write_shard(&self, py: Python<'_>, file_name: String, group: String, tensors: Vec<PyTensor<'_>>) -> PyResult<()> {
-        let tensors: Vec<Borrowed> = tensors.into_iter().map(Borrowed::new).collect::<PyResult<_>>()?;
+    fn write_shard(
+        &self,
+        py: Python<'_>,
+        file_name: String,
+        group: String,
+        tensors: Vec<PyTensor<'_>>,
+    ) -> PyResult<()> {
+        let tensors: Vec<Borrowed> = tensors
+            .into_iter()
+            .map(Borrowed::new)
+            .collect::<PyResult<_>>()?;
         self.with_writer(|w| {
             detached(py, "CheckpointWriter.write_shard", |cancel| {
                 // SAFETY: `tensors` outlives this closure and is only read.
                 let refs = tensors.iter().map(|t| unsafe { t.tensor_ref() }).collect();
-                w.write_shards(&[ShardSpec { file_name: file_name.clone(), group: group.clone(), tensors: refs }], cancel)
+                w.write_shards(
+                    &[ShardSpec {
+                        file_name: file_name.clone(),
+                        group: group.clone(),
+                        tensors: refs,
+                    }],
+                    cancel,
+                )
             })
         })
     }
 
     /// Write a small non-tensor file (JSON, tokenizer files) into the checkpoint.
     fn write_file(&self, py: Python<'_>, file_name: String, data: Vec<u8>) -> PyResult<()> {
-        self.with_writer(|w| detached(py, "CheckpointWriter.write_file", |_| w.write_file(&file_name, &data)))
+        self.with_writer(|w| {
+            detached(py, "CheckpointWriter.write_file", |_| {
+                w.write_file(&file_name, &data)
+            })
+        })
     }
 
     /// Make the checkpoint durable and rename it into place.
@@ -189,8 +242,14 @@ impl PyCheckpointWriter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-            .ok_or_else(|| CheckpointError::new_err("this CheckpointWriter was already committed"))?;
-        let publish = if publish_latest { Publish::Latest { keep_last } } else { Publish::Directory };
+            .ok_or_else(|| {
+                CheckpointError::new_err("this CheckpointWriter was already committed")
+            })?;
+        let publish = if publish_latest {
+            Publish::Latest { keep_last }
+        } else {
+            Publish::Directory
+        };
         let events = detached(py, "CheckpointWriter.commit", |_| writer.commit(publish))?;
         Ok(events_to_py(events))
     }
@@ -240,21 +299,36 @@ impl PyCheckpointReader {
         self.inner
             .tensors()
             .iter()
-            .map(|t| (t.name.clone(), dtype_name(t.dtype), t.shape.clone(), self.inner.file_name(t.file).to_string()))
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    dtype_name(t.dtype),
+                    t.shape.clone(),
+                    self.inner.file_name(t.file).to_string(),
+                )
+            })
             .collect()
     }
 
     /// Verify every chunk of every tensor, and every other file, against the manifest (in
     /// parallel). Raises `k2.errors.CheckpointError` naming the shard and tensor of a mismatch.
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
-        Ok(detached(py, "CheckpointReader.verify", |cancel| self.inner.verify_all(cancel))?)
+        detached(py, "CheckpointReader.verify", |cancel| {
+            self.inner.verify_all(cancel)
+        })
     }
 
     /// A tensor's bytes as a `uint8` array over the memory map, verified first when `verify`.
     #[pyo3(signature = (name, *, verify = true))]
-    fn array<'py>(slf: &Bound<'py, Self>, name: &str, verify: bool) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    fn array<'py>(
+        slf: &Bound<'py, Self>,
+        name: &str,
+        verify: bool,
+    ) -> PyResult<Bound<'py, PyArray1<u8>>> {
         let inner = &slf.get().inner;
-        let bytes = detached(slf.py(), "CheckpointReader.array", |_| inner.tensor(name, verify))?;
+        let bytes = detached(slf.py(), "CheckpointReader.array", |_| {
+            inner.tensor(name, verify)
+        })?;
         Ok(borrow_array(slf, bytes))
     }
 
@@ -269,21 +343,33 @@ impl PyCheckpointReader {
         verify: bool,
     ) -> PyResult<Bound<'py, PyArray1<u8>>> {
         let inner = &slf.get().inner;
-        let bytes = detached(slf.py(), "CheckpointReader.rows", |_| inner.rows(name, start, stop, verify))?;
+        let bytes = detached(slf.py(), "CheckpointReader.rows", |_| {
+            inner.rows(name, start, stop, verify)
+        })?;
         Ok(borrow_array(slf, bytes))
     }
 
     /// The contents of a non-tensor file (JSON), checked against the manifest when `verify`.
     #[pyo3(signature = (name, *, verify = true))]
-    fn read_file<'py>(&self, py: Python<'py>, name: &str, verify: bool) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = detached(py, "CheckpointReader.read_file", |_| self.inner.read_file(name, verify))?;
+    fn read_file<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        verify: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = detached(py, "CheckpointReader.read_file", |_| {
+            self.inner.read_file(name, verify)
+        })?;
         Ok(PyBytes::new(py, &bytes))
     }
 }
 
 /// A numpy `uint8` array over `bytes`, which must lie inside the reader's memory maps; the array
 /// holds a reference to the reader, so the maps outlive it.
-fn borrow_array<'py>(reader: &Bound<'py, PyCheckpointReader>, bytes: &[u8]) -> Bound<'py, PyArray1<u8>> {
+fn borrow_array<'py>(
+    reader: &Bound<'py, PyCheckpointReader>,
+    bytes: &[u8],
+) -> Bound<'py, PyArray1<u8>> {
     let view = ArrayView1::from(bytes);
     // SAFETY: `bytes` points into a memory map owned by the reader, which is immutable (frozen)
     // and kept alive by the array's base object; the map is private copy-on-write, so numpy
