@@ -19,8 +19,8 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::error::{CkptError, Result};
-use super::format::{dtype_name, parse_header};
-use super::manifest::{chunk_ranges, parse_hex, Manifest, MANIFEST_FILE};
+use super::format::{dtype_name, parse_header, HeaderTensor};
+use super::manifest::{chunk_ranges, parse_hex, FileEntry, Manifest, MANIFEST_FILE};
 use crate::checksum::xxh3_64;
 use crate::interrupt::Cancel;
 
@@ -124,8 +124,8 @@ impl Checkpoint {
     fn add_shard(
         &mut self,
         shard: Shard,
-        tensors: Vec<super::format::HeaderTensor>,
-        entry: Option<&super::manifest::FileEntry>,
+        tensors: Vec<HeaderTensor>,
+        entry: Option<&FileEntry>,
         manifest_path: &Path,
     ) -> Result<()> {
         let file = self.shards.len();
@@ -362,7 +362,7 @@ impl Checkpoint {
 fn map_shard(
     path: &Path,
     expected_bytes: Option<u64>,
-) -> Result<(Shard, usize, Vec<super::format::HeaderTensor>)> {
+) -> Result<(Shard, usize, Vec<HeaderTensor>)> {
     let file = File::open(path).map_err(CkptError::io("open", path))?;
     let len = file.metadata().map_err(CkptError::io("stat", path))?.len();
     if let Some(expected) = expected_bytes {

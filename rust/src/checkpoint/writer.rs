@@ -29,7 +29,7 @@ use safetensors::Dtype;
 
 use super::durable;
 use super::error::{CkptError, Result};
-use super::format::{dtype_name, layout, tensor_bytes};
+use super::format::{dtype_name, layout, tensor_bytes, Placed};
 use super::manifest::{chunk_ranges, hex, FileEntry, Manifest, TensorEntry, MANIFEST_FILE};
 use super::plan::index_file_name;
 use super::trace::{fault_point, Event, Op, Trace};
@@ -168,157 +168,93 @@ impl CheckpointWriter {
     /// (when durable). Tensor names must be unique within a group.
     pub fn write_shards(&mut self, shards: &[ShardSpec<'_>], cancel: &Cancel) -> Result<()> {
         self.check_names(shards)?;
-        // Lay out every shard and open its file.
-        let mut headers = Vec::with_capacity(shards.len());
-        let mut placements = Vec::with_capacity(shards.len());
-        let mut files = Vec::with_capacity(shards.len());
-        let mut paths = Vec::with_capacity(shards.len());
-        for shard in shards {
-            let described: Vec<(&str, Dtype, &[usize])> = shard
-                .tensors
-                .iter()
-                .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
-                .collect();
-            let (header, placed) = layout(&described)?;
-            for p in &placed {
-                let t = &shard.tensors[p.index];
-                if t.data.len() != p.end - p.start {
-                    return Err(CkptError::Invalid(format!(
-                        "tensor {:?}: {} bytes given, its dtype and shape need {}",
-                        t.name,
-                        t.data.len(),
-                        p.end - p.start
-                    )));
-                }
-            }
-            let path = self.tmp_dir.join(&shard.file_name);
-            files.push(File::create(&path).map_err(CkptError::io("create", &path))?);
-            paths.push(path);
-            headers.push(header);
-            placements.push(placed);
-        }
-
-        // Cut the bytes into work units and give every tensor a slot for its chunk hashes.
-        let chunk = self.options.chunk_bytes;
-        let unit_limit = chunk.min(GATHER_BYTES);
-        let mut slots: Vec<(usize, usize)> = Vec::new(); // (shard, tensor index in shard)
-        let mut hashes: Vec<Vec<u64>> = Vec::new();
-        let mut units: Vec<Unit<'_>> = Vec::new();
-        for (f, (shard, placed)) in shards.iter().zip(&placements).enumerate() {
-            let data_start = headers[f].len() as u64;
-            let mut unit = Unit {
-                file: f,
-                offset: 0,
-                pieces: vec![Piece {
-                    data: &headers[f],
-                    chunk: None,
-                }],
-            };
-            let mut unit_len = headers[f].len();
-            for p in placed {
-                let slot = slots.len();
-                let data = shard.tensors[p.index].data;
-                slots.push((f, p.index));
-                hashes.push(vec![0; data.len().div_ceil(chunk)]);
-                for (c, (s, e)) in chunk_ranges(data.len() as u64, chunk as u64).enumerate() {
-                    let piece = &data[s as usize..e as usize];
-                    if unit_len > 0 && unit_len + piece.len() > unit_limit {
-                        let next_offset = unit.offset + unit_len as u64;
-                        units.push(std::mem::replace(
-                            &mut unit,
-                            Unit {
-                                file: f,
-                                offset: next_offset,
-                                pieces: Vec::new(),
-                            },
-                        ));
-                        unit_len = 0;
-                    }
-                    unit.pieces.push(Piece {
-                        data: piece,
-                        chunk: Some((slot, c)),
-                    });
-                    unit_len += piece.len();
-                }
-                debug_assert_eq!(unit.offset + unit_len as u64, data_start + p.end as u64);
-            }
-            units.push(unit);
-        }
+        let laid: Vec<LaidOut> = shards
+            .iter()
+            .map(|shard| LaidOut::new(shard, &self.tmp_dir))
+            .collect::<Result<_>>()?;
+        let (units, slots) = cut_units(shards, &laid, self.options.chunk_bytes);
 
         // Hash and write every unit in parallel.
         let done = AtomicUsize::new(0);
         let half = units.len().div_ceil(2);
-        let results: Vec<Vec<(usize, usize, u64)>> = units
+        let hashed: Vec<Vec<(usize, usize, u64)>> = units
             .par_iter()
             .map(|unit| {
                 cancel.check()?;
-                let computed: Vec<(usize, usize, u64)> = unit
+                let hashes = unit
                     .pieces
                     .iter()
                     .filter_map(|p| p.chunk.map(|(slot, c)| (slot, c, xxh3_64(p.data))))
                     .collect();
-                write_unit(&files[unit.file], unit, &paths[unit.file])?;
+                let shard = &laid[unit.file];
+                write_unit(&shard.file, unit, &shard.path)?;
                 if done.fetch_add(1, Ordering::SeqCst) + 1 == half {
                     fault_point("mid_write");
                 }
-                Ok(computed)
+                Ok(hashes)
             })
             .collect::<Result<_>>()?;
-        for (slot, c, h) in results.into_iter().flatten() {
-            hashes[slot][c] = h;
-        }
-        for path in &paths {
-            self.trace.record(Op::Write, path);
+        for shard in &laid {
+            self.trace.record(Op::Write, &shard.path);
         }
         fault_point("shards_written");
         if self.options.durable {
-            files
-                .par_iter()
-                .zip(&paths)
-                .try_for_each(|(file, path)| durable::fsync_file(file, path, &self.trace))?;
+            laid.par_iter()
+                .try_for_each(|s| durable::fsync_file(&s.file, &s.path, &self.trace))?;
         }
         fault_point("shards_synced");
 
-        // Record the shards in the manifest and the group indexes.
-        for ((f, index), chunk_hashes) in slots.iter().zip(hashes) {
-            let shard = &shards[*f];
-            let placed = placements[*f]
-                .iter()
-                .find(|p| p.index == *index)
-                .expect("placed");
-            let t = &shard.tensors[*index];
-            let entry = self
-                .manifest
-                .files
-                .entry(shard.file_name.clone())
-                .or_default();
-            entry.tensors.insert(
-                t.name.clone(),
-                TensorEntry {
-                    dtype: dtype_name(t.dtype),
-                    shape: t.shape.clone(),
-                    offset: (headers[*f].len() + placed.start) as u64,
-                    bytes: t.data.len() as u64,
-                    chunks: chunk_hashes.iter().map(|&h| hex(h)).collect(),
-                },
-            );
-            self.weight_map
-                .entry(shard.group.clone())
-                .or_default()
-                .insert(t.name.clone(), shard.file_name.clone());
-            *self.group_bytes.entry(shard.group.clone()).or_default() += t.data.len() as u64;
+        let mut chunk_hashes: Vec<Vec<String>> = slots.iter().map(|_| Vec::new()).collect();
+        for (slot, c, hash) in hashed.into_iter().flatten() {
+            let list = &mut chunk_hashes[slot];
+            list.resize(list.len().max(c + 1), String::new());
+            list[c] = hex(hash);
         }
-        for (f, shard) in shards.iter().enumerate() {
+        for (&(f, position), chunks) in slots.iter().zip(chunk_hashes) {
+            self.record_tensor(&shards[f], &laid[f], position, chunks);
+        }
+        for (shard, laid) in shards.iter().zip(&laid) {
             let entry = self
                 .manifest
                 .files
                 .entry(shard.file_name.clone())
                 .or_default();
-            entry.bytes =
-                headers[f].len() as u64 + placements[f].last().map_or(0, |p| p.end as u64);
-            entry.xxh3 = hex(xxh3_64(&headers[f]));
+            entry.bytes = laid.header.len() as u64 + laid.placed.last().map_or(0, |p| p.end as u64);
+            entry.xxh3 = hex(xxh3_64(&laid.header));
         }
         Ok(())
+    }
+
+    /// Enter tensor `laid.placed[position]` of `shard` in the manifest and its group's index.
+    fn record_tensor(
+        &mut self,
+        shard: &ShardSpec<'_>,
+        laid: &LaidOut,
+        position: usize,
+        chunks: Vec<String>,
+    ) {
+        let placed = &laid.placed[position];
+        let t = &shard.tensors[placed.index];
+        let entry = self
+            .manifest
+            .files
+            .entry(shard.file_name.clone())
+            .or_default();
+        entry.tensors.insert(
+            t.name.clone(),
+            TensorEntry {
+                dtype: dtype_name(t.dtype),
+                shape: t.shape.clone(),
+                offset: (laid.header.len() + placed.start) as u64,
+                bytes: t.data.len() as u64,
+                chunks,
+            },
+        );
+        self.weight_map
+            .entry(shard.group.clone())
+            .or_default()
+            .insert(t.name.clone(), shard.file_name.clone());
+        *self.group_bytes.entry(shard.group.clone()).or_default() += t.data.len() as u64;
     }
 
     /// Write a small non-tensor file (JSON) into the checkpoint.
@@ -413,6 +349,97 @@ impl CheckpointWriter {
         }
         Ok(())
     }
+}
+
+/// A shard laid out and its (empty) file created.
+struct LaidOut {
+    header: Vec<u8>,
+    /// Tensor placements in file order.
+    placed: Vec<Placed>,
+    path: PathBuf,
+    file: File,
+}
+
+impl LaidOut {
+    fn new(shard: &ShardSpec<'_>, dir: &Path) -> Result<Self> {
+        let described: Vec<(&str, Dtype, &[usize])> = shard
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
+            .collect();
+        let (header, placed) = layout(&described)?;
+        for p in &placed {
+            let t = &shard.tensors[p.index];
+            if t.data.len() != p.end - p.start {
+                return Err(CkptError::Invalid(format!(
+                    "tensor {:?}: {} bytes given, its dtype and shape need {}",
+                    t.name,
+                    t.data.len(),
+                    p.end - p.start
+                )));
+            }
+        }
+        let path = dir.join(&shard.file_name);
+        let file = File::create(&path).map_err(CkptError::io("create", &path))?;
+        Ok(LaidOut {
+            header,
+            placed,
+            path,
+            file,
+        })
+    }
+}
+
+/// Cut every shard's bytes (header, then tensors in file order) into write units: a chunk of a
+/// large tensor alone, or small pieces gathered up to [`GATHER_BYTES`].
+///
+/// Returns the units and, for every tensor, its (shard, position in `placed`) — the "slot" its
+/// chunk hashes are filed under.
+fn cut_units<'a>(
+    shards: &[ShardSpec<'a>],
+    laid: &'a [LaidOut],
+    chunk_bytes: usize,
+) -> (Vec<Unit<'a>>, Vec<(usize, usize)>) {
+    let unit_limit = chunk_bytes.min(GATHER_BYTES);
+    let mut units = Vec::new();
+    let mut slots = Vec::new();
+    for (f, (shard, laid)) in shards.iter().zip(laid).enumerate() {
+        let header = Piece {
+            data: &laid.header[..],
+            chunk: None,
+        };
+        let mut unit = Unit {
+            file: f,
+            offset: 0,
+            pieces: vec![header],
+        };
+        let mut unit_len = laid.header.len();
+        for (position, p) in laid.placed.iter().enumerate() {
+            let slot = slots.len();
+            slots.push((f, position));
+            let data = shard.tensors[p.index].data;
+            for (c, (s, e)) in chunk_ranges(data.len() as u64, chunk_bytes as u64).enumerate() {
+                let piece = &data[s as usize..e as usize];
+                if unit_len > 0 && unit_len + piece.len() > unit_limit {
+                    let offset = unit.offset + unit_len as u64;
+                    let next = Unit {
+                        file: f,
+                        offset,
+                        pieces: Vec::new(),
+                    };
+                    units.push(std::mem::replace(&mut unit, next));
+                    unit_len = 0;
+                }
+                unit.pieces.push(Piece {
+                    data: piece,
+                    chunk: Some((slot, c)),
+                });
+                unit_len += piece.len();
+            }
+        }
+        units.push(unit);
+    }
+    (units, slots)
 }
 
 fn write_unit(file: &File, unit: &Unit<'_>, path: &Path) -> Result<()> {
