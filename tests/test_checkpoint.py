@@ -114,6 +114,7 @@ def test_latest_and_keep_last(tmp_path: Path) -> None:
     assert checkpoint.resolve(tmp_path) == tmp_path / "step-00000004"
     assert checkpoint.load(tmp_path, model).train_state == {"step": 4}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000003", "step-00000004"]
+    assert checkpoint.save(tmp_path, model).name == "step-00000005"  # no step given: the next one
 
 
 def test_an_existing_checkpoint_is_not_overwritten(tmp_path: Path) -> None:

@@ -326,9 +326,13 @@ impl PyCheckpointReader {
         verify: bool,
     ) -> PyResult<Bound<'py, PyArray1<u8>>> {
         let inner = &slf.get().inner;
-        let bytes = detached(slf.py(), "CheckpointReader.array", |_| {
-            inner.tensor(name, verify)
-        })?;
+        let bytes = if verify {
+            detached(slf.py(), "CheckpointReader.array", |_| {
+                inner.tensor(name, true)
+            })?
+        } else {
+            inner.tensor(name, false)? // nothing to read: no need to release the GIL
+        };
         Ok(borrow_array(slf, bytes))
     }
 
@@ -343,9 +347,13 @@ impl PyCheckpointReader {
         verify: bool,
     ) -> PyResult<Bound<'py, PyArray1<u8>>> {
         let inner = &slf.get().inner;
-        let bytes = detached(slf.py(), "CheckpointReader.rows", |_| {
-            inner.rows(name, start, stop, verify)
-        })?;
+        let bytes = if verify {
+            detached(slf.py(), "CheckpointReader.rows", |_| {
+                inner.rows(name, start, stop, true)
+            })?
+        } else {
+            inner.rows(name, start, stop, false)? // nothing to read: no need to release the GIL
+        };
         Ok(borrow_array(slf, bytes))
     }
 
