@@ -116,3 +116,37 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_checkpoint(tmp_path: 
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         step = check_root(tmp_path) + 2  # skip past whatever may be half-written
+
+
+
+TORCH_SAVER = """
+import sys
+import torch
+from k2 import checkpoint
+
+model = torch.nn.Linear(256, 256)
+checkpoint.save(sys.argv[1], model, torch.optim.AdamW(model.parameters()), {"step": 2}, keep_last=2)
+"""
+
+
+@pytest.mark.slow
+def test_the_python_api_survives_a_crash_mid_write(tmp_path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 256)).sum().backward()
+    optimizer.step()
+    checkpoint.save(tmp_path, model, optimizer, {"step": 1}, keep_last=2)
+
+    env = dict(os.environ, K2_CKPT_FAULT="mid_write")
+    crashed = subprocess.run([sys.executable, "-c", TORCH_SAVER, str(tmp_path)], env=env, timeout=120)
+    assert crashed.returncode == -signal.SIGKILL
+
+    fresh = torch.nn.Linear(256, 256)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    assert checkpoint.load(tmp_path, fresh, fresh_optimizer).train_state == {"step": 1}
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    exp_avg = optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], exp_avg)
