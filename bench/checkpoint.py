@@ -68,17 +68,20 @@ def make_state(total_bytes: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def timed(fn, repeats: int, before=None) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs; ``before()`` runs untimed first."""
-    times = []
+def compare(cases: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Median wall time of each case ``name -> (fn, before)``, the cases run round-robin so
+    that a noisy neighbour slows them alike; ``before()`` runs untimed, then dirty pages are
+    flushed, then ``fn()`` is timed."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        if before is not None:
-            before()
-        os.sync()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, (fn, before) in cases.items():
+            if before is not None:
+                before()
+            os.sync()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def fresh(path: Path) -> None:
@@ -141,40 +144,61 @@ def main() -> None:
               f"safetensors {safetensors.__version__} | scratch {scratch}")
         print("# preliminary figures if the machine is shared")
 
-        rows: list[tuple[str, float, str]] = []
         # 1. Serialization into the page cache.
         k2_dir, ts_path, st_path = scratch / "k2", scratch / "torch.pt", scratch / "st.safetensors"
-        t_k2 = timed(lambda: checkpoint.save(k2_dir, model, step=0, durable=False), repeats, lambda: fresh(k2_dir))
-        t_torch = timed(lambda: torch.save(tensors, ts_path), repeats, lambda: ts_path.unlink(missing_ok=True))
-        t_st = timed(lambda: safetensors.torch.save_file(tensors, st_path), repeats, lambda: st_path.unlink(missing_ok=True))
-        rows += [("save, page cache: k2", t_k2, ""), ("save, page cache: torch.save", t_torch, ""),
-                 ("save, page cache: safetensors save_file", t_st, "")]
-        save_speedup = min(t_torch, t_st) / t_k2
+        t = compare(
+            {
+                "save, page cache: k2": (lambda: checkpoint.save(k2_dir, model, step=0, durable=False),
+                                         lambda: fresh(k2_dir)),
+                "save, page cache: torch.save": (lambda: torch.save(tensors, ts_path),
+                                                 lambda: ts_path.unlink(missing_ok=True)),
+                "save, page cache: safetensors save_file": (lambda: safetensors.torch.save_file(tensors, st_path),
+                                                            lambda: st_path.unlink(missing_ok=True)),
+            },
+            repeats,
+        )
+        rows = list(t.items())
+        save_speedup = min(t["save, page cache: torch.save"], t["save, page cache: safetensors save_file"]) / t[
+            "save, page cache: k2"
+        ]
 
         # 2. Durable save.
         plain_dir = scratch / "plain"
-        t_k2_durable = timed(lambda: checkpoint.save(k2_dir, model, step=0), durable_repeats, lambda: fresh(k2_dir))
-        t_plain = timed(lambda: plain_parallel_write(plain_dir, list(tensors.values()), streams), durable_repeats,
-                        lambda: fresh(plain_dir))
-        rows += [("save, fsynced: k2", t_k2_durable, ""), (f"save, fsynced: plain {streams}-stream write+fsync", t_plain, "")]
-        durable_slowdown = t_k2_durable / t_plain - 1
+        plain_name = f"save, fsynced: plain {streams}-stream write+fsync"
+        t = compare(
+            {
+                "save, fsynced: k2": (lambda: checkpoint.save(k2_dir, model, step=0), lambda: fresh(k2_dir)),
+                plain_name: (lambda: plain_parallel_write(plain_dir, list(tensors.values()), streams),
+                             lambda: fresh(plain_dir)),
+            },
+            durable_repeats,
+        )
+        rows += list(t.items())
+        durable_slowdown = t["save, fsynced: k2"] / t[plain_name] - 1
 
         # 3. Full load from a warm page cache.
         shutil.rmtree(plain_dir, ignore_errors=True)
         for warm in (k2_load(k2_dir), safetensors.torch.load_file(st_path), torch.load(ts_path)):
             read_every_byte(warm)  # pull every file into the page cache
-        t_load = timed(lambda: k2_load(k2_dir), repeats)
-        t_load_file = timed(lambda: read_every_byte(safetensors.torch.load_file(st_path)), repeats)
-        t_torch_load = timed(lambda: torch.load(ts_path), repeats)
         src = np.ones(nbytes, dtype=np.uint8)
         dst = np.empty_like(src)
         np.copyto(dst, src)  # fault the pages in before timing
-        t_memcpy = timed(lambda: np.copyto(dst, src), repeats)
-        rows += [("load, verified: k2", t_load, ""), ("load: safetensors load_file + read", t_load_file, ""),
-                 ("load: torch.load", t_torch_load, ""), ("memcpy (numpy.copyto, 1 thread)", t_memcpy, "")]
+        t = compare(
+            {
+                "load, verified: k2": (lambda: k2_load(k2_dir), None),
+                "load: safetensors load_file + read": (lambda: read_every_byte(safetensors.torch.load_file(st_path)),
+                                                       None),
+                "load: torch.load": (lambda: torch.load(ts_path), None),
+                "memcpy (numpy.copyto, 1 thread)": (lambda: np.copyto(dst, src), None),
+            },
+            repeats,
+        )
+        rows += list(t.items())
+        t_load, t_load_file = t["load, verified: k2"], t["load: safetensors load_file + read"]
+        t_torch_load, t_memcpy = t["load: torch.load"], t["memcpy (numpy.copyto, 1 thread)"]
 
         print(f"\n{'measurement':<44} {'seconds':>8} {'GiB/s':>7}")
-        for name, seconds, _ in rows:
+        for name, seconds in rows:
             print(f"{name:<44} {seconds:8.3f} {nbytes / seconds / 2**30:7.2f}")
         result = {
             "bench": "checkpoint",
