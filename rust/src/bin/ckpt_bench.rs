@@ -75,16 +75,27 @@ fn sync_all() {
     unsafe { libc::sync() };
 }
 
-fn time_runs(repeats: usize, mut before: impl FnMut(), mut run: impl FnMut()) -> f64 {
-    let mut times = Vec::new();
+/// A measured case: untimed preparation, then the timed work.
+type Case<'a> = (&'a str, Box<dyn FnMut() + 'a>, Box<dyn FnMut() + 'a>);
+
+/// Median seconds of each case, the cases run round-robin so that a noisy neighbour slows them
+/// alike; dirty pages are flushed (untimed) before every run.
+fn compare(repeats: usize, mut cases: Vec<Case<'_>>) -> Vec<(String, f64)> {
+    let mut times: Vec<Vec<f64>> = cases.iter().map(|_| Vec::new()).collect();
     for _ in 0..repeats {
-        before();
-        sync_all();
-        let start = Instant::now();
-        run();
-        times.push(start.elapsed().as_secs_f64());
+        for (i, (_, before, run)) in cases.iter_mut().enumerate() {
+            before();
+            sync_all();
+            let start = Instant::now();
+            run();
+            times[i].push(start.elapsed().as_secs_f64());
+        }
     }
-    median(times)
+    cases
+        .iter()
+        .zip(times)
+        .map(|((name, _, _), t)| (name.to_string(), median(t)))
+        .collect()
 }
 
 fn save(dir: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)], durable: bool) {
@@ -155,65 +166,82 @@ fn main() {
     );
 
     let (k2_dir, plain_dir) = (scratch.join("k2"), scratch.join("plain"));
-    let r = args.repeats;
-    let save_cache = time_runs(r, || fresh(&k2_dir), || save(&k2_dir, &tensors, false));
-    let plain_cache = time_runs(
-        r,
-        || fresh(&plain_dir),
-        || plain_write(&plain_dir, &tensors, streams, false),
-    );
-    let save_durable = time_runs(r, || fresh(&k2_dir), || save(&k2_dir, &tensors, true));
-    let plain_durable = time_runs(
-        r,
-        || fresh(&plain_dir),
-        || plain_write(&plain_dir, &tensors, streams, true),
-    );
-
     let ckpt_dir = k2_dir.join("step-0");
-    let load = time_runs(
+    let r = args.repeats;
+    let t = &tensors;
+    let mut rows = compare(
         r,
-        || (),
-        || {
-            let ckpt = Checkpoint::open(&ckpt_dir).unwrap();
-            ckpt.verify_all(&Cancel::never()).unwrap();
-        },
+        vec![
+            (
+                "save, page cache: k2",
+                Box::new(|| fresh(&k2_dir)),
+                Box::new(|| save(&k2_dir, t, false)),
+            ),
+            (
+                "save, page cache: plain multi-stream write",
+                Box::new(|| fresh(&plain_dir)),
+                Box::new(|| plain_write(&plain_dir, t, streams, false)),
+            ),
+        ],
     );
-    let read = time_runs(
+    rows.extend(compare(
         r,
-        || (),
-        || {
-            for entry in fs::read_dir(&ckpt_dir).unwrap() {
-                std::hint::black_box(fs::read(entry.unwrap().path()).unwrap());
-            }
-        },
-    );
+        vec![
+            (
+                "save, fsynced: k2 (+rename, latest)",
+                Box::new(|| fresh(&k2_dir)),
+                Box::new(|| save(&k2_dir, t, true)),
+            ),
+            (
+                "save, fsynced: plain multi-stream write+fsync",
+                Box::new(|| fresh(&plain_dir)),
+                Box::new(|| plain_write(&plain_dir, t, streams, true)),
+            ),
+        ],
+    ));
     let src = vec![1u8; bytes];
     let mut dst = vec![0u8; bytes];
     dst.copy_from_slice(&src);
-    let memcpy = time_runs(r, || (), || dst.copy_from_slice(std::hint::black_box(&src)));
+    rows.extend(compare(
+        r,
+        vec![
+            (
+                "load, every chunk verified: k2",
+                Box::new(|| ()),
+                Box::new(|| {
+                    let ckpt = Checkpoint::open(&ckpt_dir).unwrap();
+                    ckpt.verify_all(&Cancel::never()).unwrap();
+                }),
+            ),
+            (
+                "load: std::fs::read of every file",
+                Box::new(|| ()),
+                Box::new(|| {
+                    for entry in fs::read_dir(&ckpt_dir).unwrap() {
+                        std::hint::black_box(fs::read(entry.unwrap().path()).unwrap());
+                    }
+                }),
+            ),
+            (
+                "memcpy, 1 thread",
+                Box::new(|| ()),
+                Box::new(|| dst.copy_from_slice(std::hint::black_box(&src))),
+            ),
+        ],
+    ));
     let _ = fs::remove_dir_all(&scratch);
 
+    let secs = |name: &str| rows.iter().find(|(n, _)| n == name).expect("measured").1;
     println!("\n{:<46} {:>8} {:>7}", "measurement", "seconds", "GiB/s");
-    for (name, secs) in [
-        ("save, page cache: k2", save_cache),
-        ("save, page cache: plain multi-stream write", plain_cache),
-        ("save, fsynced: k2 (+rename, latest)", save_durable),
-        (
-            "save, fsynced: plain multi-stream write+fsync",
-            plain_durable,
-        ),
-        ("load, every chunk verified: k2", load),
-        ("load: std::fs::read of every file", read),
-        ("memcpy, 1 thread", memcpy),
-    ] {
-        println!("{name:<46} {secs:8.3} {:7.2}", gib / secs);
+    for (name, s) in &rows {
+        println!("{name:<46} {s:8.3} {:7.2}", gib / s);
     }
     println!(
         "{{\"bench\": \"ckpt_bench\", \"mib\": {}, \"save_page_cache_vs_plain\": {:.2}, \"durable_slowdown_vs_plain\": {:.3}, \"load_vs_fs_read\": {:.2}, \"load_fraction_of_memcpy\": {:.2}}}",
         bytes / MIB,
-        plain_cache / save_cache,
-        save_durable / plain_durable - 1.0,
-        read / load,
-        memcpy / load
+        secs("save, page cache: plain multi-stream write") / secs("save, page cache: k2"),
+        secs("save, fsynced: k2 (+rename, latest)") / secs("save, fsynced: plain multi-stream write+fsync") - 1.0,
+        secs("load: std::fs::read of every file") / secs("load, every chunk verified: k2"),
+        secs("memcpy, 1 thread") / secs("load, every chunk verified: k2"),
     );
 }

@@ -6,8 +6,9 @@
 //! 2. write every shard: the bytes of all shards are cut into work units (one chunk, or small
 //!    tensors gathered up to [`GATHER_BYTES`]) and written by the rayon pool with `pwrite`,
 //!    each chunk hashed as it goes out;
-//! 3. fsync every shard (in parallel), write and fsync the small JSON files, the group indexes
-//!    and finally `manifest.json`; fsync the temporary directory;
+//! 3. fsync every shard (in parallel); write the small JSON files and the group indexes and
+//!    fsync them together (in parallel); write and fsync `manifest.json`; fsync the temporary
+//!    directory;
 //! 4. rename it to `PARENT/NAME` and fsync `PARENT`;
 //! 5. when publishing into a checkpoint root: write and fsync `latest.tmp`, rename it over
 //!    `latest`, fsync the root, then prune all but the last K checkpoints (each is first renamed
@@ -101,6 +102,8 @@ pub struct CheckpointWriter {
     weight_map: BTreeMap<String, BTreeMap<String, String>>,
     /// group -> bytes of tensor data.
     group_bytes: BTreeMap<String, u64>,
+    /// Small files written but not yet fsynced (they are fsynced together at commit).
+    unsynced: Vec<PathBuf>,
     trace: Trace,
 }
 
@@ -155,6 +158,7 @@ impl CheckpointWriter {
             manifest: Manifest::new(options.chunk_bytes as u64),
             weight_map: BTreeMap::new(),
             group_bytes: BTreeMap::new(),
+            unsynced: Vec::new(),
             trace,
         })
     }
@@ -257,7 +261,8 @@ impl CheckpointWriter {
         *self.group_bytes.entry(shard.group.clone()).or_default() += t.data.len() as u64;
     }
 
-    /// Write a small non-tensor file (JSON) into the checkpoint.
+    /// Write a small non-tensor file (JSON) into the checkpoint; it is fsynced at commit, together
+    /// with the others, so their fsyncs share journal commits.
     pub fn write_file(&mut self, file_name: &str, bytes: &[u8]) -> Result<()> {
         if self.manifest.files.contains_key(file_name) || file_name == MANIFEST_FILE {
             return Err(CkptError::Invalid(format!(
@@ -265,7 +270,8 @@ impl CheckpointWriter {
             )));
         }
         let path = self.tmp_dir.join(file_name);
-        durable::write_file(&path, bytes, self.options.durable, &self.trace)?;
+        durable::write_file(&path, bytes, false, &self.trace)?;
+        self.unsynced.push(path);
         self.manifest.files.insert(
             file_name.to_string(),
             FileEntry {
@@ -288,6 +294,12 @@ impl CheckpointWriter {
             });
             let bytes = serde_json::to_vec_pretty(&index).expect("an index serializes");
             self.write_file(&index_file_name(&group), &bytes)?;
+        }
+        if durable {
+            self.unsynced.par_iter().try_for_each(|path| {
+                let file = File::open(path).map_err(CkptError::io("open", path))?;
+                durable::fsync_file(&file, path, &self.trace)
+            })?;
         }
         let manifest_path = self.tmp_dir.join(MANIFEST_FILE);
         durable::write_file(
