@@ -393,6 +393,10 @@ impl LaidOut {
         }
         let path = dir.join(&shard.file_name);
         let file = File::create(&path).map_err(CkptError::io("create", &path))?;
+        // Sized up front: the parallel writes then land inside the file instead of each
+        // extending it (cheaper for the file system, and what the safetensors crate does too).
+        let size = header.len() + placed.last().map_or(0, |p| p.end);
+        file.set_len(size as u64).map_err(CkptError::io("size", &path))?;
         Ok(LaidOut {
             header,
             placed,
