@@ -32,7 +32,7 @@ from k2.checkpoint.store import TOKENIZER_FILES
 from k2.checkpoint.tensors import DTYPE_NAMES, TORCH_DTYPES, entry
 from k2.errors import CheckpointError, ConfigError
 
-FP8_BLOCK = 128
+FP8_BLOCK = 128  # rows and columns per scale in the official FP8 releases (k2.model.hub.FP8_BLOCK)
 HUB_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -219,8 +219,8 @@ def plan_import(
         names.append(name)
         sizes.append(_out_bytes(src_dtype, shape, dtype))
         if _scale_of(reader, name) is not None:
-            # One block of rows: the fp32 weights, their scaled product and its cast.
-            scratch = max(scratch, FP8_BLOCK * shape[1] * (4 + 4 + dtype.itemsize))
+            # One block of rows: the fp32 weights, the expanded scales, their product, its cast.
+            scratch = max(scratch, FP8_BLOCK * shape[1] * (4 + 4 + 4 + dtype.itemsize))
     # Each writer thread may gather small tensors into one buffer.
     scratch += (os.cpu_count() or 1) * WRITER_GATHER_BYTES
     largest = max(sizes, default=0)
@@ -239,7 +239,9 @@ def plan_import(
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize a block-quantized FP8 weight into ``dtype``, 128 rows at a time.
 
-    ``out[i, j] = weight[i, j] * scale_inv[i // 128, j // 128]``, computed in fp32.
+    The formula has one home, :func:`k2.model.hub.dequantize_fp8`
+    (``w[i, j] * scale_inv[i // 128, j // 128]`` in fp32); this applies it one block of rows at a
+    time so that only that block is ever held in fp32.
 
     Args:
         weight: [m, n] ``float8_e4m3fn``.
@@ -247,17 +249,20 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: 
         dtype: the output dtype.
 
     Returns:
-        [m, n] tensor of ``dtype``; the only other memory used is one 128-row block in fp32.
+        [m, n] tensor of ``dtype``.
     """
+    from k2.model.hub import dequantize_fp8
+
     rows, cols = weight.shape
     expected = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
     if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a [{rows}, {cols}] weight needs {expected}")
+        raise CheckpointError(
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a [{rows}, {cols}] weight needs {expected}"
+        )
     out = torch.empty(rows, cols, dtype=dtype)
     for block, start in enumerate(range(0, rows, FP8_BLOCK)):
         stop = min(start + FP8_BLOCK, rows)
-        scale = scale_inv[block].float().repeat_interleave(FP8_BLOCK)[:cols]  # [n]
-        out[start:stop] = (weight[start:stop].float() * scale).to(dtype)  # [<=128, n]
+        out[start:stop] = dequantize_fp8(weight[start:stop], scale_inv[block : block + 1]).to(dtype)  # [<=128, n]
     return out
 
 
