@@ -184,7 +184,8 @@ def import_hf(
     config.pop("quantization_config", None)
     if "num_nextn_predict_layers" in config:
         config["num_nextn_predict_layers"] = 0
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    # transformers 5 writes "dtype", the published checkpoints "torch_dtype": keep the dialect.
+    config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
     writer.write_file("config.json", json.dumps(config, indent=1).encode())
     writer.write_file(
         "checkpoint.json", json.dumps({"format": "k2-checkpoint", "model_naming": "hf", "imported_from": str(src)}).encode()
