@@ -4,7 +4,8 @@
   gives k2's logits; the tokenizer files travel with it;
 - ``save_pretrained`` output imported with ``k2 ckpt import-hf`` loads into k2 with the same
   logits;
-- a training checkpoint of the K2 model (MoE experts under Hub names) round-trips bit-identically.
+- a training checkpoint of the K2 model (MoE experts under Hub names) with its AdamW or MuonClip
+  state round-trips bit-identically, and training resumes exactly.
 """
 
 from __future__ import annotations
@@ -109,3 +110,34 @@ def test_a_k2_model_and_its_optimizer_round_trip_bit_identically(tmp_path: Path)
     for index in saved:
         for key in saved[index]:
             assert torch.equal(saved[index][key], loaded[index][key]), (index, key)
+
+
+def test_a_k2_model_trained_with_muonclip_resumes_bit_identically(tmp_path: Path) -> None:
+    from k2.optim import MuonClip
+
+    def step(model: K2ForCausalLM, optimizer: MuonClip) -> None:
+        optimizer.zero_grad()
+        x = ids(model.config.vocab_size)
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+
+    model = small_model(4).train()
+    optimizer = MuonClip(model, lr=1e-2)
+    for _ in range(2):
+        step(model, optimizer)
+    checkpoint.save(tmp_path, model, optimizer, {"step": 2})
+
+    fresh = small_model(5).train()
+    fresh_optimizer = MuonClip(fresh, lr=1e-2)
+    checkpoint.load(tmp_path, fresh, fresh_optimizer)
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert saved["muonclip"] == loaded["muonclip"] and saved["param_groups"] == loaded["param_groups"]
+    for index in saved["state"]:
+        for key, value in saved["state"][index].items():
+            other = loaded["state"][index][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, key)
+    # Training continues exactly as it would have without the interruption.
+    step(model, optimizer)
+    step(fresh, fresh_optimizer)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
