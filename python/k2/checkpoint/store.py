@@ -216,7 +216,10 @@ def load(
     result = LoadResult(path=reader.path, train_state=None)
 
     def stored(name: str) -> torch.Tensor:
-        return reader.tensor(name, verify=False)
+        # The optimizer adopts the tensors it is given (the model copies into its parameters):
+        # give it memory of its own, or it would pin the checkpoint's files (and their disk
+        # space, after pruning) for the rest of the run.
+        return reader.tensor(name, verify=False).clone()
 
     if model is not None:
         _load_model(reader, model, strict, result)
