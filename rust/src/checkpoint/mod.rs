@@ -5,8 +5,8 @@
 //! a `manifest.json` with the XXH3-64 of every tensor chunk. A checkpoint root holds several
 //! checkpoints and a `latest` file naming the newest complete one.
 //!
-//! * [`writer`] — parallel shard writing into a temporary directory, fsyncs, atomic rename, the
-//!   `latest` pointer and keep-last-K pruning;
+//! * [`writer`] — parallel shard writing into a temporary directory, fsyncs, atomic rename;
+//! * [`publish`] — the `latest` pointer, listing and keep-last-K pruning of a checkpoint root;
 //! * [`reader`] — memory-mapped reading with per-chunk verification and slice reads;
 //! * [`format`] — the safetensors header, written through the `safetensors` crate and parsed
 //!   defensively; [`manifest`] — the checksum manifest; [`plan`] — shards and file names;
@@ -18,6 +18,7 @@ pub mod error;
 pub mod format;
 pub mod manifest;
 pub mod plan;
+pub mod publish;
 pub mod reader;
 pub mod trace;
 pub mod writer;

@@ -28,7 +28,7 @@ use crate::interrupt::Cancel;
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
     pub name: String,
-    /// Index into [`Checkpoint::files`].
+    /// Index of its shard (see [`Checkpoint::file_name`]).
     pub file: usize,
     pub dtype: Dtype,
     pub shape: Vec<usize>,

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use safetensors::{Dtype, SafeTensors};
 
+use super::publish::{list_checkpoints, read_latest};
 use super::trace::{Event, Op};
-use super::writer::{list_checkpoints, read_latest};
 use super::*;
 use crate::interrupt::Cancel;
 

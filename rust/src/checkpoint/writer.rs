@@ -12,7 +12,8 @@
 //! 4. rename it to `PARENT/NAME` and fsync `PARENT`;
 //! 5. when publishing into a checkpoint root: write and fsync `latest.tmp`, rename it over
 //!    `latest`, fsync the root, then prune all but the last K checkpoints (each is first renamed
-//!    to `.k2-trash-NAME`, so a half-removed checkpoint never looks like a checkpoint).
+//!    to `.k2-trash-NAME`, so a half-removed checkpoint never looks like a checkpoint); see
+//!    [`super::publish`].
 //!
 //! A crash before step 4 leaves only a hidden temporary directory; a crash after it leaves a
 //! complete checkpoint that `latest` may or may not name yet. `latest` only ever names a
@@ -33,14 +34,11 @@ use super::error::{CkptError, Result};
 use super::format::{dtype_name, layout, tensor_bytes, Placed};
 use super::manifest::{chunk_ranges, hex, FileEntry, Manifest, TensorEntry, MANIFEST_FILE};
 use super::plan::index_file_name;
+use super::publish::{move_latest, prune, TMP_PREFIX};
 use super::trace::{fault_point, Event, Op, Trace};
 use crate::checksum::xxh3_64;
 use crate::interrupt::Cancel;
 
-/// The file in a checkpoint root that names the newest complete checkpoint.
-pub const LATEST_FILE: &str = "latest";
-const TMP_PREFIX: &str = ".k2-tmp-";
-const TRASH_PREFIX: &str = ".k2-trash-";
 /// Small tensors are gathered into one write of at most this many bytes (per worker thread,
 /// the only buffer a save allocates); a larger chunk is written straight from its tensor.
 pub const GATHER_BYTES: usize = 1 << 20;
@@ -396,7 +394,8 @@ impl LaidOut {
         // Sized up front: the parallel writes then land inside the file instead of each
         // extending it (cheaper for the file system, and what the safetensors crate does too).
         let size = header.len() + placed.last().map_or(0, |p| p.end);
-        file.set_len(size as u64).map_err(CkptError::io("size", &path))?;
+        file.set_len(size as u64)
+            .map_err(CkptError::io("size", &path))?;
         Ok(LaidOut {
             header,
             placed,
@@ -480,79 +479,4 @@ fn parent_of(dir: &Path) -> PathBuf {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
-}
-
-/// Point `root/latest` at checkpoint `name` atomically (write `latest.tmp`, fsync, rename).
-pub fn move_latest(root: &Path, name: &str, durable: bool, trace: &Trace) -> Result<()> {
-    let tmp = root.join(format!("{LATEST_FILE}.tmp"));
-    durable::write_file(&tmp, format!("{name}\n").as_bytes(), durable, trace)?;
-    fault_point("latest_tmp_written");
-    durable::rename(&tmp, &root.join(LATEST_FILE), trace)?;
-    if durable {
-        durable::fsync_dir(root, trace)?;
-    }
-    Ok(())
-}
-
-/// The checkpoint `root/latest` names, if any.
-pub fn read_latest(root: &Path) -> Result<Option<String>> {
-    let path = root.join(LATEST_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let name = text.trim();
-            if name.is_empty() || name.contains('/') || name.starts_with('.') {
-                return Err(CkptError::format(
-                    &path,
-                    format!("names {name:?}, not a checkpoint"),
-                ));
-            }
-            Ok(Some(name.to_string()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(CkptError::io("read", &path)(e)),
-    }
-}
-
-/// The complete checkpoints in `root` (directories holding a manifest), sorted by name, which
-/// for k2's `step-NNNNNNNN` names is the order they were saved in.
-pub fn list_checkpoints(root: &Path) -> Result<Vec<String>> {
-    let entries = fs::read_dir(root).map_err(CkptError::io("list", root))?;
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(CkptError::io("list", root))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with('.') && entry.path().join(MANIFEST_FILE).is_file() {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// Keep the last `keep_last` checkpoints of `root` (and always the one `latest` names); remove
-/// the rest, and any temporary or trash directory a crashed save left behind.
-pub fn prune(root: &Path, keep_last: usize, durable: bool, trace: &Trace) -> Result<()> {
-    let latest = read_latest(root)?;
-    let names = list_checkpoints(root)?;
-    let cut = names.len().saturating_sub(keep_last.max(1));
-    for name in &names[..cut] {
-        if Some(name) == latest.as_ref() {
-            continue;
-        }
-        let trash = root.join(format!("{TRASH_PREFIX}{name}"));
-        durable::rename(&root.join(name), &trash, trace)?;
-        if durable {
-            durable::fsync_dir(root, trace)?;
-        }
-        fault_point("mid_prune");
-        durable::remove_dir(&trash, trace)?;
-    }
-    for entry in fs::read_dir(root).map_err(CkptError::io("list", root))? {
-        let entry = entry.map_err(CkptError::io("list", root))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
-            durable::remove_dir(&entry.path(), trace)?;
-        }
-    }
-    Ok(())
 }

@@ -20,7 +20,7 @@ use super::runtime::detached;
 use crate::checkpoint::format::{dtype_name, parse_dtype};
 use crate::checkpoint::trace::{Event, FAULT_PHASES};
 use crate::checkpoint::{
-    plan, writer, Checkpoint, CkptError, Publish, ShardSpec, TensorRef, WriteOptions,
+    plan, publish, writer, Checkpoint, CkptError, Publish, ShardSpec, TensorRef, WriteOptions,
 };
 
 impl From<CkptError> for PyErr {
@@ -401,13 +401,13 @@ fn shard_file_name(group: &str, index: usize, count: usize) -> String {
 /// The checkpoint name that `ROOT/latest` holds, or None when there is no `latest`.
 #[pyfunction]
 fn read_latest(root: PathBuf) -> PyResult<Option<String>> {
-    Ok(writer::read_latest(&root)?)
+    Ok(publish::read_latest(&root)?)
 }
 
 /// The complete checkpoints (directories with a manifest) in `root`, sorted by name.
 #[pyfunction]
 fn list_checkpoints(root: PathBuf) -> PyResult<Vec<String>> {
-    Ok(writer::list_checkpoints(&root)?)
+    Ok(publish::list_checkpoints(&root)?)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
