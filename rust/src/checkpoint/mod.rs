@@ -8,7 +8,7 @@
 //! * [`writer`] — parallel shard writing into a temporary directory, fsyncs, atomic rename;
 //! * [`publish`] — the `latest` pointer, listing and keep-last-K pruning of a checkpoint root;
 //! * [`reader`] — memory-mapped reading with per-chunk verification and slice reads;
-//! * [`format`] — the safetensors header, written through the `safetensors` crate and parsed
+//! * [`format`](mod@format) — the safetensors header, written through the `safetensors` crate and parsed
 //!   defensively; [`manifest`] — the checksum manifest; [`plan`] — shards and file names;
 //! * [`trace`] — the recorded order of file-system operations and the fault-injection points
 //!   (`K2_CKPT_FAULT=<phase>`) the crash tests use; [`durable`] — the fsync/rename steps.
