@@ -23,8 +23,8 @@ install-test: ## install k2 with its test dependencies
 	$(PIP) install -q "maturin>=1.7,<2"
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 
-run: install ## install k2 and run the main job
-	k2 version
+run: install ## install k2 and run the main job: pretrain the tiny K2 on the built-in corpus
+	k2 train
 
 test: install-test test-rust test-python ## install k2 and run every test (pytest, cargo test)
 

@@ -13,7 +13,7 @@ The shard byte layout is documented in ``docs/token-shards.md``.
 from __future__ import annotations
 
 from k2.data.chat import CHAT_TEMPLATE, render_chat
-from k2.data.loader import Batch, TokenLoader
+from k2.data.loader import Batch, TokenLoader, read_tokens
 from k2.data.prepare import PrepareOptions, prepare
 from k2.data.tokenizer import EOD_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, load_tokenizer
 
@@ -27,5 +27,6 @@ __all__ = [
     "TokenLoader",
     "load_tokenizer",
     "prepare",
+    "read_tokens",
     "render_chat",
 ]

@@ -86,6 +86,26 @@ def shard_paths(
         ) from None
 
 
+def read_tokens(
+    path: str | PathLike[str] | Sequence[str | PathLike[str]], split: str = "train"
+) -> np.ndarray:
+    """Every token of a split (or of the given shards), concatenated, as one int64 array.
+
+    Each shard is validated in full (header, size, checksum) before its tokens are read, so a
+    corrupt shard raises instead of returning garbage. Meant for whole-split statistics (the
+    n-gram baselines); training reads through :class:`TokenLoader`.
+
+    Raises:
+        DataError: a shard is missing, corrupt or from a newer format.
+    """
+    arrays = []
+    for shard in shard_paths(path, split):
+        header = _native.inspect_shard(str(shard))
+        dtype = np.uint16 if header["token_bytes"] == 2 else np.uint32
+        arrays.append(np.fromfile(shard, dtype=dtype, count=header["tokens"], offset=64))
+    return np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
+
+
 class TokenLoader:
     """Batches of ``[batch_size, seq_len]`` token ids for one rank.
 
