@@ -190,7 +190,7 @@ def main() -> None:
     print(f"# machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
           f"torch_threads={torch.get_num_threads()} clock={args.clock}")  # fmt: skip
     print(f"# versions: python {platform.python_version()}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; preliminary on a shared, loaded machine")  # fmt: skip
+          f"transformers {transformers.__version__}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 
     step_tokens = args.batch * args.seq_len
     whole = {"k2": training_step(k2, tokens)}
