@@ -11,13 +11,10 @@ import pytest
 import torch
 
 from k2.kernels import moe_dispatch as md
-from k2.kernels.newton_schulz import QUINTIC, newton_schulz_cuda, newton_schulz_reference
+from k2.kernels.newton_schulz import newton_schulz_cuda
+from k2.optim.newton_schulz import NewtonSchulzSchedule, orthogonalize, orthogonalize_reference
 
 pytestmark = pytest.mark.gpu
-
-POLAR_EXPRESS_LIKE = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377),
-                      (3.7418, -5.5913, 2.3037), (2.8769, -3.1427, 1.2046),
-                      (2.8366, -3.0525, 1.2012)]
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -42,27 +39,30 @@ NS_SHAPES = [
 @pytest.mark.parametrize("schedule", ["quintic", "polar_express"])
 def test_newton_schulz_matches_reference(shape, schedule) -> None:
     require_kernels()
-    coeffs = [QUINTIC] * 5 if schedule == "quintic" else POLAR_EXPRESS_LIKE
+    sched = NewtonSchulzSchedule.resolve(schedule, 5)
     torch.manual_seed(sum(shape))
     G = torch.randn(*shape, device="cuda")
-    ref = newton_schulz_reference(G.double(), coeffs, dtype=torch.float64)
-    torch_bf16 = newton_schulz_reference(G, coeffs, dtype=torch.bfloat16)
-    out = newton_schulz_cuda(G, coeffs)
+    ref = orthogonalize_reference(G.double(), sched, dtype=torch.float64)
+    torch_bf16 = orthogonalize_reference(G, sched, dtype=torch.bfloat16)
+    out = newton_schulz_cuda(G, sched.folded())
     assert out.shape == G.shape and out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     e_kernel, e_torch = rel_err(out, ref), rel_err(torch_bf16, ref)
     assert e_kernel <= 2 * e_torch + 1e-3, (e_kernel, e_torch)
+    # Muon's seam sends bf16 CUDA batches to the kernel.
+    assert torch.equal(orthogonalize(G, sched, dtype=torch.bfloat16), out)
 
 
 def test_newton_schulz_two_dimensional_and_strided_input() -> None:
     require_kernels()
+    sched = NewtonSchulzSchedule.resolve("quintic", 5)
     G = torch.randn(96, 200, device="cuda")
-    ref = newton_schulz_reference(G, [QUINTIC] * 5, dtype=torch.float64)
+    ref = orthogonalize_reference(G[None].double(), sched, dtype=torch.float64)[0]
+    e_torch = rel_err(orthogonalize_reference(G[None], sched, dtype=torch.bfloat16)[0], ref)
     for inp in (G, G.T.contiguous().T):  # the same matrix in column-major storage
-        out = newton_schulz_cuda(inp, [QUINTIC] * 5)
+        out = newton_schulz_cuda(inp, sched.folded())
         assert out.shape == (96, 200)
-        assert rel_err(out, ref) <= 2 * rel_err(
-            newton_schulz_reference(G, [QUINTIC] * 5, dtype=torch.bfloat16), ref) + 1e-3
+        assert rel_err(out, ref) <= 2 * e_torch + 1e-3
 
 
 MOE_CASES = [  # (T, k, E, H)

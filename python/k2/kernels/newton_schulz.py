@@ -1,13 +1,15 @@
-"""Batched Newton–Schulz orthogonalization (Muon): the PyTorch reference and the CUDA kernel.
+"""Batched Newton–Schulz orthogonalization (Muon) on the GPU: the launcher of
+``cuda/newton_schulz.cu``.
 
 For a matrix M (m x n) the iteration approximates the orthogonal factor U Vᵀ of M = U S Vᵀ:
 
-    X = M / (‖M‖_F + eps)         transposed so that the rows are the shorter side
+    X = M / (‖M‖_F + eps)         on the shorter side (a transpose by strides, no copy)
     repeat with per-step (a, b, c):
         A = X Xᵀ;  B = b A + c A A;  X = a X + B X
 
-``newton_schulz`` picks the CUDA kernel for CUDA tensors (bf16 operands, fp32 accumulation, only
-half of each symmetric product computed) and the reference everywhere else.
+bf16 operands, fp32 accumulation, only half of each symmetric product computed. The PyTorch
+reference, the CPU path and the dispatch live in :mod:`k2.optim.newton_schulz`
+(``orthogonalize`` sends bf16 CUDA batches here).
 """
 
 from __future__ import annotations
@@ -19,51 +21,10 @@ import torch
 
 Coefficients = Sequence[tuple[float, float, float]]
 
-QUINTIC = (3.4445, -4.7750, 2.0315)
-"""Muon's default quintic coefficients (a, b, c), used for every step."""
-
-
-def newton_schulz_reference(
-    G: torch.Tensor, coefficients: Coefficients, eps: float = 1e-7, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """The iteration in plain PyTorch on ``[..., m, n]``, computed in ``dtype`` (default fp32).
-
-    Args:
-        G: the matrices to orthogonalize, any leading batch dimensions.
-        coefficients: one (a, b, c) per step.
-        eps: added to the Frobenius norm before dividing.
-        dtype: the precision of every matmul (fp32 on CPU; bf16 mimics the GPU path).
-
-    Returns:
-        The orthogonalized matrices, shape of ``G``, in ``dtype``.
-    """
-    X = G.to(dtype or torch.float32)
-    transposed = X.shape[-2] > X.shape[-1]
-    if transposed:
-        X = X.mT
-    norm = torch.linalg.matrix_norm(X.float(), keepdim=True).to(X.dtype)
-    X = X / (norm + eps)
-    for a, b, c in coefficients:
-        A = X @ X.mT                    # [..., m, m]
-        B = b * A + c * (A @ A)         # [..., m, m]
-        X = a * X + B @ X               # [..., m, n]
-    return X.mT if transposed else X
-
-
-def newton_schulz(
-    G: torch.Tensor, coefficients: Coefficients, eps: float = 1e-7, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Orthogonalize ``G`` ([m, n] or [B, m, n]): the CUDA kernel for CUDA tensors when kernels are
-    available (result in bf16), else :func:`newton_schulz_reference` in ``dtype``."""
-    from k2.kernels.launch import use_kernel
-
-    if use_kernel(G) and G.dim() in (2, 3) and G.numel() > 0:
-        return newton_schulz_cuda(G, coefficients, eps)
-    return newton_schulz_reference(G, coefficients, eps, dtype)
-
 
 def newton_schulz_cuda(G: torch.Tensor, coefficients: Coefficients, eps: float = 1e-7) -> torch.Tensor:
-    """The CUDA kernel path; ``G`` is a CUDA tensor [m, n] or [B, m, n]. Returns bf16 in G's shape."""
+    """Run the iteration on a CUDA tensor ``G`` [m, n] or [B, m, n] with one (a, b, c) per step
+    (normalizing by the plain Frobenius norm). Returns bf16 in G's shape."""
     from k2.kernels.launch import kernel, launch, ptr
 
     squeeze = G.dim() == 2

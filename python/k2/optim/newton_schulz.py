@@ -163,12 +163,18 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
     if G_BMN.device.type == "cpu":  # in cache-sized pieces
         per_piece = max(1, CPU_PIECE_NUMEL // (G_BMN.shape[-2] * G_BMN.shape[-1]))
         if G_BMN.shape[0] > per_piece:
-            return torch.cat([_iterate(part, schedule, eps, dtype) for part in G_BMN.split(per_piece)])
-    return _iterate(G_BMN, schedule, eps, dtype)
+            return torch.cat([orthogonalize_reference(part, schedule, eps, dtype)
+                              for part in G_BMN.split(per_piece)])
+    return orthogonalize_reference(G_BMN, schedule, eps, dtype)
 
 
-def _iterate(G_BMN: Tensor, schedule: NewtonSchulzSchedule, eps: float, dtype: torch.dtype) -> Tensor:
-    """The iteration itself, in PyTorch, on one batch [B, m, n]; returns [B, m, n] in ``dtype``."""
+def orthogonalize_reference(G_BMN: Tensor, schedule: NewtonSchulzSchedule, eps: float = 1e-7,
+                            dtype: torch.dtype = torch.float32) -> Tensor:
+    """The iteration in plain PyTorch on one batch [B, m, n]; returns [B, m, n] in ``dtype``.
+
+    This is the CPU path of :func:`orthogonalize` and the oracle the CUDA kernel is tested
+    against (in fp64 as the exact reference, in bf16 as "what torch gets").
+    """
     # The Gram matrix A is taken on the shorter side, r = min(m, n): A = X Xᵀ for wide matrices
     # and A = Xᵀ X for tall ones, where the step reads X ← X (a·I + B). Both are the iteration
     # on the wide orientation, without transposing anything.
