@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{HELP[f.name]} (default: {default!r})"
+        help_text = HELP[f.name] + (f" (default: {default!r})" if default != [] else "")
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)

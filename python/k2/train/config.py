@@ -129,7 +129,7 @@ HELP: dict[str, str] = {
     "preset": 'model preset: tiny (CPU minutes), small (one GPU)',
     "run_dir": 'where checkpoints, metrics, plots and samples go',
     "data_dir": 'prepared token shards; prepared here when missing',
-    "corpus": 'files/dirs to prepare (default: stdlib)',
+    "corpus": 'files/dirs to prepare into --data-dir (none: the Python standard library)',
     "vocab_size": 'tokenizer vocabulary when preparing data',
     "seq_len": 'tokens per training sequence',
     "batch_size": 'sequences per micro-batch on each rank',
