@@ -8,8 +8,10 @@ Terms: T tokens each routed to k experts (``topk_idx`` [T, k]), N = T k assignme
 * :func:`permute` — gather token rows into that order: ``rows[p] = x[token of row p]``;
 * :func:`combine` — ``out[t] = Σ_s w[t, s] · rows[pos[t k + s]]``, accumulated in fp32.
 
-Both ``permute`` and ``combine`` are differentiable; on CUDA (bf16 or fp32) they run the kernels
-of ``cuda/moe_dispatch.cu`` with hand-written backward passes, elsewhere plain PyTorch.
+Both ``permute`` and ``combine`` are differentiable, with hand-written backward passes made only of
+gathers: on CUDA (bf16 or fp32) the kernels of ``cuda/moe_dispatch.cu``, elsewhere the same
+gathers in PyTorch. ``permute_reference`` and ``combine_reference`` are the plain-PyTorch oracles
+(autograd through ``index_select``/``index_add``) the tests compare against.
 """
 
 from __future__ import annotations
@@ -114,7 +116,21 @@ def _kernel_dtype(t: torch.Tensor) -> str | None:
     return {torch.bfloat16: "bf16", torch.float32: "f32"}.get(t.dtype)
 
 
+def _on_kernel(t: torch.Tensor) -> bool:
+    from k2.kernels.launch import use_kernel
+
+    return _kernel_dtype(t) is not None and use_kernel(t)
+
+
+# The three row operations behind permute, combine and their backward passes. Each is a gather
+# (never a scatter: every output row is written once), run by a CUDA kernel on the GPU and by the
+# equivalent PyTorch gathers elsewhere, so the CPU exercises the same autograd wiring as the GPU.
+
 def _gather(src, src_row, scale, n_rows):
+    """``dst[p] = scale[p] * src[src_row[p]]`` (scale may be None)."""
+    if not _on_kernel(src):
+        out = src.index_select(0, src_row)
+        return out if scale is None else out * scale.to(out.dtype)[:, None]
     from k2.kernels.launch import kernel, launch, ptr
 
     H = src.shape[1]
@@ -128,6 +144,13 @@ def _gather(src, src_row, scale, n_rows):
 
 
 def _combine(rows, pos, weights, T, k):
+    """``out[t] = sum_s w[t, s] * rows[pos[t k + s]]`` (weights None: all 1), fp32 accumulation."""
+    if not _on_kernel(rows):
+        picked = rows.index_select(0, pos).view(T, k, -1)                       # [T, k, H]
+        acc = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
+        if weights is None:
+            return picked.sum(1, dtype=acc).to(rows.dtype)
+        return torch.einsum("tkh,tk->th", picked.to(acc), weights.to(acc)).to(rows.dtype)
     from k2.kernels.launch import kernel, launch, ptr
 
     H = rows.shape[1]
@@ -141,6 +164,11 @@ def _combine(rows, pos, weights, T, k):
 
 
 def _combine_grad_w(grad_out, rows, pos, T, k):
+    """``grad_w[t, s] = <grad_out[t], rows[pos[t k + s]]>`` in fp32 (the input dtype for fp64)."""
+    if not _on_kernel(rows):
+        picked = rows.index_select(0, pos).view(T, k, -1)
+        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        return torch.einsum("tkh,th->tk", picked.to(acc), grad_out.to(acc))
     from k2.kernels.launch import kernel, launch, ptr
 
     N, H = T * k, rows.shape[1]
@@ -171,7 +199,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weights, pos, assignment_of_row, k):
         rows = rows.contiguous()
-        w = weights.float().contiguous()
+        w = (weights.double() if rows.dtype == torch.float64 else weights.float()).contiguous()
         ctx.save_for_backward(rows, w, pos, assignment_of_row)
         ctx.k, ctx.weights_dtype = k, weights.dtype
         return _combine(rows, pos, w, weights.shape[0], k)
@@ -192,20 +220,15 @@ class _Combine(torch.autograd.Function):
 
 def permute(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Rows of ``x`` [T, H] in expert-contiguous order: [N, H]. Differentiable."""
-    from k2.kernels.launch import use_kernel
-
-    if use_kernel(x) and _kernel_dtype(x) and x.dim() == 2:
-        return _Permute.apply(x, routing.token_of_row, routing.pos, routing.k)
-    return permute_reference(x, routing)
+    if x.dim() != 2:
+        raise KernelError(f"permute: x must be [T, H], got shape {tuple(x.shape)}")
+    return _Permute.apply(x, routing.token_of_row, routing.pos, routing.k)
 
 
 def combine(rows: torch.Tensor, weights: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Weighted sum of each token's k expert rows back in token order: [T, H]. Differentiable in
     ``rows`` and ``weights`` [T, k]."""
-    from k2.kernels.launch import use_kernel
-
-    if weights.shape[0] * weights.shape[1] != rows.shape[0]:
-        raise KernelError(f"combine: {rows.shape[0]} rows but weights {tuple(weights.shape)}")
-    if use_kernel(rows, weights) and _kernel_dtype(rows) and rows.dim() == 2:
-        return _Combine.apply(rows, weights, routing.pos, routing.assignment_of_row, routing.k)
-    return combine_reference(rows, weights, routing)
+    if rows.dim() != 2 or weights.shape[0] * weights.shape[1] != rows.shape[0]:
+        raise KernelError(f"combine: rows {tuple(rows.shape)} do not match weights "
+                          f"{tuple(weights.shape)}")
+    return _Combine.apply(rows, weights, routing.pos, routing.assignment_of_row, routing.k)
