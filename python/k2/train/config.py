@@ -17,6 +17,7 @@ from typing import Any
 from k2.errors import ConfigError
 
 PRESETS = ("tiny", "small", "kimi-k2")
+OPTIMIZERS = ("muonclip", "adamw")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     steps: int = 600
+    optimizer: str = "muonclip"
     lr: float = 6e-3
     adamw_lr: float = 3e-3
     weight_decay: float = 0.1
@@ -97,6 +99,8 @@ class TrainConfig:
         """Raise :class:`ConfigError` naming the first invalid field."""
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches",
                     "save_every", "keep_last", "log_every", "vocab_size")
         for name in positive:
@@ -135,8 +139,9 @@ HELP: dict[str, str] = {
     "batch_size": 'sequences per micro-batch on each rank',
     "grad_accum": 'micro-batches per optimizer step',
     "steps": 'optimizer steps',
+    "optimizer": 'muonclip (K2) | adamw (torch.optim.AdamW on every parameter, at adamw_lr)',
     "lr": 'peak Muon learning rate (AdamW-matched update scale)',
-    "adamw_lr": 'peak AdamW learning rate (embeddings, head, norms)',
+    "adamw_lr": 'peak AdamW learning rate (embeddings, head, norms; everything with --optimizer adamw)',
     "weight_decay": 'decoupled weight decay (K2: 0.1)',
     "warmup_steps": 'linear warmup steps of the WSD schedule',
     "decay_fraction": 'share of the steps spent in the final cosine decay',

@@ -7,7 +7,8 @@ One run, start to finish:
 2. prepare the data if ``data_dir`` holds none (rank 0; the others wait);
 3. fit the unigram and Kneser–Ney bigram baselines on the training tokens (the bar to beat);
 4. build the model from its preset (the same seed gives the same weights on every rank), wrap it
-   in DDP under ``torchrun``, and optimize it with MuonClip on a WSD schedule;
+   in DDP under ``torchrun``, and optimize it with MuonClip (or, for comparison, AdamW; see
+   ``optimizers.py``) on a WSD schedule;
 5. every step: ``grad_accum`` micro-batches of packed documents (positions restart at each
    document, so attention never crosses one), gradient clipping, one optimizer step (QK-Clip and
    the router-bias update included); every ``log_every`` steps a metrics line; every
@@ -212,7 +213,7 @@ class Trainer:
         from k2 import checkpoint
         from k2.data import TokenLoader
         from k2.model import K2ForCausalLM
-        from k2.optim import MuonClip
+        from k2.train.optimizers import build_optimizer, logit_watch
 
         cfg, d = self.config, self.d
         if d.main:
@@ -231,8 +232,8 @@ class Trainer:
         total, active = model.parameter_counts()
         self.log(f"model: {cfg.preset}, {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active)")
         wrapped = DistributedDataParallel(model) if d.world > 1 else model
-        optimizer = MuonClip(wrapped, lr=cfg.lr, adamw_lr=cfg.adamw_lr,
-                             weight_decay=cfg.weight_decay, qk_clip_tau=cfg.qk_clip_tau or None)
+        optimizer = build_optimizer(cfg, wrapped)
+        watch = logit_watch(optimizer, model)  # None when MuonClip reports the max logits itself
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         schedule = WSDSchedule(peak=1.0, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                                decay_fraction=cfg.decay_fraction, floor=cfg.min_lr_ratio)
@@ -292,6 +293,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 report = optimizer.last_report
+                layers = watch.pop() if watch is not None else report.layers
 
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     train_loss = self._mean_over_ranks(loss_sum / cfg.grad_accum)
@@ -301,15 +303,15 @@ class Trainer:
                     if metrics is not None:
                         metrics.write(step, "train", loss=train_loss, lr=base_lrs[0] * factor,
                                       grad_norm=float(grad_norm),
-                                      max_logit=[c.max_logit for c in report.layers],
-                                      clipped_heads=[c.clipped_heads for c in report.layers],
+                                      max_logit=[c.max_logit for c in layers],
+                                      clipped_heads=[c.clipped_heads for c in layers],
                                       expert_balance=_balance(report), tokens_per_s=tps,
                                       skipped_steps=report.skipped_steps,
                                       wall_s=now - t_start)
                     if bar is not None:
                         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}",
                                         lr=f"{base_lrs[0] * factor:.2e}",
-                                        max_logit=f"{report.max_logit or 0:.1f}")
+                                        max_logit=f"{max((c.max_logit for c in layers), default=0):.1f}")
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
