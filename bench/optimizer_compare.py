@@ -204,10 +204,11 @@ def plot(runs: dict[str, dict[float, dict[int, Finished]]], summary: dict, out: 
             run = by_lr[best][seed]
             label = f"{opt} lr {best:g}" if i == 0 else None
             tokens = [s * run.tokens_per_step for s in run.eval_steps]
-            seconds = [s * run.step_seconds for s in run.eval_steps]
+            seconds = [s * summary["best"][opt]["step_seconds_median"] for s in run.eval_steps]
             by_tokens.plot(tokens, run.eval_losses, "o-", ms=3, color=colors[opt], alpha=0.8, label=label)
             by_time.plot(seconds, run.eval_losses, "o-", ms=3, color=colors[opt], alpha=0.8, label=label)
-    for ax, xlabel in ((by_tokens, "training tokens"), (by_time, "step time (s, median step x steps)")):
+    for ax, xlabel in ((by_tokens, "training tokens"),
+                       (by_time, "step time (s): steps x the optimizer's median step time")):
         for opt in runs:
             ax.axhline(summary["best"][opt]["val_loss_mean"], ls="--", color=colors[opt], lw=0.8,
                        label=f"{opt} final (mean)")

@@ -72,7 +72,7 @@ def describe(run: Finished, tau: float) -> dict:
     heads = _total_heads(run)
     clipped_share = [sum(c) / heads for c in run.clipped_heads]  # share of all heads, per step
     n = len(clipped_share)
-    first, last = clipped_share[: max(1, n // 10)], clipped_share[n // 2:]
+    quarters = [clipped_share[i * n // 4: (i + 1) * n // 4] for i in range(4)]
     peak = [max((v for v in layer if math.isfinite(v)), default=math.nan) for layer in zip(*run.max_logit)]
     tail = run.train_losses[-max(1, n // 10):]
     return {
@@ -82,8 +82,7 @@ def describe(run: Finished, tau: float) -> dict:
         "max_logit_peak": max((v for v in peak if math.isfinite(v)), default=math.nan), "steps_over_tau": sum(max(m) > tau for m in run.max_logit),
         "steps_with_clipping": sum(s > 0 for s in clipped_share),
         "nonfinite_loss_steps": sum(not math.isfinite(v) for v in run.train_losses),
-        "clipped_share_first_10pct": statistics.fmean(first) if first else 0.0,
-        "clipped_share_last_half": statistics.fmean(last) if last else 0.0,
+        "clipped_share_by_quarter": [statistics.fmean(q) if q else 0.0 for q in quarters],
         "last_clipped_step": max((s for s, c in zip(run.train_steps, clipped_share) if c > 0), default=None),
         "step_seconds": run.step_seconds,
     }
@@ -123,7 +122,10 @@ def plot(runs: list[tuple[str, int, Finished]], budget: Budget, out: Path) -> li
     for variant, seed, run in runs:
         if variant == "clip":
             heads = _total_heads(run)
-            ax.plot(run.train_steps, [sum(c) / heads for c in run.clipped_heads], lw=1, label=f"seed {seed}")
+            share = [sum(c) / heads for c in run.clipped_heads]
+            line, = ax.plot(run.train_steps, share, lw=0.6, alpha=0.4)
+            ax.plot(run.train_steps, _smooth(share), lw=1.5, color=line.get_color(),
+                    label=f"seed {seed} (10-step mean)")
     ax.set_xlabel("step")
     ax.set_ylabel("share of heads clipped")
     ax.set_title(f"QK-Clip at τ = {budget.tau:g}")
@@ -198,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                         for variant, seed, run in runs}}
     write_json(out / "summary.json", summary)
     print(f"\n{'run':<28}{'val loss':>10}{'peak logit':>12}{'final logit':>12}{'steps>τ':>9}"
-          f"{'clip steps':>11}{'share 1st 10%':>15}{'last clip':>10}")
+          f"{'clip steps':>11}  share of heads clipped by quarter")
     for name, r in summary["runs"].items():
+        quarters = " ".join(f"{q:.2f}" for q in r["clipped_share_by_quarter"])
         print(f"{name:<28}{r['final_val_loss']:>10.4f}{r['max_logit_peak']:>12.1f}"
               f"{max(r['max_logit_final_by_layer']):>12.1f}{r['steps_over_tau']:>9}"
-              f"{r['steps_with_clipping']:>11}{r['clipped_share_first_10pct']:>15.3f}"
-              f"{r['last_clipped_step']!s:>10}")
+              f"{r['steps_with_clipping']:>11}  {quarters}")
     plots = plot(runs, budget, out)
     print(f"\nwrote {out / 'summary.json'}, " + ", ".join(str(p) for p in plots))
 
