@@ -61,7 +61,7 @@ class Budget:
 
 
 BUDGETS = {
-    # what fits in about 40 minutes on the project's 2-core CI machine
+    # 10 runs of about 75 s on the project's 2-core CI machine (~13 minutes)
     "short": Budget(steps=200, seq_len=128, batch_size=8, warmup_steps=20, eval_every=25,
                     eval_batches=WHOLE_SPLIT, muon_lrs=(3e-3, 6e-3, 1.2e-2), adamw_lrs=(1.5e-3, 3e-3, 6e-3),
                     seeds=(0, 1, 2)),
