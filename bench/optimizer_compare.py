@@ -40,7 +40,8 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from study import WHOLE_SPLIT, Finished, RunSpec, ensure_run, loss_or_inf, print_header, tokens_to_reach, write_json
+from study import (WHOLE_SPLIT, Finished, RunSpec, ensure_run, loss_or_inf, print_header, save_figure,
+                   tokens_to_reach, write_json)
 
 OPTIMIZERS = ("muonclip", "adamw")
 
@@ -195,7 +196,7 @@ def plot(runs: dict[str, dict[float, dict[int, Finished]]], summary: dict, out: 
     ax.set_ylabel("final validation loss (nats/token)")
     ax.set_title(f"learning-rate sweep, seed {seed0}")
     ax.legend()
-    written = [_save(fig, out / "optimizer_sweep.png")]
+    written = [save_figure(fig, out / "optimizer_sweep.png")]
 
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for opt, by_lr in runs.items():
@@ -216,17 +217,8 @@ def plot(runs: dict[str, dict[float, dict[int, Finished]]], summary: dict, out: 
         ax.legend()
     by_tokens.set_ylabel("validation loss (nats/token)")
     fig.suptitle("validation loss, best rate of each optimizer, every seed")
-    written.append(_save(fig, out / "optimizer_curves.png"))
+    written.append(save_figure(fig, out / "optimizer_curves.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:  # noqa: ANN001
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from study import WHOLE_SPLIT, Finished, RunSpec, ensure_run, print_header, write_json
+from study import WHOLE_SPLIT, Finished, RunSpec, ensure_run, print_header, save_figure, write_json
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def plot(runs: list[tuple[str, int, Finished]], budget: Budget, out: Path) -> li
         ax.set_xlabel("step")
         ax.legend(fontsize="small")
     axes[0][0].set_ylabel("max attention logit")
-    written.append(_save(fig, out / "qk_max_logit.png"))
+    written.append(save_figure(fig, out / "qk_max_logit.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for variant, seed, run in runs:
@@ -130,7 +130,7 @@ def plot(runs: list[tuple[str, int, Finished]], budget: Budget, out: Path) -> li
     ax.set_ylabel("share of heads clipped")
     ax.set_title(f"QK-Clip at τ = {budget.tau:g}")
     ax.legend()
-    written.append(_save(fig, out / "qk_clipped_heads.png"))
+    written.append(save_figure(fig, out / "qk_clipped_heads.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {"no-clip": "tab:red", "clip": "tab:blue"}
@@ -140,22 +140,13 @@ def plot(runs: list[tuple[str, int, Finished]], budget: Budget, out: Path) -> li
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (10-step mean)")
     ax.legend()
-    written.append(_save(fig, out / "qk_loss.png"))
+    written.append(save_figure(fig, out / "qk_loss.png"))
     return written
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:
     """Trailing mean over ``window`` values."""
     return [statistics.fmean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
-
-
-def _save(fig, path: Path) -> Path:  # noqa: ANN001
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

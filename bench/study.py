@@ -188,6 +188,16 @@ def print_header(title: str) -> None:
     print(f"# versions: python {platform.python_version()}, torch {torch.__version__}")
 
 
+def save_figure(fig, path: Path) -> Path:  # noqa: ANN001
+    """Lay out, write (PNG, 110 dpi) and close a matplotlib figure; return its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: Path, value: Any) -> None:
     """Write ``value`` as indented JSON, atomically."""
     tmp = path.with_suffix(".tmp")

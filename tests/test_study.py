@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 from k2.cli import main
-from k2.data import PrepareOptions, prepare
 from k2.errors import ConfigError
 from k2.model import K2Config, K2ForCausalLM
 from k2.train.config import TrainConfig
@@ -30,18 +27,6 @@ from study import Finished, tokens_to_reach  # noqa: E402
 
 FLAGS = ["--seq-len", "64", "--batch-size", "4", "--warmup-steps", "1", "--eval-batches", "1",
          "--log-every", "1", "--num-samples", "0", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A prepared data directory made from a handful of standard-library modules."""
-    corpus = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "textwrap.py", "shlex.py", "fractions.py", "heapq.py"):
-        shutil.copy(stdlib / name, corpus / name)
-    out = tmp_path_factory.mktemp("data")
-    prepare(PrepareOptions(corpus=(corpus,), out_dir=out, vocab_size=512, val_fraction=0.1))
-    return out
 
 
 def train_records(run: Path) -> list[dict]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import torch
 
 from k2 import checkpoint
 from k2.cli import main
-from k2.data import PrepareOptions, prepare
 from k2.model import K2Config, K2ForCausalLM
 from k2.train.config import TrainConfig
 from k2.train.loop import sample_positions
@@ -27,18 +24,6 @@ from k2.train.metrics import read_metrics
 # Small but real: the tiny preset on short sequences of a small code corpus.
 FLAGS = ["--seq-len", "64", "--batch-size", "4", "--warmup-steps", "2", "--eval-batches", "2",
          "--log-every", "1", "--sample-tokens", "8", "--num-samples", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A prepared data directory made from a handful of standard-library modules."""
-    corpus = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "textwrap.py", "shlex.py", "fractions.py", "heapq.py"):
-        shutil.copy(stdlib / name, corpus / name)
-    out = tmp_path_factory.mktemp("data")
-    prepare(PrepareOptions(corpus=(corpus,), out_dir=out, vocab_size=512, val_fraction=0.1))
-    return out
 
 
 def k2_cmd(*args: str) -> list[str]:
