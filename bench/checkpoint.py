@@ -10,15 +10,16 @@ tensors of a few MiB, like a model's):
    ``torch.save`` and ``safetensors.torch.save_file``; goal: at least 2x the faster;
 2. durable save (every file and directory fsynced): ``k2.checkpoint.save()`` against a plain
    multi-stream write + fsync of the same bytes (one file and one thread per core, what the
-   hardware can do at best); goal: at most 10% slower, median of 5;
+   hardware can do at best); goal: at most 10% slower;
 3. full load from a warm page cache, every byte read: k2 (memory-mapped, every chunk's XXH3
    verified, tensors handed to torch without a copy) against ``safetensors.torch.load_file`` with
    every tensor read (an int64 sum over its bytes; it verifies nothing) and ``torch.load``;
    goal: at least 0.8x ``load_file``. Also reported as a fraction of single-thread memcpy
    bandwidth (``numpy.copyto``).
 
-Dirty pages are flushed (``os.sync``) between runs and are not timed. Disks on shared machines
-vary by about 30% from run to run: treat single figures with care.
+Every figure is the median of 5 runs. Dirty pages are flushed (``os.sync``) between runs and are
+not timed. Disks on shared machines vary by about 30% from run to run: treat single figures
+with care.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir); needs 4x the state free")
     args = parser.parse_args()
     total = 64 * MiB if args.quick else int(args.gib * 1024) * MiB
-    repeats, durable_repeats = (1, 1) if args.quick else (3, 5)
+    repeats = 1 if args.quick else 5  # median of 5: these disks vary by ~30% run to run
     streams = os.cpu_count() or 1
 
     scratch = Path(tempfile.mkdtemp(prefix="k2-bench-ckpt-", dir=args.dir))
@@ -171,7 +172,7 @@ def main() -> None:
                 plain_name: (lambda: plain_parallel_write(plain_dir, list(tensors.values()), streams),
                              lambda: fresh(plain_dir)),
             },
-            durable_repeats,
+            repeats,
         )
         rows += list(t.items())
         durable_slowdown = t["save, fsynced: k2"] / t[plain_name] - 1

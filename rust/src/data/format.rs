@@ -28,8 +28,8 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use crate::checksum::Xxh3;
 use memmap2::Mmap;
-use xxhash_rust::xxh3::Xxh3;
 
 use super::error::{DataError, Result};
 use crate::checksum;
