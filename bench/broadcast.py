@@ -6,8 +6,12 @@ applied in every worker, timed from the trainer's call until every worker report
 updated. Methods, all in the same run and the same worker processes:
 
 * ``k2 shm``            — ``WeightPublisher`` / ``WeightSubscriber`` (shared memory, this host)
-  with the defaults: a catch-up snapshot in the publisher, versions applied by copy;
-* ``k2 shm fast``       — the same without the catch-up snapshot, versions applied by swap;
+  with the defaults: a slot per bucket (the newest version stays whole in shared memory), each
+  worker copies it straight into its model once it has landed;
+* ``k2 shm swap``       — the same segment; workers land buckets in a private buffer as they
+  arrive and apply a version by swapping storage;
+* ``k2 shm ring``       — ``catch_up=False``: a ring of two slots; workers land buckets in a
+  private buffer as they arrive and copy it into the model;
 * ``k2 gloo``           — ``DistributedWeightPublisher`` / ``...Subscriber`` over gloo, and
   ``k2 gloo fast`` with versions applied by swap;
 * ``gloo per tensor``   — baseline (a): one ``torch.distributed.broadcast`` per tensor, gloo;
@@ -167,11 +171,12 @@ def run_methods(weights: dict[str, torch.Tensor], specs: Specs, pool: Pool, roun
     pool.send("model", specs)
     out = {}
 
-    for method, fast in (("k2 shm", False), ("k2 shm fast", True)):
+    for method, catch_up, swap in (("k2 shm", True, False), ("k2 shm swap", True, True),
+                                   ("k2 shm ring", False, False)):
         name = f"bench-{uuid.uuid4().hex[:8]}"
         with WeightPublisher(weights, name=name, bucket_bytes=bucket_bytes, timeout=600,
-                             catch_up=not fast) as pub:
-            pool.send("k2 shm", name, rounds + 1, fast)
+                             catch_up=catch_up) as pub:
+            pool.send("k2 shm", name, rounds + 1, swap)
             pool.wait("joined")
             while len(pub.workers()) < len(pool.procs):
                 time.sleep(0.01)
@@ -271,8 +276,8 @@ def main() -> None:
                           f"{100 * memcpy / seconds:>8.0f}")
                 summary[f"{label}/{n}w"] = {
                     "shm_vs_gloo_per_tensor": round(baseline / times["k2 shm"], 3),
-                    "shm_fast_vs_gloo_per_tensor": round(baseline / times["k2 shm fast"], 3),
-                    "shm_fast_of_memcpy": round(memcpy / times["k2 shm fast"], 3),
+                    "shm_swap_vs_gloo_per_tensor": round(baseline / times["k2 shm swap"], 3),
+                    "shm_ring_vs_gloo_per_tensor": round(baseline / times["k2 shm ring"], 3),
                     "k2_gloo_vs_gloo_per_tensor": round(baseline / times["k2 gloo"], 3),
                     "k2_gloo_fast_vs_gloo_per_tensor": round(baseline / times["k2 gloo fast"], 3),
                     "shm_vs_save_load": round(times["torch.save/load"] / times["k2 shm"], 3),

@@ -59,17 +59,18 @@ def empty_model(slices: Mapping | None) -> dict[str, torch.Tensor]:
 
 
 def receive_versions(name: str, worker: str, slices: Mapping | None, versions: int,
-                     verify: bool, out, swap: bool = False) -> None:
-    """Apply ``versions`` updates; after each, report ``(worker, version, model copy)``."""
+                     verify: bool, out, swap: bool = False, in_place: bool | None = None) -> None:
+    """Apply ``versions`` updates; after each, report ``(worker, version, model copy, whether
+    it applied in place)``."""
     from k2.broadcast import WeightSubscriber
 
     torch.set_num_threads(1)
     model = empty_model(slices)
     with WeightSubscriber(model, worker=worker, name=name, slices=slices, timeout=30.0,
-                          verify=verify, swap=swap) as sub:
+                          verify=verify, swap=swap, in_place=in_place) as sub:
         for _ in range(versions):
             version = sub.update(timeout=30.0)
-            out.put((worker, version, portable(model)))
+            out.put((worker, version, portable(model), sub.applies_in_place))
 
 
 def fingerprint_model(count: int) -> dict[str, torch.Tensor]:
@@ -78,14 +79,15 @@ def fingerprint_model(count: int) -> dict[str, torch.Tensor]:
     return {f"t{i:03d}": torch.zeros(64 + 97 * i) for i in range(count)}
 
 
-def read_while_updating(name: str, worker: str, count: int, last_version: int, out) -> None:
+def read_while_updating(name: str, worker: str, count: int, last_version: int, out,
+                        in_place: bool | None = None) -> None:
     """Apply versions until ``last_version`` while a reader thread reads the whole model
     under the subscriber's lock; report ``(reads, torn_reads, versions_seen)``."""
     from k2.broadcast import WeightSubscriber
 
     torch.set_num_threads(1)
     model = fingerprint_model(count)
-    sub = WeightSubscriber(model, worker=worker, name=name, timeout=30.0)
+    sub = WeightSubscriber(model, worker=worker, name=name, timeout=30.0, in_place=in_place)
     done = threading.Event()
     reads, torn, seen = 0, 0, set()
 

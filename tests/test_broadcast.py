@@ -74,44 +74,54 @@ def test_row_selections_become_merged_ranges() -> None:
 
 
 @pytest.mark.slow
-def test_every_worker_gets_the_trainers_bits_and_slices_get_exactly_their_rows() -> None:
+@pytest.mark.parametrize("catch_up", [True, False], ids=["retained", "ring"])
+def test_every_worker_gets_the_trainers_bits_and_slices_get_exactly_their_rows(catch_up: bool) -> None:
     name = unique_name()
     source = workers.weights(0)
     out = SPAWN.Queue()
-    with WeightPublisher(source, name=name, bucket_bytes=1024, timeout=30.0, checksums=True) as pub:
-        assert pub.plan.num_buckets > 5  # small buckets: tensors straddle, slots are reused
-        procs = [
-            # applies by swapping storage: both landing buffers get used over two versions
-            SPAWN.Process(target=workers.receive_versions, args=(name, "full", None, 2, True, out, True)),
-            SPAWN.Process(target=workers.receive_versions,
-                          args=(name, "sliced", workers.SLICES, 2, False, out)),
-        ]
+    # (worker, slices, verify, swap, in_place asked, in_place expected): every way to apply
+    setups = [
+        ("swap", None, True, True, None, False),
+        ("landed-copy", None, False, False, False, False),
+        ("auto", None, True, False, None, catch_up),
+        ("sliced", workers.SLICES, False, False, None, catch_up),
+    ]
+    with WeightPublisher(source, name=name, bucket_bytes=1024, timeout=30.0, checksums=True,
+                         catch_up=catch_up) as pub:
+        assert pub.plan.num_buckets > 5  # small buckets: tensors straddle, ring slots are reused
+        procs = [SPAWN.Process(target=workers.receive_versions,
+                               args=(name, worker, slices, 2, verify, out, swap, in_place))
+                 for worker, slices, verify, swap, in_place, _ in setups]
         for p in procs:
             p.start()
-        wait_for_workers(pub, 2, procs)
+        wait_for_workers(pub, len(procs), procs)
         for version in (1, 2):
             set_weights(source, version)
             assert pub.publish() == version
-        results = [out.get(timeout=60) for _ in range(4)]
+        results = [out.get(timeout=60) for _ in range(2 * len(procs))]
         for p in procs:
             p.join(30)
             assert p.exitcode == 0
-    for worker, version, model in results:
+    expected_in_place = {worker: expected for worker, *_, expected in setups}
+    for worker, version, model, in_place in results:
+        assert in_place == expected_in_place[worker], worker
         want = workers.weights(version)
         if worker == "sliced":
             want = workers.sliced(want, workers.SLICES)
         assert_bit_identical(model, want, f"{worker} v{version}")
-    assert sorted((w, v) for w, v, _ in results) == [("full", 1), ("full", 2), ("sliced", 1), ("sliced", 2)]
+    assert sorted((w, v) for w, v, *_ in results) == sorted((w, v) for w, *_ in setups for v in (1, 2))
 
 
 @pytest.mark.slow
-def test_a_reader_only_ever_sees_whole_versions() -> None:
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "landed-copy"])
+def test_a_reader_only_ever_sees_whole_versions(in_place: bool) -> None:
     name = unique_name()
     source = workers.fingerprint_model(48)
     out = SPAWN.Queue()
     last = 25
     with WeightPublisher(source, name=name, bucket_bytes=4096, timeout=30.0) as pub:
-        proc = SPAWN.Process(target=workers.read_while_updating, args=(name, "reader", 48, last, out))
+        proc = SPAWN.Process(target=workers.read_while_updating,
+                             args=(name, "reader", 48, last, out, in_place))
         proc.start()
         wait_for_workers(pub, 1, [proc])
         for version in range(1, last + 1):
@@ -152,7 +162,7 @@ def test_a_killed_worker_is_named_the_others_complete_and_a_restart_catches_up()
         assert error.version == 1 and list(error.failures) == ["victim"]
         assert "exited" in error.failures["victim"] and "version 1" in error.failures["victim"]
         assert reported_after < timeout, f"reported {reported_after:.1f} s after the kill"
-        worker, version, model = out.get(timeout=60)
+        worker, version, model, _ = out.get(timeout=60)
         assert (worker, version) == ("healthy", 1)
         assert_bit_identical(model, workers.weights(1), "healthy")
         victim.join()
@@ -160,7 +170,7 @@ def test_a_killed_worker_is_named_the_others_complete_and_a_restart_catches_up()
         # Restarted under the same name, it is sent the current version without a new publish.
         restarted = SPAWN.Process(target=workers.receive_versions, args=(name, "victim", None, 1, True, out))
         restarted.start()
-        worker, version, model = out.get(timeout=60)
+        worker, version, model, _ = out.get(timeout=60)
         restarted.join(30)
         healthy.join(30)
     assert (worker, version) == ("victim", 1)
@@ -195,6 +205,25 @@ def test_a_mismatched_model_is_refused_listing_every_difference_before_joining()
             assert expected in message, message
         assert pub.workers() == []  # it never joined
         assert all(torch.equal(model[k], before[k]) for k in model)
+
+
+def test_in_place_is_refused_with_the_reason_when_it_cannot_work() -> None:
+    name = unique_name()
+    with WeightPublisher(workers.weights(1), name=name, bucket_bytes=1024, timeout=5.0, catch_up=False):
+        with pytest.raises(BroadcastError, match="worker ringed: cannot apply versions in place: .*ring"):
+            WeightSubscriber(workers.empty_model(None), worker="ringed", name=name, timeout=5.0, in_place=True)
+        sub = WeightSubscriber(workers.empty_model(None), worker="landing", name=name, timeout=5.0)
+        assert not sub.applies_in_place  # a ring cannot hold a whole version
+        sub.close()
+    name = unique_name()
+    with WeightPublisher(workers.weights(1), name=name, bucket_bytes=1024, timeout=5.0):
+        model = workers.empty_model(None)
+        model["embed.weight"] = torch.zeros(24, 37).t()  # right shape, not contiguous
+        with pytest.raises(BroadcastError, match="embed.weight is not contiguous"):
+            WeightSubscriber(model, worker="strided", name=name, timeout=5.0, in_place=True)
+        sub = WeightSubscriber(model, worker="strided", name=name, timeout=5.0)
+        assert not sub.applies_in_place
+        sub.close()
 
 
 def test_views_are_valid_only_until_their_bucket_is_released() -> None:

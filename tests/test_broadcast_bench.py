@@ -23,8 +23,7 @@ def test_broadcast_bench_quick_run_prints_a_table_and_ratios() -> None:
     assert any("gloo per tensor" in line for line in lines)
     result = json.loads(lines[-1])
     ratios = result["ratios"]["synthetic 16 MiB/1w"]
-    assert set(ratios) == {"shm_vs_gloo_per_tensor", "shm_fast_vs_gloo_per_tensor",
-                           "k2_gloo_vs_gloo_per_tensor", "k2_gloo_fast_vs_gloo_per_tensor",
-                           "shm_vs_save_load", "shm_of_memcpy",
-                           "shm_fast_of_memcpy"}
+    assert set(ratios) == {"shm_vs_gloo_per_tensor", "shm_swap_vs_gloo_per_tensor",
+                           "shm_ring_vs_gloo_per_tensor", "k2_gloo_vs_gloo_per_tensor",
+                           "k2_gloo_fast_vs_gloo_per_tensor", "shm_vs_save_load", "shm_of_memcpy"}
     assert all(value > 0 for value in ratios.values())

@@ -178,6 +178,10 @@ class BucketLease:
         """Buffer views of the lease currently alive."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
+def copy_ranges(jobs: list[tuple[int, int, int]]) -> None:
+    """Internal: ``(src, dst, nbytes)`` copies between raw addresses, every core, no GIL,
+    streaming stores for long ones; the caller keeps the ranges alive, disjoint and untouched."""
+
 class ShmPublisher:
     """The publishing end of a shared-memory segment (a file, normally in /dev/shm).
 
@@ -186,13 +190,19 @@ class ShmPublisher:
         plan: the bucket plan.
         checksums: record an XXH3-64 checksum with every bucket.
         timeout: seconds to wait for a worker before evicting it.
+        retain: one slot per bucket, so the newest version stays whole in shared memory
+            (else a ring of two slots).
 
     Raises:
         k2.errors.BroadcastError: a live publisher already serves ``path``.
         k2.errors.K2IOError: the file cannot be created or mapped.
     """
 
-    def __init__(self, path: str | PathLike[str], plan: BucketPlan, checksums: bool, timeout: float) -> None: ...
+    def __init__(self, path: str | PathLike[str], plan: BucketPlan, checksums: bool, timeout: float,
+                 retain: bool) -> None: ...
+    @property
+    def retains(self) -> bool:
+        """Whether every bucket has a slot of its own."""
     @property
     def published_version(self) -> int:
         """The newest version delivered in full (0 before the first)."""
@@ -203,7 +213,15 @@ class ShmPublisher:
         """Whether a live worker waits to be sent the published version."""
     def begin_round(self, version: int, catch_up: bool) -> int:
         """Start a round carrying ``version`` (or, with ``catch_up``, the published version to
-        the workers that asked for it); returns the number of workers in it."""
+        the workers that asked for it); returns the number of workers in it. On a retained
+        segment a publish round first waits (bounded, no GIL) for workers still copying the
+        previous version into their models."""
+    def stage_all(self, sources: list[int]) -> None:
+        """Internal: stage and commit every bucket from CPU memory (no GIL, every core);
+        ``sources[t]`` is the address of plan tensor ``t``'s contiguous bytes, kept alive and
+        unmodified by the caller during the call."""
+    def resend_all(self) -> None:
+        """Re-announce every bucket of a retained segment in a catch-up round (no copy)."""
     def acquire_slot(self, bucket: int) -> BucketLease:
         """Wait (bounded, no GIL) until the bucket's slot is free; lend it out, writable."""
     def commit(self, lease: BucketLease) -> None:
@@ -245,6 +263,16 @@ class ShmSubscriber:
     def release(self, lease: BucketLease) -> None:
         """Acknowledge the bucket (refused while a view of it is alive); raises
         ``BroadcastError`` if it was overwritten while read (the worker was evicted)."""
+    @property
+    def retains(self) -> bool:
+        """Whether the publisher keeps the whole version in shared memory."""
+    def wait_whole(self) -> None:
+        """Retained segments: wait (bounded, no GIL) until every bucket of the current round
+        has landed, verifying checksums if asked."""
+    def copy_in_place(self, copies: list[list[tuple[int, int, int]]]) -> None:
+        """Internal: after :meth:`wait_whole`, perform ``copies[b]`` = ``(bucket_offset,
+        address, nbytes)`` for every bucket (no GIL, every core), acknowledging each bucket;
+        the destinations must be memory the caller owns and lets nothing else touch."""
     def applied(self, version: int) -> None:
         """Record that ``version`` is in the model."""
     def rejoin(self) -> None:

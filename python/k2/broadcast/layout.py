@@ -13,6 +13,7 @@ experts of a stacked ``[E, ...]`` tensor. Its model tensor then has the slice's 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -157,12 +158,51 @@ def source_bytes(tensors: Mapping[str, torch.Tensor], plan: _native.BucketPlan) 
     return out
 
 
+def copy_bytes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each ``(dst, src)`` pair of equally long 1-D uint8 tensors.
+
+    Contiguous CPU pairs go to one native call (every core, no GIL, streaming stores: about
+    twice a single ``copy_``); the rest (a GPU side, say) use ``Tensor.copy_``.
+    """
+    native, other = [], []
+    for dst, src in pairs:
+        if dst.device.type == src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous():
+            native.append((src.data_ptr(), dst.data_ptr(), dst.numel()))
+        else:
+            other.append((dst, src))
+    if native:
+        _native.copy_ranges(native)  # ``pairs`` keeps every tensor alive meanwhile
+    with torch.no_grad():
+        for dst, src in other:
+            dst.copy_(src)
+
+
 def pack(plan: _native.BucketPlan, bucket: int, sources: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     """Copy bucket ``bucket``'s pieces of ``sources`` (see :func:`source_bytes`) into ``out``
     (a uint8 tensor of the bucket's length)."""
-    with torch.no_grad():
-        for tensor, tensor_offset, bucket_offset, n in plan.chunks(bucket):
-            out[bucket_offset:bucket_offset + n].copy_(sources[tensor][tensor_offset:tensor_offset + n])
+    copy_bytes([(out[bucket_offset:bucket_offset + n], sources[tensor][tensor_offset:tensor_offset + n])
+                for tensor, tensor_offset, bucket_offset, n in plan.chunks(bucket)])
+
+
+def receive_layout(
+    plan: _native.BucketPlan, model: Mapping[str, torch.Tensor], slices: Mapping[str, Rows]
+) -> tuple[int, list[tuple[str, int, int]], list[list[tuple[int, int, int]]]]:
+    """Where a subscriber's wanted bytes go: laid out one after another in a *landing* layout.
+
+    Returns:
+        ``(nbytes, targets, pieces)``: the layout's size; per wanted tensor ``(name,
+        landing_offset, nbytes)`` in landing order; per bucket its ``(bucket_offset,
+        landing_offset, nbytes)`` copies.
+    """
+    names = [spec[0] for spec in plan.tensors()]
+    index = {name: i for i, name in enumerate(names)}
+    shapes = {spec[0]: spec[2] for spec in plan.tensors()}
+    wants = []
+    for name in sorted(model, key=index.__getitem__):
+        rows = row_ranges(slices[name], shapes[name][0], name) if name in slices else None
+        wants.append((index[name], rows))
+    nbytes, targets, pieces = plan.receive_plan(wants)
+    return nbytes, [(names[i], offset, n) for i, offset, n in targets], pieces
 
 
 class Landing:
@@ -185,14 +225,7 @@ class Landing:
 
     def __init__(self, plan: _native.BucketPlan, model: Mapping[str, torch.Tensor],
                  slices: Mapping[str, Rows], swap: bool = False) -> None:
-        names = [spec[0] for spec in plan.tensors()]
-        index = {name: i for i, name in enumerate(names)}
-        shapes = {spec[0]: spec[2] for spec in plan.tensors()}
-        wants = []
-        for name in sorted(model, key=index.__getitem__):
-            rows = row_ranges(slices[name], shapes[name][0], name) if name in slices else None
-            wants.append((index[name], rows))
-        nbytes, targets, self.pieces = plan.receive_plan(wants)
+        nbytes, targets, self.pieces = receive_layout(plan, model, slices)
         devices = {t.device for t in model.values()}
         device = devices.pop() if len(devices) == 1 else torch.device("cpu")
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -200,7 +233,7 @@ class Landing:
         self.swap = swap
         self._next = 0  # the buffer the next version lands in
         # (model tensor, byte offset of its bytes in a landing buffer)
-        self.targets = [(model[names[i]], offset) for i, offset, _ in targets]
+        self.targets = [(model[name], offset) for name, offset, _ in targets]
 
     def direct(self, bucket: int, window: tuple[int, int]) -> torch.Tensor | None:
         """Where bucket ``bucket`` can be received with no copy at all, or None.
@@ -217,20 +250,77 @@ class Landing:
     def land(self, bucket: int, data: torch.Tensor) -> None:
         """Copy this subscriber's pieces of bucket ``bucket`` (uint8 ``data``) into the buffer."""
         buffer = self.buffers[self._next]
-        with torch.no_grad():
-            for bucket_offset, landing_offset, n in self.pieces[bucket]:
-                buffer[landing_offset:landing_offset + n].copy_(data[bucket_offset:bucket_offset + n])
+        copy_bytes([(buffer[landing_offset:landing_offset + n], data[bucket_offset:bucket_offset + n])
+                    for bucket_offset, landing_offset, n in self.pieces[bucket]])
 
     def apply(self) -> None:
         """Put the landed version into the model (the caller holds the subscriber's lock)."""
         buffer = self.buffers[self._next]
+        pairs = []
         with torch.no_grad():
             for tensor, offset in self.targets:
                 if self.swap:
                     strides = torch.empty(tensor.shape, device="meta").stride()
                     tensor.set_(buffer.untyped_storage(), offset // tensor.element_size(),
                                 tensor.shape, strides)
+                    continue
+                landed = buffer[offset:offset + tensor.numel() * tensor.element_size()]
+                if tensor.is_contiguous():
+                    pairs.append((tensor.reshape(-1).view(torch.uint8), landed))
                 else:
-                    n = tensor.numel() * tensor.element_size()
-                    tensor.copy_(buffer[offset:offset + n].view(tensor.dtype).view(tensor.shape))
+                    tensor.copy_(landed.view(tensor.dtype).view(tensor.shape))
+        copy_bytes(pairs)
         self._next = (self._next + 1) % len(self.buffers)
+
+
+class InPlace:
+    """Copies of a version that landed whole in shared memory straight into the model tensors
+    (one copy per byte, no landing buffer); the subscriber runs them under its lock.
+
+    Every model tensor must be a contiguous CPU tensor; that is checked again at every update,
+    since a tensor's storage may have been replaced in between.
+
+    Args:
+        plan: the published plan.
+        model: the subscriber's tensors (sliced ones with the slice's shape), already checked.
+        slices: rows wanted per tensor name.
+    """
+
+    def __init__(self, plan: _native.BucketPlan, model: Mapping[str, torch.Tensor],
+                 slices: Mapping[str, Rows]) -> None:
+        _, targets, pieces = receive_layout(plan, model, slices)
+        self.targets = [(name, model[name]) for name, _, _ in targets]
+        starts = [offset for _, offset, _ in targets]
+        # A landing piece may run over several tensors (and the padding between them): cut it
+        # into per-tensor copies, (bucket_offset, target, offset in the tensor, nbytes).
+        self._copies: list[list[tuple[int, int, int, int]]] = []
+        for bucket_pieces in pieces:
+            out = []
+            for bucket_offset, lo, n in bucket_pieces:
+                i = max(bisect.bisect_right(starts, lo) - 1, 0)
+                while i < len(targets) and starts[i] < lo + n:
+                    _, start, size = targets[i]
+                    a, b = max(lo, start), min(lo + n, start + size)
+                    if a < b:
+                        out.append((bucket_offset + a - lo, i, a - start, b - a))
+                    i += 1
+            self._copies.append(out)
+
+    @staticmethod
+    def unsuitable(model: Mapping[str, torch.Tensor]) -> str | None:
+        """Why ``model`` cannot take a version in place, or None if it can."""
+        for name, t in model.items():
+            if t.device.type != "cpu":
+                return f"{name} is on {t.device}, not the CPU"
+            if not t.is_contiguous():
+                return f"{name} is not contiguous"
+        return None
+
+    def copies(self) -> list[list[tuple[int, int, int]]]:
+        """Per bucket, ``(bucket_offset, address, nbytes)`` of every copy into the model."""
+        why = self.unsuitable(dict(self.targets))
+        if why is not None:
+            raise BroadcastError(f"cannot copy a version into the model in place: {why}")
+        addresses = [t.data_ptr() for _, t in self.targets]
+        return [[(bucket_offset, addresses[i] + offset, n) for bucket_offset, i, offset, n in bucket]
+                for bucket in self._copies]

@@ -1,12 +1,15 @@
 """Same-host weight broadcast through Rust-owned shared memory.
 
-The trainer's :class:`WeightPublisher` owns a segment (a file in ``/dev/shm``) with two bucket
-slots; it stages bucket ``i + 1`` into one while the workers' :class:`WeightSubscriber` copy
-bucket ``i`` out of the other through zero-copy views. Every wait is bounded by ``timeout``: a
-worker that dies or stalls is evicted and named (:class:`WorkersFailed`) while the others
-still get the version, and a late or restarted worker is sent the current version as soon as
-it joins (the publisher keeps a packed snapshot of it and serves catch-ups from a background
-thread).
+The trainer's :class:`WeightPublisher` owns a segment (a file in ``/dev/shm``) of bucket slots;
+it stages bucket ``i + 1`` while the workers' :class:`WeightSubscriber` read bucket ``i``
+through zero-copy views. By default the segment has a slot per bucket, so the newest version
+stays whole in shared memory: a late or restarted worker is served from it the moment it
+joins (by a background thread, without copying anything), and a worker whose model is plain
+CPU tensors copies each version straight from shared memory into its model. With
+``catch_up=False`` the segment is a ring of two slots (memory for two buckets only) and
+workers land buckets in a private buffer first. Every wait is bounded by ``timeout``: a worker
+that dies or stalls is evicted and named (:class:`WorkersFailed`) while the others still get
+the version.
 
 Example (trainer)::
 
@@ -37,6 +40,7 @@ import torch
 
 from k2 import _native
 from k2.broadcast.layout import (
+    InPlace,
     Landing,
     Rows,
     TensorSource,
@@ -153,8 +157,10 @@ class WeightPublisher:
         bucket_bytes: bucket size (a multiple of 256).
         timeout: seconds to wait for a worker before giving up on it.
         checksums: record an XXH3 checksum with every bucket (workers may verify it).
-        catch_up: keep a packed snapshot of the current version and send it to late or
-            restarted workers as soon as they join (costs one copy of the weights in memory).
+        catch_up: keep the newest version whole in shared memory (a slot per bucket: one copy
+            of the weights) and send it to late or restarted workers as soon as they join; it
+            also lets workers copy versions straight into their models. False: a ring of two
+            slots, and late workers get the next published version.
     """
 
     def __init__(self, tensors: TensorSource, *, name: str = "k2",
@@ -163,13 +169,12 @@ class WeightPublisher:
         self._tensors = named_tensors(tensors)
         self.plan = make_plan(self._tensors(), bucket_bytes)
         self.path = segment_path(name)
-        self._core = _native.ShmPublisher(self.path, self.plan, checksums, timeout)
+        self._core = _native.ShmPublisher(self.path, self.plan, checksums, timeout, catch_up)
         self._lock = threading.Lock()
         self.version = 0
         self.failures: dict[str, str] = {}
         """Workers the last round (publish or catch-up) gave up on, with the reasons."""
-        self._snapshot = torch.empty(self.plan.arena_bytes, dtype=torch.uint8) if catch_up else None
-        self._snapshot_version = 0  # the version the snapshot holds whole (-1: torn)
+        self._whole = True  # whether the retained slots hold self.version whole
         self._closed = threading.Event()
         self._server: threading.Thread | None = None
         if catch_up:
@@ -191,52 +196,39 @@ class WeightPublisher:
         with self._lock:
             sources = source_bytes(self._tensors(), self.plan)
             version = self.version + 1
-
-            def keep(b: int) -> None:  # runs while the workers copy bucket b
-                start, end = self.plan.bucket_range(b)
-                pack(self.plan, b, sources, self._snapshot[start:end])
-
-            self._snapshot_version = -1  # until the round completes
-            self._round(version, catch_up=False,
-                        fill=lambda b, slot: pack(self.plan, b, sources, slot),
-                        after_commit=keep if self._snapshot is not None else None)
-            self._snapshot_version = self.version = version
+            self._whole = False  # until the round completes
+            self._core.begin_round(version, False)
+            if all(t.device.type == "cpu" for t in sources):
+                # Rust copies every bucket with every core, the GIL released; ``sources``
+                # keeps the tensors alive meanwhile.
+                self._core.stage_all([t.data_ptr() for t in sources])
+            else:  # e.g. a trainer on the GPU: device-to-host copies, bucket by bucket
+                for b in range(self.plan.num_buckets):
+                    lease = self._core.acquire_slot(b)
+                    slot = torch.frombuffer(memoryview(lease), dtype=torch.uint8)
+                    pack(self.plan, b, sources, slot)
+                    del slot
+                    self._core.commit(lease)
+            self.failures = {w: why for w, _, why in self._core.finish_round()}
+            self._whole, self.version = True, version
             failures = dict(self.failures)
         if failures:
             raise WorkersFailed(version, failures)
         return version
 
-    def _round(self, version: int, catch_up: bool, fill, after_commit=None) -> None:
-        """One round: for every bucket, ``fill(b, slot)`` then commit, then
-        ``after_commit(b)`` (overlapping the workers' copies of bucket ``b``)."""
-        self._core.begin_round(version, catch_up)
-        for b in range(self.plan.num_buckets):
-            lease = self._core.acquire_slot(b)
-            slot = torch.frombuffer(memoryview(lease), dtype=torch.uint8)
-            fill(b, slot)
-            del slot
-            self._core.commit(lease)
-            if after_commit is not None:
-                after_commit(b)
-        self.failures = {w: why for w, _, why in self._core.finish_round()}
-
     def _serve_catch_ups(self) -> None:
-        """Background thread: send the current version to workers that joined late."""
-        assert self._snapshot is not None
-        snapshot = self._snapshot
-
-        def fill(b: int, slot: torch.Tensor) -> None:
-            start, end = self.plan.bucket_range(b)
-            slot.copy_(snapshot[start:end])
-
+        """Background thread: send the current version to workers that joined late, straight
+        from the retained slots."""
         while not self._closed.wait(0.01):
             try:
                 if not self._core.catch_up_pending():
                     continue
                 with self._lock:
-                    if self._snapshot_version != self.version:
+                    if not self._whole:
                         continue  # a publish was interrupted: joiners get the next one
-                    self._round(self.version, catch_up=True, fill=fill)
+                    self._core.begin_round(self.version, True)
+                    self._core.resend_all()
+                    self.failures = {w: why for w, _, why in self._core.finish_round()}
                     if self.failures:
                         log.warning("catch-up of version %d failed for: %s", self.version,
                                     "; ".join(f"{w}: {why}" for w, why in self.failures.items()))
@@ -281,14 +273,23 @@ class WeightSubscriber:
         timeout: seconds to wait for the publisher (to appear, and per bucket).
         verify: check every bucket against the publisher's checksum (if it records them).
         strict: whether a published tensor missing from the model is an error.
-        swap: apply a version by pointing the model tensors at the landed bytes instead of
-            copying them (faster, readers barely wait; see ``k2.broadcast.layout.Landing`` for
-            what that forbids).
+        swap: land versions in a private buffer and apply them by pointing the model tensors
+            at the landed bytes instead of copying them (readers barely wait; see
+            ``k2.broadcast.layout.Landing`` for what that forbids).
+        in_place: copy each version straight from shared memory into the model once all of
+            it has landed: one copy and no landing buffer. Needs a publisher with ``catch_up``
+            (the default) and a model of contiguous CPU tensors; None (default) uses it
+            whenever it can, unless ``swap``. Readers wait for that one copy; and since the
+            worker acknowledges the version only after copying it, ``publish()`` waits until
+            each in-place worker's readers let go of :attr:`lock` (a worker whose readers
+            hold it past ``timeout`` is evicted and catches up later). Otherwise buckets land
+            in a private buffer as they arrive, which is copied (or swapped) in afterwards.
     """
 
     def __init__(self, tensors: TensorSource, *, worker: str, name: str = "k2",
                  slices: Mapping[str, Rows] | None = None, timeout: float = 30.0,
-                 verify: bool = False, strict: bool = True, swap: bool = False) -> None:
+                 verify: bool = False, strict: bool = True, swap: bool = False,
+                 in_place: bool | None = None) -> None:
         self.worker = worker
         self.timeout = timeout
         self.path = segment_path(name)
@@ -303,7 +304,14 @@ class WeightSubscriber:
             check_model(self.plan.tensors(), model, self._slices, strict, who=f"worker {worker}")
             self._core = _native.ShmSubscriber(self.path, worker, timeout, verify)
             self.plan = self._core.plan
-        self._landing = Landing(self.plan, model, self._slices, swap=swap)
+        unsuitable = ("swap is asked for" if swap else
+                      None if self._core.retains else "the publisher keeps only a ring of slots (catch_up=False)")
+        unsuitable = unsuitable or InPlace.unsuitable(model)
+        if in_place and unsuitable:
+            self._core.close()
+            raise BroadcastError(f"worker {worker}: cannot apply versions in place: {unsuitable}")
+        self._in_place = InPlace(self.plan, model, self._slices) if unsuitable is None and in_place is not False else None
+        self._landing = Landing(self.plan, model, self._slices, swap=swap) if self._in_place is None else None
         self.lock = threading.RLock()
         """Held while a version is applied; readers take it to see one whole version."""
         self.version = 0
@@ -341,6 +349,8 @@ class WeightSubscriber:
                 (call :meth:`rejoin`), or a bucket failed its checksum; the model keeps its
                 previous version.
         """
+        if self._in_place is not None:
+            return self._update_in_place(timeout)
         version = None
         for bucket in self.buckets(timeout):
             version = bucket.version
@@ -350,6 +360,22 @@ class WeightSubscriber:
             return None
         with self.lock:
             self._landing.apply()
+            self.mark_applied(version)
+        return version
+
+    @property
+    def applies_in_place(self) -> bool:
+        """Whether versions are copied straight from shared memory into the model."""
+        return self._in_place is not None
+
+    def _update_in_place(self, timeout: float | None) -> int | None:
+        started = self._core.next_round(self.timeout if timeout is None else timeout)
+        if started is None:
+            return None
+        _, version = started
+        self._core.wait_whole()
+        with self.lock:
+            self._core.copy_in_place(self._in_place.copies())
             self.mark_applied(version)
         return version
 

@@ -1,9 +1,16 @@
 //! Benchmark of the shared-memory broadcast pipeline alone (no Python, no torch).
 //!
 //! The publisher (this process) publishes a synthetic weight set to 1, 2 and 4 worker processes
-//! (this binary re-run as `worker`), each of which copies every bucket into its own private
-//! buffer. Baseline: single-threaded memcpy of the same bytes between two private buffers.
-//! Prints a header, a table, and one final JSON line.
+//! (this binary re-run as `worker`), each of which copies every version into its own private
+//! buffer, in two set-ups:
+//!
+//! * `ring`: two slots; workers copy each bucket out as it arrives;
+//! * `retained, in place`: a slot per bucket; workers copy the whole version once it has
+//!   landed (how `WeightSubscriber` applies versions to a CPU model by default).
+//!
+//! The publisher stages from one private buffer with every core (`Publisher::stage_from`).
+//! Baseline: single-threaded memcpy of the same bytes between two private buffers. Prints a
+//! header, a table, and one final JSON line.
 //!
 //! ```sh
 //! cargo run --release --bin broadcast_bench -- [--quick] [--mib 1024] [--bucket-mib 64]
@@ -13,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use k2_native::broadcast::{BucketPlan, Publisher, Subscriber, TensorSpec};
+use k2_native::broadcast::{BucketPlan, PublishOptions, Publisher, Subscriber, TensorSpec};
 use k2_native::interrupt::Cancel;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -87,10 +94,24 @@ fn worker(path: &Path, name: &str, rounds: usize) {
     let mut sub = Subscriber::join(path, name, TIMEOUT, false, &Cancel::never()).expect("join");
     let plan = sub.plan().clone();
     let mut landing = touched(plan.arena_bytes() as usize, 0);
+    let in_place = sub.segment().retains();
     for _ in 0..rounds {
         sub.next_round(TIMEOUT, &Cancel::never())
             .expect("round")
             .expect("a round within the timeout");
+        if in_place {
+            sub.wait_whole(&Cancel::never()).expect("whole version");
+            let base = landing.as_mut_ptr() as usize;
+            let copies: Vec<Vec<(u64, usize, u64)>> = (0..plan.num_buckets())
+                .map(|b| {
+                    let r = plan.bucket_range(b);
+                    vec![(0, base + r.start as usize, r.end - r.start)]
+                })
+                .collect();
+            // SAFETY: every copy lands inside `landing`, which nothing else touches.
+            unsafe { sub.copy_in_place(&copies) }.expect("copy");
+            continue;
+        }
         for b in 0..plan.num_buckets() {
             let r = plan.bucket_range(b);
             sub.receive(b, &Cancel::never(), |bytes| {
@@ -105,12 +126,21 @@ fn worker(path: &Path, name: &str, rounds: usize) {
 
 /// Publish `rounds` versions to `n` worker processes; the best time of a round (after one
 /// warm-up round).
-fn publish_to(n: usize, plan: &BucketPlan, source: &[u8], rounds: usize) -> Duration {
+fn publish_to(n: usize, plan: &BucketPlan, source: &[u8], rounds: usize, retain: bool) -> Duration {
     let path = PathBuf::from(format!(
         "/dev/shm/k2-broadcast-bench-{}-{n}",
         std::process::id()
     ));
-    let mut publisher = Publisher::create(&path, plan.clone(), false, TIMEOUT).expect("publisher");
+    let options = PublishOptions {
+        checksums: false,
+        retain,
+        timeout: TIMEOUT,
+    };
+    let mut publisher = Publisher::create(&path, plan.clone(), options).expect("publisher");
+    // One tensor's address per planned tensor, in plan order.
+    let sources: Vec<usize> = (0..plan.tensors().len())
+        .map(|t| source.as_ptr() as usize + plan.offset(t) as usize)
+        .collect();
     let exe = std::env::current_exe().expect("own path");
     let mut children: Vec<Child> = (0..n)
         .map(|i| {
@@ -134,15 +164,12 @@ fn publish_to(n: usize, plan: &BucketPlan, source: &[u8], rounds: usize) -> Dura
     for round in 0..=rounds {
         let start = Instant::now();
         publisher
-            .begin_round(round as u64 + 1, false)
+            .begin_round(round as u64 + 1, false, &Cancel::never())
             .expect("round");
         for b in 0..plan.num_buckets() {
-            let r = plan.bucket_range(b);
-            publisher
-                .stage(b, &Cancel::never(), |slot| {
-                    slot.copy_from_slice(&source[r.start as usize..r.end as usize])
-                })
-                .expect("stage");
+            // SAFETY: `source` mirrors the arena, so every tensor's bytes lie inside it, and
+            // nothing writes it.
+            unsafe { publisher.stage_from(b, &sources, &Cancel::never()) }.expect("stage");
         }
         let failures = publisher.finish_round(&Cancel::never()).expect("finish");
         assert!(failures.is_empty(), "{failures:?}");
@@ -205,28 +232,33 @@ fn main() {
     );
     let memcpy = memcpy_time(&source, args.rounds);
     println!(
-        "{:<22} {:>10} {:>16} {:>12}",
+        "{:<30} {:>10} {:>16} {:>12}",
         "method", "time (s)", "GB/s per worker", "% memcpy"
     );
     println!(
-        "{:<22} {:>10.3} {:>16.2} {:>12}",
+        "{:<30} {:>10.3} {:>16.2} {:>12}",
         "memcpy (1 thread)",
         memcpy.as_secs_f64(),
         gbps(bytes, memcpy),
         "100"
     );
     let mut ratios = Vec::new();
-    for &n in &args.workers {
-        let t = publish_to(n, &plan, &source, args.rounds);
-        let share = gbps(bytes, t) / gbps(bytes, memcpy);
-        println!(
-            "{:<22} {:>10.3} {:>16.2} {:>12.0}",
-            format!("shm, {n} worker(s)"),
-            t.as_secs_f64(),
-            gbps(bytes, t),
-            100.0 * share
-        );
-        ratios.push(format!("\"shm_{n}w_of_memcpy\": {share:.3}"));
+    for (label, key, retain) in [
+        ("ring", "ring", false),
+        ("retained, in place", "in_place", true),
+    ] {
+        for &n in &args.workers {
+            let t = publish_to(n, &plan, &source, args.rounds, retain);
+            let share = gbps(bytes, t) / gbps(bytes, memcpy);
+            println!(
+                "{:<30} {:>10.3} {:>16.2} {:>12.0}",
+                format!("{label}, {n} worker(s)"),
+                t.as_secs_f64(),
+                gbps(bytes, t),
+                100.0 * share
+            );
+            ratios.push(format!("\"{key}_{n}w_of_memcpy\": {share:.3}"));
+        }
     }
     println!(
         "{{\"bench\": \"broadcast_bench\", \"bytes\": {bytes}, \"memcpy_gbps\": {:.3}, {}}}",

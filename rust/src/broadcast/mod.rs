@@ -4,14 +4,17 @@
 //! * [`plan`] — the bucket plan: tensors packed 256-byte aligned into fixed-size buckets, and
 //!   each subscriber's copies (its slice of every tensor);
 //! * [`segment`] — the shared-memory file: a control block of atomics (round, per-slot tags and
-//!   checksums, per-worker state, ack, heartbeat) and two bucket slots;
+//!   checksums, per-worker state, ack, heartbeat) and the bucket slots: a ring of two, or one
+//!   per bucket (a *retained* segment, which keeps the newest version whole);
 //! * [`publisher`] / [`subscriber`] — the two ends of the protocol: the publisher stages bucket
-//!   `i + 1` into one slot while workers copy bucket `i` out of the other; every wait is
-//!   bounded, and a dead or stuck worker is evicted and named while the others go on;
+//!   `i + 1` while workers copy bucket `i`; every wait is bounded, and a dead or stuck worker is
+//!   evicted and named while the others go on;
+//! * [`copy`] — parallel copies of many byte ranges (staging, copying into a model);
 //! * [`error`] — the error type, whose messages name the worker, bucket or tensor.
 //!
 //! The module moves bytes only; tensors, dtypes and devices are the Python layer's business.
 
+pub mod copy;
 pub mod error;
 pub mod plan;
 pub mod publisher;
@@ -19,9 +22,10 @@ pub mod segment;
 pub mod subscriber;
 pub mod wait;
 
+pub use copy::{copy_all, CopyJob};
 pub use error::{BroadcastError, ErrorKind};
 pub use plan::{BucketPlan, Piece, ReceivePlan, TensorSpec, Want};
-pub use publisher::{Publisher, WorkerFailure, WorkerStatus};
+pub use publisher::{PublishOptions, Publisher, WorkerFailure, WorkerStatus};
 pub use subscriber::{announced_plan, RoundInfo, Subscriber};
 
 #[cfg(test)]
@@ -65,6 +69,20 @@ mod tests {
             .collect()
     }
 
+    fn create(
+        path: &std::path::Path,
+        checksums: bool,
+        retain: bool,
+        timeout: Duration,
+    ) -> Publisher {
+        let options = PublishOptions {
+            checksums,
+            retain,
+            timeout,
+        };
+        Publisher::create(path, plan(), options).unwrap()
+    }
+
     fn publish(
         publisher: &mut Publisher,
         version: u64,
@@ -79,8 +97,12 @@ mod tests {
                 version
             },
         );
-        publisher.begin_round(version, catch_up)?;
+        publisher.begin_round(version, catch_up, &Cancel::never())?;
         for b in 0..plan.num_buckets() {
+            if catch_up && publisher.retains() {
+                publisher.resend(b)?;
+                continue;
+            }
             let r = plan.bucket_range(b);
             publisher.stage(b, &Cancel::never(), |slot| {
                 slot.copy_from_slice(&data[r.start as usize..r.end as usize])
@@ -111,46 +133,206 @@ mod tests {
 
     #[test]
     fn every_worker_receives_every_version_bit_for_bit() {
-        let path = shm_path("roundtrip");
-        let mut publisher = Publisher::create(&path, plan(), true, Duration::from_secs(5)).unwrap();
-        let workers: Vec<_> = (0..2)
-            .map(|i| {
-                let path = path.clone();
-                std::thread::spawn(move || {
-                    let mut sub = Subscriber::join(
-                        &path,
-                        &format!("w{i}"),
-                        Duration::from_secs(5),
-                        true,
-                        &Cancel::never(),
-                    )
-                    .unwrap();
-                    (1..=3)
-                        .map(|_| receive(&mut sub, Duration::from_secs(5)).unwrap().unwrap())
-                        .collect::<Vec<_>>()
+        for retain in [false, true] {
+            let path = shm_path("roundtrip");
+            let mut publisher = create(&path, true, retain, Duration::from_secs(5));
+            let workers: Vec<_> = (0..2)
+                .map(|i| {
+                    let path = path.clone();
+                    std::thread::spawn(move || {
+                        let mut sub = Subscriber::join(
+                            &path,
+                            &format!("w{i}"),
+                            Duration::from_secs(5),
+                            true,
+                            &Cancel::never(),
+                        )
+                        .unwrap();
+                        (1..=3)
+                            .map(|_| receive(&mut sub, Duration::from_secs(5)).unwrap().unwrap())
+                            .collect::<Vec<_>>()
+                    })
                 })
-            })
-            .collect();
-        while publisher.workers().len() < 2 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        for v in 1..=3 {
-            assert_eq!(publish(&mut publisher, v, false).unwrap(), vec![]);
-        }
-        for w in workers {
-            let got = w.join().unwrap();
-            for (i, (v, bytes)) in got.into_iter().enumerate() {
-                assert_eq!(v, i as u64 + 1);
-                assert!(bytes == arena(&plan(), v), "version {v} arrived corrupted");
+                .collect();
+            while publisher.workers().len() < 2 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for v in 1..=3 {
+                assert_eq!(publish(&mut publisher, v, false).unwrap(), vec![]);
+            }
+            for w in workers {
+                let got = w.join().unwrap();
+                for (i, (v, bytes)) in got.into_iter().enumerate() {
+                    assert_eq!(v, i as u64 + 1);
+                    assert!(
+                        bytes == arena(&plan(), v),
+                        "version {v} arrived corrupted (retain {retain})"
+                    );
+                }
             }
         }
+    }
+
+    /// Copy a whole landed version straight into `out` (the retained-segment path).
+    fn receive_in_place(sub: &mut Subscriber, out: &mut [u8]) -> Result<u64, BroadcastError> {
+        let round = sub
+            .next_round(Duration::from_secs(5), &Cancel::never())?
+            .expect("a round");
+        sub.wait_whole(&Cancel::never())?;
+        let copies = in_place_copies(sub.plan(), out);
+        // SAFETY: every copy lands inside `out`, which nothing else touches meanwhile.
+        unsafe { sub.copy_in_place(&copies)? };
+        sub.applied(round.version);
+        Ok(round.version)
+    }
+
+    /// Per bucket, copies of its whole window into the same window of `out` (the arena).
+    fn in_place_copies(plan: &BucketPlan, out: &mut [u8]) -> Vec<Vec<(u64, usize, u64)>> {
+        (0..plan.num_buckets())
+            .map(|b| {
+                let r = plan.bucket_range(b);
+                vec![(
+                    0,
+                    out.as_mut_ptr() as usize + r.start as usize,
+                    r.end - r.start,
+                )]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_retained_segment_is_copied_in_place_and_serves_catch_ups_without_restaging() {
+        let path = shm_path("retain");
+        let mut publisher = create(&path, true, true, Duration::from_secs(5));
+        assert!(publisher.retains());
+        let mut first = Subscriber::join(
+            &path,
+            "first",
+            Duration::from_secs(5),
+            true,
+            &Cancel::never(),
+        )
+        .unwrap();
+        let worker = std::thread::spawn(move || {
+            let mut out = vec![0u8; plan().arena_bytes() as usize];
+            let got: Vec<_> = (0..2)
+                .map(|_| {
+                    let v = receive_in_place(&mut first, &mut out).unwrap();
+                    (v, out == arena(&plan(), v))
+                })
+                .collect();
+            (first, got)
+        });
+        for v in 1..=2 {
+            assert_eq!(publish(&mut publisher, v, false).unwrap(), vec![]);
+        }
+        let (_first, got) = worker.join().unwrap();
+        assert_eq!(got, vec![(1, true), (2, true)]);
+
+        // A late joiner is served from the slots as they are: resend moves no bytes.
+        let mut late = Subscriber::join(
+            &path,
+            "late",
+            Duration::from_secs(5),
+            true,
+            &Cancel::never(),
+        )
+        .unwrap();
+        assert!(publisher.catch_up_pending());
+        let catcher = std::thread::spawn(move || {
+            let mut out = vec![0u8; plan().arena_bytes() as usize];
+            let v = receive_in_place(&mut late, &mut out).unwrap();
+            (v, out == arena(&plan(), v))
+        });
+        publisher.begin_round(0, true, &Cancel::never()).unwrap();
+        for b in 0..plan().num_buckets() {
+            publisher.resend(b).unwrap();
+        }
+        assert_eq!(publisher.finish_round(&Cancel::never()).unwrap(), vec![]);
+        assert_eq!(catcher.join().unwrap(), (2, true));
+    }
+
+    #[test]
+    fn a_publish_round_waits_for_an_in_place_copy_and_names_one_that_never_ends() {
+        let path = shm_path("reading");
+        let timeout = Duration::from_millis(300);
+        let mut publisher = create(&path, false, true, timeout);
+        let mut sub = Subscriber::join(
+            &path,
+            "slowpoke",
+            Duration::from_secs(5),
+            false,
+            &Cancel::never(),
+        )
+        .unwrap();
+        let sub_thread = std::thread::spawn(move || {
+            sub.next_round(Duration::from_secs(5), &Cancel::never())
+                .unwrap()
+                .unwrap();
+            sub.wait_whole(&Cancel::never()).unwrap();
+            sub
+        });
+        let data = arena(&plan(), 1);
+        publisher.begin_round(1, false, &Cancel::never()).unwrap();
+        for b in 0..plan().num_buckets() {
+            let r = plan().bucket_range(b);
+            publisher
+                .stage(b, &Cancel::never(), |slot| {
+                    slot.copy_from_slice(&data[r.start as usize..r.end as usize])
+                })
+                .unwrap();
+        }
+        let mut sub = sub_thread.join().unwrap();
+        // The worker has the whole version but has not copied it: the round ends without it.
+        let failures = publisher.finish_round(&Cancel::never()).unwrap();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+
+        // A new round began meanwhile: the copy refuses before touching the destination.
+        let mut out = vec![0xEEu8; plan().arena_bytes() as usize];
+        publisher.begin_round(2, false, &Cancel::never()).unwrap();
+        let copies = in_place_copies(sub.plan(), &mut out);
+        let err = unsafe { sub.copy_in_place(&copies) }.unwrap_err();
+        assert!(err.message.contains("slowpoke"), "{err}");
+        assert!(out.iter().all(|&x| x == 0xEE), "nothing may be copied");
+
+        // A worker stuck in the middle of an in-place copy holds the next round off for the
+        // timeout, and is then named.
+        let record = publisher
+            .segment()
+            .control()
+            .workers
+            .iter()
+            .position(|w| w.name() == "slowpoke")
+            .unwrap();
+        publisher.segment().control().workers[record]
+            .reading
+            .store(7, Ordering::SeqCst);
+        let started = Instant::now();
+        publisher.begin_round(3, false, &Cancel::never()).unwrap();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= timeout && elapsed < timeout * 5,
+            "took {elapsed:?}"
+        );
+        for b in 0..plan().num_buckets() {
+            publisher
+                .stage(b, &Cancel::never(), |slot| slot.fill(3))
+                .unwrap();
+        }
+        let failures = publisher.finish_round(&Cancel::never()).unwrap();
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.worker == "slowpoke" && f.reason.contains("still copying")),
+            "{failures:?}"
+        );
     }
 
     #[test]
     fn a_stalled_worker_is_named_after_the_timeout_and_the_others_complete() {
         let path = shm_path("stall");
         let timeout = Duration::from_millis(300);
-        let mut publisher = Publisher::create(&path, plan(), false, timeout).unwrap();
+        let mut publisher = create(&path, false, false, timeout);
         let mut healthy = Subscriber::join(
             &path,
             "healthy",
@@ -219,7 +401,7 @@ mod tests {
     #[test]
     fn a_corrupted_bucket_fails_verification_naming_its_tensors() {
         let path = shm_path("checksum");
-        let mut publisher = Publisher::create(&path, plan(), true, Duration::from_secs(5)).unwrap();
+        let mut publisher = create(&path, true, false, Duration::from_secs(5));
         let mut sub = Subscriber::join(
             &path,
             "careful",
@@ -228,7 +410,7 @@ mod tests {
             &Cancel::never(),
         )
         .unwrap();
-        publisher.begin_round(1, false).unwrap();
+        publisher.begin_round(1, false, &Cancel::never()).unwrap();
         publisher
             .stage(0, &Cancel::never(), |slot| slot.fill(1))
             .unwrap();
@@ -248,8 +430,7 @@ mod tests {
     #[test]
     fn a_worker_waiting_on_a_silent_publisher_times_out_naming_it() {
         let path = shm_path("silent");
-        let mut publisher =
-            Publisher::create(&path, plan(), false, Duration::from_secs(5)).unwrap();
+        let mut publisher = create(&path, false, false, Duration::from_secs(5));
         let mut sub = Subscriber::join(
             &path,
             "patient",
@@ -258,7 +439,7 @@ mod tests {
             &Cancel::never(),
         )
         .unwrap();
-        publisher.begin_round(1, false).unwrap();
+        publisher.begin_round(1, false, &Cancel::never()).unwrap();
         sub.next_round(Duration::from_secs(1), &Cancel::never())
             .unwrap()
             .unwrap();
@@ -278,8 +459,7 @@ mod tests {
     #[test]
     fn a_joiner_never_mistakes_a_leavers_round_for_its_own() {
         let path = shm_path("reuse");
-        let mut publisher =
-            Publisher::create(&path, plan(), false, Duration::from_millis(200)).unwrap();
+        let mut publisher = create(&path, false, false, Duration::from_millis(200));
         let mut first = Subscriber::join(
             &path,
             "first",
@@ -322,7 +502,7 @@ mod tests {
     #[test]
     fn a_name_in_use_by_a_live_worker_is_refused() {
         let path = shm_path("names");
-        let _publisher = Publisher::create(&path, plan(), false, Duration::from_secs(5)).unwrap();
+        let _publisher = create(&path, false, false, Duration::from_secs(5));
         let _first = Subscriber::join(
             &path,
             "twin",

@@ -12,6 +12,11 @@
 //! So while workers copy bucket `b` out of one slot the publisher stages bucket `b + 1` into the
 //! other. The round ends when every remaining worker has acknowledged the last bucket; a publish
 //! round then records its version as the published one.
+//!
+//! On a retained segment (one slot per bucket) step 1 never waits within a round, the newest
+//! version stays whole in shared memory, and a catch-up round re-announces it without copying
+//! ([`Publisher::resend`]). Before a publish round overwrites it, the publisher waits (bounded)
+//! for any live worker still copying the previous version straight into its model.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -19,12 +24,25 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::copy::{copy_all, CopyJob};
 use super::error::{BroadcastError, ErrorKind, Result};
 use super::plan::BucketPlan;
-use super::segment::{now_ms, state, tag, Segment, SLOTS};
+use super::segment::{now_ms, state, tag, Segment};
 use super::wait::{own_pid, process_alive, Backoff};
 use crate::checksum::xxh3_64;
 use crate::interrupt::Cancel;
+
+/// How a publisher's segment is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishOptions {
+    /// Record an XXH3 checksum with every bucket.
+    pub checksums: bool,
+    /// One slot per bucket (the newest version stays whole in shared memory) instead of a
+    /// ring of two.
+    pub retain: bool,
+    /// Bound on every wait for a worker.
+    pub timeout: Duration,
+}
 
 /// A worker the publisher gave up on, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,13 +90,8 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(5);
 
 impl Publisher {
     /// Create the segment at `path` for `plan`. Refuses if a live publisher already serves
-    /// `path`. `timeout` bounds every wait for a worker.
-    pub fn create(
-        path: &Path,
-        plan: BucketPlan,
-        checksums: bool,
-        timeout: Duration,
-    ) -> Result<Self> {
+    /// `path`.
+    pub fn create(path: &Path, plan: BucketPlan, options: PublishOptions) -> Result<Self> {
         if let Ok(old) = Segment::open(path) {
             let c = old.control();
             let pid = c.publisher_pid.load(Ordering::Relaxed);
@@ -93,12 +106,12 @@ impl Publisher {
             }
             c.closed.store(1, Ordering::Release);
         }
-        let seg = Segment::create(path, &plan, checksums)?;
+        let seg = Segment::create(path, &plan, options.checksums, options.retain)?;
         let inode = std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0);
         Ok(Self {
             seg: Arc::new(seg),
             plan,
-            timeout,
+            timeout: options.timeout,
             inode,
             next_round: 1,
             round: None,
@@ -151,10 +164,19 @@ impl Publisher {
             })
     }
 
+    /// Whether the segment keeps every bucket in a slot of its own (see the module docs).
+    pub fn retains(&self) -> bool {
+        self.seg.retains()
+    }
+
     /// Start a round: a publish round carrying `version`, or (`catch_up`) a round re-sending
     /// the published version to the workers that asked for it. An unfinished earlier round is
     /// abandoned (its workers see that and fail their update). Returns the audience size.
-    pub fn begin_round(&mut self, version: u64, catch_up: bool) -> Result<usize> {
+    ///
+    /// On a retained segment a publish round first waits (up to the timeout) for live workers
+    /// still copying the previous version straight into their models; one that does not finish
+    /// is reported as failed (its model may then hold a mix, which it detects and reports).
+    pub fn begin_round(&mut self, version: u64, catch_up: bool, cancel: &Cancel) -> Result<usize> {
         let c = self.seg.control();
         let version = if catch_up {
             self.published_version()
@@ -192,8 +214,13 @@ impl Publisher {
         }
         let id = self.next_round;
         self.next_round += 1;
+        c.round_id.store(id, Ordering::SeqCst);
+        if self.retains() && !catch_up {
+            // Pairs with the worker's SeqCst store of `reading` and reload of `round_id`: either
+            // the worker sees this round begin and copies nothing, or it is seen reading here.
+            self.await_in_place_readers(version, &mut failures, cancel)?;
+        }
         let audience = members.iter().fold(0u64, |mask, (i, _)| mask | (1 << i));
-        c.round_id.store(id, Ordering::Release);
         c.round_version.store(version, Ordering::Release);
         c.round_audience.store(audience, Ordering::Release);
         c.round_seq.fetch_add(1, Ordering::AcqRel);
@@ -228,18 +255,17 @@ impl Publisher {
                 self.plan.num_buckets()
             )));
         }
-        if bucket >= SLOTS {
-            self.await_acks(tag(id, bucket - SLOTS), bucket - SLOTS, cancel)?;
+        let slots = self.seg.num_slots();
+        if bucket >= slots {
+            self.await_acks(tag(id, bucket - slots), bucket - slots, cancel)?;
         }
-        let slot = &self.seg.control().slots[bucket % SLOTS];
-        slot.tag.store(0, Ordering::Release);
+        let slot = self.seg.slot_of(bucket);
+        self.seg.slot(slot).tag.store(0, Ordering::Release);
         let len = self.plan.bucket_range(bucket).end - self.plan.bucket_range(bucket).start;
         // SAFETY: every audience worker acknowledged the slot's previous bucket and the tag is
         // 0, so no reader touches the slot until commit() publishes the new tag; the slot is
         // bucket_bytes >= len long; &mut self keeps a second borrow out.
-        Ok(unsafe {
-            std::slice::from_raw_parts_mut(self.seg.slot_ptr(bucket % SLOTS), len as usize)
-        })
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.seg.slot_ptr(slot), len as usize) })
     }
 
     /// Publish bucket `bucket` (filled since `acquire_slot`) to the workers.
@@ -256,13 +282,16 @@ impl Publisher {
             r.id
         };
         let c = self.seg.control();
-        let slot = &c.slots[bucket % SLOTS];
+        let slot = self.seg.slot(self.seg.slot_of(bucket));
         let range = self.plan.bucket_range(bucket);
         let len = range.end - range.start;
         if c.checksums.load(Ordering::Relaxed) != 0 {
             // SAFETY: the slot is ours until the tag is published below.
             let bytes = unsafe {
-                std::slice::from_raw_parts(self.seg.slot_ptr(bucket % SLOTS), len as usize)
+                std::slice::from_raw_parts(
+                    self.seg.slot_ptr(self.seg.slot_of(bucket)),
+                    len as usize,
+                )
             };
             slot.checksum.store(xxh3_64(bytes), Ordering::Relaxed);
         }
@@ -280,6 +309,115 @@ impl Publisher {
     ) -> Result<()> {
         fill(self.acquire_slot(bucket, cancel)?);
         self.commit(bucket)
+    }
+
+    /// Stage bucket `bucket` from the trainer's tensors: `sources[t]` is the address of tensor
+    /// `t`'s bytes (plan order), copied with every core.
+    ///
+    /// # Safety
+    /// Each `sources[t]` must be valid for reads of the tensor's planned byte size for the whole
+    /// call, and nothing may write those bytes meanwhile.
+    pub unsafe fn stage_from(
+        &mut self,
+        bucket: usize,
+        sources: &[usize],
+        cancel: &Cancel,
+    ) -> Result<()> {
+        if sources.len() != self.plan.tensors().len() {
+            return Err(BroadcastError::protocol(format!(
+                "{} source addresses for a plan of {} tensors",
+                sources.len(),
+                self.plan.tensors().len()
+            )));
+        }
+        let chunks = self.plan.chunks(bucket);
+        let slot = self.acquire_slot(bucket, cancel)?.as_mut_ptr() as usize;
+        let jobs: Vec<CopyJob> = chunks
+            .iter()
+            .map(|c| CopyJob {
+                src: sources[c.tensor] + c.tensor_offset as usize,
+                dst: slot + c.bucket_offset as usize,
+                len: c.len as usize,
+            })
+            .collect();
+        // SAFETY: the slot is ours until commit (acquire_slot), the chunks lie inside the
+        // bucket and inside their tensors (the plan), and the caller vouches for the sources.
+        unsafe { copy_all(&jobs) };
+        self.commit(bucket)
+    }
+
+    /// Re-announce bucket `bucket`, whose slot still holds it whole from the last publish
+    /// round, in the current (catch-up) round of a retained segment: no bytes move.
+    pub fn resend(&mut self, bucket: usize) -> Result<()> {
+        if !self.retains() {
+            return Err(BroadcastError::protocol(
+                "resend needs a retained segment (one slot per bucket)",
+            ));
+        }
+        let id = {
+            let r = self.round_mut("resend")?;
+            if !r.catch_up || r.next != bucket {
+                return Err(BroadcastError::protocol(format!(
+                    "resend of bucket {bucket}: only a catch-up round's next bucket ({}) can be re-sent",
+                    r.next
+                )));
+            }
+            r.next += 1;
+            r.id
+        };
+        self.seg
+            .slot(self.seg.slot_of(bucket))
+            .tag
+            .store(tag(id, bucket), Ordering::Release);
+        Ok(())
+    }
+
+    /// Wait (bounded) until no live worker copies a previous version of this retained segment
+    /// straight into its model; those that do not finish in time join `failures`.
+    fn await_in_place_readers(
+        &self,
+        version: u64,
+        failures: &mut Vec<WorkerFailure>,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let c = self.seg.control();
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        let mut last_liveness = start;
+        loop {
+            let check_liveness = last_liveness.elapsed() >= LIVENESS_EVERY;
+            if check_liveness {
+                last_liveness = Instant::now();
+            }
+            let readers: Vec<&super::segment::WorkerRecord> = c
+                .workers
+                .iter()
+                .filter(|w| {
+                    w.reading.load(Ordering::SeqCst) != 0
+                        && (!check_liveness || process_alive(w.pid.load(Ordering::Relaxed)))
+                })
+                .collect();
+            if readers.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() >= self.timeout {
+                for w in readers {
+                    failures.push(WorkerFailure {
+                        worker: w.name(),
+                        pid: w.pid.load(Ordering::Relaxed),
+                        reason: format!(
+                            "was still copying the previous version into its model after {:.1} s, \
+                             when version {version} had to overwrite it",
+                            self.timeout.as_secs_f64()
+                        ),
+                    });
+                    w.state.store(state::EVICTED, Ordering::Release);
+                }
+                return Ok(());
+            }
+            cancel.check()?;
+            backoff.snooze();
+        }
     }
 
     /// Wait for the last buckets' acknowledgements and end the round. Returns the workers that
@@ -410,10 +548,15 @@ mod tests {
             256,
         )
         .unwrap();
-        let first = Publisher::create(&path, plan.clone(), false, Duration::from_secs(1)).unwrap();
+        let options = PublishOptions {
+            checksums: false,
+            retain: false,
+            timeout: Duration::from_secs(1),
+        };
+        let first = Publisher::create(&path, plan.clone(), options).unwrap();
         // Same process: a publisher may replace its own segment (e.g. after a restart of the
         // trainer object); the old one is marked closed.
-        let second = Publisher::create(&path, plan, false, Duration::from_secs(1)).unwrap();
+        let second = Publisher::create(&path, plan, options).unwrap();
         assert_eq!(first.segment().control().closed.load(Ordering::Acquire), 1);
         drop(first); // must not remove the second publisher's file
         assert!(path.exists());

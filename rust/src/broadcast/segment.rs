@@ -2,10 +2,17 @@
 //! every subscriber on the host.
 //!
 //! ```text
-//! offset 0          Control block (atomics only; see `Control`)
-//! plan_offset       the bucket plan as text (BucketPlan::encode), written once
-//! slots_offset      SLOTS bucket slots of bucket_bytes each, page aligned
+//! offset 0             Control block (atomics only; see `Control`)
+//! slot_table_offset    one SlotHeader (atomics) per slot
+//! plan_offset          the bucket plan as text (BucketPlan::encode), written once
+//! slots_offset         num_slots bucket slots of bucket_bytes each, page aligned
 //! ```
+//!
+//! A segment is either a *ring* of [`RING_SLOTS`] slots (bucket `b` goes to slot `b % 2`, so
+//! the publisher fills one while subscribers drain the other), or *retained*: one slot per
+//! bucket, so the whole newest version stays in shared memory after a round (late joiners are
+//! served from it without a copy, and a subscriber may copy the whole version straight into
+//! its model once it has landed).
 //!
 //! Every word another process may touch concurrently is an `AtomicU64`: the control block is
 //! the protocol, the slots are plain bytes whose ownership the control block hands back and
@@ -20,14 +27,14 @@ use memmap2::MmapRaw;
 use super::error::{BroadcastError, ErrorKind, Result};
 use super::plan::BucketPlan;
 
-/// Bucket slots in the ring: the publisher fills one while subscribers drain the other.
-pub const SLOTS: usize = 2;
+/// Bucket slots of a ring segment: the publisher fills one while subscribers drain the other.
+pub const RING_SLOTS: usize = 2;
 /// Worker records in the control block (audiences are 64-bit masks).
 pub const MAX_WORKERS: usize = 64;
 /// Longest worker name, in bytes.
 pub const NAME_BYTES: usize = 64;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"K2BCAST1");
+const MAGIC: u64 = u64::from_le_bytes(*b"K2BCAST2");
 const PAGE: u64 = 4096;
 
 /// Worker record states.
@@ -66,6 +73,9 @@ pub struct WorkerRecord {
     pub applied: AtomicU64,
     /// Milliseconds since the Unix epoch when the worker was last seen waiting or reading.
     pub heartbeat_ms: AtomicU64,
+    /// The round whose slots the worker is copying straight into its model (0: none); the
+    /// publisher does not overwrite a retained segment while a live worker is in one.
+    pub reading: AtomicU64,
     pub name_len: AtomicU64,
     name: [AtomicU64; NAME_BYTES / 8],
 }
@@ -81,6 +91,8 @@ pub struct Control {
     pub plan_offset: AtomicU64,
     pub slots_offset: AtomicU64,
     pub slot_stride: AtomicU64,
+    pub num_slots: AtomicU64,
+    pub slot_table_offset: AtomicU64,
     /// Whether the publisher records a checksum with every bucket.
     pub checksums: AtomicU64,
     pub publisher_pid: AtomicU64,
@@ -94,7 +106,6 @@ pub struct Control {
     pub round_audience: AtomicU64,
     /// The newest version every bucket of which was delivered.
     pub published_version: AtomicU64,
-    pub slots: [SlotHeader; SLOTS],
     pub workers: [WorkerRecord; MAX_WORKERS],
 }
 
@@ -158,17 +169,25 @@ fn io_err(action: &str, path: &Path, err: std::io::Error) -> BroadcastError {
 }
 
 impl Segment {
-    /// Create (or replace) the segment at `path` for `plan`, owned by this process.
+    /// Create (or replace) the segment at `path` for `plan`, owned by this process: a ring
+    /// of [`RING_SLOTS`] slots, or (`retain`) one slot per bucket.
     ///
     /// The file is built under a temporary name and renamed into place, so a subscriber that
     /// opens `path` sees either the old segment or the complete new one.
-    pub fn create(path: &Path, plan: &BucketPlan, checksums: bool) -> Result<Self> {
+    pub fn create(path: &Path, plan: &BucketPlan, checksums: bool, retain: bool) -> Result<Self> {
         let text = plan.encode();
+        let num_slots = if retain {
+            plan.num_buckets().max(1)
+        } else {
+            RING_SLOTS
+        } as u64;
         let control_bytes = std::mem::size_of::<Control>() as u64;
-        let plan_offset = control_bytes.div_ceil(PAGE) * PAGE;
+        let slot_table_offset = control_bytes.div_ceil(64) * 64;
+        let slot_table_bytes = num_slots * std::mem::size_of::<SlotHeader>() as u64;
+        let plan_offset = (slot_table_offset + slot_table_bytes).div_ceil(PAGE) * PAGE;
         let slots_offset = (plan_offset + text.len() as u64).div_ceil(PAGE) * PAGE;
         let slot_stride = plan.bucket_bytes().div_ceil(PAGE) * PAGE;
-        let total = slots_offset + slot_stride * SLOTS as u64;
+        let total = slots_offset + slot_stride * num_slots;
 
         let tmp = path.with_file_name(format!(
             "{}.tmp-{}",
@@ -206,6 +225,9 @@ impl Segment {
         c.plan_offset.store(plan_offset, Ordering::Relaxed);
         c.slots_offset.store(slots_offset, Ordering::Relaxed);
         c.slot_stride.store(slot_stride, Ordering::Relaxed);
+        c.num_slots.store(num_slots, Ordering::Relaxed);
+        c.slot_table_offset
+            .store(slot_table_offset, Ordering::Relaxed);
         c.checksums.store(u64::from(checksums), Ordering::Relaxed);
         c.publisher_pid
             .store(super::wait::own_pid(), Ordering::Relaxed);
@@ -241,9 +263,18 @@ impl Segment {
                 path.display()
             )));
         }
-        let end = c.slots_offset.load(Ordering::Relaxed)
-            + c.slot_stride.load(Ordering::Relaxed) * SLOTS as u64;
-        if end > len {
+        let num_slots = c.num_slots.load(Ordering::Relaxed);
+        let slot_header = std::mem::size_of::<SlotHeader>() as u64;
+        let table_end = num_slots
+            .checked_mul(slot_header)
+            .and_then(|n| n.checked_add(c.slot_table_offset.load(Ordering::Relaxed)));
+        let end = c
+            .slot_stride
+            .load(Ordering::Relaxed)
+            .checked_mul(num_slots)
+            .and_then(|n| n.checked_add(c.slots_offset.load(Ordering::Relaxed)));
+        let fits = |end: Option<u64>| end.is_some_and(|e| e <= len);
+        if num_slots == 0 || !fits(table_end) || !fits(end) {
             return Err(BroadcastError::layout(format!(
                 "{} is truncated",
                 path.display()
@@ -284,12 +315,38 @@ impl Segment {
         BucketPlan::decode(text)
     }
 
+    /// Number of bucket slots.
+    pub fn num_slots(&self) -> usize {
+        self.control().num_slots.load(Ordering::Relaxed) as usize
+    }
+
+    /// Whether every bucket has a slot of its own (see the module docs).
+    pub fn retains(&self) -> bool {
+        self.num_slots() >= self.control().num_buckets.load(Ordering::Relaxed) as usize
+    }
+
+    /// The slot that carries bucket `bucket`.
+    pub fn slot_of(&self, bucket: usize) -> usize {
+        bucket % self.num_slots()
+    }
+
+    /// Slot `slot`'s header.
+    pub fn slot(&self, slot: usize) -> &SlotHeader {
+        assert!(slot < self.num_slots(), "slot {slot} out of range");
+        let off = self.control().slot_table_offset.load(Ordering::Relaxed) as usize
+            + slot * std::mem::size_of::<SlotHeader>();
+        // SAFETY: the table lies inside the mapping (checked on open, sized on create), is
+        // 64-byte aligned, and holds only atomics, valid for any bit pattern.
+        unsafe { &*(self.ptr().add(off) as *const SlotHeader) }
+    }
+
     /// Start of slot `slot`'s bytes (`bucket_bytes` long).
     pub fn slot_ptr(&self, slot: usize) -> *mut u8 {
+        assert!(slot < self.num_slots(), "slot {slot} out of range");
         let c = self.control();
         let off = c.slots_offset.load(Ordering::Relaxed)
             + c.slot_stride.load(Ordering::Relaxed) * slot as u64;
-        // SAFETY: slot < SLOTS and the mapping covers every slot (checked on open).
+        // SAFETY: slot < num_slots and the mapping covers every slot (checked on open).
         unsafe { self.ptr().add(off as usize) }
     }
 }

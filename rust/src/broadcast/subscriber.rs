@@ -7,15 +7,24 @@
 //! reuse the slot. Every wait is bounded and names what it waited for; a worker also stops
 //! waiting as soon as the publisher's process is gone, the publisher abandons the round, or the
 //! publisher evicts it.
+//!
+//! On a retained segment (one slot per bucket) a worker may instead wait until the whole
+//! version has landed in shared memory ([`Subscriber::wait_whole`]) and then copy it straight
+//! into its model ([`Subscriber::copy_in_place`]), one copy instead of two and no landing
+//! buffer. While it copies, its record's `reading` word tells the publisher not to overwrite
+//! the slots.
 
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
+use super::copy::{copy_all, CopyJob};
 use super::error::{BroadcastError, ErrorKind, Result};
 use super::plan::BucketPlan;
-use super::segment::{now_ms, state, tag, Segment, MAX_WORKERS, NAME_BYTES, SLOTS};
+use super::segment::{now_ms, state, tag, Segment, MAX_WORKERS, NAME_BYTES};
 use super::wait::{own_pid, process_alive, Backoff};
 use crate::checksum::xxh3_64;
 use crate::interrupt::Cancel;
@@ -41,6 +50,8 @@ pub struct Subscriber {
     next: usize,
     /// Whether bucket `next` is acquired and not yet released.
     held: bool,
+    /// Whether every bucket of the current round has landed in its own slot (`wait_whole`).
+    whole: bool,
 }
 
 const LIVENESS_EVERY: Duration = Duration::from_millis(5);
@@ -75,6 +86,7 @@ impl Subscriber {
             round: None,
             next: 0,
             held: false,
+            whole: false,
         })
     }
 
@@ -114,6 +126,7 @@ impl Subscriber {
         }
         self.round = None;
         self.held = false;
+        self.whole = false;
         Ok(())
     }
 
@@ -167,6 +180,7 @@ impl Subscriber {
                 self.round = Some(info);
                 self.next = 0;
                 self.held = false;
+                self.whole = false;
                 return Ok(Some(info));
             }
             let check = last_liveness.elapsed() >= LIVENESS_EVERY;
@@ -188,10 +202,8 @@ impl Subscriber {
     /// Wait for bucket `bucket` of the current round and return its bytes. They stay valid
     /// (the publisher does not touch the slot) until [`Subscriber::release`].
     pub fn acquire(&mut self, bucket: usize, cancel: &Cancel) -> Result<&[u8]> {
-        let round = self.round.ok_or_else(|| {
-            BroadcastError::protocol(format!("worker {}: no round in progress", self.name))
-        })?;
-        if self.held || bucket != self.next || bucket >= self.plan.num_buckets() {
+        let round = self.current_round()?;
+        if self.held || self.whole || bucket != self.next || bucket >= self.plan.num_buckets() {
             return Err(BroadcastError::protocol(format!(
                 "worker {}: buckets are read in order, one at a time: expected bucket {}{}, got {bucket}",
                 self.name,
@@ -199,8 +211,155 @@ impl Subscriber {
                 if self.held { " to be released" } else { "" }
             )));
         }
+        self.await_bucket(round, bucket, cancel)?;
+        self.check_sum(round, bucket, self.landed(bucket))?;
+        self.held = true;
+        Ok(self.landed(bucket))
+    }
+
+    /// Retained segments only: wait until every bucket of the current round has landed
+    /// (verifying checksums if asked), so that [`Subscriber::copy_in_place`] can follow.
+    pub fn wait_whole(&mut self, cancel: &Cancel) -> Result<()> {
+        let round = self.current_round()?;
+        if !self.seg.retains() {
+            return Err(BroadcastError::protocol(format!(
+                "worker {}: the publisher keeps a ring of slots, not the whole version",
+                self.name
+            )));
+        }
+        if self.held || self.next != 0 {
+            return Err(BroadcastError::protocol(format!(
+                "worker {}: wait_whole after reading buckets one by one",
+                self.name
+            )));
+        }
+        for bucket in 0..self.plan.num_buckets() {
+            self.await_bucket(round, bucket, cancel)?;
+        }
+        let n = self.plan.num_buckets();
+        (0..n)
+            .into_par_iter()
+            .try_for_each(|b| self.check_sum(round, b, self.landed(b)))?;
+        self.whole = true;
+        Ok(())
+    }
+
+    /// After [`Subscriber::wait_whole`]: perform `copies[b]` (`(bucket_offset, dst, len)`) for
+    /// every bucket `b` with every core, acknowledging each bucket once copied. Fails, before
+    /// copying anything, if the round was abandoned or this worker evicted meanwhile; fails
+    /// after copying if the publisher overwrote a slot during the copy (possible only once the
+    /// publisher gave up waiting for this worker), in which case the destination holds a mix.
+    ///
+    /// # Safety
+    /// Every `dst..dst + len` must be valid for writes for the whole call and untouched by
+    /// anything else meanwhile, and no two may overlap.
+    pub unsafe fn copy_in_place(&mut self, copies: &[Vec<(u64, usize, u64)>]) -> Result<()> {
+        let round = self.current_round()?;
+        if !self.whole {
+            return Err(BroadcastError::protocol(format!(
+                "worker {}: copy_in_place before wait_whole",
+                self.name
+            )));
+        }
+        let n = self.plan.num_buckets();
+        if copies.len() != n {
+            return Err(BroadcastError::protocol(format!(
+                "worker {}: copies for {} buckets, the plan has {n}",
+                self.name,
+                copies.len()
+            )));
+        }
+        for (b, list) in copies.iter().enumerate() {
+            let len = self.landed(b).len() as u64;
+            if let Some(&(off, _, l)) = list.iter().find(|&&(off, _, l)| off + l > len) {
+                return Err(BroadcastError::protocol(format!(
+                    "worker {}: a copy of bytes {off}..{} runs past bucket {b} ({len} bytes)",
+                    self.name,
+                    off + l
+                )));
+            }
+        }
+        let seg = Arc::clone(&self.seg);
+        let w = &seg.control().workers[self.record];
+        // Pairs with the publisher's SeqCst store of round_id before it looks for readers:
+        // either it sees `reading` and waits, or this sees its new round and copies nothing.
+        w.reading.store(round.id, Ordering::SeqCst);
+        let result = self.copy_buckets(round, copies);
+        w.reading.store(0, Ordering::SeqCst);
+        self.whole = false;
+        if result.is_ok() {
+            self.next = self.plan.num_buckets();
+        }
+        result
+    }
+
+    fn copy_buckets(&self, round: RoundInfo, copies: &[Vec<(u64, usize, u64)>]) -> Result<()> {
         let c = self.seg.control();
-        let slot = &c.slots[bucket % SLOTS];
+        if c.round_id.load(Ordering::SeqCst) != round.id {
+            return Err(BroadcastError::protocol(format!(
+                "worker {}: the publisher abandoned version {} before it was copied; the model keeps the previous version",
+                self.name, round.version
+            )));
+        }
+        self.check_standing(false)?;
+        for (bucket, list) in copies.iter().enumerate() {
+            let slot = self.landed(bucket).as_ptr() as usize;
+            let jobs: Vec<CopyJob> = list
+                .iter()
+                .map(|&(off, dst, len)| CopyJob {
+                    src: slot + off as usize,
+                    dst,
+                    len: len as usize,
+                })
+                .collect();
+            // SAFETY: the sources lie inside the landed bucket (checked by copy_in_place),
+            // which the publisher does not overwrite while `reading` is set (bounded: see
+            // below); the caller vouches for the destinations.
+            unsafe { copy_all(&jobs) };
+            let target = tag(round.id, bucket);
+            if self
+                .seg
+                .slot(self.seg.slot_of(bucket))
+                .tag
+                .load(Ordering::Acquire)
+                != target
+            {
+                return Err(BroadcastError::new(
+                    ErrorKind::Evicted,
+                    format!(
+                        "worker {}: bucket {bucket} of version {} was overwritten while it was copied into the model \
+                         (the publisher gave up waiting for this worker): the model now holds a mix of versions; \
+                         rejoin and update before reading it again",
+                        self.name, round.version
+                    ),
+                ));
+            }
+            self.acknowledge(bucket, target);
+        }
+        Ok(())
+    }
+
+    fn current_round(&self) -> Result<RoundInfo> {
+        self.round.ok_or_else(|| {
+            BroadcastError::protocol(format!("worker {}: no round in progress", self.name))
+        })
+    }
+
+    /// The bytes of bucket `bucket` in its slot (valid once its tag was seen).
+    fn landed(&self, bucket: usize) -> &[u8] {
+        let slot = self.seg.slot(self.seg.slot_of(bucket));
+        let len = (slot.len.load(Ordering::Relaxed) as usize)
+            .min(self.seg.control().bucket_bytes.load(Ordering::Relaxed) as usize);
+        // SAFETY: the slot is bucket_bytes long (the segment was checked on open); the caller
+        // saw the bucket's tag, and the publisher does not write the slot again before this
+        // worker acknowledges it or is evicted (which release/copy detect via the tag).
+        unsafe { std::slice::from_raw_parts(self.seg.slot_ptr(self.seg.slot_of(bucket)), len) }
+    }
+
+    /// Wait (bounded) until bucket `bucket`'s slot carries its tag of `round`.
+    fn await_bucket(&self, round: RoundInfo, bucket: usize, cancel: &Cancel) -> Result<()> {
+        let c = self.seg.control();
+        let slot = self.seg.slot(self.seg.slot_of(bucket));
         let target = tag(round.id, bucket);
         let start = Instant::now();
         let mut last_liveness = start;
@@ -235,51 +394,59 @@ impl Subscriber {
             cancel.check()?;
             backoff.snooze();
         }
-        let len = slot.len.load(Ordering::Relaxed) as usize;
-        // SAFETY: the tag says the slot holds this bucket completely, and the publisher will not
-        // write it again before this worker acknowledges it (release) or evicts it (which
-        // release detects before the bytes are trusted).
-        let bytes = unsafe { std::slice::from_raw_parts(self.seg.slot_ptr(bucket % SLOTS), len) };
-        if self.verify && c.checksums.load(Ordering::Relaxed) != 0 {
-            let expected = slot.checksum.load(Ordering::Relaxed);
-            if xxh3_64(bytes) != expected {
-                let names: Vec<&str> = self
-                    .plan
-                    .chunks(bucket)
-                    .iter()
-                    .map(|ch| self.plan.tensors()[ch.tensor].name.as_str())
-                    .collect();
-                return Err(BroadcastError::new(
-                    ErrorKind::Checksum,
-                    format!(
-                        "worker {}: bucket {bucket} of version {} fails its checksum (tensors {})",
-                        self.name,
-                        round.version,
-                        names.join(", ")
-                    ),
-                ));
-            }
+        Ok(())
+    }
+
+    /// Check a landed bucket against the publisher's checksum, when both ends want that.
+    fn check_sum(&self, round: RoundInfo, bucket: usize, bytes: &[u8]) -> Result<()> {
+        let c = self.seg.control();
+        if !self.verify || c.checksums.load(Ordering::Relaxed) == 0 {
+            return Ok(());
         }
-        self.held = true;
-        Ok(bytes)
+        let expected = self
+            .seg
+            .slot(self.seg.slot_of(bucket))
+            .checksum
+            .load(Ordering::Relaxed);
+        if xxh3_64(bytes) == expected {
+            return Ok(());
+        }
+        let names: Vec<&str> = self
+            .plan
+            .chunks(bucket)
+            .iter()
+            .map(|ch| self.plan.tensors()[ch.tensor].name.as_str())
+            .collect();
+        Err(BroadcastError::new(
+            ErrorKind::Checksum,
+            format!(
+                "worker {}: bucket {bucket} of version {} fails its checksum (tensors {})",
+                self.name,
+                round.version,
+                names.join(", ")
+            ),
+        ))
     }
 
     /// Finish with the acquired bucket: check that its bytes were not overwritten while they
     /// were read (which happens only to an evicted worker), then acknowledge it.
     pub fn release(&mut self, bucket: usize) -> Result<()> {
-        let round = self.round.ok_or_else(|| {
-            BroadcastError::protocol(format!("worker {}: no round in progress", self.name))
-        })?;
+        let round = self.current_round()?;
         if !self.held || self.next != bucket {
             return Err(BroadcastError::protocol(format!(
                 "worker {}: bucket {bucket} is not held",
                 self.name
             )));
         }
-        let c = self.seg.control();
         let target = tag(round.id, bucket);
         fence(Ordering::Acquire);
-        if c.slots[bucket % SLOTS].tag.load(Ordering::Acquire) != target {
+        if self
+            .seg
+            .slot(self.seg.slot_of(bucket))
+            .tag
+            .load(Ordering::Acquire)
+            != target
+        {
             self.held = false;
             return Err(BroadcastError::new(
                 ErrorKind::Evicted,
@@ -290,9 +457,17 @@ impl Subscriber {
             ));
         }
         self.check_standing(false)?;
-        let w = &c.workers[self.record];
+        self.acknowledge(bucket, target);
+        self.held = false;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Acknowledge bucket `bucket` (tag `target`); after the last one this worker holds the
+    /// round's version.
+    fn acknowledge(&self, bucket: usize, target: u64) {
+        let w = &self.seg.control().workers[self.record];
         if bucket + 1 == self.plan.num_buckets() {
-            // Every bucket has landed: this worker holds the round's version.
             let _ = w.state.compare_exchange(
                 state::WANTS_CATCH_UP,
                 state::CURRENT,
@@ -302,9 +477,6 @@ impl Subscriber {
         }
         w.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
         w.ack.store(target, Ordering::Release);
-        self.held = false;
-        self.next += 1;
-        Ok(())
     }
 
     /// Acquire bucket `bucket`, hand its bytes to `read`, release it.
@@ -403,6 +575,7 @@ fn claim(seg: &Segment, name: &str) -> Result<usize> {
             w.ack.store(0, Ordering::Relaxed);
             w.applied.store(0, Ordering::Relaxed);
             w.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+            w.reading.store(0, Ordering::SeqCst);
             // A joiner always asks for the current version; if none was published yet, the
             // next publish round includes it anyway.
             w.state.store(state::WANTS_CATCH_UP, Ordering::Release);

@@ -21,7 +21,8 @@ use super::errors::K2IOError;
 use super::runtime::detached;
 use crate::broadcast::segment::Segment;
 use crate::broadcast::{
-    BucketPlan, ErrorKind, Publisher, ReceivePlan, Subscriber, TensorSpec, Want, WorkerFailure,
+    copy_all, BucketPlan, CopyJob, ErrorKind, PublishOptions, Publisher, ReceivePlan, Subscriber,
+    TensorSpec, Want, WorkerFailure,
 };
 
 import_exception!(k2.errors, BroadcastError);
@@ -299,12 +300,28 @@ pub struct PyShmPublisher(Mutex<Option<Publisher>>);
 
 #[pymethods]
 impl PyShmPublisher {
+    /// Create the segment at ``path``: a ring of two slots, or (``retain``) one per bucket.
     #[new]
-    fn new(path: PathBuf, plan: &PyBucketPlan, checksums: bool, timeout: f64) -> PyResult<Self> {
-        let timeout = seconds("timeout", timeout)?;
-        let publisher =
-            Publisher::create(&path, plan.0.clone(), checksums, timeout).map_err(to_py)?;
+    fn new(
+        path: PathBuf,
+        plan: &PyBucketPlan,
+        checksums: bool,
+        timeout: f64,
+        retain: bool,
+    ) -> PyResult<Self> {
+        let options = PublishOptions {
+            checksums,
+            retain,
+            timeout: seconds("timeout", timeout)?,
+        };
+        let publisher = Publisher::create(&path, plan.0.clone(), options).map_err(to_py)?;
         Ok(Self(Mutex::new(Some(publisher))))
+    }
+
+    /// Whether every bucket has a slot of its own (the newest version stays whole).
+    #[getter]
+    fn retains(&self) -> PyResult<bool> {
+        Ok(lock(&self.0, "publisher")?.as_ref().unwrap().retains())
     }
 
     /// The newest version delivered in full (0 before the first).
@@ -343,12 +360,40 @@ impl PyShmPublisher {
 
     /// Start a round carrying ``version`` (or, with ``catch_up``, the published version to the
     /// workers that asked for it). Returns the number of workers in it.
-    fn begin_round(&self, version: u64, catch_up: bool) -> PyResult<usize> {
-        lock(&self.0, "publisher")?
-            .as_mut()
-            .unwrap()
-            .begin_round(version, catch_up)
-            .map_err(to_py)
+    fn begin_round(&self, py: Python<'_>, version: u64, catch_up: bool) -> PyResult<usize> {
+        detached(py, "ShmPublisher.begin_round", |cancel| {
+            lock(&self.0, "publisher")?
+                .as_mut()
+                .unwrap()
+                .begin_round(version, catch_up, cancel)
+                .map_err(to_py)
+        })
+    }
+
+    /// Stage and commit every bucket of the round from CPU memory, with every core.
+    ///
+    /// Internal (``k2.broadcast`` calls it): ``sources[t]`` is the address of plan tensor
+    /// ``t``'s contiguous bytes, which the caller keeps alive and unmodified during the call.
+    fn stage_all(&self, py: Python<'_>, sources: Vec<usize>) -> PyResult<()> {
+        detached(py, "ShmPublisher.stage_all", |cancel| {
+            let mut guard = lock(&self.0, "publisher")?;
+            let publisher = guard.as_mut().unwrap();
+            for bucket in 0..publisher.plan().num_buckets() {
+                // SAFETY: the caller vouches for the source addresses (see above).
+                unsafe { publisher.stage_from(bucket, &sources, cancel) }.map_err(to_py)?;
+            }
+            Ok::<_, PyErr>(())
+        })
+    }
+
+    /// Re-announce every bucket of a retained segment in a catch-up round (no bytes move).
+    fn resend_all(&self) -> PyResult<()> {
+        let mut guard = lock(&self.0, "publisher")?;
+        let publisher = guard.as_mut().unwrap();
+        for bucket in 0..publisher.plan().num_buckets() {
+            publisher.resend(bucket).map_err(to_py)?;
+        }
+        Ok(())
     }
 
     /// Wait (bounded) until bucket ``bucket``'s slot is free and lend it out, writable.
@@ -507,6 +552,39 @@ impl PyShmSubscriber {
             .map_err(to_py)
     }
 
+    /// Whether the publisher keeps the whole version in shared memory (one slot per bucket),
+    /// which :meth:`wait_whole` and :meth:`copy_in_place` need.
+    #[getter]
+    fn retains(&self) -> bool {
+        self.seg.retains()
+    }
+
+    /// Wait (bounded) until every bucket of the current round has landed, verifying checksums
+    /// if asked.
+    fn wait_whole(&self, py: Python<'_>) -> PyResult<()> {
+        detached(py, "ShmSubscriber.wait_whole", |cancel| {
+            lock(&self.inner, "subscriber")?
+                .as_mut()
+                .unwrap()
+                .wait_whole(cancel)
+                .map_err(to_py)
+        })
+    }
+
+    /// After :meth:`wait_whole`: copy the landed version straight into memory, with every core,
+    /// acknowledging each bucket as it is done.
+    ///
+    /// Internal (``k2.broadcast`` calls it): ``copies[b]`` lists ``(bucket_offset, address,
+    /// nbytes)`` for bucket ``b``; every destination range must be memory the caller owns,
+    /// keeps alive and lets nothing else touch during the call, and no two may overlap.
+    fn copy_in_place(&self, py: Python<'_>, copies: Vec<Vec<(u64, usize, u64)>>) -> PyResult<()> {
+        detached(py, "ShmSubscriber.copy_in_place", |_| {
+            let mut guard = lock(&self.inner, "subscriber")?;
+            // SAFETY: the caller vouches for the destinations (see above).
+            unsafe { guard.as_mut().unwrap().copy_in_place(&copies) }.map_err(to_py)
+        })
+    }
+
     /// Record that ``version`` is applied to the model.
     fn applied(&self, version: u64) -> PyResult<()> {
         lock(&self.inner, "subscriber")?
@@ -534,7 +612,24 @@ impl PyShmSubscriber {
     }
 }
 
+/// Internal (``k2.broadcast.layout.copy_bytes`` calls it): perform ``(src, dst, nbytes)``
+/// copies between raw addresses with every core, the GIL released, streaming stores for long
+/// ones. The caller keeps every range alive, untouched by anything else, and disjoint.
+#[pyfunction]
+fn copy_ranges(py: Python<'_>, jobs: Vec<(usize, usize, usize)>) -> PyResult<()> {
+    let jobs: Vec<CopyJob> = jobs
+        .into_iter()
+        .map(|(src, dst, len)| CopyJob { src, dst, len })
+        .collect();
+    detached(py, "copy_ranges", |_| {
+        // SAFETY: the caller vouches for the ranges (see above).
+        unsafe { copy_all(&jobs) };
+        Ok::<_, PyErr>(())
+    })
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(copy_ranges, m)?)?;
     m.add_class::<PyBucketPlan>()?;
     m.add_class::<PyBucketLease>()?;
     m.add_class::<PyShmPublisher>()?;
