@@ -41,7 +41,7 @@ import torch
 
 from k2.model import K2Config, K2ForCausalLM
 from k2.model.mla import build_attention_mask
-from k2.model.model import causal_lm_loss
+from k2.model.loss import linear_cross_entropy, shift_labels
 
 
 def interleaved_medians(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
@@ -130,8 +130,8 @@ def block_steps(k2: K2ForCausalLM, references: dict, tokens: torch.Tensor) -> di
     def moe(block) -> Callable[[], None]:  # noqa: ANN001
         return lambda: block(x).sum().backward()
 
-    def k2_head() -> None:
-        causal_lm_loss(k2.lm_head(x), tokens).backward()
+    def k2_head() -> None:  # what K2ForCausalLM does with labels: the fused head + loss
+        linear_cross_entropy(x, k2.lm_head.weight, shift_labels(tokens))[1].backward()
 
     def hf_head() -> None:
         logits = first.lm_head(x)

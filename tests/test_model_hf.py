@@ -161,7 +161,7 @@ def test_fp8_block_quantized_weights_are_dequantized() -> None:
 
 
 def test_causal_lm_loss_matches_torch_cross_entropy_in_value_and_gradient() -> None:
-    from k2.model.model import causal_lm_loss
+    from k2.model.loss import causal_lm_loss
 
     generator = torch.Generator().manual_seed(8)
     logits = torch.randn(3, 7, 11, generator=generator, requires_grad=True)

@@ -21,11 +21,10 @@ from torch import nn
 
 from k2.errors import DataError
 from k2.model.config import K2Config
+from k2.model.loss import linear_cross_entropy, shift_labels
 from k2.model.mla import MLA, AttentionMask, KVCache, LatentCache, RMSNorm, build_attention_mask
 from k2.model.moe import MLP, MoE, Experts, Router
 from k2.model.rope import RotaryEmbedding
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -203,8 +202,9 @@ class K2ForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        targets: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """Logits, and the loss when ``labels`` are given.
+        """Logits, and the loss when ``labels`` (or ``targets``) are given.
 
         Args:
             input_ids: [B, T] token ids.
@@ -214,18 +214,28 @@ class K2ForCausalLM(nn.Module):
                 -100 marks positions without a target.
             cache: a :class:`KVCache` for decoding.
             logits_to_keep: if > 0, compute logits for the last that many positions only.
+            targets: instead of ``labels``, already-shifted targets [B, T]: position t predicts
+                ``targets[t]`` (what k2's token loader yields).
 
         Returns:
-            :class:`CausalLMOutput`.
+            :class:`CausalLMOutput`; its loss includes the sequence-wise balance loss, if any.
         """
+        if labels is not None and targets is not None:
+            raise ValueError("give labels or targets, not both")
         hidden = self.model(input_ids, attention_mask, position_ids, cache)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        if labels is not None:
+            if labels.shape != hidden.shape[:2]:
+                raise DataError(f"labels have shape {tuple(labels.shape)}; expected {tuple(hidden.shape[:2])}")
+            targets = shift_labels(labels)
         aux_loss = self._collect_aux_loss()
         loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+        if targets is None:
+            logits = self.lm_head(hidden)
+        else:
+            # The head and the loss in one step, which spares a logits-sized buffer per step.
+            logits, loss = linear_cross_entropy(hidden, self.lm_head.weight, targets)
             if aux_loss is not None:
                 loss = loss + aux_loss
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
@@ -313,62 +323,3 @@ class K2ForCausalLM(nn.Module):
         from k2.model.generate import generate
 
         return generate(self, *args, **kwargs)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: position t predicts ``labels[t + 1]``; -100 is ignored.
-
-    The labels are shifted (not the logits, which would copy them) exactly as transformers does.
-
-    Args:
-        logits: [B, T, V].
-        labels: [B, T].
-
-    Returns:
-        A scalar in fp32 (NaN when no position has a target, as in torch).
-    """
-    if labels.shape != logits.shape[:2]:
-        raise DataError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])}")
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
-    return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over rows whose target is not -100, from logits [N, V].
-
-    Same value and gradient as ``F.cross_entropy(..., ignore_index=-100)`` with fewer passes over
-    the [N, V] logits and a single logits-sized buffer: the forward keeps ``exp(logits - max)``
-    (what torch's version keeps as log-probabilities), and the backward turns that buffer in
-    place into ``softmax - onehot``, scaled. The output head is memory-bound on a CPU, where this
-    is markedly faster. A second backward through the same graph is refused, since the buffer is
-    spent.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        valid = targets != IGNORE_INDEX  # [N]
-        safe = targets.masked_fill(~valid, 0)
-        peak = logits.amax(dim=-1, keepdim=True).float()  # [N, 1]
-        unnormalized = torch.sub(logits, peak).exp_()  # fp32 [N, V]
-        total = unnormalized.sum(dim=-1)  # [N]
-        log_normalizer = peak.squeeze(1) + total.log()
-        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
-        count = valid.sum()
-        ctx.save_for_backward(unnormalized, total, safe, valid, count)
-        ctx.logits_dtype = logits.dtype
-        ctx.spent = False
-        return ((log_normalizer - picked) * valid).sum() / count
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
-        if ctx.spent:
-            raise RuntimeError(
-                "k2 CrossEntropy: a second backward through the same loss is not supported "
-                "(its softmax buffer became the first backward's gradient)"
-            )
-        ctx.spent = True
-        unnormalized, total, safe, valid, count = ctx.saved_tensors
-        row_scale = valid * (grad / count)  # [N]
-        grad_logits = unnormalized.mul_((row_scale / total)[:, None])  # scaled softmax
-        grad_logits.scatter_add_(1, safe[:, None], -row_scale[:, None])  # minus scaled onehot
-        return grad_logits.to(ctx.logits_dtype), None

@@ -155,13 +155,6 @@ def sample_positions(positions: torch.Tensor) -> torch.Tensor:
     return torch.where(first_document, positions - positions[:, :1], positions)
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``logits`` [B, T, V] against already-shifted ``targets`` [B, T]."""
-    from k2.model.model import CrossEntropy
-
-    return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
 # ---------------------------------------------------------------------------- the run
 
 class Trainer:
@@ -280,10 +273,8 @@ class Trainer:
                     sync = (wrapped.no_sync() if d.world > 1 and micro < cfg.grad_accum - 1
                             else nullcontext())
                     with sync, autocast:
-                        out = wrapped(input_ids=ids, position_ids=positions)
-                        loss = next_token_loss(out.logits, targets)
-                        if out.aux_loss is not None:
-                            loss = loss + out.aux_loss
+                        # The model's loss: the fused head + cross-entropy, plus any balance loss.
+                        loss = wrapped(input_ids=ids, position_ids=positions, targets=targets).loss
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
                     tokens_since += ids.numel() * d.world
