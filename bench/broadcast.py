@@ -241,7 +241,8 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024, help="size of the synthetic set (MiB)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up)")
-    parser.add_argument("--bucket-mib", type=int, default=16, help="bucket size (MiB)")
+    parser.add_argument("--bucket-mib", type=int, default=64,
+                        help="bucket size (MiB); default: the library default, 64")
     args = parser.parse_args()
     if args.quick:
         args.mib, args.workers, args.rounds, args.bucket_mib = 16, [1], 1, 4

@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per measurement (median)")
     parser.add_argument("--gemm-size", type=int, default=1024, help="square fp32 GEMM for the peak rate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(

@@ -10,21 +10,18 @@ is markedly faster.
 * :class:`LinearCrossEntropy` takes the hidden states and the head's weight, returns the logits
   *and* the loss, and computes the hidden states' and weight's gradients itself, so the buffer
   never leaves it. This is what ``K2ForCausalLM`` uses when it is given labels. On a CPU its
-  logits and softmax buffers come from a pool: memory nothing references any more is reused
-  across steps instead of being faulted in afresh (about 15 ms per 64 MiB buffer on the
-  machines we measured, where the C allocator returns large blocks to the system at once).
+  logits and softmax buffers are reused across steps (:mod:`k2.model.scratch`).
 
 A second backward through either is refused, since the buffer is spent by the first.
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 
 from k2.errors import DataError
+from k2.model.scratch import reusable_empty
 
 IGNORE_INDEX = -100
 
@@ -123,39 +120,6 @@ class CrossEntropy(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- fused head + loss
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-class _Pool(threading.local):
-    """CPU buffers reused across steps, one per role, shape and thread.
-
-    A buffer is handed out again only when nothing but the pool references its memory any more
-    (no tensor, view, saved autograd tensor or numpy array): the storage's use count says so. A
-    tensor someone still holds is therefore never overwritten; a fresh buffer is made instead.
-    Where torch does not expose the use count, nothing is pooled.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def empty(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if device.type != "cpu" or _use_count is None:  # device allocators cache their memory
-            return torch.empty(shape, dtype=dtype, device=device)
-        key = (role, shape, dtype, device)
-        buffer = self.buffers.get(key)
-        if buffer is None or not self._only_pool_holds(buffer):
-            buffer = self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-        return buffer.view(shape)  # a tensor of its own, so that its holders count
-
-    @staticmethod
-    def _only_pool_holds(buffer: torch.Tensor) -> bool:
-        storage = buffer.untyped_storage()
-        return _use_count(storage._cdata) <= 2  # ``buffer`` itself and ``storage`` above
-
-
-_POOL = _Pool()
-
-
 class LinearCrossEntropy(torch.autograd.Function):
     """``logits = hidden @ weight.T`` and their mean cross-entropy against ``targets`` (-100:
     none), from hidden [N, D], weight [V, D], targets [N]; see the module docs. A gradient that
@@ -164,8 +128,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):  # noqa: ANN001, ANN205
         shape = (hidden.shape[0], weight.shape[0])
-        logits = torch.mm(hidden, weight.t(), out=_POOL.empty("logits", shape, hidden.dtype, hidden.device))
-        scratch = _POOL.empty("softmax", shape, torch.float32, hidden.device)
+        logits = torch.mm(hidden, weight.t(), out=reusable_empty("logits", shape, hidden.dtype, hidden.device))
+        scratch = reusable_empty("softmax", shape, torch.float32, hidden.device)
         loss, saved = _softmax_terms(logits, targets, out=scratch)
         ctx.save_for_backward(hidden, weight, *saved)
         ctx.spent = False

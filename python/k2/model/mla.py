@@ -33,6 +33,7 @@ from torch import nn
 
 from k2.model.config import K2Config
 from k2.model.rope import apply_rope
+from k2.model.scratch import reusable_empty
 
 # transformers' DeepseekV3 (and DeepSeek's own code) build the two low-rank norms with this eps,
 # not with config.rms_norm_eps.
@@ -264,8 +265,10 @@ class MLA(nn.Module):
         """
         if self.training and self.record_max_logits:
             with torch.no_grad():
-                scores = torch.matmul(q * self.softmax_scale, k.transpose(-1, -2)).float()
-                self._record_max_logits(scores, mask)
+                shape = (*q.shape[:-1], k.shape[-2])
+                scores = reusable_empty("mla.scores", shape, q.dtype, q.device)
+                torch.matmul(q * self.softmax_scale, k.transpose(-1, -2), out=scores)
+                self._record_max_logits(scores.float(), mask)
         # Fused (flash) attention kernels want one head size for q, k and v: pad v with zeros.
         value_dim = v.shape[-1]
         if value_dim < q.shape[-1]:
