@@ -226,6 +226,26 @@ def test_in_place_is_refused_with_the_reason_when_it_cannot_work() -> None:
         sub.close()
 
 
+@pytest.mark.parametrize("by_bucket", [False, True], ids=["native-staging", "torch-staging"])
+def test_strided_model_tensors_and_both_staging_paths_deliver_exact_bits(monkeypatch, by_bucket: bool) -> None:
+    name = unique_name()
+    source = workers.weights(3)
+    with WeightPublisher(source, name=name, bucket_bytes=1024, timeout=10.0) as pub:
+        if by_bucket:  # the path a GPU trainer takes, forced on the CPU
+            monkeypatch.setattr(pub, "_stage", pub._stage_by_bucket)
+        model = workers.empty_model(None)
+        model["embed.weight"] = torch.zeros(24, 37).t()  # not contiguous: landed, then copied
+        sub = WeightSubscriber(model, worker="strided", name=name, timeout=10.0)
+        assert not sub.applies_in_place
+        receiver = threading.Thread(target=sub.update, kwargs={"timeout": 10.0})
+        receiver.start()
+        assert pub.publish() == 1
+        receiver.join(10)
+        assert sub.version == 1
+        assert_bit_identical(workers.portable(model), source, "strided")
+        sub.close()
+
+
 def test_views_are_valid_only_until_their_bucket_is_released() -> None:
     name = unique_name()
     source = workers.weights(1)

@@ -198,23 +198,31 @@ class WeightPublisher:
             version = self.version + 1
             self._whole = False  # until the round completes
             self._core.begin_round(version, False)
-            if all(t.device.type == "cpu" for t in sources):
-                # Rust copies every bucket with every core, the GIL released; ``sources``
-                # keeps the tensors alive meanwhile.
-                self._core.stage_all([t.data_ptr() for t in sources])
-            else:  # e.g. a trainer on the GPU: device-to-host copies, bucket by bucket
-                for b in range(self.plan.num_buckets):
-                    lease = self._core.acquire_slot(b)
-                    slot = torch.frombuffer(memoryview(lease), dtype=torch.uint8)
-                    pack(self.plan, b, sources, slot)
-                    del slot
-                    self._core.commit(lease)
+            self._stage(sources)
             self.failures = {w: why for w, _, why in self._core.finish_round()}
             self._whole, self.version = True, version
             failures = dict(self.failures)
         if failures:
             raise WorkersFailed(version, failures)
         return version
+
+    def _stage(self, sources: list[torch.Tensor]) -> None:
+        """Stage and commit every bucket of the round from ``sources`` (see ``source_bytes``)."""
+        if all(t.device.type == "cpu" for t in sources):
+            # Rust copies every bucket with every core, the GIL released; ``sources`` keeps
+            # the tensors alive meanwhile.
+            self._core.stage_all([t.data_ptr() for t in sources])
+            return
+        self._stage_by_bucket(sources)
+
+    def _stage_by_bucket(self, sources: list[torch.Tensor]) -> None:
+        """The same, bucket by bucket through torch (device-to-host copies from a GPU)."""
+        for b in range(self.plan.num_buckets):
+            lease = self._core.acquire_slot(b)
+            slot = torch.frombuffer(memoryview(lease), dtype=torch.uint8)
+            pack(self.plan, b, sources, slot)
+            del slot
+            self._core.commit(lease)
 
     def _serve_catch_ups(self) -> None:
         """Background thread: send the current version to workers that joined late, straight
