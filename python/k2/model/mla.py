@@ -267,8 +267,8 @@ class MLA(nn.Module):
             with torch.no_grad():
                 shape = (*q.shape[:-1], k.shape[-2])
                 scores = reusable_empty("mla.scores", shape, q.dtype, q.device)
-                torch.matmul(q * self.softmax_scale, k.transpose(-1, -2), out=scores)
-                self._record_max_logits(scores.float(), mask)
+                torch.matmul(q, k.transpose(-1, -2), out=scores)  # scaled after the max
+                self._record_max_logits(scores.float(), mask, self.softmax_scale)
         # Fused (flash) attention kernels want one head size for q, k and v: pad v with zeros.
         value_dim = v.shape[-1]
         if value_dim < q.shape[-1]:
@@ -280,12 +280,32 @@ class MLA(nn.Module):
         return out[..., :value_dim]
 
     @torch.no_grad()
-    def _record_max_logits(self, scores: torch.Tensor, mask: AttentionMask) -> None:
-        per_head = scores.masked_fill_(mask.uncounted, float("-inf")).amax(dim=(0, 2, 3))  # [H]
+    def _record_max_logits(self, scores: torch.Tensor, mask: AttentionMask, scale: float = 1.0) -> None:
+        """Fold ``scale * max`` of ``scores`` [B, H, T, S] over the counted pairs into
+        ``max_logits`` (``scores`` is overwritten)."""
+        if mask.is_causal:  # adding a cached -inf triangle is cheaper than a broadcast bool fill
+            scores.add_(_causal_bias(scores.shape[-2], scores.shape[-1], scores.dtype, scores.device))
+        else:
+            scores.masked_fill_(mask.uncounted, float("-inf"))
+        per_head = scores.amax(dim=(0, 2, 3)) * scale  # [H]; scale > 0 commutes with max
         if self.max_logits is None:
             self.max_logits = per_head
         else:
             self.max_logits = torch.maximum(self.max_logits, per_head)
+
+
+_CAUSAL_BIASES: dict[tuple, torch.Tensor] = {}
+
+
+def _causal_bias(queries: int, keys: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[T, S]: 0 where query t may see key s (s <= t), -inf elsewhere; cached."""
+    key = (queries, keys, dtype, device)
+    bias = _CAUSAL_BIASES.get(key)
+    if bias is None:
+        future = torch.ones(queries, keys, dtype=torch.bool, device=device).triu_(1)
+        bias = torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+        _CAUSAL_BIASES[key] = bias
+    return bias
 
 
 class LatentCache:
