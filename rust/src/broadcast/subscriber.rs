@@ -161,6 +161,19 @@ impl Subscriber {
         Ok(())
     }
 
+    /// While waiting: every [`LIVENESS_EVERY`] record a heartbeat and check that the publisher
+    /// is alive; always check that this worker was not evicted and the segment is open.
+    fn beat(&self, last_liveness: &mut Instant) -> Result<()> {
+        let check = last_liveness.elapsed() >= LIVENESS_EVERY;
+        if check {
+            *last_liveness = Instant::now();
+            self.seg.control().workers[self.record]
+                .heartbeat_ms
+                .store(now_ms(), Ordering::Relaxed);
+        }
+        self.check_standing(check)
+    }
+
     /// Wait up to `timeout` for a round that includes this worker. `Ok(None)` if none began.
     pub fn next_round(&mut self, timeout: Duration, cancel: &Cancel) -> Result<Option<RoundInfo>> {
         let c = self.seg.control();
@@ -183,14 +196,7 @@ impl Subscriber {
                 self.whole = false;
                 return Ok(Some(info));
             }
-            let check = last_liveness.elapsed() >= LIVENESS_EVERY;
-            if check {
-                last_liveness = Instant::now();
-                c.workers[self.record]
-                    .heartbeat_ms
-                    .store(now_ms(), Ordering::Relaxed);
-            }
-            self.check_standing(check)?;
+            self.beat(&mut last_liveness)?;
             if start.elapsed() >= timeout {
                 return Ok(None);
             }
@@ -371,14 +377,7 @@ impl Subscriber {
                     self.name, round.version
                 )));
             }
-            let check = last_liveness.elapsed() >= LIVENESS_EVERY;
-            if check {
-                last_liveness = Instant::now();
-                c.workers[self.record]
-                    .heartbeat_ms
-                    .store(now_ms(), Ordering::Relaxed);
-            }
-            self.check_standing(check)?;
+            self.beat(&mut last_liveness)?;
             if start.elapsed() >= self.timeout {
                 return Err(BroadcastError::new(
                     ErrorKind::Timeout,
