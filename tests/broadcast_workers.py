@@ -165,3 +165,33 @@ def distributed_member(rank: int, world: int, store: str, versions: int, slices,
             out.put(("mismatch", rank, str(err)))
     finally:
         dist.destroy_process_group()
+
+
+def distributed_member_that_loses_a_rank(rank: int, world: int, store: str, out) -> None:
+    """A gloo group whose last rank dies (exits at once) after the publisher and subscribers are
+    built: report what ``publish()`` / ``update()`` did on the others, and how long it took."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from k2.broadcast import DistributedWeightPublisher, DistributedWeightSubscriber
+    from k2.errors import BroadcastError
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=10))
+    if rank == 0:
+        member = DistributedWeightPublisher(weights(1), bucket_bytes=1024)
+    else:
+        member = DistributedWeightSubscriber(empty_model(None), src=0, worker=f"rank-{rank}")
+    if rank == world - 1:
+        os._exit(0)  # dies without a word, mid-group
+    time.sleep(0.5)  # let it die first
+    start = time.monotonic()
+    try:
+        outcome = ("ok", member.publish() if rank == 0 else member.update())
+    except BroadcastError as err:
+        outcome = ("error", str(err))
+    out.put((rank, *outcome, time.monotonic() - start))

@@ -301,3 +301,22 @@ def test_the_gloo_path_gives_the_same_bits_to_three_processes_and_refuses_a_mism
         if worker == "rank-2":
             want = workers.sliced(want, workers.SLICES)
         assert_bit_identical(model, want, f"{worker} v{version}")
+
+
+@pytest.mark.slow
+def test_a_dead_gloo_member_is_reported_by_the_publisher_not_waited_on_forever(tmp_path) -> None:
+    out = SPAWN.Queue()
+    store = str(tmp_path / "gloo-store")
+    procs = [SPAWN.Process(target=workers.distributed_member_that_loses_a_rank, args=(rank, 3, store, out))
+             for rank in range(3)]
+    for p in procs:
+        p.start()
+    outcomes = {rank: (kind, detail, seconds) for rank, kind, detail, seconds in
+                (out.get(timeout=120) for _ in range(2))}
+    for p in procs:
+        p.join(60)
+    kind, message, seconds = outcomes[0]
+    assert kind == "error", message
+    assert "publisher" in message and "version 1" in message and "broken" in message, message
+    assert "rank-2" in message  # the group's roster is named
+    assert seconds < 60, f"the publisher took {seconds:.0f} s to report the dead member"
