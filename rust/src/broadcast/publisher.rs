@@ -282,7 +282,7 @@ impl Publisher {
             r.id
         };
         let c = self.seg.control();
-        let slot = self.seg.slot(self.seg.slot_of(bucket));
+        let slot = self.seg.bucket_slot(bucket);
         let range = self.plan.bucket_range(bucket);
         let len = range.end - range.start;
         if c.checksums.load(Ordering::Relaxed) != 0 {
@@ -366,7 +366,7 @@ impl Publisher {
             r.id
         };
         self.seg
-            .slot(self.seg.slot_of(bucket))
+            .bucket_slot(bucket)
             .tag
             .store(tag(id, bucket), Ordering::Release);
         Ok(())

@@ -330,6 +330,11 @@ impl Segment {
         bucket % self.num_slots()
     }
 
+    /// The header of the slot that carries bucket `bucket`.
+    pub fn bucket_slot(&self, bucket: usize) -> &SlotHeader {
+        self.slot(self.slot_of(bucket))
+    }
+
     /// Slot `slot`'s header.
     pub fn slot(&self, slot: usize) -> &SlotHeader {
         assert!(slot < self.num_slots(), "slot {slot} out of range");

@@ -323,13 +323,7 @@ impl Subscriber {
             // below); the caller vouches for the destinations.
             unsafe { copy_all(&jobs) };
             let target = tag(round.id, bucket);
-            if self
-                .seg
-                .slot(self.seg.slot_of(bucket))
-                .tag
-                .load(Ordering::Acquire)
-                != target
-            {
+            if self.seg.bucket_slot(bucket).tag.load(Ordering::Acquire) != target {
                 return Err(BroadcastError::new(
                     ErrorKind::Evicted,
                     format!(
@@ -353,7 +347,7 @@ impl Subscriber {
 
     /// The bytes of bucket `bucket` in its slot (valid once its tag was seen).
     fn landed(&self, bucket: usize) -> &[u8] {
-        let slot = self.seg.slot(self.seg.slot_of(bucket));
+        let slot = self.seg.bucket_slot(bucket);
         let len = (slot.len.load(Ordering::Relaxed) as usize)
             .min(self.seg.control().bucket_bytes.load(Ordering::Relaxed) as usize);
         // SAFETY: the slot is bucket_bytes long (the segment was checked on open); the caller
@@ -365,7 +359,7 @@ impl Subscriber {
     /// Wait (bounded) until bucket `bucket`'s slot carries its tag of `round`.
     fn await_bucket(&self, round: RoundInfo, bucket: usize, cancel: &Cancel) -> Result<()> {
         let c = self.seg.control();
-        let slot = self.seg.slot(self.seg.slot_of(bucket));
+        let slot = self.seg.bucket_slot(bucket);
         let target = tag(round.id, bucket);
         let start = Instant::now();
         let mut last_liveness = start;
@@ -404,7 +398,7 @@ impl Subscriber {
         }
         let expected = self
             .seg
-            .slot(self.seg.slot_of(bucket))
+            .bucket_slot(bucket)
             .checksum
             .load(Ordering::Relaxed);
         if xxh3_64(bytes) == expected {
@@ -439,13 +433,7 @@ impl Subscriber {
         }
         let target = tag(round.id, bucket);
         fence(Ordering::Acquire);
-        if self
-            .seg
-            .slot(self.seg.slot_of(bucket))
-            .tag
-            .load(Ordering::Acquire)
-            != target
-        {
+        if self.seg.bucket_slot(bucket).tag.load(Ordering::Acquire) != target {
             self.held = false;
             return Err(BroadcastError::new(
                 ErrorKind::Evicted,
