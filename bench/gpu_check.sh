@@ -15,5 +15,5 @@ python3 -c "import k2, torch; print('k2', k2.__version__, '| torch', torch.__ver
 
 status=0
 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" || status=$?
-timeout 120 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.txt" || status=$?
+timeout 120 python3 bench/cuda_kernels.py 2>&1 | tee "$OUT/kernels.txt" || status=$?
 exit $status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,8 +61,10 @@ def test_version_json_names_k2_torch_and_native() -> None:
 def test_console_script_is_installed() -> None:
     import shutil
 
-    exe = shutil.which("k2")
-    assert exe is not None, "the `k2` console script is not on PATH; reinstall the package"
+    # pip puts console scripts beside the interpreter it installs for (the venv's bin/), which
+    # is on PATH only in an activated environment.
+    exe = shutil.which("k2", path=os.path.dirname(sys.executable))
+    assert exe is not None, f"no `k2` console script beside {sys.executable}; reinstall k2"
     result = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert k2.__version__ in result.stdout

@@ -36,6 +36,10 @@ class KernelError(K2Error):
     """A CUDA kernel failed to compile or launch."""
 
 
+class MissingDependencyError(K2Error, ImportError):
+    """An optional package is not installed; the message names it and the extra that brings it."""
+
+
 __all__ = [
     "K2Error",
     "K2IOError",
@@ -44,4 +48,5 @@ __all__ = [
     "CheckpointError",
     "BroadcastError",
     "KernelError",
+    "MissingDependencyError",
 ]

@@ -1,6 +1,6 @@
 """Benchmark k2's CUDA kernels against their PyTorch references on one GPU.
 
-    python bench/kernels.py [--quick]
+    python bench/cuda_kernels.py [--quick]
 
 Baselines, run in the same process:
 * Newton–Schulz (5 quintic steps): torch's three-matmul bf16 iteration
@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU; nothing measured on this machine.")
+        print("bench/cuda_kernels.py needs a CUDA GPU; nothing measured on this machine.")
         print(json.dumps({"benchmark": "kernels", "skipped": "no CUDA device"}))
         return 0
     from k2.kernels.launch import cuda_kernels_available
