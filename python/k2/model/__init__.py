@@ -1,4 +1,4 @@
-"""The K2 model: Multi-head Latent Attention + ultra-sparse Mixture-of-Experts (SPEC.md §3).
+"""The K2 model: Multi-head Latent Attention + ultra-sparse Mixture-of-Experts (docs/model.md).
 
 Read in this order: :mod:`~k2.model.config` (hyperparameters, presets, ``config.json``),
 :mod:`~k2.model.rope` (interleaved RoPE, YaRN), :mod:`~k2.model.mla` (attention, naive and

@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (MLA), as in DeepSeek-V2/V3 and Kimi K2.
 
-For hidden states x, per layer (SPEC.md §3):
+For hidden states x, per layer (docs/model.md):
 
 * queries  ``q = q_b(norm_q(q_a(x)))`` (or ``q_proj(x)`` when ``q_lora_rank`` is None), split per
   head into ``q_nope`` (qk_nope) and ``q_pe`` (qk_rope);

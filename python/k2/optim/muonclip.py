@@ -1,4 +1,4 @@
-"""MuonClip: Muon + QK-Clip for the matrices, AdamW for the rest, in one optimizer (SPEC §4).
+"""MuonClip: Muon + QK-Clip for the matrices, AdamW for the rest, in one optimizer (docs/optim.md).
 
 One ``step()`` does, in order:
 

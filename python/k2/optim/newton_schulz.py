@@ -1,4 +1,4 @@
-"""Newton–Schulz orthogonalization: the matrix step at the heart of Muon (SPEC §4).
+"""Newton–Schulz orthogonalization: the matrix step at the heart of Muon (docs/optim.md).
 
 Given a batch of matrices G [B, m, n], the iteration drives every singular value of
 X = G / (s·‖G‖_F + eps) towards 1 while keeping the singular vectors, so the result is close to

@@ -1,4 +1,4 @@
-"""QK-Clip: keep attention logits at or below τ by rescaling query/key weights (K2, SPEC §4).
+"""QK-Clip: keep attention logits at or below τ by rescaling query/key weights (K2, docs/optim.md).
 
 After each optimizer step, for every attention layer and head h with recorded max logit
 ``S_max[h] > τ``, let ``γ = τ / S_max[h]`` and shrink that head's weights so its logits shrink by
