@@ -204,6 +204,7 @@ def bwrap_argv(
     :func:`wrap_command`) runs in ``/work``.
     """
     argv = [bwrap, *_NAMESPACES, "--disable-userns", "--die-with-parent", "--new-session"]
+    argv += ["--as-pid-1"]  # the wrapper shell is init: see _WRAPPER
     argv += ["--cap-drop", "ALL"]
     if uid is not None:
         argv += ["--uid", str(uid), "--gid", str(uid)]
@@ -231,17 +232,17 @@ def bwrap_argv(
     return argv
 
 
-# The wrapper around every program: rlimits by prlimit, then the shell reports its children's
-# CPU time (`times`) on a pipe the program itself does not inherit, and exits with the
-# program's status (128 + N when signal N ended it). The shell's own stderr goes to /dev/null
-# (it would add "Killed" lines); the program, exec'd from a subshell, gets the real stderr.
-_WRAPPER = 'exec 9>&2 2>/dev/null; (exec 2>&9 9>&- {fd}>&-; exec "$@"); s=$?; times >&{fd}; exit $s'
+# The wrapper around every program: a shell that stays as the PID namespace's init (bwrap's
+# --as-pid-1), so bwrap's monitor reaps it and the CPU time of the whole tree reaches our wait4;
+# the program, exec'd from a subshell under prlimit, runs as an ordinary process (pid 2). The
+# shell's exit status is the program's (128 + N when signal N ended it). The shell's own stderr
+# goes to /dev/null (it would add "Killed" lines); the program gets the real stderr.
+_WRAPPER = 'exec 9>&2 2>/dev/null; (exec 2>&9 9>&-; exec "$@"); exit $?'
 
 
-def wrap_command(limits: Limits, prlimit: str, times_fd: int, command: list[str]) -> list[str]:
-    """``command`` under ``prlimit`` (the run's rlimits) inside ``/bin/sh``, which writes the
-    CPU time of the program's process tree to ``times_fd`` when it ends."""
-    return ["/bin/sh", "-c", _WRAPPER.format(fd=times_fd), "k2-sandbox"] + limits.prlimit_args(prlimit) + command
+def wrap_command(limits: Limits, prlimit: str, command: list[str]) -> list[str]:
+    """``command`` under ``prlimit`` (the run's rlimits), started by ``/bin/sh``."""
+    return ["/bin/sh", "-c", _WRAPPER, "k2-sandbox", *limits.prlimit_args(prlimit), *command]
 
 
 class UidSlot:
@@ -355,7 +356,6 @@ def probe() -> Probe:
 def _trial_run(bwrap: str, prlimit: str, python: str) -> str | None:
     limits = Limits(10, 10, 512, 16, 1 << 16, 1, 1)
     read_end, write_end = os.pipe()
-    times_r, times_w = os.pipe()
     with UidSlot() as slot:
         argv = bwrap_argv(
             bwrap,
@@ -365,7 +365,7 @@ def _trial_run(bwrap: str, prlimit: str, python: str) -> str | None:
             limits=limits,
             files=[],
             json_status_fd=write_end,
-            command=wrap_command(limits, prlimit, times_w, [python, "-c", "print('ok')"]),
+            command=wrap_command(limits, prlimit, [python, "-c", "print('ok')"]),
         )
         try:
             out = subprocess.run(
@@ -373,7 +373,7 @@ def _trial_run(bwrap: str, prlimit: str, python: str) -> str | None:
                 capture_output=True,
                 text=True,
                 timeout=30,
-                pass_fds=(write_end, times_w),
+                pass_fds=(write_end,),
                 cwd="/",
                 env={},
                 check=False,
@@ -382,7 +382,7 @@ def _trial_run(bwrap: str, prlimit: str, python: str) -> str | None:
         except (OSError, subprocess.TimeoutExpired) as err:
             return f"bubblewrap could not start a sandbox: {err}"
         finally:
-            for fd in (write_end, read_end, times_r, times_w):
+            for fd in (write_end, read_end):
                 os.close(fd)
     if out.returncode == 0 and out.stdout.strip() == "ok":
         return None

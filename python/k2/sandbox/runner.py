@@ -173,8 +173,7 @@ class _Watch:
     truncated: dict[int, bool] = field(default_factory=lambda: {1: False, 2: False})
     reason: str | None = None  # TIMEOUT or OUTPUT_LIMIT when the sandbox ended the run
     status_bytes: bytearray = field(default_factory=bytearray)  # bwrap's --json-status-fd
-    times_bytes: bytearray = field(default_factory=bytearray)  # the wrapper shell's `times`
-    cpu_at_kill: float | None = None  # CPU seconds of the tree, read just before a kill
+    cpu_at_kill: float = 0.0  # CPU seconds of the tree, read from /proc just before a kill
 
 
 def _kill_pidfd(pidfd: int) -> None:
@@ -190,7 +189,6 @@ def _supervise(
     limits: iso.Limits,
     start: float,
     status_fd: int | None,
-    times_fd: int,
     kill_tree: Callable[[], None],
     *,
     kill_after_exit: bool,
@@ -206,7 +204,7 @@ def _supervise(
     for fd in streams:
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ)
-    side = {times_fd: watch.times_bytes}
+    side = {}
     if status_fd is not None:
         side[status_fd] = watch.status_bytes
     for fd in side:
@@ -317,8 +315,7 @@ def _run_bwrap(req: _Request, probe: iso.Probe) -> Result:
             opened.append(_memfd(name.replace("/", "_"), data))
             files.append((opened[-1], name))
         status_r, status_w = os.pipe()
-        times_r, times_w = os.pipe()
-        opened += [status_r, status_w, times_r, times_w]
+        opened += [status_r, status_w]
         stdin_fd = _memfd("stdin", req.stdin) if req.stdin is not None else None
         if stdin_fd is not None:
             opened.append(stdin_fd)
@@ -332,12 +329,11 @@ def _run_bwrap(req: _Request, probe: iso.Probe) -> Result:
                 limits=req.limits,
                 files=files,
                 json_status_fd=status_w,
-                command=iso.wrap_command(req.limits, probe.prlimit, times_w, req.command),
+                command=iso.wrap_command(req.limits, probe.prlimit, req.command),
             )
-            proc = _spawn(argv, stdin_fd, (*(fd for fd, _ in files), status_w, times_w), slot.uid)
-            for fd in (status_w, times_w):  # only bwrap holds the write ends now
-                opened.remove(fd)
-                os.close(fd)
+            proc = _spawn(argv, stdin_fd, (*(fd for fd, _ in files), status_w), slot.uid)
+            opened.remove(status_w)  # only bwrap holds the write end now
+            os.close(status_w)
             watch = _Watch()
             ns_init: list[int] = []  # a pidfd of the PID namespace's init, once known
 
@@ -357,7 +353,7 @@ def _run_bwrap(req: _Request, probe: iso.Probe) -> Result:
                 _killpg(proc.pid)
 
             wait_status, rusage = _supervise(
-                watch, proc, req.limits, start, status_r, times_r, kill_tree, kill_after_exit=False
+                watch, proc, req.limits, start, status_r, kill_tree, kill_after_exit=False
             )
             proc.stdout.close()
             proc.stderr.close()
@@ -416,7 +412,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def _tree_cpu(root: int) -> float:
     """CPU seconds of ``root`` and its descendants (their own and their reaped children's),
-    read from /proc: the CPU time of a run the sandbox is about to kill."""
+    read from /proc: the CPU time of a run the sandbox is about to kill, whose accounting the
+    kernel drops when the PID namespace is torn down."""
     total, todo, seen = 0, [root], set()
     while todo:
         pid = todo.pop()
@@ -435,26 +432,10 @@ def _tree_cpu(root: int) -> float:
     return total / _TICK
 
 
-def _parse_times(data: bytearray) -> float | None:
-    """Children's user + system seconds from the shell's ``times`` (its second line)."""
-    lines = bytes(data).decode("ascii", "replace").strip().splitlines()
-    if len(lines) < 2:
-        return None
-    total = 0.0
-    for part in lines[1].split():
-        match = re.fullmatch(r"(\d+)m([\d.]+)s", part)
-        if match is None:
-            return None
-        total += int(match.group(1)) * 60 + float(match.group(2))
-    return total
-
-
 def _result(watch, exit_code, sig, rusage, limits, start, isolation) -> Result:
-    cpu = _parse_times(watch.times_bytes)
-    if cpu is None:
-        cpu = watch.cpu_at_kill
-    if cpu is None:
-        cpu = rusage.ru_utime + rusage.ru_stime
+    # bwrap's monitor reaps the namespace's init, which reaped everything under it: the
+    # rusage of our wait4 covers the whole tree, except at a kill (then the /proc reading).
+    cpu = max(rusage.ru_utime + rusage.ru_stime, watch.cpu_at_kill)
     stderr = _decode(watch.out[2], watch.truncated[2], limits.max_output_bytes)
     return Result(
         status=_classify(watch, exit_code, sig, cpu, limits, stderr),
@@ -486,27 +467,23 @@ def _run_unsafe(req: _Request, prlimit: str) -> Result:
                     os.chown(folder, slot.uid, slot.uid)
                     for entry in names:
                         os.chown(os.path.join(folder, entry), slot.uid, slot.uid)
-            times_r, times_w = os.pipe()
-            opened += [times_r, times_w]
             stdin_fd = _memfd("stdin", req.stdin) if req.stdin is not None else None
             if stdin_fd is not None:
                 opened.append(stdin_fd)
             env = dict(req.env, HOME=scratch, TMPDIR=scratch)
-            argv = iso.wrap_command(req.limits, prlimit, times_w, req.command)
-            proc = _spawn(argv, stdin_fd, (times_w,), slot.uid, cwd=scratch, env=env)
-            opened.remove(times_w)
-            os.close(times_w)
+            argv = iso.wrap_command(req.limits, prlimit, req.command)
+            proc = _spawn(argv, stdin_fd, (), slot.uid, cwd=scratch, env=env)
             watch = _Watch()
 
             def kill_tree() -> None:
-                if watch.cpu_at_kill is None:
+                if not watch.cpu_at_kill:
                     watch.cpu_at_kill = _tree_cpu(proc.pid)
                 _killpg(proc.pid)
                 if slot.uid is not None:
                     iso.kill_all_of_uid(slot.uid)
 
             wait_status, rusage = _supervise(
-                watch, proc, req.limits, start, None, times_r, kill_tree, kill_after_exit=True
+                watch, proc, req.limits, start, None, kill_tree, kill_after_exit=True
             )
             proc.stdout.close()
             proc.stderr.close()
