@@ -349,8 +349,10 @@ def _run_bwrap(req: _Request, probe: iso.Probe) -> Result:
                             pass
                         watch.cpu_at_kill = _tree_cpu(pid)
                 if ns_init:
+                    # bwrap's monitor then reaps the init and exits: no orphan, no zombie.
                     _kill_pidfd(ns_init[0])
-                _killpg(proc.pid)
+                else:
+                    _killpg(proc.pid)  # before the namespace exists: bwrap itself
 
             wait_status, rusage = _supervise(
                 watch, proc, req.limits, start, status_r, kill_tree, kill_after_exit=False
