@@ -381,9 +381,17 @@ def _run_bwrap(req: _Request, probe: iso.Probe) -> Result:
     return _result(watch, exit_code, sig, rusage, req.limits, start, iso.BWRAP)
 
 
-def _spawn(argv: list[str], stdin_fd: int | None, pass_fds: tuple[int, ...], uid: int | None, cwd: str = "/", env: dict[str, str] | None = None) -> subprocess.Popen:
+def _spawn(
+    argv: list[str],
+    stdin_fd: int | None,
+    pass_fds: tuple[int, ...],
+    uid: int | None,
+    cwd: str = "/",
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start ``argv`` as ``uid`` (via setpriv) in its own session, stdout/stderr piped."""
     return subprocess.Popen(
-        argv,
+        iso.drop_argv(uid) + argv,
         stdin=stdin_fd if stdin_fd is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -391,7 +399,6 @@ def _spawn(argv: list[str], stdin_fd: int | None, pass_fds: tuple[int, ...], uid
         cwd=cwd,
         env=env or {},
         start_new_session=True,
-        **iso.drop_kwargs(uid),
     )
 
 
