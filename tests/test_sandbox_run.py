@@ -203,3 +203,36 @@ def test_unsafe_mode_limits_and_cleanup() -> None:
         # a daemon that leaves its process group is caught by the slot uid's kill
         daemon = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
         assert run(daemon, **mode).status == "ok"
+
+
+def test_works_for_an_unprivileged_caller() -> None:
+    """Run by a non-root user (nobody), the sandbox keeps that uid, still isolates, and the
+    process limit binds inside the run's own user namespace."""
+    import subprocess
+    import sys
+
+    import k2
+
+    if not isolation.running_as_root():
+        pytest.skip("needs root to become another user for the test")
+    package = os.path.dirname(os.path.dirname(k2.__file__))
+    python = "/usr/bin/python3"
+    if not (os.path.exists(python) and isolation._reachable_by_others(os.path.dirname(k2.__file__))):
+        pytest.skip("the checkout or /usr/bin/python3 is not reachable by other users")
+    script = (
+        "from k2.sandbox import run\n"
+        "print(run('import os; print(os.getuid())').stdout.strip())\n"
+        "print(run(\"open('/etc/k2-x', 'w')\").status)\n"
+        "r = run('import os\\nfor _ in range(30): os.fork() or __import__(\"time\").sleep(2)', max_procs=8)\n"
+        "print(r.status, 'BlockingIOError' in r.stderr)\n"
+    )
+    out = subprocess.run(
+        [*isolation.drop_argv(65534)[:-1], "--", python, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": package, "PYTHONDONTWRITEBYTECODE": "1"},
+        cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["65534", "error", "error True"], (out.stdout, sys.executable)
