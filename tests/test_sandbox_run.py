@@ -80,7 +80,7 @@ def test_host_environment_is_not_passed(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_no_inherited_file_descriptors() -> None:
-    keep = os.open("/dev/null", os.O_RDONLY)  # not CLOEXEC-free: set inheritable on purpose
+    keep = os.open("/dev/null", os.O_RDONLY)  # an inheritable descriptor of the caller
     os.set_inheritable(keep, True)
     try:
         r = run("import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))")

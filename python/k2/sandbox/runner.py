@@ -141,10 +141,10 @@ def _request(
             "sandbox code_or_argv must be Python source (str) or a non-empty argv list of str"
         )
     clean_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-    for key, value in (env or {}).items():
-        if not isinstance(key, str) or not _ENV_NAME.match(key) or not isinstance(value, str) or "\0" in value:
+    for key, text in (env or {}).items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key) or not isinstance(text, str) or "\0" in text:
             raise SandboxError(f"sandbox env entry {key!r} is not a valid variable name and str value")
-        clean_env[key] = value
+        clean_env[key] = text
     return _Request(
         command=command,
         files=blobs,
@@ -200,6 +200,7 @@ def _supervise(
     its children are not tied to it); under bwrap they already died with the PID namespace.
     """
     sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None
     streams = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
     for fd in streams:
         os.set_blocking(fd, False)
@@ -215,7 +216,7 @@ def _supervise(
     cap = limits.max_output_bytes
     exited = False
     killed_at: float | None = None  # when the sandbox sent its SIGKILL
-    drain_until: float | None = None  # after the exit: how long the pipes may take to close
+    drain_until = math.inf  # after the exit: how long the pipes may take to close
 
     def stop(reason: str) -> None:
         nonlocal killed_at
@@ -277,6 +278,12 @@ def _supervise(
     os.close(pidfd)
     proc.returncode = os.waitstatus_to_exitcode(wait_status)
     return wait_status, rusage
+
+
+def _close_pipes(proc: subprocess.Popen) -> None:
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def _killpg(pid: int) -> None:
@@ -357,8 +364,7 @@ def _run_bwrap(req: _Request, probe: iso.Probe) -> Result:
             wait_status, rusage = _supervise(
                 watch, proc, req.limits, start, status_r, kill_tree, kill_after_exit=False
             )
-            proc.stdout.close()
-            proc.stderr.close()
+            _close_pipes(proc)
     finally:
         for fd in opened:
             os.close(fd)
@@ -494,16 +500,16 @@ def _run_unsafe(req: _Request, prlimit: str) -> Result:
             wait_status, rusage = _supervise(
                 watch, proc, req.limits, start, None, kill_tree, kill_after_exit=True
             )
-            proc.stdout.close()
-            proc.stderr.close()
+            _close_pipes(proc)
     finally:
         for fd in opened:
             os.close(fd)
         _remove_tree(scratch)
     code = os.waitstatus_to_exitcode(wait_status)
-    exit_code, sig = (None, -code) if code < 0 else (code, None)
-    if exit_code is not None and exit_code > 128 and exit_code - 128 < signal.NSIG:
-        exit_code, sig = None, exit_code - 128
+    exit_code: int | None = code if code >= 0 else None
+    sig: int | None = -code if code < 0 else None
+    if code > 128 and code - 128 < signal.NSIG:
+        exit_code, sig = None, code - 128
     return _result(watch, exit_code, sig, rusage, req.limits, start, iso.UNSAFE_RLIMITS_ONLY)
 
 
