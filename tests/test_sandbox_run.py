@@ -236,3 +236,35 @@ def test_works_for_an_unprivileged_caller() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:3] == ["65534", "error", "error True"], (out.stdout, sys.executable)
+
+
+def test_sandbox_dies_with_its_caller() -> None:
+    """SIGKILL the Python process that called run(): --die-with-parent takes the sandboxed
+    tree with it (every process of it dead within a moment; the machine's init reaps them)."""
+    import subprocess
+    import sys
+    import time
+
+    from sandbox_helpers import descendants
+
+    def state(pid: int) -> str | None:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return None
+
+    script = "from k2.sandbox import run\nrun('import time; time.sleep(60)', timeout_s=120)\n"
+    caller = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    tree: list[int] = []
+    while time.monotonic() < deadline and not any("python3" in d for d in descendants(caller.pid)):
+        time.sleep(0.05)
+    tree = [int(d.split()[0]) for d in descendants(caller.pid)]
+    assert len(tree) >= 3, "the sandbox never started"  # setpriv->bwrap, bwrap, sh, python
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(state(pid) not in (None, "Z") for pid in tree):
+        time.sleep(0.05)
+    assert all(state(pid) in (None, "Z") for pid in tree), [(pid, state(pid)) for pid in tree]
