@@ -324,6 +324,10 @@ def main() -> None:
             why = r.describe().split(",")[0]
         why = why.replace("|", "\\|")[:110]
         print(f"| {attack.name} | {attack.tried} | `{r.status}` | {why} |")
+    server.close()
+    for name in os.listdir(host):
+        os.remove(os.path.join(host, name))
+    os.rmdir(host)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,20 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from k2.errors import IsolationUnavailableError, SandboxError
+from k2.errors import ConfigError, IsolationUnavailableError, SandboxError
 
 BWRAP = "bwrap"
 UNSAFE_RLIMITS_ONLY = "unsafe-rlimits-only"
 ISOLATIONS = (BWRAP, UNSAFE_RLIMITS_ONLY)
 
-UID_BASE = int(os.environ.get("K2_SANDBOX_UID_BASE", "61000"))
+def _uid_base() -> int:
+    text = os.environ.get("K2_SANDBOX_UID_BASE", "61000")
+    if not text.isdigit() or not 1000 <= int(text) <= 2**31 - 1024:
+        raise ConfigError(f"K2_SANDBOX_UID_BASE={text!r} must be a uid between 1000 and 2**31 - 1024")
+    return int(text)
+
+
+UID_BASE = _uid_base()
 """First uid (and gid) a root-run sandbox drops to; slot ``i`` uses ``UID_BASE + i``. These uids
 must belong to no account on the machine (``K2_SANDBOX_UID_BASE`` moves the range)."""
 UID_SLOTS = 256
