@@ -77,6 +77,8 @@ def test_split_check_and_its_errors() -> None:
         split_check("def check(c):\n    pass\n", "f")
     with pytest.raises(SandboxError, match="has no tests"):
         score(CodeTask("empty", "", ()), "pass")
+    with pytest.raises(SandboxError, match="per_test_s"):
+        score(ADD, "pass", per_test_s=0)
 
 
 def test_humaneval_loads_164_problems() -> None:

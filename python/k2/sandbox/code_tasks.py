@@ -123,6 +123,8 @@ def harness(task: CodeTask, program: str, *, per_test_s: float = 2.0) -> tuple[s
     """The sandbox job for ``program`` on ``task``: the harness code and its files."""
     if not task.tests:
         raise SandboxError(f"code task {task.task_id!r} has no tests")
+    if not isinstance(per_test_s, (int, float)) or not per_test_s > 0:
+        raise SandboxError(f"code task per_test_s must be a positive number of seconds, got {per_test_s!r}")
     spec = {"mark": REPORT, "setup": task.setup, "tests": list(task.tests), "per_test_s": per_test_s}
     return _HARNESS, {"candidate.py": program, "tests.json": json.dumps(spec)}
 
