@@ -4,7 +4,8 @@ table of what each tried and what happened in docs/sandbox.md:
 
 Each program gets the host's layout through ``str.format``: ``{host}`` a world-readable host
 directory holding ``secret.txt`` and ``victim.txt``, ``{port}`` a TCP server on 127.0.0.1,
-``{pid}`` the test process's host pid. A program prints ``ESCAPED`` if an attack works.
+``{pid}`` the test process's host pid (which also names an abstract UNIX socket the host
+listens on, ``@k2-hostile-{pid}``). A program prints ``ESCAPED`` if an attack works.
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ ATTACKS = [
         "print('ESCAPED connected')\n",
         ("error",),
         ("ConnectionRefusedError", "OSError", "Network is unreachable"),
+    ),
+    Attack(
+        "unix-socket",
+        "connect to an abstract UNIX socket a host process listens on (as X11 and D-Bus do)",
+        "import socket\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect('\\0k2-hostile-{pid}')\n"
+        "print('ESCAPED connected')\n",
+        ("error",),
+        ("ConnectionRefusedError",),
     ),
     Attack(
         "dns",
@@ -313,6 +324,9 @@ def main() -> None:
             fh.write("K2_HOST_SECRET\n")
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(f"\0k2-hostile-{os.getpid()}")
+    unix.listen()
     print("| attempt | what it tried | status | how it failed |")
     print("| --- | --- | --- | --- |")
     for attack in ATTACKS:
@@ -325,6 +339,7 @@ def main() -> None:
         why = why.replace("|", "\\|")[:110]
         print(f"| {attack.name} | {attack.tried} | `{r.status}` | {why} |")
     server.close()
+    unix.close()
     for name in os.listdir(host):
         os.remove(os.path.join(host, name))
     os.rmdir(host)

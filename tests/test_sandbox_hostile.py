@@ -34,6 +34,10 @@ class Host:
             os.chmod(os.path.join(self.dir, name), 0o644)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.2)
+        self.unix = socket.socket(socket.AF_UNIX)  # abstract: no file, scoped by network namespace
+        self.unix.bind(f"\0k2-hostile-{os.getpid()}")
+        self.unix.listen()
+        self.unix.setblocking(False)
         self.port = self.server.getsockname()[1]
         self.connections = 0
         self._stop = threading.Event()
@@ -50,6 +54,16 @@ class Host:
             self.connections += 1
             conn.close()
 
+    def _unix_connections(self) -> int:
+        count = 0
+        while True:
+            try:
+                conn, _ = self.unix.accept()
+            except BlockingIOError:
+                return count
+            count += 1
+            conn.close()
+
     def snapshot(self) -> dict:
         files = {}
         for path in [os.path.join(self.dir, n) for n in sorted(os.listdir(self.dir))] + ["/usr/bin/env"]:
@@ -60,7 +74,7 @@ class Host:
             "files": files,
             "planted": [p for p in ("/usr/planted.txt", "/planted.txt", "/usr/remounted") if os.path.exists(p)],
             "hostname": socket.gethostname(),
-            "connections": self.connections,
+            "connections": self.connections + self._unix_connections(),
             "sentinel alive": self.sentinel.poll() is None,
         }
 
@@ -68,6 +82,7 @@ class Host:
         self._stop.set()
         self._thread.join()
         self.server.close()
+        self.unix.close()
         self.sentinel.kill()
         self.sentinel.wait()
         for name in os.listdir(self.dir):
