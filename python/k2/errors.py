@@ -40,6 +40,14 @@ class MissingDependencyError(K2Error, ImportError):
     """An optional package is not installed; the message names it and the extra that brings it."""
 
 
+class SandboxError(K2Error):
+    """Untrusted code could not be run in the sandbox (bad request, or the sandbox itself failed)."""
+
+
+class IsolationUnavailableError(SandboxError):
+    """The sandbox's isolation (bubblewrap) cannot run on this machine; the message says why."""
+
+
 __all__ = [
     "K2Error",
     "K2IOError",
@@ -49,4 +57,6 @@ __all__ = [
     "BroadcastError",
     "KernelError",
     "MissingDependencyError",
+    "SandboxError",
+    "IsolationUnavailableError",
 ]
