@@ -40,6 +40,14 @@ class MissingDependencyError(K2Error, ImportError):
     """An optional package is not installed; the message names it and the extra that brings it."""
 
 
+class AgenticError(K2Error):
+    """An agent environment, domain or tool was misused; the message names the domain or tool."""
+
+
+class TaskError(AgenticError, ValueError):
+    """A task file or task is malformed or unsupported; the message names the task id and field."""
+
+
 __all__ = [
     "K2Error",
     "K2IOError",
@@ -49,4 +57,6 @@ __all__ = [
     "BroadcastError",
     "KernelError",
     "MissingDependencyError",
+    "AgenticError",
+    "TaskError",
 ]
