@@ -105,9 +105,10 @@ class Domain:
         """SHA-256 of the state's canonical JSON: equal states hash equal across runs and machines."""
         return hashlib.sha256(canonical_json(self.state).encode()).hexdigest()
 
-    def fresh(self, state: Mapping[str, Any] | None = None) -> Domain:
-        """A new domain of the same class and options, from ``state`` or the initial state."""
-        return type(self)(state, stochastic=False)
+    def fresh(self, state: Mapping[str, Any] | None = None, **options: Any) -> Domain:
+        """A new domain of the same class, from ``state`` or the initial state (deterministic
+        unless ``options`` say otherwise)."""
+        return type(self)(state, **options)
 
     # ---- tools -------------------------------------------------------------------------------
     @classmethod
