@@ -10,7 +10,7 @@ import pytest
 from k2.agentic import domains, get_domain, make_domain
 from k2.errors import AgenticError
 
-from conftest import CounterDomain
+from agentic_helpers import CounterDomain
 
 
 def test_six_builtin_domains_with_5_to_12_tools_of_both_kinds() -> None:

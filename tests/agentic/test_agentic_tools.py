@@ -13,7 +13,7 @@ from k2.agentic import Domain, function_spec, tool
 from k2.agentic.tools import schema_errors
 from k2.errors import AgenticError
 
-from conftest import CounterDomain
+from agentic_helpers import CounterDomain
 
 
 def sample(a: str, b: int, c: float = 1.5, d: bool = False, e: list[str] | None = None,
