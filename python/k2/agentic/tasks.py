@@ -233,11 +233,11 @@ def save_tasks(tasks: Iterable[Task | Mapping[str, Any]], path: str | Path) -> N
 
 
 def example_tasks(domain: str) -> list[Task]:
-    """The example tasks shipped with k2 for a built-in domain (``k2/agentic/tasks/DOMAIN.json``)."""
-    resource = resources.files("k2.agentic") / "tasks" / f"{domain}.json"
+    """The example tasks shipped with k2 for a built-in domain (``k2/agentic/example_tasks/DOMAIN.json``)."""
+    resource = resources.files("k2.agentic") / "example_tasks" / f"{domain}.json"
     if not resource.is_file():
         return []
-    return parse_tasks(json.loads(resource.read_text(encoding="utf-8")), f"k2/agentic/tasks/{domain}.json")
+    return parse_tasks(json.loads(resource.read_text(encoding="utf-8")), f"k2/agentic/example_tasks/{domain}.json")
 
 
 def find_task(tasks: Iterable[Task], task_id: str) -> Task:
