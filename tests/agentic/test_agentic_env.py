@@ -154,3 +154,13 @@ def test_programmatic_user_is_deterministic_from_its_seed() -> None:
     assert talk(0) == first
     assert any(talk(s) != first for s in range(1, 6))
     assert "###STOP###" in first[-1]
+
+
+def test_a_domain_instance_is_the_starting_state() -> None:
+    start = CounterDomain({"counters": {"a": 10}})
+    env = make_env(start, COUNTER_TASK)
+    env.reset()
+    env.step(render_assistant("", [ToolCall("add", {"key": "a", "amount": 2})]))
+    _, reward, done, info = env.step("It is 12 now.")
+    assert done and env.domain.state == {"counters": {"a": 12}} and start.state == {"counters": {"a": 10}}
+    assert info["grade"].components["DB"].reward == 1.0  # the gold replay started from 10 too

@@ -10,7 +10,6 @@ error result, so a bad call never ends an episode.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib
 import json
@@ -65,6 +64,8 @@ class Domain:
 
     name: ClassVar[str] = ""
     policy: ClassVar[str] = ""
+    stateful: ClassVar[bool] = True
+    """False for a domain whose state k2 cannot see (an MCP server): DB grading is then ungraded."""
     _method_cache: ClassVar[dict[type, dict[str, tuple[Callable, dict, str]]]] = {}
 
     def __init__(
@@ -82,6 +83,7 @@ class Domain:
         self.seed = seed
         self._rng = random.Random(seed)
         self.set_state(self.initial_state() if state is None else state)
+        self._start = canonical_json(self.state)
 
     # ---- state -------------------------------------------------------------------------------
     @classmethod
@@ -89,17 +91,23 @@ class Domain:
         """The database a fresh domain starts with."""
         return {}
 
+    def default_state(self) -> dict[str, Any]:
+        """The state this domain was made with: fresh copies for a task start from it."""
+        return json.loads(self._start)
+
     def get_state(self) -> dict[str, Any]:
         """A deep copy of the database."""
-        return copy.deepcopy(self.state)
+        return json.loads(json.dumps(self.state))
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Replace the database (deep-copied); it must be JSON-serializable."""
+        """Replace the database with a deep copy of ``state``, which must be JSON-serializable
+        (copying through JSON checks that too)."""
         try:
-            json.dumps(state)
+            self.state = json.loads(json.dumps(state))
         except (TypeError, ValueError) as err:
             raise AgenticError(f"domain {self.name}: the state is not JSON-serializable: {err}") from err
-        self.state = copy.deepcopy(dict(state))
+        if not isinstance(self.state, dict):
+            raise AgenticError(f"domain {self.name}: the state must be a JSON object")
 
     def state_hash(self) -> str:
         """SHA-256 of the state's canonical JSON: equal states hash equal across runs and machines."""

@@ -75,8 +75,11 @@ class McpDomain(Domain):
         policy: the agent's policy text (default: the server's instructions).
         timeout: seconds to wait for the server to start and for each call.
 
-    Use it as a context manager, or call :meth:`close`, to stop the server.
+    Use it as a context manager, or call :meth:`close`, to stop the server. k2 cannot see the
+    server's state, so grading's DB component is "ungraded" for it.
     """
+
+    stateful = False
 
     def __init__(
         self,
@@ -178,6 +181,9 @@ class McpDomain(Domain):
                 pass
             raise ToolError(text or f"{name} failed", "mcp_error")
         return text
+
+    def default_state(self) -> dict[str, Any]:
+        return {}
 
     def fresh(self, state: Mapping[str, Any] | None = None, **options: Any) -> Domain:
         """The same connection: an MCP domain has no state of k2's to reset."""
