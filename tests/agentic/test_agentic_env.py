@@ -164,3 +164,25 @@ def test_a_domain_instance_is_the_starting_state() -> None:
     _, reward, done, info = env.step("It is 12 now.")
     assert done and env.domain.state == {"counters": {"a": 12}} and start.state == {"counters": {"a": 10}}
     assert info["grade"].components["DB"].reward == 1.0  # the gold replay started from 10 too
+
+
+def test_initial_state_data_actions_and_history_even_in_stochastic_mode() -> None:
+    raw = dict(COUNTER_TASK.raw, id="history")
+    raw["initial_state"] = {
+        "initialization_data": {"agent_data": {"counters": {"b": 5}}},
+        "initialization_actions": [{"env_type": "assistant", "func_name": "add", "arguments": {"key": "c", "amount": 7}}],
+        "message_history": [
+            {"role": "user", "content": "Please add 2 to counter a."},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "functions.add:0", "type": "function", "function": {"name": "add", "arguments": '{"key": "b"}'}}]},
+            {"role": "tool", "tool_call_id": "functions.add:0", "content": "6"},
+        ],
+    }
+    task = Task(raw)
+    env = make_env(CounterDomain, task, stochastic=True, failure_rate=1.0)
+    obs = env.reset()
+    assert env.domain.state == {"counters": {"a": 1, "b": 6, "c": 7}}  # merged, initialized, replayed
+    assert [m["role"] for m in obs.messages] == ["system", "user", "assistant", "tool"]  # no new opening
+    obs, _, _, info = env.step(render_assistant("", [ToolCall("add", {"key": "a", "amount": 2})], start=1))
+    assert info["tool_results"][0].transient  # failure_rate 1: every agent call fails, and says so
+    assert obs.messages[0]["tool_call_id"] == "functions.add:1"

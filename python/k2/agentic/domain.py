@@ -10,11 +10,12 @@ error result, so a bad call never ends an episode.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -117,6 +118,15 @@ class Domain:
         """A new domain of the same class, from ``state`` or the initial state (deterministic
         unless ``options`` say otherwise)."""
         return type(self)(state, **options)
+
+    @contextlib.contextmanager
+    def deterministic(self) -> Iterator[Domain]:
+        """Within the block, calls never fail at random (setting a task up must not)."""
+        saved, self.stochastic = self.stochastic, False
+        try:
+            yield self
+        finally:
+            self.stochastic = saved
 
     # ---- tools -------------------------------------------------------------------------------
     @classmethod

@@ -17,13 +17,19 @@ the assistant's turn — ``<|im_end|>`` if the sample lacked it, the new message
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from k2.agentic.calls import IM_END, assistant_message, parse_assistant, render_tool_result, tool_message
+from k2.agentic.calls import (
+    IM_END,
+    assistant_message,
+    calls_from_message,
+    parse_assistant,
+    render_tool_result,
+    tool_message,
+)
 from k2.agentic.domain import Domain, ToolResult
 from k2.agentic.grading import Grade, Judge, grade, initial_domain, replay_calls
-from k2.agentic.calls import calls_from_message
 from k2.agentic.tasks import Task
 from k2.agentic.users import STOP, OpenAIUser, ProgrammaticUser, UserSimulator
 from k2.data.chat import render_chat
@@ -41,12 +47,6 @@ class Observation:
     messages: list[dict[str, Any]]
     text: str
     ids: list[int] | None = None
-
-
-@dataclass
-class StepRecord:
-    calls: int = 0
-    results: list[ToolResult] = field(default_factory=list)
 
 
 def _user_message_text(content: str) -> str:
@@ -123,7 +123,8 @@ class AgentEnv:
     # ---- Gym API -----------------------------------------------------------------------------
     def reset(self) -> Observation:
         """Start an episode: a fresh domain for the task, the system message (policy), the
-        task's message history, and the user's opening message."""
+        task's message history (its tool calls replayed), and the user's opening message — or,
+        when the history ends with the agent speaking, the user's reply."""
         self.domain = initial_domain(
             self.domain_spec, self.task, stochastic=self.stochastic, failure_rate=self.failure_rate, seed=self.seed
         )
@@ -132,13 +133,17 @@ class AgentEnv:
         policy = "\n\n".join(p for p in (self.system_prompt, self.domain.policy) if p)
         self.messages = [{"role": "system", "content": policy}] if policy else []
         history = self.task.message_history if self.task is not None else []
-        for message in history:
-            if message.get("role") == "assistant":
-                replay_calls(self.domain, calls_from_message(message))
+        with self.domain.deterministic():
+            for message in history:
+                if message.get("role") == "assistant":
+                    replay_calls(self.domain, calls_from_message(message))
         self.messages.extend(dict(m) for m in history)
         self.calls_made = sum(len(m.get("tool_calls") or ()) for m in history if m.get("role") == "assistant")
-        if not history or history[-1].get("role") != "user":
+        if not history:
             self.messages.append({"role": "user", "content": self.user.start()})
+        elif history[-1].get("role") == "assistant" and not history[-1].get("tool_calls"):
+            self.messages.append({"role": "user", "content": self.user.respond(history[-1].get("content") or "")})
+        # after a user or tool message it is the agent's turn
         self.turns = 0
         self.steps = 0
         self.done = False

@@ -80,7 +80,8 @@ def initial_domain(domain: str | type[Domain] | Domain, task: Task | None, **opt
     made = proto.fresh(state, **options) if proto is not None else cls(state, **options)
     if task is not None:
         for i, action in enumerate(task.initialization_actions):
-            result = made.call(action.func_name, action.arguments)
+            with made.deterministic():
+                result = made.call(action.func_name, action.arguments)
             if not result.ok:
                 raise TaskError(
                     f"task {task.id!r}: field initial_state.initialization_actions[{i}]: "
