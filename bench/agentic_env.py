@@ -154,6 +154,8 @@ def rollout_share(batch: int, rounds: int, new_tokens: int, device: str, seed: i
         "rollout_wall_s": wall,
         "env_cpu_s": env_cpu,
         "env_share": env_cpu / wall,
+        "env_cpu_per_round_s": env_cpu / rounds,
+        "rollout_wall_per_round_s": wall / rounds,
     }
 
 
@@ -182,7 +184,8 @@ def main() -> None:
         print(f"rollout share (tiny model on {args.device}, batch {part2['batch']}, {part2['rounds']} rounds, "
               f"{part2['tokens_generated']} tokens, mean sequence {part2['mean_prompt_tokens']:.0f} tokens):")
         print(f"  rollout wall {part2['rollout_wall_s']:.2f} s, environment CPU {part2['env_cpu_s']:.3f} s "
-              f"= {100 * part2['env_share']:.2f} % (goal <= 2 %)")
+              f"= {100 * part2['env_share']:.2f} % (goal <= 2 %); per round of {part2['batch']} steps: "
+              f"environment {1e3 * part2['env_cpu_per_round_s']:.1f} ms, rollout {part2['rollout_wall_per_round_s']:.2f} s")
         result["rollout"] = part2
         result["device"] = args.device
     print(json.dumps(result))

@@ -83,8 +83,7 @@ class Domain:
         self.failure_rate = failure_rate
         self.seed = seed
         self._rng = random.Random(seed)
-        self.set_state(self.initial_state() if state is None else state)
-        self._start = canonical_json(self.state)
+        self._start = self.set_state(self.initial_state() if state is None else state)
 
     # ---- state -------------------------------------------------------------------------------
     @classmethod
@@ -100,15 +99,17 @@ class Domain:
         """A deep copy of the database."""
         return json.loads(json.dumps(self.state))
 
-    def set_state(self, state: Mapping[str, Any]) -> None:
+    def set_state(self, state: Mapping[str, Any]) -> str:
         """Replace the database with a deep copy of ``state``, which must be JSON-serializable
-        (copying through JSON checks that too)."""
+        (copying through JSON checks that too); returns the JSON text."""
         try:
-            self.state = json.loads(json.dumps(state))
+            text = json.dumps(state)
+            self.state = json.loads(text)
         except (TypeError, ValueError) as err:
             raise AgenticError(f"domain {self.name}: the state is not JSON-serializable: {err}") from err
         if not isinstance(self.state, dict):
             raise AgenticError(f"domain {self.name}: the state must be a JSON object")
+        return text
 
     def state_hash(self) -> str:
         """SHA-256 of the state's canonical JSON: equal states hash equal across runs and machines."""

@@ -36,6 +36,7 @@ from k2.data.chat import render_chat
 from k2.errors import AgenticError
 
 GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
+_PREFIXES: dict[tuple[Any, ...], str] = {}
 
 
 @dataclass
@@ -149,8 +150,32 @@ class AgentEnv:
         self.done = False
         self.termination: str | None = None
         self.grade: Grade | None = None
-        text = render_chat(self.messages, self.tools, add_generation_prompt=True)
-        return Observation(list(self.messages), text, self._encode(text))
+        text = self._render_start(policy, history)
+        ids = None
+        if self.tokenizer is not None:  # the same prompt recurs every episode of a task: cache it
+            cache = self.__dict__.setdefault("_prompt_ids", {})
+            ids = cache.get(text)
+            if ids is None:
+                if len(cache) > 64:
+                    cache.clear()
+                ids = cache[text] = self._encode(text)
+            ids = list(ids)
+        return Observation(list(self.messages), text, ids)
+
+    def _render_start(self, policy: str, history: list[dict[str, Any]]) -> str:
+        """``render_chat(self.messages, self.tools, add_generation_prompt=True)``, with the
+        tool declarations and policy rendered once per domain."""
+        assert self.domain is not None
+        key = (type(self.domain), self.domain.name, policy)
+        cache = _PREFIXES
+        prefix = cache.get(key)
+        if prefix is None:
+            head = [{"role": "system", "content": policy}] if policy else []
+            prefix = cache[key] = render_chat(head, self.tools)
+        rest = self.messages[1:] if policy else self.messages
+        if history:
+            return prefix + render_chat(rest, add_generation_prompt=True)
+        return prefix + "".join(_user_message_text(m["content"]) for m in rest) + GENERATION_PROMPT
 
     def step(self, action: str | Sequence[int]) -> tuple[Observation, float | None, bool, dict[str, Any]]:
         """Play one assistant turn (text, or the sampled token ids).
