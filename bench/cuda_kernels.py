@@ -4,7 +4,7 @@
 
 Baselines, run in the same process:
 * Newton–Schulz (5 quintic steps): torch's three-matmul bf16 iteration
-  (``k2.optim.newton_schulz.orthogonalize_reference(..., dtype=bfloat16)``). FLOPs per step for X (m x n, m <= n),
+  (``k2.kernels.newton_schulz.newton_schulz_reference(..., dtype=bfloat16)``). FLOPs per step for X (m x n, m <= n),
   counted as dense products: X Xᵀ 2m²n + A A 2m³ + B X 2m²n. The kernel computes only half of the
   two symmetric products, so its ideal gain is about 1.39x for a square-ish matrix.
 * MoE dispatch + combine (route, permute, combine; forward): the PyTorch reference path. Bytes
@@ -48,14 +48,14 @@ def ns_flops(batch: int, m: int, n: int, steps: int) -> float:
 
 
 def bench_newton_schulz(shapes, repeat):
-    from k2.kernels.newton_schulz import newton_schulz_cuda
-    from k2.optim.newton_schulz import NewtonSchulzSchedule, orthogonalize_reference
+    from k2.kernels.newton_schulz import newton_schulz_cuda, newton_schulz_reference
+    from k2.optim.newton_schulz import NewtonSchulzSchedule
 
     rows = []
     schedule = NewtonSchulzSchedule.resolve("quintic", 5)
     for batch, m, n in shapes:
         G = torch.randn(batch, m, n, device="cuda")
-        t_ref = time_cuda(lambda: orthogonalize_reference(G, schedule, dtype=torch.bfloat16), repeat)
+        t_ref = time_cuda(lambda: newton_schulz_reference(G, schedule.coefficients, schedule.input_scale, dtype=torch.bfloat16), repeat)
         t_k2 = time_cuda(lambda: newton_schulz_cuda(G, schedule.folded()), repeat)
         flops = ns_flops(batch, m, n, 5)
         rows.append({

@@ -20,7 +20,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from k2.errors import CheckpointError
 from k2.model import K2Config, K2ForCausalLM
-from k2.model.hub import dequantize_fp8
+from k2.model.hub_names import dequantize_fp8
 
 TOLERANCE = 1e-4
 

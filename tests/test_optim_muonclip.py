@@ -62,7 +62,7 @@ def _run_both(theirs_kwargs: dict, ours_kwargs: dict, steps: int = 3) -> tuple[n
     ours = Matrices()
     theirs = copy.deepcopy(ours)
     opt_theirs = torch.optim.Muon(theirs.parameters(), lr=0.02, weight_decay=0.1, **theirs_kwargs)
-    opt_ours = MuonClip(ours, lr=0.02, weight_decay=0.1, qk_clip_tau=None, **ours_kwargs)
+    opt_ours = MuonClip(ours, lr=0.02, weight_decay=0.1, qk_clip_tau=0, **ours_kwargs)
     for step in range(steps):
         _set_grads(ours, step)
         _set_grads(theirs, step)
@@ -99,7 +99,7 @@ def test_default_conventions_are_moonlight() -> None:
     W0 = torch.randn(12, 20)
     model = nn.Module()
     model.w = nn.Parameter(W0.clone())
-    opt = MuonClip(model, lr=0.01, weight_decay=0.1, momentum=0.9, qk_clip_tau=None, ns_dtype="float32")
+    opt = MuonClip(model, lr=0.01, weight_decay=0.1, momentum=0.9, qk_clip_tau=0, ns_dtype="float32")
     W, M = W0.clone(), torch.zeros_like(W0)
     for step in range(2):
         G = torch.randn(12, 20, generator=torch.Generator().manual_seed(step))
@@ -120,7 +120,7 @@ def test_expert_stack_equals_separate_matrices(batch_same_shape: bool) -> None:
     separate = nn.Module()
     separate.experts = nn.ParameterList([nn.Parameter(stacked.experts[e].detach().clone()) for e in range(4)])
     separate.other = nn.Parameter(stacked.other.detach().clone())
-    kwargs = {"lr": 0.02, "qk_clip_tau": None, "batch_same_shape": batch_same_shape}
+    kwargs = {"lr": 0.02, "qk_clip_tau": 0, "batch_same_shape": batch_same_shape}
     opt_stacked, opt_separate = MuonClip(stacked, **kwargs), MuonClip(separate, **kwargs)
     assert [a.optimizer for a in opt_stacked.split.assignments] == ["muon", "muon"]
     for step in range(3):
@@ -141,7 +141,7 @@ def test_adamw_part_equals_torch_adamw() -> None:
     ours = Mixed()
     theirs = copy.deepcopy(ours)
     opt = MuonClip(ours, lr=0.02, adamw_lr=3e-3, adamw_betas=(0.9, 0.95), adamw_eps=1e-8,
-                   weight_decay=0.1, qk_clip_tau=None)
+                   weight_decay=0.1, qk_clip_tau=0)
     adamw_names = {a.name for a in opt.split.assignments if a.optimizer == "adamw"}
     assert adamw_names == {"embed_tokens.weight", "norm.weight", "norm.bias", "proj.bias", "lm_head.weight"}
     reference = torch.optim.AdamW([p for n, p in theirs.named_parameters() if n in adamw_names],
@@ -165,7 +165,7 @@ def test_update_rms_matches_adamw_scale(shape: tuple[int, ...]) -> None:
     model.w = nn.Parameter(torch.zeros(shape))
     model.w.grad = torch.randn(shape)  # full rank with probability 1
     lr = 1e-2
-    MuonClip(model, lr=lr, weight_decay=0.0, qk_clip_tau=None).step()
+    MuonClip(model, lr=lr, weight_decay=0.0, qk_clip_tau=0).step()
     rms = model.w.detach().pow(2).mean().sqrt().item()
     assert 0.15 * lr <= rms <= 0.21 * lr
 
@@ -173,7 +173,7 @@ def test_update_rms_matches_adamw_scale(shape: tuple[int, ...]) -> None:
 def test_state_dict_round_trip_is_exact() -> None:
     torch.manual_seed(0)
     model = Mixed()
-    kwargs = {"lr": 0.02, "qk_clip_tau": None, "ns_coefficients": "polar_express"}
+    kwargs = {"lr": 0.02, "qk_clip_tau": 0, "ns_coefficients": "polar_express"}
     opt = MuonClip(model, **kwargs)
     for step in range(2):
         _set_grads(model, step)
@@ -198,7 +198,7 @@ def test_nonfinite_gradient_skips_the_whole_step(caplog: pytest.LogCaptureFixtur
     torch.manual_seed(0)
     model = Mixed()
     before = copy.deepcopy(model.state_dict())
-    opt = MuonClip(model, lr=0.02, qk_clip_tau=None)
+    opt = MuonClip(model, lr=0.02, qk_clip_tau=0)
     _set_grads(model, 0)
     model.proj.weight.grad[3, 4] = float("nan")
     model.norm.bias.grad[0] = float("inf")
@@ -245,13 +245,13 @@ def test_split_rules_wrappers_and_overrides() -> None:
 
 
 def test_qk_clip_needs_attention_or_opt_out() -> None:
-    with pytest.raises(ConfigError, match="qk_clip_tau=None"):
+    with pytest.raises(ConfigError, match="qk_clip_tau=0"):
         MuonClip(Mixed())
 
 
 def test_huge_but_finite_gradient_is_not_skipped() -> None:
     model = Mixed()
-    opt = MuonClip(model, lr=0.02, qk_clip_tau=None)
+    opt = MuonClip(model, lr=0.02, qk_clip_tau=0)
     _set_grads(model, 0)
     model.norm.bias.grad.fill_(3e38)  # its L2 norm overflows fp32; the values do not
     opt.step()

@@ -84,7 +84,7 @@ def test_clips_two_of_four_mla_heads_exactly(q_lora_rank: int | None) -> None:
 
 def test_router_bias_update_uses_the_step_loads() -> None:
     model = small_model().train()
-    opt = MuonClip(model, lr=1e-3, qk_clip_tau=None, router_bias_rate=0.01)
+    opt = MuonClip(model, lr=1e-3, qk_clip_tau=0, router_bias_rate=0.01)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     model(ids, labels=ids).loss.backward()
     (moe,) = model.moe_layers()

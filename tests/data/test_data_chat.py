@@ -1,4 +1,4 @@
-"""K2's chat template (SPEC §9), rendered by k2 and by transformers."""
+"""K2's chat template (docs/chat-format.md), rendered by k2 and by transformers."""
 
 from __future__ import annotations
 

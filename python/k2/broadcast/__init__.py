@@ -1,4 +1,4 @@
-"""Weight broadcast: the "checkpoint engine" that feeds new weights to rollout workers (SPEC §7).
+"""Weight broadcast: the "checkpoint engine" that feeds new weights to rollout workers (docs/broadcast.md).
 
 After each training step the trainer publishes weight version ``v``; every rollout worker
 receives it into its own model and applies it atomically. Tensors travel in fixed-size buckets

@@ -1,4 +1,4 @@
-"""Crash-safe, checksummed, sharded checkpoints (SPEC §6).
+"""Crash-safe, checksummed, sharded checkpoints (docs/checkpoints.md).
 
 Save and resume a training run::
 

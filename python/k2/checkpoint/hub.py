@@ -32,7 +32,7 @@ from k2.checkpoint.store import TOKENIZER_FILES
 from k2.checkpoint.tensors import DTYPE_NAMES, TORCH_DTYPES, entry
 from k2.errors import CheckpointError, ConfigError
 
-FP8_BLOCK = 128  # rows and columns per scale in the official FP8 releases (k2.model.hub.FP8_BLOCK)
+FP8_BLOCK = 128  # rows and columns per scale in the official FP8 releases (k2.model.hub_names.FP8_BLOCK)
 HUB_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -240,7 +240,7 @@ def plan_import(
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize a block-quantized FP8 weight into ``dtype``, 128 rows at a time.
 
-    The formula has one home, :func:`k2.model.hub.dequantize_fp8`
+    The formula has one home, :func:`k2.model.hub_names.dequantize_fp8`
     (``w[i, j] * scale_inv[i // 128, j // 128]`` in fp32); this applies it one block of rows at a
     time so that only that block is ever held in fp32.
 
@@ -252,7 +252,7 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: 
     Returns:
         [m, n] tensor of ``dtype``.
     """
-    from k2.model.hub import dequantize_fp8
+    from k2.model.hub_names import dequantize_fp8
 
     rows, cols = weight.shape
     expected = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))

@@ -57,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preset",
         default="tiny",
-        choices=("tiny", "small", "kimi-k2"),
-        help="tiny: ~10M, trains on a laptop CPU; small: ~150M, one GPU; kimi-k2: the full "
+        metavar="PRESET",
+        help="a preset of k2.model.config.PRESETS: tiny: ~10M, trains on a laptop CPU; small: ~150M, one GPU; kimi-k2: the full "
         "1.03T-parameter K2 (default: tiny)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")

@@ -1,4 +1,4 @@
-"""k2's data pipeline: corpus, tokenizer, token shards and the loader (SPEC §5).
+"""k2's data pipeline: corpus, tokenizer, token shards and the loader (docs/token-shards.md).
 
 * :mod:`k2.data.corpus`    — the default corpus (the Python standard library) or the user's
   files; chunking and the train/validation split;

@@ -1,4 +1,4 @@
-"""K2's chat and tool-call format, as a Jinja chat template (SPEC §9).
+"""K2's chat and tool-call format, as a Jinja chat template (docs/chat-format.md).
 
 A message is ``<|im_ROLE|>NAME<|im_middle|>CONTENT<|im_end|>``, with ROLE ``system``, ``user``
 or ``assistant`` and NAME the message's ``name`` if it has one, else its role. Tool

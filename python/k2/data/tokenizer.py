@@ -2,7 +2,7 @@
 
 The first ids are reserved, in this order, for the special tokens: the end-of-document token
 (appended after every document in the token shards), the padding token, the chat-role tokens and
-the tool-call tokens of SPEC §9. Byte-level BPE means any UTF-8 text round-trips exactly. The
+the tool-call tokens of docs/chat-format.md. Byte-level BPE means any UTF-8 text round-trips exactly. The
 tokenizer is saved as ``tokenizer.json`` beside a ``tokenizer_config.json`` that carries the
 chat template, so ``transformers.AutoTokenizer.from_pretrained(DIR)`` loads it as is.
 """

@@ -7,9 +7,10 @@ For a matrix M (m x n) the iteration approximates the orthogonal factor U Vᵀ o
     repeat with per-step (a, b, c):
         A = X Xᵀ;  B = b A + c A A;  X = a X + B X
 
-bf16 operands, fp32 accumulation, only half of each symmetric product computed. The PyTorch
-reference, the CPU path and the dispatch live in :mod:`k2.optim.newton_schulz`
-(``orthogonalize`` sends bf16 CUDA batches here).
+bf16 operands, fp32 accumulation, only half of each symmetric product computed.
+:func:`newton_schulz_reference` beside it is the same iteration in PyTorch: the CPU path and the
+kernel's test oracle. The dispatch between them, and the coefficient schedules, are Muon's:
+:func:`k2.optim.newton_schulz.orthogonalize` sends bf16 CUDA batches to the kernel.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
-Coefficients = Sequence[tuple[float, float, float]]
+Step = tuple[float, float, float]
+"""One Newton–Schulz step's (a, b, c)."""
 
 
-def newton_schulz_cuda(G: torch.Tensor, coefficients: Coefficients, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz_cuda(G: torch.Tensor, coefficients: Sequence[Step], eps: float = 1e-7) -> torch.Tensor:
     """Run the iteration on a CUDA tensor ``G`` [m, n] or [B, m, n] with one (a, b, c) per step
     (normalizing by the plain Frobenius norm). Returns bf16 in G's shape."""
     from k2.kernels.launch import kernel, launch, ptr
@@ -57,3 +60,37 @@ def newton_schulz_cuda(G: torch.Tensor, coefficients: Coefficients, eps: float =
                 f32(a)), dev)
         X, X_next = X_next, X
     return X.squeeze(0) if squeeze else X
+
+
+def newton_schulz_reference(G_BMN: Tensor, coefficients: Sequence[Step], input_scale: float = 1.0,
+                            eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The iteration in plain PyTorch on one batch [B, m, n]; returns [B, m, n] in ``dtype``.
+
+    Each matrix is divided by ``input_scale * ‖G‖_F + eps``, then one step runs per (a, b, c) of
+    ``coefficients``. This is the CPU path of :func:`k2.optim.newton_schulz.orthogonalize` and
+    the oracle :func:`newton_schulz_cuda` is tested against (in fp64 as the exact reference, in
+    bf16 as "what torch gets").
+    """
+    # The Gram matrix A is taken on the shorter side, r = min(m, n): A = X Xᵀ for wide matrices
+    # and A = Xᵀ X for tall ones, where the step reads X ← X (a·I + B). Both are the iteration
+    # on the wide orientation, without transposing anything.
+    tall = G_BMN.shape[-2] > G_BMN.shape[-1]
+    norm_B11 = torch.linalg.vector_norm(G_BMN.float(), dim=(-2, -1), keepdim=True)
+    X = (G_BMN.float() / (norm_B11 * input_scale + eps)).to(dtype).contiguous()
+    r = min(X.shape[-2:])
+    # Workspaces written with out=: fresh big tensors every step would cost page faults on CPUs.
+    A_BRR, B_BRR, X_next = X.new_empty(X.shape[0], r, r), X.new_empty(X.shape[0], r, r), torch.empty_like(X)
+    # (a·I + B)·X saves a copy of X every step, but in bf16 a·I + B would round away B's diagonal.
+    fold_a = X.dtype == torch.float32
+    for a, b, c in coefficients:
+        left, right = (X.mT, X) if tall else (X, X.mT)
+        torch.bmm(left, right, out=A_BRR)  # A = X Xᵀ (or Xᵀ X)
+        torch.baddbmm(A_BRR, A_BRR, A_BRR, beta=b, alpha=c, out=B_BRR)  # B = b·A + c·A·A
+        left, right = (X, B_BRR) if tall else (B_BRR, X)
+        if fold_a:  # X ← (a·I + B)·X (or X·(a·I + B))
+            B_BRR.diagonal(dim1=-2, dim2=-1).add_(a)
+            torch.bmm(left, right, out=X_next)
+        else:  # X ← a·X + B·X (or X·B)
+            torch.baddbmm(X, left, right, beta=a, out=X_next)
+        X, X_next = X_next, X
+    return X

@@ -1,9 +1,9 @@
-"""The K2 model: Multi-head Latent Attention + ultra-sparse Mixture-of-Experts (SPEC.md §3).
+"""The K2 model: Multi-head Latent Attention + ultra-sparse Mixture-of-Experts (docs/model.md).
 
 Read in this order: :mod:`~k2.model.config` (hyperparameters, presets, ``config.json``),
 :mod:`~k2.model.rope` (interleaved RoPE, YaRN), :mod:`~k2.model.mla` (attention, naive and
 absorbed), :mod:`~k2.model.moe` (router, experts, dispatch, balancing), :mod:`~k2.model.model`
-(the decoder and the causal LM), :mod:`~k2.model.hub` (Hub tensor names),
+(the decoder and the causal LM), :mod:`~k2.model.hub_names` (Hub tensor names),
 :mod:`~k2.model.generate` (KV-cache decoding).
 
 Example::

@@ -73,7 +73,7 @@ _DERIVED_HF_KEYS = ("num_key_value_heads", "head_dim", "qk_head_dim")
 class K2Config:
     """Hyperparameters of a K2 (DeepSeek-V3-family) decoder.
 
-    Defaults are the full Kimi-K2 configuration (see SPEC.md §3). ``rope_scaling`` holds YaRN's
+    Defaults are the full Kimi-K2 configuration (see docs/model.md). ``rope_scaling`` holds YaRN's
     parameters in the published form (``{"type": "yarn", "factor": 32.0, ...}``) or is ``None``
     for plain RoPE. ``seq_aux_loss_alpha`` weights DeepSeek-V3's sequence-wise balance loss
     (0 disables it; it is a k2 training choice, not part of the Hub format).

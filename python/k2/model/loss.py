@@ -10,7 +10,7 @@ is markedly faster.
 * :class:`LinearCrossEntropy` takes the hidden states and the head's weight, returns the logits
   *and* the loss, and computes the hidden states' and weight's gradients itself, so the buffer
   never leaves it. This is what ``K2ForCausalLM`` uses when it is given labels. On a CPU its
-  logits and softmax buffers are reused across steps (:mod:`k2.model.scratch`).
+  logits and softmax buffers are reused across steps (:mod:`k2.model.speedups`).
 
 A second backward through either is refused, since the buffer is spent by the first.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from k2.errors import DataError
-from k2.model.scratch import reusable_empty
+from k2.model.speedups import reusable_empty
 
 IGNORE_INDEX = -100
 

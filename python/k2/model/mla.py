@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (MLA), as in DeepSeek-V2/V3 and Kimi K2.
 
-For hidden states x, per layer (SPEC.md §3):
+For hidden states x, per layer (docs/model.md):
 
 * queries  ``q = q_b(norm_q(q_a(x)))`` (or ``q_proj(x)`` when ``q_lora_rank`` is None), split per
   head into ``q_nope`` (qk_nope) and ``q_pe`` (qk_rope);
@@ -33,7 +33,7 @@ from torch import nn
 
 from k2.model.config import K2Config
 from k2.model.rope import apply_rope
-from k2.model.scratch import reusable_empty
+from k2.model.speedups import causal_bias, reusable_empty
 
 # transformers' DeepseekV3 (and DeepSeek's own code) build the two low-rank norms with this eps,
 # not with config.rms_norm_eps.
@@ -284,7 +284,7 @@ class MLA(nn.Module):
         """Fold ``scale * max`` of ``scores`` [B, H, T, S] over the counted pairs into
         ``max_logits`` (``scores`` is overwritten)."""
         if mask.is_causal:  # adding a cached -inf triangle is cheaper than a broadcast bool fill
-            scores.add_(_causal_bias(scores.shape[-2], scores.shape[-1], scores.dtype, scores.device))
+            scores.add_(causal_bias(scores.shape[-2], scores.shape[-1], scores.dtype, scores.device))
         else:
             scores.masked_fill_(mask.uncounted, float("-inf"))
         per_head = scores.amax(dim=(0, 2, 3)) * scale  # [H]; scale > 0 commutes with max
@@ -292,20 +292,6 @@ class MLA(nn.Module):
             self.max_logits = per_head
         else:
             self.max_logits = torch.maximum(self.max_logits, per_head)
-
-
-_CAUSAL_BIASES: dict[tuple, torch.Tensor] = {}
-
-
-def _causal_bias(queries: int, keys: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[T, S]: 0 where query t may see key s (s <= t), -inf elsewhere; cached."""
-    key = (queries, keys, dtype, device)
-    bias = _CAUSAL_BIASES.get(key)
-    if bias is None:
-        future = torch.ones(queries, keys, dtype=torch.bool, device=device).triu_(1)
-        bias = torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
-        _CAUSAL_BIASES[key] = bias
-    return bias
 
 
 class LatentCache:

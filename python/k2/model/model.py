@@ -3,7 +3,7 @@
 ``K2ForCausalLM`` follows transformers' calling conventions (``forward(input_ids,
 attention_mask=None, position_ids=None, labels=None)`` returns an object with ``.logits`` and
 ``.loss``; labels are aligned with the inputs and shifted inside) and its parameter names are the
-Hub checkpoint's, except that routed experts are stacked ``[E, out, in]`` (see :mod:`k2.model.hub`
+Hub checkpoint's, except that routed experts are stacked ``[E, out, in]`` (see :mod:`k2.model.hub_names`
 for the per-expert Hub names).
 
 Packed sequences: positions that restart (a position not larger than its predecessor) start a
@@ -278,15 +278,15 @@ class K2ForCausalLM(nn.Module):
     # ------------------------------------------------------------------ Hub layout
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict in the Hub's names, with per-expert tensors (views, no copies)."""
-        from k2.model.hub import to_hf_state_dict
+        from k2.model.hub_names import to_hf_state_dict
 
         return to_hf_state_dict(self)
 
     def load_hf_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], strict: bool = True
     ) -> tuple[list[str], list[str]]:
-        """Load a Hub-layout state dict in place; see :func:`k2.model.hub.load_hf_state_dict`."""
-        from k2.model.hub import load_hf_state_dict
+        """Load a Hub-layout state dict in place; see :func:`k2.model.hub_names.load_hf_state_dict`."""
+        from k2.model.hub_names import load_hf_state_dict
 
         return load_hf_state_dict(self, state_dict, strict=strict)
 

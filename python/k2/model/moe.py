@@ -1,6 +1,6 @@
 """K2's ultra-sparse Mixture-of-Experts: sigmoid router, stacked SwiGLU experts, shared expert.
 
-Per token (SPEC.md §3): scores ``s = sigmoid(x W_gate^T)``; a per-expert bias ``b`` (a buffer,
+Per token (docs/model.md): scores ``s = sigmoid(x W_gate^T)``; a per-expert bias ``b`` (a buffer,
 not a trained parameter) is added only to *choose* the top-k experts (group-limited when
 ``n_group > 1``); the chosen experts' unbiased scores are normalized to sum to 1 and multiplied by
 ``routed_scaling_factor``; the output is the weighted sum of the chosen experts' SwiGLU outputs

@@ -1,4 +1,4 @@
-"""MuonClip, the optimizer of Kimi K2 (SPEC §4).
+"""MuonClip, the optimizer of Kimi K2 (docs/optim.md).
 
 - :class:`MuonClip`: Muon (Newton–Schulz-orthogonalized momentum, AdamW-matched update RMS) for
   hidden matrices and stacked experts, QK-Clip on attention heads, AdamW for the rest.

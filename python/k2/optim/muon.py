@@ -1,4 +1,4 @@
-"""Muon's update for hidden matrices and expert stacks (SPEC §4), as plain functions.
+"""Muon's update for hidden matrices and expert stacks (docs/optim.md), as plain functions.
 
 For a matrix parameter W (m×n) with gradient G, one step is
 

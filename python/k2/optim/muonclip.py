@@ -1,4 +1,4 @@
-"""MuonClip: Muon + QK-Clip for the matrices, AdamW for the rest, in one optimizer (SPEC §4).
+"""MuonClip: Muon + QK-Clip for the matrices, AdamW for the rest, in one optimizer (docs/optim.md).
 
 One ``step()`` does, in order:
 
@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,10 +37,12 @@ from torch import Tensor, nn
 
 from k2.errors import ConfigError
 from k2.optim.adamw import adamw_step
+from k2.optim.contract import find_moe_layers, pop_expert_loads, update_router_biases
 from k2.optim.muon import MOONLIGHT, TORCH_MUON, MuonConventions, muon_step
 from k2.optim.newton_schulz import Coefficients, NewtonSchulzSchedule
 from k2.optim.qk_clip import LayerClip, find_clip_targets, qk_clip
-from k2.optim.split import ParamSplit, canonical_name, split_parameters
+from k2.optim.split import ParamSplit, split_parameters
+from k2.parallel.agree import any_rank, max_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ class MuonClip(torch.optim.Optimizer):
         weight_decay: decoupled weight decay for Muon, with the unadjusted lr (K2: 0.1).
         momentum: μ.
         nesterov: Nesterov momentum.
-        qk_clip_tau: τ (K2: 100); None turns QK-Clip off.
+        qk_clip_tau: τ (K2: 100); 0 turns QK-Clip off (the one spelling, as in ``k2 train``).
         ns_coefficients: ``"quintic"``, ``"polar_express"``, one (a, b, c) or one per step.
         ns_steps: Newton–Schulz steps (for the named schedules and a single tuple).
         ns_eps: eps of the Newton–Schulz normalization.
@@ -120,7 +123,7 @@ class MuonClip(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.1,
-                 momentum: float = 0.95, nesterov: bool = True, qk_clip_tau: float | None = 100.0,
+                 momentum: float = 0.95, nesterov: bool = True, qk_clip_tau: float = 100.0,
                  ns_coefficients: str | Coefficients | Sequence[Coefficients] = "quintic",
                  ns_steps: int = 5, ns_eps: float = 1e-7, ns_dtype: str = "auto",
                  conventions: str | MuonConventions = "moonlight", batch_same_shape: bool = True,
@@ -133,8 +136,9 @@ class MuonClip(torch.optim.Optimizer):
             raise ConfigError(f"learning rates must be >= 0, got lr={lr}, adamw_lr={adamw_lr}")
         if not 0.0 <= momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
-        if qk_clip_tau is not None and qk_clip_tau <= 0:
-            raise ConfigError(f"qk_clip_tau must be > 0 (or None to disable QK-Clip), got {qk_clip_tau}")
+        if qk_clip_tau is None or not math.isfinite(qk_clip_tau) or qk_clip_tau < 0:
+            raise ConfigError(f"qk_clip_tau must be a finite number > 0, or 0 to turn QK-Clip off; "
+                              f"got {qk_clip_tau}")
         if ns_dtype not in _NS_DTYPES:
             raise ConfigError(f"ns_dtype must be one of {sorted(_NS_DTYPES)}, got {ns_dtype!r}")
         if isinstance(conventions, str):
@@ -170,12 +174,12 @@ class MuonClip(torch.optim.Optimizer):
         self.qk_clip_tau = qk_clip_tau
         self.router_bias_rate = router_bias_rate
         self.process_group = process_group
-        self.clip_targets = find_clip_targets(model) if qk_clip_tau is not None else []
-        if qk_clip_tau is not None and not self.clip_targets:
+        self.clip_targets = find_clip_targets(model) if qk_clip_tau > 0 else []
+        if qk_clip_tau > 0 and not self.clip_targets:
             raise ConfigError(f"QK-Clip: {type(model).__name__} has no attention module QK-Clip knows "
                               "(k2's MLA, or one registered with k2.optim.register_qk_clip); "
-                              "register yours or pass qk_clip_tau=None")
-        self.moe_layers = _find_moe_layers(model) if router_bias_rate is not None else []
+                              "register yours or pass qk_clip_tau=0")
+        self.moe_layers = find_moe_layers(model) if router_bias_rate is not None else []
         self.steps = 0
         self.skipped_steps = 0
         self.last_report: StepReport | None = None
@@ -200,11 +204,11 @@ class MuonClip(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         S_max = [target.pop_max_logits() for target in self.clip_targets]
-        loads = [moe.pop_expert_load() for _, moe in self.moe_layers]
+        loads = pop_expert_loads(self.moe_layers)
         self.steps += 1
 
         nonfinite = self._nonfinite(S_max)
-        if self._any_rank(bool(nonfinite)):
+        if any_rank(bool(nonfinite), self.process_group):
             self.skipped_steps += 1
             self.last_report = StepReport(self.steps, True, tuple(nonfinite), self.skipped_steps, ())
             log.warning("%s", self.last_report)
@@ -215,8 +219,10 @@ class MuonClip(torch.optim.Optimizer):
                 self._muon_group(group)
             else:
                 self._adamw_group(group)
-        layers = qk_clip(self.clip_targets, self._agree_max(S_max), self.qk_clip_tau) if S_max else []
-        expert_loads = self._update_router_biases(loads) if self.moe_layers else []
+        layers = qk_clip(self.clip_targets, max_over_ranks(S_max, self.process_group),
+                         self.qk_clip_tau) if S_max else []
+        expert_loads = update_router_biases(self.moe_layers, loads, self.router_bias_rate,
+                                            self.process_group)
         self.last_report = StepReport(self.steps, False, (), self.skipped_steps, tuple(layers),
                                       tuple(expert_loads))
         return loss
@@ -252,7 +258,7 @@ class MuonClip(torch.optim.Optimizer):
                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
-    # ---------------------------------------------------------------- agreement across ranks
+    # ---------------------------------------------------------------- finiteness
 
     def _nonfinite(self, S_max: list[Tensor]) -> list[str]:
         """Names of the local gradients and max logits holding a NaN or Inf."""
@@ -268,50 +274,6 @@ class MuonClip(torch.optim.Optimizer):
         if not bool(suspect.any()):
             return []
         return [name for (name, t), s in zip(named, suspect.tolist()) if s and not bool(torch.isfinite(t).all())]
-
-    def _group(self) -> dist.ProcessGroup | None:
-        """The process group to agree over, or None when running alone."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        return self.process_group or dist.group.WORLD
-
-    def _collective_device(self) -> torch.device:
-        group = self._group()
-        if group is not None and dist.get_backend(group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def _any_rank(self, flag: bool) -> bool:
-        group = self._group()
-        if group is None:
-            return flag
-        t = torch.tensor([float(flag)], device=self._collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return bool(t.item())
-
-    def _agree_max(self, S_max: list[Tensor]) -> list[Tensor]:
-        """The max logits, MAX-reduced across ranks, on the CPU, one tensor per layer."""
-        flat = torch.cat([s.to(self._collective_device()) for s in S_max])
-        group = self._group()
-        if group is not None:
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
-        return list(flat.cpu().split([s.numel() for s in S_max]))
-
-    def _update_router_biases(self, loads: list[Tensor | None]) -> list[Tensor]:
-        """Sum each MoE layer's expert loads over ranks, update its router bias, and return the
-        summed loads (on the CPU)."""
-        sizes = [moe.gate.e_score_correction_bias.numel() for _, moe in self.moe_layers]
-        device = self._collective_device()
-        flat = torch.cat([torch.zeros(n, device=device) if load is None else load.float().to(device)
-                          for n, load in zip(sizes, loads)])
-        group = self._group()
-        if group is not None:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        summed = flat.cpu().split(sizes)  # one sync for all layers
-        for (_, moe), load in zip(self.moe_layers, summed):
-            if load.sum() > 0:  # a layer that saw no tokens anywhere keeps its bias
-                moe.update_router_bias(load.to(moe.gate.e_score_correction_bias.device), self.router_bias_rate)
-        return list(summed)
 
     # ---------------------------------------------------------------- state
 
@@ -329,14 +291,3 @@ class MuonClip(torch.optim.Optimizer):
         self.steps = counters["steps"]
         self.skipped_steps = counters["skipped_steps"]
 
-
-def _find_moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """MoE modules with the contract's load statistics and router-bias update, in module order."""
-    found, seen = [], set()
-    for raw_name, module in model.named_modules():
-        module = getattr(module, "_orig_mod", module)
-        if id(module) not in seen and callable(getattr(module, "pop_expert_load", None)) \
-                and callable(getattr(module, "update_router_bias", None)):
-            seen.add(id(module))
-            found.append((canonical_name(raw_name), module))
-    return found

@@ -1,4 +1,4 @@
-"""Newton–Schulz orthogonalization: the matrix step at the heart of Muon (SPEC §4).
+"""Newton–Schulz orthogonalization: the matrix step at the heart of Muon (docs/optim.md).
 
 Given a batch of matrices G [B, m, n], the iteration drives every singular value of
 X = G / (s·‖G‖_F + eps) towards 1 while keeping the singular vectors, so the result is close to
@@ -35,8 +35,10 @@ import torch
 from torch import Tensor
 
 from k2.errors import ConfigError
+from k2.kernels.newton_schulz import Step, newton_schulz_reference
 
-Coefficients = tuple[float, float, float]
+Coefficients = Step
+"""One step's (a, b, c) (defined beside the kernel that consumes it)."""
 
 QUINTIC: Coefficients = (3.4445, -4.7750, 2.0315)
 
@@ -163,38 +165,6 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
     if G_BMN.device.type == "cpu":  # in cache-sized pieces
         per_piece = max(1, CPU_PIECE_NUMEL // (G_BMN.shape[-2] * G_BMN.shape[-1]))
         if G_BMN.shape[0] > per_piece:
-            return torch.cat([orthogonalize_reference(part, schedule, eps, dtype)
-                              for part in G_BMN.split(per_piece)])
-    return orthogonalize_reference(G_BMN, schedule, eps, dtype)
-
-
-def orthogonalize_reference(G_BMN: Tensor, schedule: NewtonSchulzSchedule, eps: float = 1e-7,
-                            dtype: torch.dtype = torch.float32) -> Tensor:
-    """The iteration in plain PyTorch on one batch [B, m, n]; returns [B, m, n] in ``dtype``.
-
-    This is the CPU path of :func:`orthogonalize` and the oracle the CUDA kernel is tested
-    against (in fp64 as the exact reference, in bf16 as "what torch gets").
-    """
-    # The Gram matrix A is taken on the shorter side, r = min(m, n): A = X Xᵀ for wide matrices
-    # and A = Xᵀ X for tall ones, where the step reads X ← X (a·I + B). Both are the iteration
-    # on the wide orientation, without transposing anything.
-    tall = G_BMN.shape[-2] > G_BMN.shape[-1]
-    norm_B11 = torch.linalg.vector_norm(G_BMN.float(), dim=(-2, -1), keepdim=True)
-    X = (G_BMN.float() / (norm_B11 * schedule.input_scale + eps)).to(dtype).contiguous()
-    r = min(X.shape[-2:])
-    # Workspaces written with out=: fresh big tensors every step would cost page faults on CPUs.
-    A_BRR, B_BRR, X_next = X.new_empty(X.shape[0], r, r), X.new_empty(X.shape[0], r, r), torch.empty_like(X)
-    # (a·I + B)·X saves a copy of X every step, but in bf16 a·I + B would round away B's diagonal.
-    fold_a = X.dtype == torch.float32
-    for a, b, c in schedule.coefficients:
-        left, right = (X.mT, X) if tall else (X, X.mT)
-        torch.bmm(left, right, out=A_BRR)  # A = X Xᵀ (or Xᵀ X)
-        torch.baddbmm(A_BRR, A_BRR, A_BRR, beta=b, alpha=c, out=B_BRR)  # B = b·A + c·A·A
-        left, right = (X, B_BRR) if tall else (B_BRR, X)
-        if fold_a:  # X ← (a·I + B)·X (or X·(a·I + B))
-            B_BRR.diagonal(dim1=-2, dim2=-1).add_(a)
-            torch.bmm(left, right, out=X_next)
-        else:  # X ← a·X + B·X (or X·B)
-            torch.baddbmm(X, left, right, beta=a, out=X_next)
-        X, X_next = X_next, X
-    return X
+            return torch.cat([newton_schulz_reference(part, schedule.coefficients, schedule.input_scale,
+                                                      eps, dtype) for part in G_BMN.split(per_piece)])
+    return newton_schulz_reference(G_BMN, schedule.coefficients, schedule.input_scale, eps, dtype)

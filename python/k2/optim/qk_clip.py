@@ -1,4 +1,4 @@
-"""QK-Clip: keep attention logits at or below τ by rescaling query/key weights (K2, SPEC §4).
+"""QK-Clip: keep attention logits at or below τ by rescaling query/key weights (K2, docs/optim.md).
 
 After each optimizer step, for every attention layer and head h with recorded max logit
 ``S_max[h] > τ``, let ``γ = τ / S_max[h]`` and shrink that head's weights so its logits shrink by
@@ -134,7 +134,7 @@ class ClipTarget:
                    "in training mode" if flag is not None else
                    "make its forward record them (pop_max_logits() must return [num_heads])")
             raise ConfigError(f"QK-Clip: attention module {self.name} recorded no max logits this step; "
-                              f"{how}, or disable QK-Clip with MuonClip(..., qk_clip_tau=None)")
+                              f"{how}, or disable QK-Clip with MuonClip(..., qk_clip_tau=0)")
         if S_max_H.shape != (self.num_heads,):
             raise ConfigError(f"QK-Clip: {self.name}.pop_max_logits() returned shape {tuple(S_max_H.shape)}, "
                               f"expected [{self.num_heads}]")

@@ -1,4 +1,4 @@
-"""Which parameters Muon updates and which AdamW updates (SPEC §4).
+"""Which parameters Muon updates and which AdamW updates (docs/optim.md).
 
 Muon is for hidden matrices: 2-D weights [m, n], and stacked routed experts [E, m, n], which
 Muon treats as E matrices. AdamW takes everything else: embeddings and the output head (their rows

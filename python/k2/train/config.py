@@ -16,7 +16,6 @@ from typing import Any
 
 from k2.errors import ConfigError
 
-PRESETS = ("tiny", "small", "kimi-k2")
 OPTIMIZERS = ("muonclip", "adamw")
 
 
@@ -97,6 +96,8 @@ class TrainConfig:
     # ------------------------------------------------------------------ checking
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
+        from k2.model.config import PRESETS  # the one list of presets (imports torch: kept lazy)
+
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.optimizer not in OPTIMIZERS:

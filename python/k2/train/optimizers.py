@@ -12,8 +12,9 @@ Either way ``optimizer.last_report`` is a :class:`k2.optim.StepReport`. The max 
 are logged for every run: MuonClip reports them when it clips; otherwise (AdamW, or MuonClip with
 ``qk_clip_tau = 0``) a :class:`MaxLogitWatch` pops them after each step.
 
-Under ``torchrun`` the expert loads are summed and the max logits maxed over the ranks, as
-MuonClip does, so every rank updates the same router biases and logs the same values.
+Both drive the router-bias update through :mod:`k2.optim.contract`, so under ``torchrun`` the
+expert loads are summed and the max logits maxed over the ranks (:mod:`k2.parallel.agree`) the
+same way, and every rank updates the same router biases and logs the same values.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from k2.optim import LayerClip, MuonClip, StepReport
+from k2.optim.contract import find_moe_layers, pop_expert_loads, update_router_biases
 from k2.optim.qk_clip import find_clip_targets
+from k2.parallel.agree import max_over_ranks
 from k2.train.config import TrainConfig
 
 ADAMW_BETAS = (0.9, 0.95)
@@ -47,7 +49,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     if config.optimizer == "adamw":
         return AdamWWithRouterBias(model, lr=config.adamw_lr, weight_decay=config.weight_decay)
     return MuonClip(model, lr=config.lr, adamw_lr=config.adamw_lr, weight_decay=config.weight_decay,
-                    qk_clip_tau=config.qk_clip_tau or None, adamw_betas=ADAMW_BETAS,
+                    qk_clip_tau=config.qk_clip_tau, adamw_betas=ADAMW_BETAS,
                     adamw_eps=ADAMW_EPS, router_bias_rate=ROUTER_BIAS_RATE)
 
 
@@ -70,8 +72,7 @@ class AdamWWithRouterBias(torch.optim.AdamW):
         super().__init__([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
                          eps=eps, weight_decay=weight_decay)
         self.router_bias_rate = router_bias_rate
-        self.moe_layers = [m for m in model.modules() if callable(getattr(m, "pop_expert_load", None))
-                           and callable(getattr(m, "update_router_bias", None))]
+        self.moe_layers = find_moe_layers(model)
         self.last_report: StepReport | None = None
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -84,26 +85,12 @@ class AdamWWithRouterBias(torch.optim.AdamW):
             The closure's loss, if given.
         """
         loss = super().step(closure)
-        loads = self._summed_loads()
-        for moe, load in zip(self.moe_layers, loads):
-            if load.sum() > 0:  # a layer that saw no tokens keeps its bias
-                moe.update_router_bias(load, self.router_bias_rate)
+        loads = update_router_biases(self.moe_layers, pop_expert_loads(self.moe_layers),
+                                     self.router_bias_rate)
         first = self.param_groups[0]["params"][0]
         step = int(self.state[first]["step"]) if "step" in self.state[first] else 0
-        self.last_report = StepReport(step, False, (), 0, (), tuple(load.cpu() for load in loads))
+        self.last_report = StepReport(step, False, (), 0, (), tuple(loads))
         return loss
-
-    def _summed_loads(self) -> list[Tensor]:
-        """Each MoE layer's expert loads since the last step, fp32 [E], summed over ranks."""
-        if not self.moe_layers:
-            return []
-        sizes = [moe.gate.e_score_correction_bias.numel() for moe in self.moe_layers]
-        device = self.moe_layers[0].gate.e_score_correction_bias.device
-        flat = torch.cat([torch.zeros(n, device=device) if load is None else load.float().to(device)
-                          for n, load in zip(sizes, (m.pop_expert_load() for m in self.moe_layers))])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat)
-        return list(flat.split(sizes))
 
 
 class MaxLogitWatch:
@@ -129,10 +116,7 @@ class MaxLogitWatch:
         if not self.targets:
             return []
         S_max = [target.pop_max_logits() for target in self.targets]  # fp32 [H] each
-        layer_max = torch.stack([s.max() for s in S_max])
-        if dist.is_available() and dist.is_initialized():
-            layer_max = layer_max.to(S_max[0].device)
-            dist.all_reduce(layer_max, op=dist.ReduceOp.MAX)
+        (layer_max,) = max_over_ranks([torch.stack([s.max() for s in S_max])])
         return [LayerClip(target.name, value, 0, target.num_heads)
                 for target, value in zip(self.targets, layer_max.tolist())]
 

@@ -1,5 +1,5 @@
 //! Weight broadcast on one host: the trainer publishes each new weight version to the rollout
-//! workers through shared memory (k2's "checkpoint engine", SPEC §7).
+//! workers through shared memory (k2's "checkpoint engine", docs/broadcast.md).
 //!
 //! * [`plan`] — the bucket plan: tensors packed 256-byte aligned into fixed-size buckets, and
 //!   each subscriber's copies (its slice of every tensor);

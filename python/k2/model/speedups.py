@@ -1,6 +1,11 @@
-"""Large CPU work buffers reused across training steps instead of faulted in afresh.
+"""Speed tricks that are not model maths: reused CPU work buffers and a cached causal bias.
 
-glibc hands blocks of more than a few MiB back to the system when they are freed, so a
+Nothing here changes a result; each function returns what a plain ``torch.empty`` or mask
+construction would, only faster on the machines k2 is developed on. Kept apart from the model's
+maths so that a reader of ``mla.py`` / ``loss.py`` can skip it, and so that it can be removed
+if the runtime it works around (glibc, torch's CPU allocator) stops needing it.
+
+**Reused buffers.** glibc hands blocks of more than a few MiB back to the system when they are freed, so a
 training step that allocates a logits-sized tensor pays a page fault per 4 KiB to get it back
 (about 15 ms per 64 MiB on the 2-core VM these figures come from). :func:`reusable_empty`
 keeps one buffer per role, shape, dtype and thread, and hands it out again once nothing else
@@ -9,6 +14,7 @@ references its memory. GPU memory is left to the device's caching allocator.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -51,3 +57,18 @@ def reusable_empty(role: str, shape: tuple[int, ...], dtype: torch.dtype,
 def _only_pool_holds(buffer: torch.Tensor) -> bool:
     storage = buffer.untyped_storage()
     return _use_count(storage._cdata) <= 2  # ``buffer`` itself and ``storage`` above
+
+
+# At most this many (shape, dtype, device) causal biases are kept (one per sequence length in use).
+_MAX_CAUSAL_BIASES = 16
+
+
+@functools.lru_cache(maxsize=_MAX_CAUSAL_BIASES)
+def causal_bias(queries: int, keys: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[T, S]: 0 where query t may see key s (s <= t), -inf elsewhere; cached.
+
+    Adding it to a score tensor is cheaper than a broadcast boolean fill of the causal mask. The
+    returned tensor is shared: read it, never write it.
+    """
+    future = torch.ones(queries, keys, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(future, float("-inf"))

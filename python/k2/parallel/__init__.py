@@ -1,0 +1,18 @@
+"""How a model is spread over ranks, applied from outside the model (``torch.distributed``).
+
+* :mod:`k2.parallel.agree`  — the values every rank must agree on (skips, max logits, expert
+  loads, metrics), one collective each;
+* :mod:`k2.parallel.setup`  — joining the ``torchrun`` process group and choosing the device;
+* :mod:`k2.parallel.data_parallel` — :func:`parallelize`: wrap a model for its ranks (data
+  parallelism with DDP today; each further dimension is one more step here).
+
+The model is plain single-device PyTorch and the optimizers reach other ranks only through
+:mod:`k2.parallel.agree`, so a new dimension changes neither. Design: ``docs/parallel.md``.
+"""
+
+from k2.parallel.agree import any_rank, max_over_ranks, mean_over_ranks, sum_over_ranks
+from k2.parallel.data_parallel import parallelize
+from k2.parallel.setup import Dist, init_distributed
+
+__all__ = ["Dist", "any_rank", "init_distributed", "max_over_ranks", "mean_over_ranks",
+           "parallelize", "sum_over_ranks"]
