@@ -33,6 +33,7 @@ from k2.agentic.grading import Grade, Judge, grade, initial_domain, replay_calls
 from k2.agentic.tasks import Task
 from k2.agentic.users import STOP, OpenAIUser, ProgrammaticUser, UserSimulator
 from k2.data.chat import render_chat
+from k2.data.tokenizer import SPECIAL_TOKENS
 from k2.errors import AgenticError
 
 GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
@@ -48,6 +49,20 @@ class Observation:
     messages: list[dict[str, Any]]
     text: str
     ids: list[int] | None = None
+
+
+_RESERVED = tuple(SPECIAL_TOKENS)
+
+
+def neutralize(text: str) -> str:
+    """``text`` with every reserved token string broken by a zero-width space after ``<|``, so
+    that tokenizing an observation never yields a reserved id from tool or user content."""
+    if "<|" not in text:
+        return text
+    for token in _RESERVED:
+        if token in text:
+            text = text.replace(token, "<\u200b|" + token[2:])
+    return text
 
 
 def _user_message_text(content: str) -> str:
@@ -141,9 +156,10 @@ class AgentEnv:
         self.messages.extend(dict(m) for m in history)
         self.calls_made = sum(len(m.get("tool_calls") or ()) for m in history if m.get("role") == "assistant")
         if not history:
-            self.messages.append({"role": "user", "content": self.user.start()})
+            self.messages.append({"role": "user", "content": neutralize(self.user.start())})
         elif history[-1].get("role") == "assistant" and not history[-1].get("tool_calls"):
-            self.messages.append({"role": "user", "content": self.user.respond(history[-1].get("content") or "")})
+            reply = self.user.respond(history[-1].get("content") or "")
+            self.messages.append({"role": "user", "content": neutralize(reply)})
         # after a user or tool message it is the agent's turn
         self.turns = 0
         self.steps = 0
@@ -207,8 +223,9 @@ class AgentEnv:
                 self.calls_made += 1
                 result = self.domain.execute(call)
                 results.append(result)
-                new.append(tool_message(call.id, result.content))
-                pieces.append(render_tool_result(call.id, result.content))
+                content = neutralize(result.content)
+                new.append(tool_message(call.id, content))
+                pieces.append(render_tool_result(call.id, content))
             self.messages.append(message)
         else:
             self.messages.append(message)
@@ -216,7 +233,7 @@ class AgentEnv:
                 self.done, self.termination = True, "agent_stop"
             else:
                 self.turns += 1
-                reply = self.user.respond(turn.content)
+                reply = neutralize(self.user.respond(turn.content))
                 new.append({"role": "user", "content": reply})
                 pieces.append(_user_message_text(reply))
                 if STOP in reply:
