@@ -202,3 +202,15 @@ def test_reserved_strings_in_tool_results_do_not_become_reserved_tokens(tokenize
     assert ids == {"<|im_end|>": 1, "<|im_user|>": 0, "<|im_middle|>": 2}
     assert "\u200b" in obs.messages[0]["content"]
     assert tokenizer.decode(obs.ids, skip_special_tokens=False) == obs.text
+
+
+def test_openai_format_assistant_messages_as_actions() -> None:
+    env = make_env(CounterDomain, COUNTER_TASK)
+    env.reset()
+    message = {"role": "assistant", "content": "Adding.", "tool_calls": [
+        {"id": "call_xyz", "type": "function", "function": {"name": "add", "arguments": '{"key": "a", "amount": 2}'}}]}
+    obs, _, _, info = env.step(message)
+    assert obs.messages == [{"role": "tool", "tool_call_id": "functions.add:0", "content": "3"}]
+    assert info["messages"][-2]["tool_calls"][0]["id"] == "functions.add:0"
+    _, reward, done, info = env.step({"role": "assistant", "content": "It is 3 now."})
+    assert done and reward == 1.0

@@ -16,7 +16,7 @@ the assistant's turn — ``<|im_end|>`` if the sample lacked it, the new message
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from k2.agentic.calls import (
     assistant_message,
     calls_from_message,
     parse_assistant,
+    render_assistant,
     render_tool_result,
     tool_message,
 )
@@ -193,8 +194,12 @@ class AgentEnv:
             return prefix + render_chat(rest, add_generation_prompt=True)
         return prefix + "".join(_user_message_text(m["content"]) for m in rest) + GENERATION_PROMPT
 
-    def step(self, action: str | Sequence[int]) -> tuple[Observation, float | None, bool, dict[str, Any]]:
-        """Play one assistant turn (text, or the sampled token ids).
+    def step(
+        self, action: str | Sequence[int] | Mapping[str, Any]
+    ) -> tuple[Observation, float | None, bool, dict[str, Any]]:
+        """Play one assistant turn: the sampled text or token ids, or an OpenAI-format assistant
+        message (whose calls then get K2's ``functions.NAME:N`` ids, which the tool messages
+        carry).
 
         Returns:
             (observation, reward, done, info). ``reward`` is 0.0 until the episode ends, then the
@@ -205,6 +210,11 @@ class AgentEnv:
             raise AgenticError("the episode is over (or never began): call reset()")
         if isinstance(action, str):
             text = action
+        elif isinstance(action, Mapping):  # an OpenAI-format assistant message
+            calls = calls_from_message(action)
+            for i, call in enumerate(calls):
+                call.id = f"functions.{call.name}:{self.calls_made + i}"
+            text = render_assistant(str(action.get("content") or ""), calls) + IM_END
         else:
             if self.tokenizer is None:
                 raise AgenticError("stepping with token ids needs a tokenizer: make_env(..., tokenizer=...)")
