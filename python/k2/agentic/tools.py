@@ -42,7 +42,8 @@ def tool(fn: Callable | None = None, *, kind: str = "generic", name: str | None 
     """Mark a Domain method as a tool (``@tool`` or ``@tool(kind="write")``).
 
     ``read`` tools never change the state, ``write`` tools may; ``generic`` ones (a calculator,
-    a transfer to a human) touch no state. Grading and the stochastic mode use the kind.
+    a transfer to a human) touch no state. ``k2 env`` shows the kind, and a task's
+    ``env_assertions`` may call ``read`` tools (besides ``@assertion`` methods).
     """
     if kind not in TOOL_KINDS:
         raise AgenticError(f"tool kind must be one of {TOOL_KINDS}, not {kind!r}")
