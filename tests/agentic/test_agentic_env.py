@@ -214,3 +214,18 @@ def test_openai_format_assistant_messages_as_actions() -> None:
     assert info["messages"][-2]["tool_calls"][0]["id"] == "functions.add:0"
     _, reward, done, info = env.step({"role": "assistant", "content": "It is 3 now."})
     assert done and reward == 1.0
+
+
+def test_programmatic_user_follow_ups_and_unknown_info() -> None:
+    raw = json.loads(json.dumps(COUNTER_TASK.raw))
+    raw["user_scenario"]["instructions"].update(
+        follow_ups=["Also set counter b to 9."], unknown_info="The user does not know counter c.", facts={}
+    )
+    env = make_env(CounterDomain, Task(raw))
+    env.reset()
+    obs, _, done, _ = env.step("What is counter c?")
+    assert obs.messages[0]["content"] in ("I'm sorry, I don't know that.", "I don't have that information, sorry.")
+    obs, _, done, _ = env.step("Counter a is 3 now.")
+    assert not done and obs.messages[0]["content"] == "Also set counter b to 9."
+    obs, _, done, info = env.step("Counter b is 9 now.")
+    assert done and info["termination"] == "user_stop"
