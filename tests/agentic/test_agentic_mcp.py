@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import k2
-from k2.agentic import McpDomain, make_domain, make_env
+from k2.agentic import McpDomain, example_tasks, grade, make_domain, make_env
 from k2.agentic import ToolCall, render_assistant
 from k2.errors import AgenticError
 
@@ -42,6 +42,10 @@ def test_builtin_domain_served_over_mcp_and_wrapped_back() -> None:
         env.reset()
         obs, _, _, _ = env.step(render_assistant("", [ToolCall("get_customer", {"customer_id": "c100"})]))
         assert json.loads(obs.messages[0]["content"])["name"] == "Mia Li"
+        # k2 cannot see the server's state: DB is ungraded, never guessed
+        task = example_tasks("bank")[0]
+        graded = grade(task, remote, env.messages)
+        assert graded.components["DB"].reward is None and graded.reward is None
     with pytest.raises(AgenticError, match="closed"):
         remote._invoke("get_customer", {"customer_id": "c100"})
 

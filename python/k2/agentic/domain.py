@@ -138,7 +138,7 @@ class Domain:
             for attr in dir(cls):
                 method = getattr(cls, attr, None)
                 info = tool_info(method)
-                if info is not None:
+                if info is not None and callable(method):
                     found[info.name] = (method, function_spec(method, info.name), info.kind)
             Domain._method_cache[cls] = found
         return found

@@ -130,7 +130,7 @@ class AgentEnv:
             raise AgenticError(f"unknown user {spec!r}: use 'programmatic', a simulator or a factory")
         if hasattr(spec, "respond"):
             return spec  # type: ignore[return-value]
-        return spec(self.task, self.seed)  # type: ignore[operator]
+        return spec(self.task, self.seed)  # type: ignore[operator,arg-type]
 
     def _encode(self, text: str) -> list[int] | None:
         if self.tokenizer is None:
@@ -175,7 +175,7 @@ class AgentEnv:
             if ids is None:
                 if len(cache) > 64:
                     cache.clear()
-                ids = cache[text] = self._encode(text)
+                ids = cache[text] = self.tokenizer.encode(text, add_special_tokens=False).ids
             ids = list(ids)
         return Observation(list(self.messages), text, ids)
 

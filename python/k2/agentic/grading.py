@@ -341,7 +341,7 @@ def grade(
     else:
         reward = 1.0
         for r in rewards:
-            reward *= r
+            reward *= r if r is not None else 0.0
     if termination is not None and termination not in GOOD_ENDINGS and reward is not None:
         reward = 0.0
         components.setdefault("DB", Component(0.0)).details.append(f"episode ended by {termination}")

@@ -111,9 +111,9 @@ class McpDomain(Domain):
                 "(its stderr, above, may say why)"
             ) from err
         self.server_name = getattr(getattr(init, "server_info", None), "name", None) or command
-        self.name = f"mcp:{self.server_name}"
-        self.policy = policy if policy is not None else (getattr(init, "instructions", None) or "")
-        self._specs = {
+        self.name = f"mcp:{self.server_name}"  # type: ignore[misc]  # per instance for MCP
+        self.policy = policy if policy is not None else (getattr(init, "instructions", None) or "")  # type: ignore[misc]
+        self._specs: dict[str, dict[str, Any]] = {
             t.name: {
                 "type": "function",
                 "function": {

@@ -61,7 +61,7 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _turn_from_input(line: str) -> str | None:
+def _turn_from_input(line: str) -> str:
     from k2.agentic.calls import ToolCall, render_assistant
     from k2.errors import AgenticError
 
@@ -93,7 +93,7 @@ def play(args: argparse.Namespace) -> int:
     for m in obs.messages:
         if m["role"] == "user":
             print(f"user> {m['content']}")
-    done, info = False, {}
+    done, info = False, {}  # type: tuple[bool, dict]
     counter = 0
     while not done:
         try:
@@ -101,7 +101,7 @@ def play(args: argparse.Namespace) -> int:
         except EOFError:
             line = "/quit"
         if line.strip() == "/tools":
-            print(", ".join(env.domain.tool_names()))
+            print(", ".join(d.tool_names()))
             continue
         if line.strip() == "/quit":
             line = "###STOP###"
