@@ -46,6 +46,12 @@ class SandboxError(K2Error):
 
 class IsolationUnavailableError(SandboxError):
     """The sandbox's isolation (bubblewrap) cannot run on this machine; the message says why."""
+class AgenticError(K2Error):
+    """An agent environment, domain or tool was misused; the message names the domain or tool."""
+
+
+class TaskError(AgenticError, ValueError):
+    """A task file or task is malformed or unsupported; the message names the task id and field."""
 
 
 __all__ = [
@@ -59,4 +65,6 @@ __all__ = [
     "MissingDependencyError",
     "SandboxError",
     "IsolationUnavailableError",
+    "AgenticError",
+    "TaskError",
 ]
