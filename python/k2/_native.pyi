@@ -4,7 +4,7 @@ Every function here releases the GIL for its heavy work, turns a Rust panic into
 :class:`k2.errors.K2Error`, and lets Ctrl-C interrupt it.
 """
 
-from collections.abc import Buffer
+from typing_extensions import Buffer
 from os import PathLike
 from pathlib import Path
 

@@ -5,10 +5,12 @@
 //! `k2.errors`, always naming the file, tensor or worker they are about.
 
 mod broadcast;
+mod closable;
 mod checkpoint;
 mod checksum;
 mod data;
 mod errors;
+mod record;
 mod runtime;
 
 use pyo3::prelude::*;
