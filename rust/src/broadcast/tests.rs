@@ -40,12 +40,7 @@ fn arena(plan: &BucketPlan, v: u64) -> Vec<u8> {
         .collect()
 }
 
-fn create(
-    path: &std::path::Path,
-    checksums: bool,
-    retain: bool,
-    timeout: Duration,
-) -> Publisher {
+fn create(path: &std::path::Path, checksums: bool, retain: bool, timeout: Duration) -> Publisher {
     let options = PublishOptions {
         checksums,
         retain,
@@ -83,10 +78,7 @@ fn publish(
 }
 
 /// Receive one round and return (version, the whole arena as received).
-fn receive(
-    sub: &mut Subscriber,
-    wait: Duration,
-) -> Result<Option<(u64, Vec<u8>)>, BroadcastError> {
+fn receive(sub: &mut Subscriber, wait: Duration) -> Result<Option<(u64, Vec<u8>)>, BroadcastError> {
     let Some(round) = sub.next_round(wait, &Cancel::never())? else {
         return Ok(None);
     };
@@ -530,7 +522,11 @@ fn a_segment_whose_publisher_exited_fails_at_once_naming_worker_and_publisher() 
     let err = Subscriber::join(&path, "orphaned", timeout, false, &Cancel::never())
         .err()
         .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1), "waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "waited {:?}",
+        started.elapsed()
+    );
     assert_eq!(err.kind, ErrorKind::PublisherGone, "{err}");
     assert!(
         err.message.contains("worker orphaned")

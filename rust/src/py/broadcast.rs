@@ -246,12 +246,19 @@ impl PyBucketPlan {
     ///     wants: ``(tensor index, row ranges or None for the whole tensor)`` per wanted tensor;
     ///         row ranges are ``(start, stop)`` pairs along dim 0, laid out in the given order.
     #[allow(clippy::type_complexity)]
-    fn receive_plan(&self, wants: Vec<(usize, Option<Vec<(u64, u64)>>)>) -> PyResult<PyReceivePlan> {
+    fn receive_plan(
+        &self,
+        wants: Vec<(usize, Option<Vec<(u64, u64)>>)>,
+    ) -> PyResult<PyReceivePlan> {
         let wants: Vec<bc::Want> = wants
             .into_iter()
             .map(|(tensor, rows)| bc::Want {
                 tensor,
-                rows: rows.map(|r| r.into_iter().map(|(start, end)| Range { start, end }).collect()),
+                rows: rows.map(|r| {
+                    r.into_iter()
+                        .map(|(start, end)| Range { start, end })
+                        .collect()
+                }),
             })
             .collect();
         let plan = bc::ReceivePlan::new(&self.0, &wants)?;
@@ -433,7 +440,12 @@ impl PyShmPublisher {
         };
         let publisher = bc::Publisher::create(&path, plan.0.clone(), options)?;
         let what = format!("the publisher of {}", path.display());
-        Ok(Self(Closable::new(publisher, what, "closed", broadcast_error)))
+        Ok(Self(Closable::new(
+            publisher,
+            what,
+            "closed",
+            broadcast_error,
+        )))
     }
 
     /// Whether every bucket has a slot of its own (the newest version stays whole).
@@ -494,7 +506,8 @@ impl PyShmPublisher {
 
     /// Re-announce every bucket of a retained segment in a catch-up round (no bytes move).
     fn resend_all(&self) -> PyResult<()> {
-        self.0.with(|p| (0..p.plan().num_buckets()).try_for_each(|bucket| p.resend(bucket)))
+        self.0
+            .with(|p| (0..p.plan().num_buckets()).try_for_each(|bucket| p.resend(bucket)))
     }
 
     /// Wait (bounded) until bucket ``bucket``'s slot is free and lend it out, writable.
@@ -583,7 +596,8 @@ impl PyShmSubscriber {
     ) -> PyResult<PyBucketPlan> {
         let timeout = seconds("timeout", timeout)?;
         detached(py, "ShmSubscriber.announced_plan", |cancel| {
-            bc::announced_plan(&path, &format!("worker {worker}"), timeout, cancel).map(PyBucketPlan)
+            bc::announced_plan(&path, &format!("worker {worker}"), timeout, cancel)
+                .map(PyBucketPlan)
         })
     }
 

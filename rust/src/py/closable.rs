@@ -20,7 +20,12 @@ pub struct Closable<T> {
 }
 
 impl<T> Closable<T> {
-    pub fn new(value: T, what: impl Into<String>, gone: &'static str, error: fn(String) -> PyErr) -> Self {
+    pub fn new(
+        value: T,
+        what: impl Into<String>,
+        gone: &'static str,
+        error: fn(String) -> PyErr,
+    ) -> Self {
         Self {
             inner: Mutex::new(Some(value)),
             what: what.into(),
