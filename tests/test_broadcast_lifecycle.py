@@ -3,6 +3,7 @@ never closed, and a worker facing a dead or missing publisher gets a prompt mess
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from k2.broadcast import WeightPublisher, WeightSubscriber, segment_path
+from k2.broadcast import WeightPublisher, WeightSubscriber, segment_path, shm
 from k2.errors import BroadcastError
 
 
@@ -91,3 +92,29 @@ def test_a_worker_with_no_publisher_times_out_naming_itself_and_the_segment() ->
         WeightSubscriber({"w": torch.zeros(8)}, worker="rollout-8", name=name, timeout=0.2)
     message = str(info.value)
     assert message.startswith(f"worker rollout-8: no live publisher at {segment_path(name)} within 0.2 s"), message
+
+
+def test_a_forked_child_exiting_leaves_its_parents_segment_open() -> None:
+    name = unique_name()
+    publisher = WeightPublisher({"w": torch.arange(8.0)}, name=name, bucket_bytes=256)
+    path = publisher.path
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: run the exit hook and free its copy of the publisher
+            code = 1
+            try:
+                shm._close_open_publishers()
+                del publisher  # the last reference: the native publisher is dropped here
+                gc.collect()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert path.exists()
+        # Still open and served: a worker can join (it would fail on a closed segment).
+        with WeightSubscriber({"w": torch.zeros(8)}, worker="after-fork", name=name, timeout=10.0):
+            assert [(w.worker, w.alive) for w in publisher.workers()] == [("after-fork", True)]
+    finally:
+        publisher.close()
+        path.unlink(missing_ok=True)

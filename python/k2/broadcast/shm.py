@@ -188,6 +188,7 @@ class WeightPublisher:
         self._whole = True  # whether the retained slots hold self.version whole
         self._closed = threading.Event()
         self._server: threading.Thread | None = None
+        self._pid = os.getpid()
         _open_publishers.add(self)
         if catch_up:
             self._server = threading.Thread(target=_serve_catch_ups, args=(weakref.ref(self), self._closed),
@@ -295,9 +296,15 @@ def _serve_catch_ups(publisher_ref: weakref.ref[WeightPublisher], closed: thread
 
 @atexit.register
 def _close_open_publishers() -> None:
-    """At interpreter exit, close every publisher left open, so no segment stays behind."""
+    """At interpreter exit, close every publisher this process left open, so no segment stays
+    behind (a forked child leaves its parent's publishers alone)."""
     for publisher in list(_open_publishers):
-        publisher.close()
+        if publisher._pid != os.getpid():
+            continue
+        try:
+            publisher.close()
+        except Exception as err:  # noqa: BLE001 - close the others regardless
+            log.warning("closing broadcast %s at exit: %s", publisher.path, err)
 
 
 class WeightSubscriber:

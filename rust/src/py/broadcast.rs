@@ -675,7 +675,10 @@ impl PyShmSubscriber {
 
     /// Record that ``version`` is applied to the model.
     fn applied(&self, version: u64) -> PyResult<()> {
-        self.inner.with(|s| Ok::<_, PyErr>(s.applied(version)))
+        self.inner.with(|s| {
+            s.applied(version);
+            Ok::<_, PyErr>(())
+        })
     }
 
     /// After an eviction, ask to be sent the current version again.
