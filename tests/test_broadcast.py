@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 import time
@@ -60,9 +61,25 @@ def test_plan_packs_aligned_buckets_and_small_tensors_do_not_straddle() -> None:
                                ("c", "float32", [125], 4), ("d", "float32", [750], 4)], 1024)
     assert plan.offsets() == [0, 256, 1024, 1536]
     assert plan.num_buckets == 5 and plan.arena_bytes == 4536
-    assert plan.chunks(1) == [(2, 0, 0, 500), (3, 0, 512, 512)]
+    assert plan.chunks(1) == [_native.Chunk(2, 0, 0, 500), _native.Chunk(3, 0, 512, 512)]
     with pytest.raises(BroadcastError, match="multiple of 256"):
         _native.BucketPlan([("a", "float32", [10], 4)], 1000)
+
+
+def test_plan_values_cross_the_seam_as_typed_records_that_print_and_pickle() -> None:
+    spec = _native.TensorSpec("w", "bfloat16", [4, 64], 2)
+    plan = _native.BucketPlan([spec, ("b", "float32", [3], 4)], 256)
+    assert plan.tensors() == [spec, _native.TensorSpec("b", "float32", [3], 4)]
+    assert repr(spec) == "TensorSpec(name='w', dtype='bfloat16', shape=[4, 64], itemsize=2)"
+    assert pickle.loads(pickle.dumps(spec)) == spec  # torch.distributed ships specs pickled
+    # 512 bytes of w fill buckets 0 and 1; b starts bucket 2, which ends with the arena (512 + 12).
+    assert repr(plan.chunks(1)[0]) == "Chunk(tensor=0, tensor_offset=256, bucket_offset=0, nbytes=256)"
+    assert (plan.bucket_range(2).start, plan.bucket_range(2).end) == (512, 524)
+    received = plan.receive_plan([(0, [(1, 2)]), (1, None)])
+    # Row 1 of w (128 bytes) lands at 0; b lands whole at the next 256-aligned offset.
+    assert received.landing_bytes == 256 + 12
+    assert received.targets == [_native.Target(0, 0, 128), _native.Target(1, 256, 12)]
+    assert received.pieces == [[_native.Piece(128, 0, 128)], [], [_native.Piece(0, 256, 12)]]
 
 
 def test_row_selections_become_merged_ranges() -> None:
@@ -269,7 +286,7 @@ def test_views_are_valid_only_until_their_bucket_is_released() -> None:
                 pass
         publishing.join(10)
         sub.mark_applied(1)
-        assert pub.workers()[0]["applied"] == 1
+        assert pub.workers()[0].applied == 1
         sub.close()
 
 

@@ -4,12 +4,45 @@ Every function here releases the GIL for its heavy work, turns a Rust panic into
 :class:`k2.errors.K2Error`, and lets Ctrl-C interrupt it.
 """
 
-from collections.abc import Buffer
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Buffer, Self
+
+__all__ = [
+    "__version__",
+    "xxh3_64",
+    "xxh3_64_file",
+    "ShardWriter",
+    "TokenLoader",
+    "BatchBuffer",
+    "inspect_shard",
+    "copy_ranges",
+    "BucketPlan",
+    "BucketLease",
+    "ShmPublisher",
+    "ShmSubscriber",
+    "TensorSpec",
+    "Chunk",
+    "ByteRange",
+    "Target",
+    "Piece",
+    "ReceivePlan",
+    "RoundInfo",
+    "WorkerStatus",
+    "WorkerFailure",
+    "CheckpointWriter",
+    "CheckpointReader",
+    "plan_shards",
+    "shard_file_name",
+    "read_latest",
+    "list_checkpoints",
+    "CHECKPOINT_FAULT_PHASES",
+]
 
 __version__: str
 """The crate's version; equals ``k2.__version__``."""
@@ -33,6 +66,7 @@ def xxh3_64_file(path: str | PathLike[str]) -> int:
 # --- token pipeline (rust/src/data/, rust/src/py/data.rs) ----------------------------------
 
 
+@final
 class ShardWriter:
     """Writes one token shard (docs/token-shards.md), document by document.
 
@@ -44,7 +78,7 @@ class ShardWriter:
         k2.errors.DataError: ``vocab_size`` is 0.
     """
 
-    def __init__(self, path: str | PathLike[str], vocab_size: int) -> None: ...
+    def __new__(cls, path: str | PathLike[str], vocab_size: int) -> Self: ...
     def add_documents(self, tokens: npt.NDArray[np.uint32], lengths: npt.NDArray[np.int64]) -> None:
         """Append documents: ``tokens`` back to back, ``lengths[i]`` tokens each. Runs without
         the GIL.
@@ -65,15 +99,17 @@ def inspect_shard(path: str | PathLike[str]) -> dict[str, int]:
         k2.errors.DataError: the file is not a valid shard (the message names it and says why).
     """
 
+@final
 class BatchBuffer:
     """The memory behind one batch array (the array's ``base``): a buffer from the loader's
     pool, returned to the pool when the last array using it is freed. Not created from Python."""
 
+@final
 class TokenLoader:
     """The native loader behind ``k2.data.TokenLoader`` (use that one)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         paths: list[str],
         seq_len: int,
         batch_size: int,
@@ -83,7 +119,7 @@ class TokenLoader:
         prefetch: int = 4,
         threads: int = 2,
         verify: bool = True,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def steps_per_epoch(self) -> int: ...
     @property
@@ -108,8 +144,134 @@ class TokenLoader:
 # Weight broadcast (k2.broadcast): the bucket plan and the shared-memory protocol. Use them
 # through k2.broadcast.WeightPublisher / WeightSubscriber; these are the native pieces.
 
-Spec = tuple[str, str, list[int], int]
+@final
+class TensorSpec:
+    """One tensor of a bucket plan: its name, dtype name (torch's, e.g. ``"bfloat16"``), shape
+    and element size in bytes. Compares by value, prints readably, pickles."""
 
+    def __new__(cls, name: str, dtype: str, shape: list[int], itemsize: int) -> Self: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def itemsize(self) -> int: ...
+    def __getnewargs__(self) -> tuple[str, str, list[int], int]: ...
+
+@final
+class Chunk:
+    """A piece of plan tensor ``tensor`` (its index) held in a bucket: ``nbytes`` bytes from
+    byte ``tensor_offset`` of the tensor, at byte ``bucket_offset`` of the bucket."""
+
+    def __new__(cls, tensor: int, tensor_offset: int, bucket_offset: int, nbytes: int) -> Self: ...
+    @property
+    def tensor(self) -> int: ...
+    @property
+    def tensor_offset(self) -> int: ...
+    @property
+    def bucket_offset(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def __getnewargs__(self) -> tuple[int, int, int, int]: ...
+
+@final
+class ByteRange:
+    """A window of bytes ``start..end``."""
+
+    def __new__(cls, start: int, end: int) -> Self: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    def __getnewargs__(self) -> tuple[int, int]: ...
+
+@final
+class Target:
+    """Where a subscriber's wanted bytes of plan tensor ``tensor`` land: ``nbytes`` bytes at
+    ``landing_offset`` of its landing layout."""
+
+    def __new__(cls, tensor: int, landing_offset: int, nbytes: int) -> Self: ...
+    @property
+    def tensor(self) -> int: ...
+    @property
+    def landing_offset(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def __getnewargs__(self) -> tuple[int, int, int]: ...
+
+@final
+class Piece:
+    """One copy of a receive plan: ``nbytes`` bytes from ``bucket_offset`` of a bucket to
+    ``landing_offset`` of the landing layout."""
+
+    def __new__(cls, bucket_offset: int, landing_offset: int, nbytes: int) -> Self: ...
+    @property
+    def bucket_offset(self) -> int: ...
+    @property
+    def landing_offset(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def __getnewargs__(self) -> tuple[int, int, int]: ...
+
+@final
+class ReceivePlan:
+    """A subscriber's copies: the landing layout's size, where each wanted tensor lands (in
+    landing order), and per bucket the pieces to copy."""
+
+    def __new__(cls, landing_bytes: int, targets: list[Target], pieces: list[list[Piece]]) -> Self: ...
+    @property
+    def landing_bytes(self) -> int: ...
+    @property
+    def targets(self) -> list[Target]: ...
+    @property
+    def pieces(self) -> list[list[Piece]]: ...
+    def __getnewargs__(self) -> tuple[int, list[Target], list[list[Piece]]]: ...
+
+@final
+class RoundInfo:
+    """A round that includes this worker: its id and the weight version it carries."""
+
+    def __new__(cls, round: int, version: int) -> Self: ...
+    @property
+    def round(self) -> int: ...
+    @property
+    def version(self) -> int: ...
+    def __getnewargs__(self) -> tuple[int, int]: ...
+
+@final
+class WorkerStatus:
+    """A joined worker as the publisher sees it: ``state`` is ``"current"``,
+    ``"catching-up"`` or ``"evicted"``; ``applied`` the version it last applied."""
+
+    def __new__(cls, worker: str, pid: int, state: str, applied: int, alive: bool) -> Self: ...
+    @property
+    def worker(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def applied(self) -> int: ...
+    @property
+    def alive(self) -> bool: ...
+    def __getnewargs__(self) -> tuple[str, int, str, int, bool]: ...
+
+@final
+class WorkerFailure:
+    """A worker the publisher gave up on during a round, and why."""
+
+    def __new__(cls, worker: str, pid: int, reason: str) -> Self: ...
+    @property
+    def worker(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    def __getnewargs__(self) -> tuple[str, int, str]: ...
+
+@final
 class BucketPlan:
     """Tensors packed 256-byte aligned into fixed-size buckets.
 
@@ -117,14 +279,15 @@ class BucketPlan:
     tensor that fits in a bucket never straddles two, a larger one runs through several.
 
     Args:
-        tensors: ``(name, dtype, shape, itemsize)`` per tensor, in packing order.
+        tensors: a ``TensorSpec`` (or ``(name, dtype, shape, itemsize)`` tuple) per tensor, in
+            packing order.
         bucket_bytes: bucket size, a positive multiple of 256.
 
     Raises:
         k2.errors.BroadcastError: for a bad bucket size, a repeated or malformed name.
     """
 
-    def __init__(self, tensors: list[Spec], bucket_bytes: int) -> None: ...
+    def __new__(cls, tensors: Sequence[TensorSpec | tuple[str, str, list[int], int]], bucket_bytes: int) -> Self: ...
     @property
     def bucket_bytes(self) -> int: ...
     @property
@@ -132,32 +295,26 @@ class BucketPlan:
     @property
     def arena_bytes(self) -> int:
         """Bytes from the arena's start to the end of the last tensor."""
-    def tensors(self) -> list[Spec]:
-        """``(name, dtype, shape, itemsize)`` of every tensor, in plan order."""
+    def tensors(self) -> list[TensorSpec]:
+        """Every tensor, in plan order."""
     def offsets(self) -> list[int]:
         """Arena offset of every tensor, in plan order."""
-    def bucket_range(self, bucket: int) -> tuple[int, int]:
-        """``(start, end)``: the arena window of a bucket (the last may be short)."""
-    def chunks(self, bucket: int) -> list[tuple[int, int, int, int]]:
-        """``(tensor, tensor_offset, bucket_offset, nbytes)`` per tensor piece in a bucket."""
-    def receive_plan(
-        self, wants: list[tuple[int, list[tuple[int, int]] | None]]
-    ) -> tuple[int, list[tuple[int, int, int]], list[list[tuple[int, int, int]]]]:
+    def bucket_range(self, bucket: int) -> ByteRange:
+        """The arena window of a bucket (the last may be short)."""
+    def chunks(self, bucket: int) -> list[Chunk]:
+        """Every tensor piece in a bucket, in bucket order."""
+    def receive_plan(self, wants: Sequence[tuple[int, Sequence[tuple[int, int]] | None]]) -> ReceivePlan:
         """One subscriber's copies.
 
         Args:
             wants: ``(tensor index, row ranges or None for all of it)`` per wanted tensor; row
                 ranges are ``(start, stop)`` along dim 0, laid out in the order given.
 
-        Returns:
-            ``(landing_bytes, targets, pieces)``: the landing buffer's size; per wanted tensor
-            ``(tensor, landing_offset, nbytes)``; per bucket the copies
-            ``(bucket_offset, landing_offset, nbytes)``.
-
         Raises:
             k2.errors.BroadcastError: a row range outside its tensor.
         """
 
+@final
 class BucketLease:
     """A bucket slot lent out as a buffer over the shared memory itself.
 
@@ -182,6 +339,7 @@ def copy_ranges(jobs: list[tuple[int, int, int]]) -> None:
     """Internal: ``(src, dst, nbytes)`` copies between raw addresses, every core, no GIL,
     streaming stores for long ones; the caller keeps the ranges alive, disjoint and untouched."""
 
+@final
 class ShmPublisher:
     """The publishing end of a shared-memory segment (a file, normally in /dev/shm).
 
@@ -198,17 +356,16 @@ class ShmPublisher:
         k2.errors.K2IOError: the file cannot be created or mapped.
     """
 
-    def __init__(self, path: str | PathLike[str], plan: BucketPlan, checksums: bool, timeout: float,
-                 retain: bool) -> None: ...
+    def __new__(cls, path: str | PathLike[str], plan: BucketPlan, checksums: bool, timeout: float,
+                 retain: bool) -> Self: ...
     @property
     def retains(self) -> bool:
         """Whether every bucket has a slot of its own."""
     @property
     def published_version(self) -> int:
         """The newest version delivered in full (0 before the first)."""
-    def workers(self) -> list[dict]:
-        """Joined workers: dicts with ``worker``, ``pid``, ``state`` (``current``,
-        ``catching-up`` or ``evicted``), ``applied`` (version) and ``alive``."""
+    def workers(self) -> list[WorkerStatus]:
+        """Every joined worker."""
     def catch_up_pending(self) -> bool:
         """Whether a live worker waits to be sent the published version."""
     def begin_round(self, version: int, catch_up: bool) -> int:
@@ -226,12 +383,13 @@ class ShmPublisher:
         """Wait (bounded, no GIL) until the bucket's slot is free; lend it out, writable."""
     def commit(self, lease: BucketLease) -> None:
         """Publish the filled slot (refused while a view of the lease is alive)."""
-    def finish_round(self) -> list[tuple[str, int, str]]:
-        """Wait (bounded, no GIL) for the last acknowledgements; ``(worker, pid, reason)``
-        for every worker that failed during the round."""
+    def finish_round(self) -> list[WorkerFailure]:
+        """Wait (bounded, no GIL) for the last acknowledgements; returns every worker that
+        failed during the round."""
     def close(self) -> None:
         """Close: waiting workers fail at once, the file is removed."""
 
+@final
 class ShmSubscriber:
     """A worker's end of a shared-memory segment.
 
@@ -242,20 +400,22 @@ class ShmSubscriber:
         verify: check each bucket's checksum (when the publisher records them).
 
     Raises:
-        k2.errors.BroadcastError: no live publisher within the timeout, or the name is taken.
+        k2.errors.BroadcastError: no live publisher within the timeout (at once if the
+            segment's publisher exited without closing it), or the name is taken.
     """
 
-    def __init__(self, path: str | PathLike[str], worker: str, timeout: float, verify: bool) -> None: ...
+    def __new__(cls, path: str | PathLike[str], worker: str, timeout: float, verify: bool) -> Self: ...
     @staticmethod
-    def announced_plan(path: str | PathLike[str], timeout: float) -> BucketPlan:
-        """The plan announced at ``path``, read without joining."""
+    def announced_plan(path: str | PathLike[str], worker: str, timeout: float) -> BucketPlan:
+        """The plan announced at ``path``, read without joining; ``worker`` names the caller
+        in errors. A segment whose publisher exited without closing it fails at once."""
     @property
     def plan(self) -> BucketPlan: ...
     @property
     def published_version(self) -> int: ...
-    def next_round(self, timeout: float) -> tuple[int, int] | None:
-        """Wait up to ``timeout`` seconds (no GIL) for a round that includes this worker:
-        ``(round, version)``, or None. Raises ``BroadcastError`` if the publisher is gone or
+    def next_round(self, timeout: float) -> RoundInfo | None:
+        """Wait up to ``timeout`` seconds (no GIL) for a round that includes this worker, or
+        return None. Raises ``BroadcastError`` if the publisher is gone or
         evicted this worker."""
     def acquire(self, bucket: int) -> BucketLease:
         """Wait (bounded, no GIL) for a bucket of the current round and lend it out; raises
@@ -286,9 +446,10 @@ CHECKPOINT_FAULT_PHASES: list[str]
 """The save's fault-injection points, in order. With ``K2_CKPT_FAULT=<phase>`` in the
 environment, a save kills its process (SIGKILL) on reaching that phase."""
 
-TensorEntry = tuple[str, str, list[int], Buffer]
+_TensorEntry = tuple[str, str, list[int], Buffer]
 """A tensor to write: ``(name, safetensors dtype, shape, C-contiguous bytes)``."""
 
+@final
 class CheckpointWriter:
     """Writes one checkpoint directory: shards in parallel into ``.k2-tmp-NAME`` beside it, then
     :meth:`commit` fsyncs, renames it into place and optionally moves the parent's ``latest``.
@@ -302,12 +463,12 @@ class CheckpointWriter:
         k2.errors.CheckpointError: if ``final_dir`` exists.
     """
 
-    def __init__(self, final_dir: str | PathLike[str], *, chunk_bytes: int = ..., durable: bool = True) -> None: ...
-    def write_groups(self, groups: list[tuple[str, list[TensorEntry]]], max_shard_bytes: int) -> list[str]:
+    def __new__(cls, final_dir: str | PathLike[str], *, chunk_bytes: int = ..., durable: bool = True) -> Self: ...
+    def write_groups(self, groups: list[tuple[str, list[_TensorEntry]]], max_shard_bytes: int) -> list[str]:
         """Write each group as ``GROUP-0000i-of-0000N.safetensors`` shards (at most
         ``max_shard_bytes``, at least one per writer thread when large), all in parallel.
         Returns the shard file names."""
-    def write_shard(self, file_name: str, group: str, tensors: list[TensorEntry]) -> None:
+    def write_shard(self, file_name: str, group: str, tensors: list[_TensorEntry]) -> None:
         """Write one shard file listed under ``group`` (for streaming conversions)."""
     def write_file(self, file_name: str, data: bytes) -> None:
         """Write a small non-tensor file (JSON, tokenizer files)."""
@@ -317,6 +478,7 @@ class CheckpointWriter:
         Returns the recorded operations ``(op, path, rename_target)``, op one of ``write``,
         ``fsync``, ``rename``, ``dir_fsync``, ``remove``."""
 
+@final
 class CheckpointReader:
     """A checkpoint directory, memory-mapped, its headers checked against the manifest.
 
@@ -327,7 +489,7 @@ class CheckpointReader:
             length, or a header that disagrees with the manifest.
     """
 
-    def __init__(self, dir: str | PathLike[str]) -> None: ...
+    def __new__(cls, dir: str | PathLike[str]) -> Self: ...
     @property
     def dir(self) -> Path: ...
     @property

@@ -81,14 +81,13 @@ class _Member:
         if problems:
             raise BroadcastError("the group's models do not match the published weights:\n" + "\n".join(problems))
         self.plan = _native.BucketPlan(specs, bucket_bytes)
-        # Per bucket: the pieces sent alone, and those packed together (tensor, tensor_offset,
-        # bucket_offset, nbytes).
-        self.layout = []
+        # Per bucket: the pieces (``_native.Chunk``) sent alone, and those packed together.
+        self.layout: list[tuple[list[_native.Chunk], list[_native.Chunk]]] = []
         for b in range(self.plan.num_buckets):
             chunks = self.plan.chunks(b)
-            self.layout.append(([c for c in chunks if c[3] >= direct_bytes],
-                                [c for c in chunks if c[3] < direct_bytes]))
-        packed_max = max((sum(c[3] for c in small) for _, small in self.layout), default=0)
+            self.layout.append(([c for c in chunks if c.nbytes >= direct_bytes],
+                                [c for c in chunks if c.nbytes < direct_bytes]))
+        packed_max = max((sum(c.nbytes for c in small) for _, small in self.layout), default=0)
         self.packed = [torch.empty(packed_max, dtype=torch.uint8, device=self.device) for _ in range(2)]
 
     def _failed(self, version: int, bucket: int | str, err: Exception) -> BroadcastError:
@@ -143,12 +142,13 @@ class DistributedWeightPublisher(_Member):
                 for work in in_flight[b % 2]:  # bucket b - 2 used these buffers
                     work.wait()
                 alone, small = self.layout[b]
-                messages = [sources[t][off:off + n] for t, off, _, n in alone]
+                messages = [sources[c.tensor][c.tensor_offset:c.tensor_offset + c.nbytes] for c in alone]
                 if small:
                     packed, cursor = self.packed[b % 2], 0
                     with torch.no_grad():
-                        for t, off, _, n in small:
-                            packed[cursor:cursor + n].copy_(sources[t][off:off + n])
+                        for c in small:
+                            n = c.nbytes
+                            packed[cursor:cursor + n].copy_(sources[c.tensor][c.tensor_offset:c.tensor_offset + n])
                             cursor += n
                     messages.append(packed[:cursor])
                 in_flight[b % 2] = self._broadcast(messages)
@@ -201,18 +201,20 @@ class DistributedWeightSubscriber(_Member):
         The bucket is rebuilt in its image: a window of the landing buffer where that mirrors
         the arena (then nothing is copied at all), else bucket buffer ``b % 2``, landed after.
         """
-        start, end = self.plan.bucket_range(b)
+        window = self.plan.bucket_range(b)
+        start, end = window.start, window.end
         direct = self._landing.direct(b, (start, end))
         image = self.images[b % 2][: end - start] if direct is None else direct
         alone, small = self.layout[b]
-        targets = [image[off:off + n] for _, _, off, n in alone]
-        packed = self.packed[b % 2][: sum(c[3] for c in small)]
+        targets = [image[c.bucket_offset:c.bucket_offset + c.nbytes] for c in alone]
+        packed = self.packed[b % 2][: sum(c.nbytes for c in small)]
         if small:
             targets.append(packed)
 
         def finish() -> None:
             cursor = 0
-            for _, _, off, n in small:
+            for c in small:
+                off, n = c.bucket_offset, c.nbytes
                 image[off:off + n].copy_(packed[cursor:cursor + n])
                 cursor += n
             if direct is None:

@@ -24,8 +24,8 @@ from k2.errors import BroadcastError
 Rows = slice | range | Sequence[int]
 """A selection of rows along dim 0: a slice/range with step 1, or a list of row indices."""
 
-Spec = tuple[str, str, list[int], int]
-"""``(name, dtype, shape, itemsize)`` as the native plan takes it."""
+Spec = _native.TensorSpec
+"""A tensor as the native plan sees it: ``name``, ``dtype``, ``shape``, ``itemsize``."""
 
 TensorSource = Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -53,7 +53,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def tensor_specs(tensors: Mapping[str, torch.Tensor]) -> list[Spec]:
     """The plan's view of ``tensors``, sorted by name (so every process packs the same way)."""
     return [
-        (name, dtype_name(t.dtype), list(t.shape), t.element_size())
+        _native.TensorSpec(name, dtype_name(t.dtype), list(t.shape), t.element_size())
         for name, t in sorted(tensors.items())
     ]
 
@@ -108,7 +108,7 @@ def model_differences(
     Returns:
         Human-readable differences; empty when the model fits.
     """
-    specs = {name: (dtype, shape) for name, dtype, shape, _ in published}
+    specs = {s.name: (s.dtype, s.shape) for s in published}
     out = [f"{n}: in the model but not published" for n in sorted(model) if n not in specs]
     if strict:
         out += [f"{n}: published but not in the model" for n in sorted(specs) if n not in model]
@@ -152,8 +152,8 @@ def source_bytes(tensors: Mapping[str, torch.Tensor], plan: _native.BucketPlan) 
     """
     check_model(plan.tensors(), tensors, {}, strict=True, who="publisher")
     out = []
-    for name, _, _, _ in plan.tensors():
-        t = tensors[name].detach()
+    for spec in plan.tensors():
+        t = tensors[spec.name].detach()
         out.append(t.contiguous().reshape(-1).view(torch.uint8))
     return out
 
@@ -180,29 +180,32 @@ def copy_bytes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
 def pack(plan: _native.BucketPlan, bucket: int, sources: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     """Copy bucket ``bucket``'s pieces of ``sources`` (see :func:`source_bytes`) into ``out``
     (a uint8 tensor of the bucket's length)."""
-    copy_bytes([(out[bucket_offset:bucket_offset + n], sources[tensor][tensor_offset:tensor_offset + n])
-                for tensor, tensor_offset, bucket_offset, n in plan.chunks(bucket)])
+    copy_bytes([(out[c.bucket_offset:c.bucket_offset + c.nbytes],
+                 sources[c.tensor][c.tensor_offset:c.tensor_offset + c.nbytes])
+                for c in plan.chunks(bucket)])
 
 
 def receive_layout(
     plan: _native.BucketPlan, model: Mapping[str, torch.Tensor], slices: Mapping[str, Rows]
-) -> tuple[int, list[tuple[str, int, int]], list[list[tuple[int, int, int]]]]:
+) -> tuple[int, list[tuple[str, int, int]], list[list[_native.Piece]]]:
     """Where a subscriber's wanted bytes go: laid out one after another in a *landing* layout.
 
     Returns:
         ``(nbytes, targets, pieces)``: the layout's size; per wanted tensor ``(name,
-        landing_offset, nbytes)`` in landing order; per bucket its ``(bucket_offset,
-        landing_offset, nbytes)`` copies.
+        landing_offset, nbytes)`` in landing order; per bucket its copies (``Piece``:
+        ``bucket_offset``, ``landing_offset``, ``nbytes``).
     """
-    names = [spec[0] for spec in plan.tensors()]
+    specs = plan.tensors()
+    names = [spec.name for spec in specs]
     index = {name: i for i, name in enumerate(names)}
-    shapes = {spec[0]: spec[2] for spec in plan.tensors()}
+    shapes = {spec.name: spec.shape for spec in specs}
     wants = []
     for name in sorted(model, key=index.__getitem__):
         rows = row_ranges(slices[name], shapes[name][0], name) if name in slices else None
         wants.append((index[name], rows))
-    nbytes, targets, pieces = plan.receive_plan(wants)
-    return nbytes, [(names[i], offset, n) for i, offset, n in targets], pieces
+    received = plan.receive_plan(wants)
+    targets = [(names[t.tensor], t.landing_offset, t.nbytes) for t in received.targets]
+    return received.landing_bytes, targets, received.pieces
 
 
 class Landing:
@@ -243,15 +246,17 @@ class Landing:
         any padding at the window's end lands on bytes no tensor owns.
         """
         start, end = window
-        if self.pieces[bucket] and self.pieces[bucket][0][:2] == (0, start) and len(self.pieces[bucket]) == 1:
+        pieces = self.pieces[bucket]
+        if len(pieces) == 1 and (pieces[0].bucket_offset, pieces[0].landing_offset) == (0, start):
             return self.buffers[self._next][start:end]
         return None
 
     def land(self, bucket: int, data: torch.Tensor) -> None:
         """Copy this subscriber's pieces of bucket ``bucket`` (uint8 ``data``) into the buffer."""
         buffer = self.buffers[self._next]
-        copy_bytes([(buffer[landing_offset:landing_offset + n], data[bucket_offset:bucket_offset + n])
-                    for bucket_offset, landing_offset, n in self.pieces[bucket]])
+        copy_bytes([(buffer[p.landing_offset:p.landing_offset + p.nbytes],
+                     data[p.bucket_offset:p.bucket_offset + p.nbytes])
+                    for p in self.pieces[bucket]])
 
     def apply(self) -> None:
         """Put the landed version into the model (the caller holds the subscriber's lock)."""
@@ -296,7 +301,8 @@ class InPlace:
         self._copies: list[list[tuple[int, int, int, int]]] = []
         for bucket_pieces in pieces:
             out = []
-            for bucket_offset, lo, n in bucket_pieces:
+            for piece in bucket_pieces:
+                bucket_offset, lo, n = piece.bucket_offset, piece.landing_offset, piece.nbytes
                 i = max(bisect.bisect_right(starts, lo) - 1, 0)
                 while i < len(targets) and starts[i] < lo + n:
                     _, start, size = targets[i]

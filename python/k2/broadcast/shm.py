@@ -13,9 +13,12 @@ the version.
 
 Example (trainer)::
 
-    publisher = WeightPublisher(model, name="policy")
-    ...
-    version = publisher.publish()        # after each optimizer step
+    with WeightPublisher(model, name="policy") as publisher:
+        ...
+        version = publisher.publish()    # after each optimizer step
+
+Leaving the ``with`` block (or calling :meth:`WeightPublisher.close`) removes the segment; a
+publisher still open when the interpreter exits is closed then.
 
 Example (each rollout worker, its own process)::
 
@@ -28,11 +31,13 @@ Example (each rollout worker, its own process)::
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -114,25 +119,26 @@ class Bucket:
         data = torch.frombuffer(memoryview(self._lease), dtype=torch.uint8)
         if name is None:
             return data
-        tensor, _, bucket_offset, n = self._chunk(name)
-        _, dtype, shape, itemsize = self._plan.tensors()[tensor]
-        piece = data[bucket_offset:bucket_offset + n].view(getattr(torch, dtype))
-        whole = n == itemsize * int(torch.Size(shape).numel())
-        return piece.view(shape) if whole else piece
+        chunk = self._chunk(name)
+        spec = self._plan.tensors()[chunk.tensor]
+        piece = data[chunk.bucket_offset:chunk.bucket_offset + chunk.nbytes].view(getattr(torch, spec.dtype))
+        whole = chunk.nbytes == spec.itemsize * int(torch.Size(spec.shape).numel())
+        return piece.view(spec.shape) if whole else piece
 
     def offset(self, name: str) -> int:
         """Element offset, within the flattened tensor ``name``, of its piece in this bucket."""
-        tensor, tensor_offset, _, _ = self._chunk(name)
-        return tensor_offset // self._plan.tensors()[tensor][3]
+        chunk = self._chunk(name)
+        return chunk.tensor_offset // self._plan.tensors()[chunk.tensor].itemsize
 
     def names(self) -> list[str]:
         """The tensors that have a piece in this bucket."""
         specs = self._plan.tensors()
-        return [specs[c[0]][0] for c in self._plan.chunks(self.index)]
+        return [specs[c.tensor].name for c in self._plan.chunks(self.index)]
 
-    def _chunk(self, name: str) -> tuple[int, int, int, int]:
+    def _chunk(self, name: str) -> _native.Chunk:
+        specs = self._plan.tensors()
         for chunk in self._plan.chunks(self.index):
-            if self._plan.tensors()[chunk[0]][0] == name:
+            if specs[chunk.tensor].name == name:
                 return chunk
         raise BroadcastError(f"tensor {name} has no piece in bucket {self.index}")
 
@@ -161,6 +167,11 @@ class WeightPublisher:
             of the weights) and send it to late or restarted workers as soon as they join; it
             also lets workers copy versions straight into their models. False: a ring of two
             slots, and late workers get the next published version.
+
+    Close it (:meth:`close`, or use it as a context manager) to remove the shared-memory
+    segment; one still open when the interpreter exits is closed then (an ``atexit`` hook),
+    and one dropped unclosed is closed when it is collected: the catch-up thread holds only a
+    weak reference to it.
     """
 
     def __init__(self, tensors: TensorSource, *, name: str = "k2",
@@ -177,9 +188,11 @@ class WeightPublisher:
         self._whole = True  # whether the retained slots hold self.version whole
         self._closed = threading.Event()
         self._server: threading.Thread | None = None
+        self._pid = os.getpid()
+        _open_publishers.add(self)
         if catch_up:
-            self._server = threading.Thread(target=self._serve_catch_ups, name=f"k2-broadcast-{name}",
-                                            daemon=True)
+            self._server = threading.Thread(target=_serve_catch_ups, args=(weakref.ref(self), self._closed),
+                                            name=f"k2-broadcast-{name}", daemon=True)
             self._server.start()
 
     def publish(self) -> int:
@@ -199,7 +212,7 @@ class WeightPublisher:
             self._whole = False  # until the round completes
             self._core.begin_round(version, False)
             self._stage(sources)
-            self.failures = {w: why for w, _, why in self._core.finish_round()}
+            self.failures = {f.worker: f.reason for f in self._core.finish_round()}
             self._whole, self.version = True, version
             failures = dict(self.failures)
         if failures:
@@ -224,44 +237,74 @@ class WeightPublisher:
             del slot
             self._core.commit(lease)
 
-    def _serve_catch_ups(self) -> None:
-        """Background thread: send the current version to workers that joined late, straight
-        from the retained slots."""
-        while not self._closed.wait(0.01):
-            try:
-                if not self._core.catch_up_pending():
-                    continue
-                with self._lock:
-                    if not self._whole:
-                        continue  # a publish was interrupted: joiners get the next one
-                    self._core.begin_round(self.version, True)
-                    self._core.resend_all()
-                    self.failures = {w: why for w, _, why in self._core.finish_round()}
-                    if self.failures:
-                        log.warning("catch-up of version %d failed for: %s", self.version,
-                                    "; ".join(f"{w}: {why}" for w, why in self.failures.items()))
-            except BroadcastError as err:
-                if self._closed.is_set():
-                    return
+    def _serve_catch_up(self) -> None:
+        """Send the current version to workers that joined late, straight from the retained
+        slots (called by the catch-up thread, :func:`_serve_catch_ups`)."""
+        try:
+            if not self._core.catch_up_pending():
+                return
+            with self._lock:
+                if not self._whole:
+                    return  # a publish was interrupted: joiners get the next one
+                self._core.begin_round(self.version, True)
+                self._core.resend_all()
+                self.failures = {f.worker: f.reason for f in self._core.finish_round()}
+                if self.failures:
+                    log.warning("catch-up of version %d failed for: %s", self.version,
+                                "; ".join(f"{w}: {why}" for w, why in self.failures.items()))
+        except BroadcastError as err:
+            if not self._closed.is_set():
                 log.warning("catch-up server: %s", err)
 
-    def workers(self) -> list[dict]:
-        """Every joined worker: ``worker``, ``pid``, ``state``, ``applied`` (version), ``alive``."""
+    def workers(self) -> list[_native.WorkerStatus]:
+        """Every joined worker: its name (``worker``), ``pid``, ``state`` (``"current"``,
+        ``"catching-up"`` or ``"evicted"``), ``applied`` (the version it last applied) and
+        whether it is ``alive``."""
         return self._core.workers()
 
     def close(self) -> None:
-        """Stop serving: waiting workers fail at once and the shared-memory file is removed."""
+        """Stop serving: waiting workers fail at once and the shared-memory file is removed.
+        Closing twice is harmless."""
         self._closed.set()
-        if self._server is not None:
+        if self._server is not None and self._server is not threading.current_thread():
             self._server.join()
         with self._lock:
             self._core.close()
+        _open_publishers.discard(self)
 
     def __enter__(self) -> WeightPublisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_open_publishers: weakref.WeakSet[WeightPublisher] = weakref.WeakSet()
+"""Publishers not yet closed, for the exit hook (weak: a dropped publisher closes itself)."""
+
+
+def _serve_catch_ups(publisher_ref: weakref.ref[WeightPublisher], closed: threading.Event) -> None:
+    """The catch-up thread of a publisher. It holds the publisher only weakly, between polls,
+    so an unclosed publisher can still be collected (which removes its segment)."""
+    while not closed.wait(0.01):
+        publisher = publisher_ref()
+        if publisher is None:
+            return
+        publisher._serve_catch_up()
+        del publisher
+
+
+@atexit.register
+def _close_open_publishers() -> None:
+    """At interpreter exit, close every publisher this process left open, so no segment stays
+    behind (a forked child leaves its parent's publishers alone)."""
+    for publisher in list(_open_publishers):
+        if publisher._pid != os.getpid():
+            continue
+        try:
+            publisher.close()
+        except Exception as err:  # noqa: BLE001 - close the others regardless
+            log.warning("closing broadcast %s at exit: %s", publisher.path, err)
 
 
 class WeightSubscriber:
@@ -303,7 +346,7 @@ class WeightSubscriber:
         self.path = segment_path(name)
         model = named_tensors(tensors)()
         self._slices = dict(slices or {})
-        announced = _native.ShmSubscriber.announced_plan(self.path, timeout)
+        announced = _native.ShmSubscriber.announced_plan(self.path, worker, timeout)
         check_model(announced.tensors(), model, self._slices, strict, who=f"worker {worker}")
         self._core = _native.ShmSubscriber(self.path, worker, timeout, verify)
         self.plan = self._core.plan
@@ -335,9 +378,8 @@ class WeightSubscriber:
         started = self._core.next_round(self.timeout if timeout is None else timeout)
         if started is None:
             return
-        _, version = started
         for b in range(self.plan.num_buckets):
-            bucket = Bucket(self._core, self._core.acquire(b), self.plan, version)
+            bucket = Bucket(self._core, self._core.acquire(b), self.plan, started.version)
             yield bucket
             if not bucket.released:
                 bucket.release()
@@ -380,12 +422,11 @@ class WeightSubscriber:
         started = self._core.next_round(self.timeout if timeout is None else timeout)
         if started is None:
             return None
-        _, version = started
         self._core.wait_whole()
         with self.lock:
             self._core.copy_in_place(self._in_place.copies())
-            self.mark_applied(version)
-        return version
+            self.mark_applied(started.version)
+        return started.version
 
     def mark_applied(self, version: int) -> None:
         """Record that ``version`` is now in the model (for :meth:`buckets` users)."""

@@ -520,9 +520,14 @@ impl Publisher {
 
 impl Drop for Publisher {
     /// Mark the segment closed (waiting workers fail at once) and remove its file, unless
-    /// another publisher has replaced it since.
+    /// another publisher has replaced it since. A copy of the publisher in a forked child
+    /// process leaves the segment alone: it belongs to the parent.
     fn drop(&mut self) {
-        self.seg.control().closed.store(1, Ordering::Release);
+        let c = self.seg.control();
+        if c.publisher_pid.load(Ordering::Relaxed) != own_pid() {
+            return;
+        }
+        c.closed.store(1, Ordering::Release);
         let path = self.seg.path();
         if std::fs::metadata(path).map(|m| m.ino()).ok() == Some(self.inode) {
             let _ = std::fs::remove_file(path);

@@ -486,47 +486,60 @@ impl Subscriber {
 }
 
 /// Open the segment at `path`, waiting up to `timeout` for a live publisher to create it.
-/// `who` names the caller in the timeout message.
+/// `who` names the caller in error messages.
+///
+/// A segment whose publisher's process is gone (it exited without closing) fails at once,
+/// saying so: waiting out the timeout would only delay the same error. A segment that was
+/// closed properly is on its way out, so the wait goes on for a new publisher.
 pub fn open_live(path: &Path, who: &str, timeout: Duration, cancel: &Cancel) -> Result<Segment> {
     let start = Instant::now();
     let mut backoff = Backoff::new();
     loop {
-        let attempt = Segment::open(path).and_then(|seg| {
-            let c = seg.control();
-            let pid = c.publisher_pid.load(Ordering::Relaxed);
-            if c.closed.load(Ordering::Acquire) == 0 && process_alive(pid) {
-                Ok(seg)
-            } else {
-                Err(BroadcastError::new(
-                    ErrorKind::PublisherGone,
-                    format!("its publisher (process {pid}) is gone"),
-                ))
+        let not_yet = match Segment::open(path) {
+            Ok(seg) => {
+                let c = seg.control();
+                let pid = c.publisher_pid.load(Ordering::Relaxed);
+                if c.closed.load(Ordering::Acquire) != 0 {
+                    format!("its publisher (process {pid}) closed it")
+                } else if !process_alive(pid) {
+                    return Err(BroadcastError::new(
+                        ErrorKind::PublisherGone,
+                        format!(
+                            "{who}: the publisher of {} (process {pid}) exited without closing it; \
+                             start a publisher (it replaces the stale segment) and join again",
+                            path.display()
+                        ),
+                    ));
+                } else {
+                    return Ok(seg);
+                }
             }
-        });
-        match attempt {
-            Ok(seg) => return Ok(seg),
-            Err(err) if start.elapsed() >= timeout => {
-                return Err(BroadcastError::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "{who}: no live publisher at {} within {:.1} s ({err})",
-                        path.display(),
-                        timeout.as_secs_f64()
-                    ),
-                ))
-            }
-            Err(_) => {
-                cancel.check()?;
-                backoff.snooze();
-            }
+            Err(err) => err.message,
+        };
+        if start.elapsed() >= timeout {
+            return Err(BroadcastError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{who}: no live publisher at {} within {:.1} s ({not_yet})",
+                    path.display(),
+                    timeout.as_secs_f64()
+                ),
+            ));
         }
+        cancel.check()?;
+        backoff.snooze();
     }
 }
 
 /// The plan announced at `path` (waiting up to `timeout` for a live publisher), read without
-/// joining, so a worker can check its model before any bytes move.
-pub fn announced_plan(path: &Path, timeout: Duration, cancel: &Cancel) -> Result<BucketPlan> {
-    open_live(path, "worker", timeout, cancel)?.plan()
+/// joining, so a worker can check its model before any bytes move. `who` names the caller.
+pub fn announced_plan(
+    path: &Path,
+    who: &str,
+    timeout: Duration,
+    cancel: &Cancel,
+) -> Result<BucketPlan> {
+    open_live(path, who, timeout, cancel)?.plan()
 }
 
 /// Claim a free worker record for `name`, refusing a name a live worker already uses.

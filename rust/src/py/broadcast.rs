@@ -9,30 +9,34 @@ use std::ffi::c_int;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use pyo3::{ffi, import_exception};
 
+use super::closable::Closable;
 use super::errors::K2IOError;
+use super::record::record;
 use super::runtime::detached;
 use crate::broadcast::segment::Segment;
-use crate::broadcast::{
-    copy_all, BucketPlan, CopyJob, ErrorKind, PublishOptions, Publisher, ReceivePlan, Subscriber,
-    TensorSpec, Want, WorkerFailure,
-};
+use crate::broadcast::{self as bc, copy_all, BucketPlan, CopyJob, ErrorKind, PublishOptions};
 
 import_exception!(k2.errors, BroadcastError);
 
-/// A broadcast error as the matching `k2.errors` exception.
-fn to_py(err: crate::broadcast::BroadcastError) -> PyErr {
-    match err.kind {
-        ErrorKind::Io => K2IOError::new_err(err.message),
-        _ => BroadcastError::new_err(err.message),
+impl From<bc::BroadcastError> for PyErr {
+    fn from(err: bc::BroadcastError) -> PyErr {
+        match err.kind {
+            ErrorKind::Io => K2IOError::new_err(err.message),
+            ErrorKind::Cancelled => PyKeyboardInterrupt::new_err(err.message),
+            _ => BroadcastError::new_err(err.message),
+        }
     }
+}
+
+fn broadcast_error(message: String) -> PyErr {
+    BroadcastError::new_err(message)
 }
 
 fn seconds(what: &str, value: f64) -> PyResult<Duration> {
@@ -43,32 +47,144 @@ fn seconds(what: &str, value: f64) -> PyResult<Duration> {
     })
 }
 
+record! {
+    /// One tensor of a bucket plan: its name, dtype name (torch's, e.g. ``"bfloat16"``),
+    /// shape and element size in bytes.
+    "TensorSpec" PyTensorSpec {
+        name: String,
+        dtype: String,
+        shape: Vec<u64>,
+        itemsize: u64,
+    }
+}
+
+record! {
+    /// A piece of tensor ``tensor`` (its index in the plan) held in a bucket: ``nbytes`` bytes
+    /// from byte ``tensor_offset`` of the tensor, at byte ``bucket_offset`` of the bucket.
+    "Chunk" PyChunk {
+        tensor: usize,
+        tensor_offset: u64,
+        bucket_offset: u64,
+        nbytes: u64,
+    }
+}
+
+record! {
+    /// A window of bytes ``start..end``.
+    "ByteRange" PyByteRange {
+        start: u64,
+        end: u64,
+    }
+}
+
+record! {
+    /// Where a subscriber's wanted bytes of tensor ``tensor`` go in its landing layout:
+    /// ``nbytes`` bytes at ``landing_offset``.
+    "Target" PyTarget {
+        tensor: usize,
+        landing_offset: u64,
+        nbytes: u64,
+    }
+}
+
+record! {
+    /// One copy of a subscriber's receive plan: ``nbytes`` bytes from ``bucket_offset`` of a
+    /// bucket to ``landing_offset`` of the landing layout.
+    "Piece" PyPiece {
+        bucket_offset: u64,
+        landing_offset: u64,
+        nbytes: u64,
+    }
+}
+
+record! {
+    /// A subscriber's copies (see ``BucketPlan.receive_plan``): the landing layout's size,
+    /// where each wanted tensor lands, and per bucket the pieces to copy.
+    "ReceivePlan" PyReceivePlan {
+        landing_bytes: u64,
+        targets: Vec<PyTarget>,
+        pieces: Vec<Vec<PyPiece>>,
+    }
+}
+
+record! {
+    /// A round that includes this worker: its id and the weight version it carries.
+    "RoundInfo" PyRoundInfo {
+        round: u64,
+        version: u64,
+    }
+}
+
+record! {
+    /// A joined worker as the publisher sees it; ``state`` is ``"current"``,
+    /// ``"catching-up"`` or ``"evicted"``, ``applied`` the version it last applied.
+    "WorkerStatus" PyWorkerStatus {
+        worker: String,
+        pid: u64,
+        state: String,
+        applied: u64,
+        alive: bool,
+    }
+}
+
+record! {
+    /// A worker the publisher gave up on during a round, and why.
+    "WorkerFailure" PyWorkerFailure {
+        worker: String,
+        pid: u64,
+        reason: String,
+    }
+}
+
+impl From<&bc::TensorSpec> for PyTensorSpec {
+    fn from(t: &bc::TensorSpec) -> Self {
+        Self {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+            itemsize: t.itemsize,
+        }
+    }
+}
+
+/// A tensor spec as Python may give it: a ``TensorSpec`` or a ``(name, dtype, shape,
+/// itemsize)`` tuple.
+#[derive(FromPyObject)]
+enum SpecArg<'py> {
+    Typed(PyRef<'py, PyTensorSpec>),
+    Tuple(String, String, Vec<u64>, u64),
+}
+
+impl From<SpecArg<'_>> for bc::TensorSpec {
+    fn from(arg: SpecArg<'_>) -> Self {
+        let (name, dtype, shape, itemsize) = match arg {
+            SpecArg::Typed(t) => (t.name.clone(), t.dtype.clone(), t.shape.clone(), t.itemsize),
+            SpecArg::Tuple(name, dtype, shape, itemsize) => (name, dtype, shape, itemsize),
+        };
+        bc::TensorSpec {
+            name,
+            dtype,
+            shape,
+            itemsize,
+        }
+    }
+}
+
 /// Tensors packed 256-byte aligned into fixed-size buckets (see `k2.broadcast`).
 ///
 /// Args:
-///     tensors: ``(name, dtype, shape, itemsize)`` per tensor, in packing order.
+///     tensors: a ``TensorSpec`` (or ``(name, dtype, shape, itemsize)`` tuple) per tensor, in
+///         packing order.
 ///     bucket_bytes: bucket size, a positive multiple of 256.
 #[pyclass(frozen, module = "k2._native", name = "BucketPlan")]
 pub struct PyBucketPlan(BucketPlan);
 
-type Spec = (String, String, Vec<u64>, u64);
-
 #[pymethods]
 impl PyBucketPlan {
     #[new]
-    fn new(tensors: Vec<Spec>, bucket_bytes: u64) -> PyResult<Self> {
-        let specs = tensors
-            .into_iter()
-            .map(|(name, dtype, shape, itemsize)| TensorSpec {
-                name,
-                dtype,
-                shape,
-                itemsize,
-            })
-            .collect();
-        BucketPlan::new(specs, bucket_bytes)
-            .map(Self)
-            .map_err(to_py)
+    fn new(tensors: Vec<SpecArg<'_>>, bucket_bytes: u64) -> PyResult<Self> {
+        let specs = tensors.into_iter().map(bc::TensorSpec::from).collect();
+        Ok(Self(BucketPlan::new(specs, bucket_bytes)?))
     }
 
     #[getter]
@@ -86,13 +202,9 @@ impl PyBucketPlan {
         self.0.arena_bytes()
     }
 
-    /// ``(name, dtype, shape, itemsize)`` of every tensor, in plan order.
-    fn tensors(&self) -> Vec<Spec> {
-        self.0
-            .tensors()
-            .iter()
-            .map(|t| (t.name.clone(), t.dtype.clone(), t.shape.clone(), t.itemsize))
-            .collect()
+    /// Every tensor's ``TensorSpec``, in plan order.
+    fn tensors(&self) -> Vec<PyTensorSpec> {
+        self.0.tensors().iter().map(PyTensorSpec::from).collect()
     }
 
     /// Arena offset of every tensor, in plan order.
@@ -102,21 +214,29 @@ impl PyBucketPlan {
             .collect()
     }
 
-    /// ``(start, end)``: the arena window of bucket ``bucket``.
-    fn bucket_range(&self, bucket: usize) -> PyResult<(u64, u64)> {
+    /// The arena window of bucket ``bucket``.
+    fn bucket_range(&self, bucket: usize) -> PyResult<PyByteRange> {
         self.check_bucket(bucket)?;
         let r = self.0.bucket_range(bucket);
-        Ok((r.start, r.end))
+        Ok(PyByteRange {
+            start: r.start,
+            end: r.end,
+        })
     }
 
-    /// ``(tensor, tensor_offset, bucket_offset, nbytes)`` for every tensor piece in a bucket.
-    fn chunks(&self, bucket: usize) -> PyResult<Vec<(usize, u64, u64, u64)>> {
+    /// Every tensor piece held in bucket ``bucket``, in bucket order.
+    fn chunks(&self, bucket: usize) -> PyResult<Vec<PyChunk>> {
         self.check_bucket(bucket)?;
         Ok(self
             .0
             .chunks(bucket)
             .iter()
-            .map(|c| (c.tensor, c.tensor_offset, c.bucket_offset, c.len))
+            .map(|c| PyChunk {
+                tensor: c.tensor,
+                tensor_offset: c.tensor_offset,
+                bucket_offset: c.bucket_offset,
+                nbytes: c.len,
+            })
             .collect())
     }
 
@@ -125,43 +245,57 @@ impl PyBucketPlan {
     /// Args:
     ///     wants: ``(tensor index, row ranges or None for the whole tensor)`` per wanted tensor;
     ///         row ranges are ``(start, stop)`` pairs along dim 0, laid out in the given order.
-    ///
-    /// Returns:
-    ///     ``(landing_bytes, targets, pieces)``: the landing buffer's size; per wanted tensor
-    ///     ``(tensor, landing_offset, nbytes)``; per bucket a list of
-    ///     ``(bucket_offset, landing_offset, nbytes)`` copies.
     #[allow(clippy::type_complexity)]
     fn receive_plan(
         &self,
         wants: Vec<(usize, Option<Vec<(u64, u64)>>)>,
-    ) -> PyResult<(u64, Vec<(usize, u64, u64)>, Vec<Vec<(u64, u64, u64)>>)> {
-        let wants: Vec<Want> = wants
+    ) -> PyResult<PyReceivePlan> {
+        let wants: Vec<bc::Want> = wants
             .into_iter()
-            .map(|(tensor, rows)| Want {
+            .map(|(tensor, rows)| bc::Want {
                 tensor,
                 rows: rows.map(|r| {
                     r.into_iter()
-                        .map(|(a, b)| Range { start: a, end: b })
+                        .map(|(start, end)| Range { start, end })
                         .collect()
                 }),
             })
             .collect();
-        let plan = ReceivePlan::new(&self.0, &wants).map_err(to_py)?;
-        Ok((
-            plan.landing_bytes,
-            plan.targets
+        let plan = bc::ReceivePlan::new(&self.0, &wants)?;
+        Ok(PyReceivePlan {
+            landing_bytes: plan.landing_bytes,
+            targets: plan
+                .targets
                 .iter()
-                .map(|t| (t.tensor, t.landing_offset, t.len))
+                .map(|t| PyTarget {
+                    tensor: t.tensor,
+                    landing_offset: t.landing_offset,
+                    nbytes: t.len,
+                })
                 .collect(),
-            plan.pieces
+            pieces: plan
+                .pieces
                 .iter()
                 .map(|list| {
                     list.iter()
-                        .map(|p| (p.bucket_offset, p.landing_offset, p.len))
+                        .map(|p| PyPiece {
+                            bucket_offset: p.bucket_offset,
+                            landing_offset: p.landing_offset,
+                            nbytes: p.len,
+                        })
                         .collect()
                 })
                 .collect(),
-        ))
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "BucketPlan({} tensors, {} buckets of {} bytes)",
+            self.0.tensors().len(),
+            self.0.num_buckets(),
+            self.0.bucket_bytes()
+        )
     }
 }
 
@@ -284,19 +418,9 @@ impl PyBucketLease {
     }
 }
 
-fn lock<'a, T>(m: &'a Mutex<Option<T>>, what: &str) -> PyResult<MutexGuard<'a, Option<T>>> {
-    let guard = m.lock().map_err(|_| {
-        BroadcastError::new_err(format!("{what} is unusable after an internal error"))
-    })?;
-    if guard.is_none() {
-        return Err(BroadcastError::new_err(format!("{what} is closed")));
-    }
-    Ok(guard)
-}
-
 /// The publishing end of a shared-memory segment (use ``k2.broadcast.WeightPublisher``).
 #[pyclass(frozen, module = "k2._native", name = "ShmPublisher")]
-pub struct PyShmPublisher(Mutex<Option<Publisher>>);
+pub struct PyShmPublisher(Closable<bc::Publisher>);
 
 #[pymethods]
 impl PyShmPublisher {
@@ -314,59 +438,53 @@ impl PyShmPublisher {
             retain,
             timeout: seconds("timeout", timeout)?,
         };
-        let publisher = Publisher::create(&path, plan.0.clone(), options).map_err(to_py)?;
-        Ok(Self(Mutex::new(Some(publisher))))
+        let publisher = bc::Publisher::create(&path, plan.0.clone(), options)?;
+        let what = format!("the publisher of {}", path.display());
+        Ok(Self(Closable::new(
+            publisher,
+            what,
+            "closed",
+            broadcast_error,
+        )))
     }
 
     /// Whether every bucket has a slot of its own (the newest version stays whole).
     #[getter]
     fn retains(&self) -> PyResult<bool> {
-        Ok(lock(&self.0, "publisher")?.as_ref().unwrap().retains())
+        self.0.with(|p| Ok::<_, PyErr>(p.retains()))
     }
 
     /// The newest version delivered in full (0 before the first).
     #[getter]
     fn published_version(&self) -> PyResult<u64> {
-        Ok(lock(&self.0, "publisher")?
-            .as_ref()
-            .unwrap()
-            .published_version())
+        self.0.with(|p| Ok::<_, PyErr>(p.published_version()))
     }
 
-    /// Every joined worker: dicts with ``worker``, ``pid``, ``state``, ``applied``, ``alive``.
-    fn workers<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let statuses = lock(&self.0, "publisher")?.as_ref().unwrap().workers();
-        statuses
+    /// Every joined worker.
+    fn workers(&self) -> PyResult<Vec<PyWorkerStatus>> {
+        let statuses = self.0.with(|p| Ok::<_, PyErr>(p.workers()))?;
+        Ok(statuses
             .into_iter()
-            .map(|w| {
-                let d = PyDict::new(py);
-                d.set_item("worker", w.worker)?;
-                d.set_item("pid", w.pid)?;
-                d.set_item("state", w.state)?;
-                d.set_item("applied", w.applied)?;
-                d.set_item("alive", w.alive)?;
-                Ok(d)
+            .map(|w| PyWorkerStatus {
+                worker: w.worker,
+                pid: w.pid,
+                state: w.state.to_string(),
+                applied: w.applied,
+                alive: w.alive,
             })
-            .collect()
+            .collect())
     }
 
     /// Whether a live worker waits to be sent the published version.
     fn catch_up_pending(&self) -> PyResult<bool> {
-        Ok(lock(&self.0, "publisher")?
-            .as_ref()
-            .unwrap()
-            .catch_up_pending())
+        self.0.with(|p| Ok::<_, PyErr>(p.catch_up_pending()))
     }
 
     /// Start a round carrying ``version`` (or, with ``catch_up``, the published version to the
     /// workers that asked for it). Returns the number of workers in it.
     fn begin_round(&self, py: Python<'_>, version: u64, catch_up: bool) -> PyResult<usize> {
         detached(py, "ShmPublisher.begin_round", |cancel| {
-            lock(&self.0, "publisher")?
-                .as_mut()
-                .unwrap()
-                .begin_round(version, catch_up, cancel)
-                .map_err(to_py)
+            self.0.with(|p| p.begin_round(version, catch_up, cancel))
         })
     }
 
@@ -376,34 +494,30 @@ impl PyShmPublisher {
     /// ``t``'s contiguous bytes, which the caller keeps alive and unmodified during the call.
     fn stage_all(&self, py: Python<'_>, sources: Vec<usize>) -> PyResult<()> {
         detached(py, "ShmPublisher.stage_all", |cancel| {
-            let mut guard = lock(&self.0, "publisher")?;
-            let publisher = guard.as_mut().unwrap();
-            for bucket in 0..publisher.plan().num_buckets() {
-                // SAFETY: the caller vouches for the source addresses (see above).
-                unsafe { publisher.stage_from(bucket, &sources, cancel) }.map_err(to_py)?;
-            }
-            Ok::<_, PyErr>(())
+            self.0.with(|p| {
+                for bucket in 0..p.plan().num_buckets() {
+                    // SAFETY: the caller vouches for the source addresses (see above).
+                    unsafe { p.stage_from(bucket, &sources, cancel) }?;
+                }
+                Ok::<_, bc::BroadcastError>(())
+            })
         })
     }
 
     /// Re-announce every bucket of a retained segment in a catch-up round (no bytes move).
     fn resend_all(&self) -> PyResult<()> {
-        let mut guard = lock(&self.0, "publisher")?;
-        let publisher = guard.as_mut().unwrap();
-        for bucket in 0..publisher.plan().num_buckets() {
-            publisher.resend(bucket).map_err(to_py)?;
-        }
-        Ok(())
+        self.0
+            .with(|p| (0..p.plan().num_buckets()).try_for_each(|bucket| p.resend(bucket)))
     }
 
     /// Wait (bounded) until bucket ``bucket``'s slot is free and lend it out, writable.
     fn acquire_slot(&self, py: Python<'_>, bucket: usize) -> PyResult<PyBucketLease> {
         detached(py, "ShmPublisher.acquire_slot", |cancel| {
-            let mut guard = lock(&self.0, "publisher")?;
-            let publisher = guard.as_mut().unwrap();
-            let seg = Arc::clone(publisher.segment());
-            let bytes = publisher.acquire_slot(bucket, cancel).map_err(to_py)?;
-            Ok::<_, PyErr>(PyBucketLease::new(seg, bytes, bucket))
+            self.0.with(|p| {
+                let seg = Arc::clone(p.segment());
+                let bytes = p.acquire_slot(bucket, cancel)?;
+                Ok::<_, bc::BroadcastError>(PyBucketLease::new(seg, bytes, bucket))
+            })
         })
     }
 
@@ -411,51 +525,36 @@ impl PyShmPublisher {
     fn commit(&self, py: Python<'_>, lease: &PyBucketLease) -> PyResult<()> {
         lease.retire("commit")?;
         detached(py, "ShmPublisher.commit", |_| {
-            lock(&self.0, "publisher")?
-                .as_mut()
-                .unwrap()
-                .commit(lease.bucket)
-                .map_err(to_py)
+            self.0.with(|p| p.commit(lease.bucket))
         })
     }
 
-    /// Wait (bounded) for the last acknowledgements and end the round.
-    ///
-    /// Returns:
-    ///     ``(worker, pid, reason)`` for every worker that failed during the round.
-    fn finish_round(&self, py: Python<'_>) -> PyResult<Vec<(String, u64, String)>> {
+    /// Wait (bounded) for the last acknowledgements and end the round; returns every worker
+    /// that failed during the round.
+    fn finish_round(&self, py: Python<'_>) -> PyResult<Vec<PyWorkerFailure>> {
         let failures = detached(py, "ShmPublisher.finish_round", |cancel| {
-            lock(&self.0, "publisher")?
-                .as_mut()
-                .unwrap()
-                .finish_round(cancel)
-                .map_err(to_py)
+            self.0.with(|p| p.finish_round(cancel))
         })?;
         Ok(failures
             .into_iter()
-            .map(
-                |WorkerFailure {
-                     worker,
-                     pid,
-                     reason,
-                 }| (worker, pid, reason),
-            )
+            .map(|f| PyWorkerFailure {
+                worker: f.worker,
+                pid: f.pid,
+                reason: f.reason,
+            })
             .collect())
     }
 
     /// Close the segment: waiting workers fail at once, and the file is removed.
-    fn close(&self) -> PyResult<()> {
-        if let Ok(mut guard) = self.0.lock() {
-            guard.take();
-        }
-        Ok(())
+    fn close(&self) {
+        self.0.close();
     }
 }
 
 /// A worker's end of a shared-memory segment (use ``k2.broadcast.WeightSubscriber``).
 #[pyclass(frozen, module = "k2._native", name = "ShmSubscriber")]
 pub struct PyShmSubscriber {
-    inner: Mutex<Option<Subscriber>>,
+    inner: Closable<bc::Subscriber>,
     /// The mapping, for lock-free reads of the control block.
     seg: Arc<Segment>,
     plan: Py<PyBucketPlan>,
@@ -475,26 +574,30 @@ impl PyShmSubscriber {
     ) -> PyResult<Self> {
         let timeout = seconds("timeout", timeout)?;
         let sub = detached(py, "ShmSubscriber", |cancel| {
-            Subscriber::join(&path, &worker, timeout, verify, cancel).map_err(to_py)
+            bc::Subscriber::join(&path, &worker, timeout, verify, cancel)
         })?;
         let plan = Py::new(py, PyBucketPlan(sub.plan().clone()))?;
         let seg = Arc::clone(sub.segment());
         Ok(Self {
-            inner: Mutex::new(Some(sub)),
+            inner: Closable::new(sub, format!("worker {worker}"), "closed", broadcast_error),
             seg,
             plan,
         })
     }
 
-    /// The plan announced at ``path``, read without joining (waits up to ``timeout`` seconds
-    /// for a live publisher).
+    /// The plan announced at ``path``, read without joining: waits up to ``timeout`` seconds
+    /// for a live publisher; ``worker`` names the caller in errors.
     #[staticmethod]
-    fn announced_plan(py: Python<'_>, path: PathBuf, timeout: f64) -> PyResult<PyBucketPlan> {
+    fn announced_plan(
+        py: Python<'_>,
+        path: PathBuf,
+        worker: String,
+        timeout: f64,
+    ) -> PyResult<PyBucketPlan> {
         let timeout = seconds("timeout", timeout)?;
         detached(py, "ShmSubscriber.announced_plan", |cancel| {
-            crate::broadcast::announced_plan(&path, timeout, cancel)
+            bc::announced_plan(&path, &format!("worker {worker}"), timeout, cancel)
                 .map(PyBucketPlan)
-                .map_err(to_py)
         })
     }
 
@@ -507,37 +610,31 @@ impl PyShmSubscriber {
     /// The newest version the publisher delivered in full.
     #[getter]
     fn published_version(&self) -> u64 {
-        self.seg
-            .control()
-            .published_version
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.seg.control().published_version.load(Ordering::Acquire)
     }
 
-    /// Wait up to ``timeout`` seconds for a round that includes this worker.
-    ///
-    /// Returns:
-    ///     ``(round, version)``, or None if no round began in time.
-    fn next_round(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<(u64, u64)>> {
+    /// Wait up to ``timeout`` seconds for a round that includes this worker; None if no round
+    /// began in time.
+    fn next_round(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<PyRoundInfo>> {
         let timeout = seconds("timeout", timeout)?;
         let info = detached(py, "ShmSubscriber.next_round", |cancel| {
-            lock(&self.inner, "subscriber")?
-                .as_mut()
-                .unwrap()
-                .next_round(timeout, cancel)
-                .map_err(to_py)
+            self.inner.with(|s| s.next_round(timeout, cancel))
         })?;
-        Ok(info.map(|r| (r.id, r.version)))
+        Ok(info.map(|r| PyRoundInfo {
+            round: r.id,
+            version: r.version,
+        }))
     }
 
     /// Wait (bounded) for bucket ``bucket`` of the current round (verifying its checksum if
     /// asked) and lend it out.
     fn acquire(&self, py: Python<'_>, bucket: usize) -> PyResult<PyBucketLease> {
         detached(py, "ShmSubscriber.acquire", |cancel| {
-            let mut guard = lock(&self.inner, "subscriber")?;
-            let sub = guard.as_mut().unwrap();
-            let seg = Arc::clone(sub.segment());
-            let bytes = sub.acquire(bucket, cancel).map_err(to_py)?;
-            Ok::<_, PyErr>(PyBucketLease::new(seg, bytes, bucket))
+            self.inner.with(|s| {
+                let seg = Arc::clone(s.segment());
+                let bytes = s.acquire(bucket, cancel)?;
+                Ok::<_, bc::BroadcastError>(PyBucketLease::new(seg, bytes, bucket))
+            })
         })
     }
 
@@ -545,11 +642,7 @@ impl PyShmSubscriber {
     /// was overwritten while it was read (the worker was evicted).
     fn release(&self, lease: &PyBucketLease) -> PyResult<()> {
         lease.retire("release")?;
-        lock(&self.inner, "subscriber")?
-            .as_mut()
-            .unwrap()
-            .release(lease.bucket)
-            .map_err(to_py)
+        self.inner.with(|s| s.release(lease.bucket))
     }
 
     /// Whether the publisher keeps the whole version in shared memory (one slot per bucket),
@@ -563,11 +656,7 @@ impl PyShmSubscriber {
     /// if asked.
     fn wait_whole(&self, py: Python<'_>) -> PyResult<()> {
         detached(py, "ShmSubscriber.wait_whole", |cancel| {
-            lock(&self.inner, "subscriber")?
-                .as_mut()
-                .unwrap()
-                .wait_whole(cancel)
-                .map_err(to_py)
+            self.inner.with(|s| s.wait_whole(cancel))
         })
     }
 
@@ -579,36 +668,27 @@ impl PyShmSubscriber {
     /// keeps alive and lets nothing else touch during the call, and no two may overlap.
     fn copy_in_place(&self, py: Python<'_>, copies: Vec<Vec<(u64, usize, u64)>>) -> PyResult<()> {
         detached(py, "ShmSubscriber.copy_in_place", |_| {
-            let mut guard = lock(&self.inner, "subscriber")?;
             // SAFETY: the caller vouches for the destinations (see above).
-            unsafe { guard.as_mut().unwrap().copy_in_place(&copies) }.map_err(to_py)
+            self.inner.with(|s| unsafe { s.copy_in_place(&copies) })
         })
     }
 
     /// Record that ``version`` is applied to the model.
     fn applied(&self, version: u64) -> PyResult<()> {
-        lock(&self.inner, "subscriber")?
-            .as_ref()
-            .unwrap()
-            .applied(version);
-        Ok(())
+        self.inner.with(|s| {
+            s.applied(version);
+            Ok::<_, PyErr>(())
+        })
     }
 
     /// After an eviction, ask to be sent the current version again.
     fn rejoin(&self) -> PyResult<()> {
-        lock(&self.inner, "subscriber")?
-            .as_mut()
-            .unwrap()
-            .rejoin()
-            .map_err(to_py)
+        self.inner.with(|s| s.rejoin())
     }
 
     /// Leave the segment (frees this worker's record).
-    fn close(&self) -> PyResult<()> {
-        if let Ok(mut guard) = self.inner.lock() {
-            guard.take();
-        }
-        Ok(())
+    fn close(&self) {
+        self.inner.close();
     }
 }
 
@@ -634,5 +714,14 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBucketLease>()?;
     m.add_class::<PyShmPublisher>()?;
     m.add_class::<PyShmSubscriber>()?;
+    m.add_class::<PyTensorSpec>()?;
+    m.add_class::<PyChunk>()?;
+    m.add_class::<PyByteRange>()?;
+    m.add_class::<PyTarget>()?;
+    m.add_class::<PyPiece>()?;
+    m.add_class::<PyReceivePlan>()?;
+    m.add_class::<PyRoundInfo>()?;
+    m.add_class::<PyWorkerStatus>()?;
+    m.add_class::<PyWorkerFailure>()?;
     Ok(())
 }

@@ -6,7 +6,6 @@
 //! call (writing, verifying) runs through [`detached`].
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use numpy::ndarray::ArrayView1;
 use numpy::PyArray1;
@@ -15,6 +14,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use super::closable::Closable;
 use super::errors::{CheckpointError, K2IOError};
 use super::runtime::detached;
 use crate::checkpoint::format::{dtype_name, parse_dtype};
@@ -102,22 +102,11 @@ fn events_to_py(events: Vec<Event>) -> Vec<(String, String, Option<String>)> {
 ///     durable: fsync files and directories (turn off only for benchmarks).
 #[pyclass(frozen, module = "k2._native", name = "CheckpointWriter")]
 pub struct PyCheckpointWriter {
-    inner: Mutex<Option<writer::CheckpointWriter>>,
+    inner: Closable<writer::CheckpointWriter>,
 }
 
-impl PyCheckpointWriter {
-    fn with_writer<T>(
-        &self,
-        f: impl FnOnce(&mut writer::CheckpointWriter) -> PyResult<T>,
-    ) -> PyResult<T> {
-        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_mut() {
-            Some(w) => f(w),
-            None => Err(CheckpointError::new_err(
-                "this CheckpointWriter was already committed",
-            )),
-        }
-    }
+fn checkpoint_error(message: String) -> PyErr {
+    CheckpointError::new_err(message)
 }
 
 #[pymethods]
@@ -137,8 +126,9 @@ impl PyCheckpointWriter {
         let writer = detached(py, "CheckpointWriter", |_| {
             writer::CheckpointWriter::create(&final_dir, options)
         })?;
+        let what = format!("the CheckpointWriter of {}", final_dir.display());
         Ok(PyCheckpointWriter {
-            inner: Mutex::new(Some(writer)),
+            inner: Closable::new(writer, what, "already committed", checkpoint_error),
         })
     }
 
@@ -169,7 +159,7 @@ impl PyCheckpointWriter {
                 ))
             })
             .collect::<PyResult<_>>()?;
-        self.with_writer(|w| {
+        self.inner.with(|w| {
             detached(py, "CheckpointWriter.write_groups", |cancel| {
                 let mut shards = Vec::new();
                 for (group, tensors) in &groups {
@@ -196,7 +186,7 @@ impl PyCheckpointWriter {
             .into_iter()
             .map(Borrowed::new)
             .collect::<PyResult<_>>()?;
-        self.with_writer(|w| {
+        self.inner.with(|w| {
             detached(py, "CheckpointWriter.write_shard", |cancel| {
                 // SAFETY: `tensors` outlives this closure and is only read.
                 let refs = tensors.iter().map(|t| unsafe { t.tensor_ref() }).collect();
@@ -214,7 +204,7 @@ impl PyCheckpointWriter {
 
     /// Write a small non-tensor file (JSON, tokenizer files) into the checkpoint.
     fn write_file(&self, py: Python<'_>, file_name: String, data: Vec<u8>) -> PyResult<()> {
-        self.with_writer(|w| {
+        self.inner.with(|w| {
             detached(py, "CheckpointWriter.write_file", |_| {
                 w.write_file(&file_name, &data)
             })
@@ -237,14 +227,7 @@ impl PyCheckpointWriter {
         publish_latest: bool,
         keep_last: Option<usize>,
     ) -> PyResult<Vec<(String, String, Option<String>)>> {
-        let writer = self
-            .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| {
-                CheckpointError::new_err("this CheckpointWriter was already committed")
-            })?;
+        let writer = self.inner.take()?;
         let publish = if publish_latest {
             Publish::Latest { keep_last }
         } else {

@@ -2,7 +2,7 @@
 //! numpy without a copy (each array's base is a [`PyBatchBuffer`] holding a pooled buffer).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use numpy::ndarray::ArrayView2;
@@ -11,6 +11,7 @@ use pyo3::import_exception;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+use super::closable::Closable;
 use super::errors::{K2Error, K2IOError};
 use super::runtime::detached;
 use crate::data::pool::BufferPool;
@@ -35,23 +36,11 @@ impl From<data::DataError> for PyErr {
 #[pyclass(frozen, module = "k2._native", name = "ShardWriter")]
 struct PyShardWriter {
     path: PathBuf,
-    writer: Mutex<Option<data::ShardWriter>>,
+    writer: Closable<data::ShardWriter>,
 }
 
-impl PyShardWriter {
-    fn with_writer<T>(
-        &self,
-        work: impl FnOnce(&mut data::ShardWriter) -> Result<T, data::DataError>,
-    ) -> PyResult<T> {
-        let mut guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let writer = guard.as_mut().ok_or_else(|| {
-            DataError::new_err(format!(
-                "{}: the shard writer is already finished",
-                self.path.display()
-            ))
-        })?;
-        Ok(work(writer)?)
-    }
+fn data_error(message: String) -> PyErr {
+    DataError::new_err(message)
 }
 
 #[pymethods]
@@ -59,9 +48,10 @@ impl PyShardWriter {
     #[new]
     fn new(path: PathBuf, vocab_size: u32) -> PyResult<Self> {
         let writer = data::ShardWriter::create(&path, vocab_size)?;
+        let what = format!("the shard writer of {}", path.display());
         Ok(Self {
             path,
-            writer: Mutex::new(Some(writer)),
+            writer: Closable::new(writer, what, "already finished", data_error),
         })
     }
 
@@ -84,26 +74,20 @@ impl PyShardWriter {
             )));
         }
         detached(py, "ShardWriter.add_documents", |_| {
-            self.with_writer(|writer| {
+            self.writer.with(|writer| {
                 let mut start = 0;
                 for &n in lengths {
                     writer.add_document(&tokens[start..start + n as usize])?;
                     start += n as usize;
                 }
-                Ok(())
+                Ok::<_, data::DataError>(())
             })
         })
     }
 
     /// Complete the shard; returns `{"tokens", "documents", "checksum"}`.
     fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let writer = writer.ok_or_else(|| {
-            DataError::new_err(format!(
-                "{}: the shard writer is already finished",
-                self.path.display()
-            ))
-        })?;
+        let writer = self.writer.take()?;
         let summary = detached(py, "ShardWriter.finish", |_| writer.finish())?;
         let out = PyDict::new(py);
         out.set_item("tokens", summary.token_count)?;
