@@ -7,7 +7,7 @@
 - :func:`tokens_to_reach`: where an evaluation curve first reaches a loss (interpolated).
 - :func:`print_header`: the machine and versions line every benchmark prints first.
 
-Runs go through :class:`k2.train.loop.Trainer` in this process, exactly as ``k2 train`` would run
+Runs go through :class:`k2.train.pretrain.Trainer` in this process, exactly as ``k2 train`` would run
 them with the same settings (the run directory's ``config.json`` says which).
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from k2.errors import ConfigError
 from k2.train.config import TrainConfig
-from k2.train.loop import Trainer
+from k2.train.pretrain import Trainer
 from k2.train.metrics import read_metrics
 
 RESULT = "result.json"

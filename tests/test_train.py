@@ -18,7 +18,7 @@ from k2 import checkpoint
 from k2.cli import main
 from k2.model import K2Config, K2ForCausalLM
 from k2.train.config import TrainConfig
-from k2.train.loop import sample_positions
+from k2.train.pretrain import sample_positions
 from k2.train.metrics import read_metrics
 
 # Small but real: the tiny preset on short sequences of a small code corpus.

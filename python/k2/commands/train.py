@@ -16,7 +16,7 @@ from k2.train.config import HELP, TrainConfig
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2.train.loop import Trainer
+    from k2.train.pretrain import Trainer
 
     overrides = {name: getattr(args, name) for name in TrainConfig.fields()}
     config = TrainConfig.resolve(args.config, **overrides)
