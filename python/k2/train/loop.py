@@ -33,7 +33,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from k2.train.baseline import BaselineReport, fit_baselines
 from k2.train.config import TrainConfig
 from k2.train.metrics import MetricsLog, read_metrics
 from k2.train.schedule import WSDSchedule
+
+if TYPE_CHECKING:
+    from k2.data.manifest import TokenManifest
 
 CHECKPOINTS = "checkpoints"
 
@@ -123,18 +126,18 @@ def environment() -> dict[str, Any]:
     }
 
 
-def ensure_data(config: TrainConfig, d: Dist, log: Callable[[str], None]) -> dict:
+def ensure_data(config: TrainConfig, d: Dist, log: Callable[[str], None]) -> TokenManifest:
     """The manifest of ``config.data_dir``, preparing the data there first if it has none."""
     from k2.data import PrepareOptions, prepare
+    from k2.data.manifest import MANIFEST, read_manifest
 
-    manifest = Path(config.data_dir) / "manifest.json"
-    if not manifest.exists() and d.main:
+    if not (Path(config.data_dir) / MANIFEST).exists() and d.main:
         log(f"preparing data in {config.data_dir} (first run only)")
         prepare(PrepareOptions(corpus=tuple(config.corpus), out_dir=Path(config.data_dir),
                                vocab_size=config.vocab_size), log=log, show_progress=False)
     if d.world > 1:
         dist.barrier()
-    return json.loads(manifest.read_text())
+    return read_manifest(config.data_dir)
 
 
 def sample_positions(positions: torch.Tensor) -> torch.Tensor:
@@ -215,8 +218,8 @@ class Trainer:
             (self.run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
         self.log(f"run directory: {self.run_dir}")
         manifest = ensure_data(cfg, d, self.log)
-        if manifest["vocab_size"] > self.model_config.vocab_size:
-            raise ConfigError(f"the data's vocabulary ({manifest['vocab_size']}) is larger than the "
+        if manifest.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(f"the data's vocabulary ({manifest.vocab_size}) is larger than the "
                               f"{cfg.preset} model's ({self.model_config.vocab_size}); prepare "
                               f"it with --vocab-size {self.model_config.vocab_size}")
 
@@ -396,7 +399,7 @@ class Trainer:
         model.train()
         return self._mean_over_ranks(total / max(count, 1))
 
-    def _baselines(self, manifest: dict) -> BaselineReport:
+    def _baselines(self, manifest: TokenManifest) -> BaselineReport:
         from k2.data import load_tokenizer, read_tokens
 
         t0 = time.perf_counter()
@@ -404,7 +407,7 @@ class Trainer:
         valid = read_tokens(self.config.data_dir, "validation")
         tokenizer = load_tokenizer(self.config.data_dir)
         valid_bytes = len(tokenizer.decode(valid.tolist(), skip_special_tokens=False).encode())
-        report = fit_baselines(train, valid, manifest["vocab_size"], valid_bytes=valid_bytes)
+        report = fit_baselines(train, valid, manifest.vocab_size, valid_bytes=valid_bytes)
         self.log(f"baselines on {len(valid):,} validation tokens ({time.perf_counter() - t0:.1f} s): "
                  f"unigram {report.unigram_nats:.3f} nats/token, Kneser–Ney bigram "
                  f"{report.bigram_nats:.3f} nats/token ({report.bits_per_byte(report.bigram_nats):.3f} "
@@ -412,7 +415,7 @@ class Trainer:
         return report
 
     @torch.no_grad()
-    def sample(self, model, manifest: dict) -> list[str]:  # noqa: ANN001
+    def sample(self, model, manifest: TokenManifest) -> list[str]:  # noqa: ANN001
         """Continuations of ``sample_prompt`` (temperature 0.8, top-p 0.95), seeded."""
         from k2.data import load_tokenizer
 
@@ -424,7 +427,7 @@ class Trainer:
         generator = torch.Generator(device=self.d.device).manual_seed(cfg.seed)
         model.eval()
         ids = model.generate([prompt] * cfg.num_samples, max_new_tokens=cfg.sample_tokens,
-                             temperature=0.8, top_p=0.95, stop_tokens=[manifest["eod_token_id"]],
+                             temperature=0.8, top_p=0.95, stop_tokens=[manifest.eod_token_id],
                              generator=generator)
         texts = [cfg.sample_prompt + tokenizer.decode(list(seq)) for seq in ids]
         with (self.run_dir / "samples.txt").open("w") as f:
