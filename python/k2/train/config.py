@@ -106,9 +106,11 @@ class TrainConfig:
         return data
 
     @classmethod
-    def resolve(cls, file: str | Path | None = None, **overrides: Any) -> TrainConfig:
-        """Defaults, then ``file``'s values, then ``overrides`` (None values are ignored)."""
-        values: dict[str, Any] = {}
+    def resolve(cls, file: str | Path | None = None, base: dict[str, Any] | None = None,
+                **overrides: Any) -> TrainConfig:
+        """Defaults, then ``base`` (a resumed run's stored settings), then ``file``'s values, then
+        ``overrides`` (None values are ignored)."""
+        values: dict[str, Any] = dict(base or {})
         source = "command line"
         if file is not None:
             values.update(cls.from_toml(file))

@@ -16,8 +16,8 @@ One run, start to finish:
 6. at the end (or on Ctrl-C): a checkpoint, the final validation loss against the baselines,
    a few sampled continuations of a code prompt, and PNG plots.
 
-``--resume`` restores model, optimizer, loader position and RNG states from the newest
-checkpoint, so on a CPU the resumed run's losses and final weights are bit-identical to an
+``--resume`` restores model, optimizer, loader position and RNG states from the newest complete,
+verified checkpoint (``resume.py`` chooses it and checks the settings first), so on a CPU the resumed run's losses and final weights are bit-identical to an
 uninterrupted run's.
 """
 
@@ -43,12 +43,12 @@ from k2.errors import ConfigError
 from k2.train.baseline import BaselineReport, fit_baselines
 from k2.train.config import TrainConfig
 from k2.train.metrics import MetricsLog, read_metrics
+from k2.train.resume import (CHECKPOINTS, ResumePoint, check_settings, commit_resume,
+                             find_resume_point, group_settings, restore_group_settings)
 from k2.train.schedule import WSDSchedule
 
 if TYPE_CHECKING:
     from k2.data.manifest import TokenManifest
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -86,6 +86,9 @@ def init_distributed(device: str) -> Dist:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for, but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} was asked for, but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -171,7 +174,8 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False,
-                 log: Callable[[str], None] = print, progress: bool = True) -> None:
+                 log: Callable[[str], None] = print, progress: bool = True, *,
+                 resume_point: ResumePoint | None = None, allow_changes: bool = False) -> None:
         from k2.model import K2Config
 
         self.config = config
@@ -185,10 +189,16 @@ class Trainer:
                 f"seq_len {config.seq_len} is longer than the {config.preset} model allows "
                 f"(max_position_embeddings = {self.model_config.max_position_embeddings})")
         run_dir = Path(config.run_dir)
+        self.resume_point = None
         if resume:
-            if not (run_dir / CHECKPOINTS / "latest").exists():
-                raise ConfigError(f"--resume: {run_dir / CHECKPOINTS} holds no checkpoint to "
-                                  "resume from (run without --resume to start a new run)")
+            # Which checkpoint, and whether the settings may continue from it: decided before
+            # anything in the run directory is written (resume.py).
+            self.resume_point = resume_point or find_resume_point(run_dir)
+            for note in self.resume_point.notes:
+                self.log(note)
+            check_settings(config, self.resume_point, allow_changes, self.log)
+            if self.d.world > 1:  # rank 0 may move rejected checkpoints once every rank chose
+                dist.barrier()
         else:
             run_dir = fresh_run_dir(run_dir)
             if self.d.world > 1:  # every rank must agree on the directory rank 0 chose
@@ -212,10 +222,8 @@ class Trainer:
         from k2.train.optimizers import build_optimizer, logit_watch
 
         cfg, d = self.config, self.d
-        if d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            (self.run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+        if d.main and not self.resume:  # a resume writes them once its checkpoint has loaded
+            self._write_run_files()
         self.log(f"run directory: {self.run_dir}")
         manifest = ensure_data(cfg, d, self.log)
         if manifest.vocab_size > self.model_config.vocab_size:
@@ -239,13 +247,18 @@ class Trainer:
         ckpt_root = self.run_dir / CHECKPOINTS
         start = 0
         if self.resume:
-            result = checkpoint.load(ckpt_root, model, optimizer)
+            point = self.resume_point
+            settings = group_settings(optimizer)  # the configuration's, not the checkpoint's
+            result = checkpoint.load(point.path, model, optimizer, verify=False)  # verified
+            restore_group_settings(optimizer, settings)
             state = result.train_state
             start = int(state["step"])
             loader.load_state_dict(state["loader"])
-            self.log(f"resumed from {result.path} at step {start}")
-            if d.main:
+            if d.main:  # everything checked and loaded: only now touch the run directory
+                commit_resume(point, self.run_dir, self.log)
+                self._write_run_files()
                 _truncate_metrics(self.run_dir / "metrics.jsonl", start)
+            self.log(f"resumed from {result.path} at step {start}")
 
         baseline = self._baselines(manifest) if d.main else None
         metrics = MetricsLog(self.run_dir / "metrics.jsonl") if d.main else None
@@ -342,6 +355,11 @@ class Trainer:
         return RunResult(self.run_dir, step, val_loss, baseline, self.interrupted, samples)
 
     # ------------------------------------------------------------------ pieces
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        (self.run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+
     def _on_sigint(self, signum, frame) -> None:  # noqa: ANN001
         if self.interrupted:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
