@@ -189,3 +189,57 @@ def test_allow_changes_warns_naming_each_difference_and_continues(data_dir, run,
     schedule = WSDSchedule(peak=1.0, total_steps=6, warmup_steps=1, decay_fraction=0.3, floor=0.1)
     for r in train_records[4:]:
         assert r["lr"] == pytest.approx(0.004 * schedule(r["step"] - 1), rel=1e-12)
+
+
+# ---------------------------------------------------------------- the choice alone (fast)
+
+def saved_root(tmp_path: Path, steps: list[int]) -> Path:
+    """A run directory whose root holds small checkpoints of the given steps, saved the way
+    the loop saves them (`latest` names the last)."""
+    import torch
+
+    from k2 import checkpoint
+
+    model = torch.nn.Linear(4, 4)
+    for step in steps:
+        checkpoint.save(tmp_path / "run" / "checkpoints", model, None,
+                        {"step": step, "config": {"lr": 0.5, "steps": 9}}, durable=False)
+    return tmp_path / "run"
+
+
+def test_the_choice_follows_latest_when_it_names_the_newest(tmp_path) -> None:
+    from k2.train.resume import find_resume_point
+
+    point = find_resume_point(saved_root(tmp_path, [2, 4]))
+    assert (point.path.name, point.step, point.notes, point.rejected) == (STEP4, 4, [], [])
+    assert point.stored_config == {"lr": 0.5, "steps": 9}
+
+
+def test_the_choice_adopts_newer_and_skips_corrupt_checkpoints(tmp_path) -> None:
+    from k2.errors import CheckpointError, ConfigError
+    from k2.train.resume import commit_resume, find_resume_point
+
+    run = saved_root(tmp_path, [2, 4, 6])
+    root = run / "checkpoints"
+    (root / "latest").write_text(STEP2 + "\n")
+    point = find_resume_point(run)
+    assert point.path.name == "step-00000006" and "`latest` names step-00000002" in point.notes[0]
+    (root / "latest").unlink()
+    assert find_resume_point(run).notes[0].startswith("no `latest`; adopting step-00000006")
+    corrupt_bytes = root / "step-00000006" / "train_state.json"
+    corrupt_bytes.write_text(corrupt_bytes.read_text().replace("0.5", "0.7"))
+    point = find_resume_point(run)
+    assert point.path.name == STEP4 and "step-00000006 fails verification" in point.notes[0]
+    before = snapshot(root / "step-00000006")
+    commit_resume(point, run, log=lambda _: None)
+    assert snapshot(run / "checkpoints-rejected" / "step-00000006") == before
+    assert latest(run) == STEP4 and not (root / "step-00000006").exists()
+    corrupt(root / STEP2)
+    corrupt(root / STEP4)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies \(step-00000004: .*; "
+                       r"step-00000002: "):
+        find_resume_point(run)
+    shutil.rmtree(root)
+    root.mkdir()
+    with pytest.raises(ConfigError, match="holds no checkpoint to resume from"):
+        find_resume_point(run)

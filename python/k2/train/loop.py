@@ -17,7 +17,8 @@ One run, start to finish:
    a few sampled continuations of a code prompt, and PNG plots.
 
 ``--resume`` restores model, optimizer, loader position and RNG states from the newest complete,
-verified checkpoint (``resume.py`` chooses it and checks the settings first), so on a CPU the resumed run's losses and final weights are bit-identical to an
+verified checkpoint (``resume.py`` chooses it and checks the settings first, before anything is
+written), so on a CPU the resumed run's losses and final weights are bit-identical to an
 uninterrupted run's.
 """
 

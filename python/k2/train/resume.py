@@ -73,6 +73,15 @@ class ResumePoint:
     latest: str | None = None
 
 
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir`` holds a complete ``step-*`` checkpoint (verified or not) that
+    :func:`find_resume_point` would consider, ``latest`` or no ``latest``."""
+    from k2 import _native
+
+    root = Path(run_dir) / CHECKPOINTS
+    return root.is_dir() and any(_STEP.match(n) for n in _native.list_checkpoints(root))
+
+
 def find_resume_point(run_dir: str | os.PathLike[str]) -> ResumePoint:
     """The newest complete checkpoint of ``run_dir`` that verifies.
 
@@ -153,6 +162,10 @@ def resume_config(file: str | os.PathLike[str] | None,
     point = find_resume_point(run_dir)
     known = TrainConfig.fields()
     base = {k: v for k, v in (point.stored_config or {}).items() if k in known}
+    corpus = base.get("corpus") or []
+    if not isinstance(corpus, list) or not all(Path(str(c)).exists() for c in corpus):
+        # Only used to prepare missing data; the loader's fingerprint catches other data.
+        base.pop("corpus", None)
     config = TrainConfig.resolve(file, base=base, **{**overrides, "run_dir": str(run_dir)})
     return config, point
 
