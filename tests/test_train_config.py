@@ -86,6 +86,7 @@ def test_a_config_that_is_not_utf8_or_is_a_directory_is_named(tmp_path, capsys) 
     (["--device", "cuda:abc"], "device must be auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:-1"], "device must be auto, cpu, cuda or cuda:N"),
     (["--sample-prompt", ""], "sample_prompt is empty"),
+    (["--allow-changes"], "--allow-changes only applies with --resume"),
 ])
 def test_out_of_range_settings_fail_before_any_work(args, message, tmp_path, capsys) -> None:
     run, data = tmp_path / "run", tmp_path / "data"
@@ -98,3 +99,16 @@ def test_out_of_range_settings_fail_before_any_work(args, message, tmp_path, cap
 def test_an_empty_prompt_is_fine_when_no_samples_are_drawn() -> None:
     assert TrainConfig.resolve(None, sample_prompt="", num_samples=0).sample_prompt == ""
     assert TrainConfig.resolve(None, sample_prompt="", sample_tokens=0).sample_prompt == ""
+
+
+@pytest.mark.gpu
+def test_a_cuda_device_the_machine_lacks_is_named_before_any_work(tmp_path, capsys) -> None:
+    import torch
+
+    count = torch.cuda.device_count()
+    run, data = tmp_path / "run", tmp_path / "data"
+    assert main(["train", "--run-dir", str(run), "--data-dir", str(data),
+                 "--device", f"cuda:{count}"]) == 1
+    err = capsys.readouterr().err
+    assert f"this machine has {count} CUDA device(s)" in err and "Traceback" not in err
+    assert not run.exists() and not data.exists()
