@@ -28,6 +28,7 @@ from k2.errors import ConfigError
 from k2.train.config import TrainConfig
 from k2.train.pretrain import Trainer
 from k2.train.metrics import read_metrics
+from k2.train.resume import has_checkpoint
 
 RESULT = "result.json"
 WHOLE_SPLIT = 1_000_000
@@ -125,7 +126,7 @@ def ensure_run(spec: RunSpec, out: Path, log: Callable[[str], None],
         _check_same_settings(spec, run_dir)
         log(f"{spec.name}: finished earlier, skipped")
         return Finished.read(run_dir)
-    resume = (run_dir / "checkpoints" / "latest").exists()
+    resume = has_checkpoint(run_dir)  # `latest` may be missing after a killed first save
     if run_dir.exists() and not resume:  # died before its first checkpoint: start over
         shutil.rmtree(run_dir)
     config = TrainConfig.resolve(**{**spec.settings, "run_dir": str(run_dir)})

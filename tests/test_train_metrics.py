@@ -53,3 +53,46 @@ def test_k2_plot_on_a_missing_run_names_it(tmp_path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "nope" in result.stderr and "metrics.jsonl" in result.stderr
+
+
+def write_run_with_skipped_steps(run_dir) -> None:
+    """What the loop logs when MuonClip skips non-finite steps (here 1, 3 and 5): NaN loss and
+    gradient norm, and no per-layer values."""
+    with MetricsLog(run_dir / "metrics.jsonl") as log:
+        for step in range(6):
+            skipped = step % 2 == 1
+            log.write(step, "train", loss=float("nan") if skipped else 5.0 - 0.3 * step,
+                      lr=1e-3, grad_norm=float("nan") if skipped else 1.0,
+                      max_logit=[] if skipped else [10.0 + step, 8.0],
+                      clipped_heads=[] if skipped else [0, 1],
+                      expert_balance=[] if skipped else [1.5], tokens_per_s=1000.0,
+                      skipped_steps=(step + 1) // 2)
+
+
+def test_k2_plot_draws_a_run_with_skipped_steps(tmp_path, capsys) -> None:
+    from k2.cli import main
+
+    write_run_with_skipped_steps(tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    assert main(["plot", str(tmp_path)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    for name in ("loss.png", "grad_norm.png", "max_logit.png", "clipped_heads.png",
+                 "expert_balance.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+def test_skipped_steps_are_gaps_in_every_series(tmp_path) -> None:
+    import math
+
+    from k2.train.plots import layer_series, scalar_series
+
+    write_run_with_skipped_steps(tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    steps, layers = layer_series(records, "max_logit")
+    assert steps == [0, 1, 2, 3, 4, 5] and len(layers) == 2
+    assert [v if not math.isnan(v) else None for v in layers[0]] == [10.0, None, 12.0, None,
+                                                                     14.0, None]
+    steps, loss = scalar_series(records, "train", "loss")
+    assert steps == [0, 1, 2, 3, 4, 5]
+    assert [math.isnan(v) for v in loss] == [False, True] * 3

@@ -34,7 +34,7 @@ from k2.errors import CheckpointError, ConfigError
 
 FP8_BLOCK = 128  # rows and columns per scale in the official FP8 releases (k2.model.hub_names.FP8_BLOCK)
 HUB_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
-DEFAULT_MAX_SHARD_BYTES = 4 << 30
+HUB_SHARD_BYTES = 4 << 30  # largest shard of an exported or imported Hub-layout checkpoint
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SCALE_SUFFIX = "_scale_inv"
 GiB = 1 << 30
@@ -47,7 +47,7 @@ def export_hf(
     *,
     dtype: torch.dtype | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int = HUB_SHARD_BYTES,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write a k2 checkpoint's model as a Hub directory that ``transformers`` loads.
@@ -124,7 +124,7 @@ def import_hf(
     *,
     dtype: torch.dtype = torch.bfloat16,
     memory_cap_bytes: int = 8 * GiB,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int = HUB_SHARD_BYTES,
     log: Callable[[str], None] = print,
 ) -> ImportPlan:
     """Convert a Hub DeepSeek-V3 / Kimi-K2 checkpoint into a k2 checkpoint directory.
@@ -142,14 +142,13 @@ def import_hf(
 
     Raises:
         ConfigError: on an unsupported ``model_type`` or a memory cap below what one tensor needs.
-        CheckpointError: on a malformed source, or not enough free disk space at ``out``.
+        CheckpointError: on a malformed source (see :func:`check_import_source`), an existing
+            ``out``, or not enough free disk space at ``out``. Nothing is written then.
     """
     src, out = Path(src), Path(out)
-    config = json.loads((src / "config.json").read_text())
-    if config.get("model_type") not in HUB_MODEL_TYPES:
-        raise ConfigError(
-            f"{src / 'config.json'}: model_type {config.get('model_type')!r} is not one of {HUB_MODEL_TYPES}"
-        )
+    config = check_import_source(src)
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; import-hf writes a new directory")
     reader = CheckpointReader(src)
     plan = plan_import(reader, config["num_hidden_layers"], dtype, memory_cap_bytes, max_shard_bytes)
     if plan.skipped_layers:
@@ -195,6 +194,60 @@ def import_hf(
             writer.write_file(name, (src / name).read_bytes())
     writer.commit(publish_latest=False)
     return plan
+
+
+K2_CHECKPOINT_FILES = ("latest", "checkpoint.json", "optimizer.json", "train_state.json")
+"""Files only a k2 checkpoint (root or directory) has; a Hub directory, k2's exports included,
+has none of them."""
+
+
+def check_import_source(src: Path) -> dict:
+    """The ``config.json`` of a Hub checkpoint directory, after checking it is one.
+
+    Raises:
+        CheckpointError: ``src`` is missing, not a directory, a k2 checkpoint (whose optimizer
+            and training-state tensors would otherwise pass for model tensors), without a
+            readable JSON-object ``config.json`` or without ``.safetensors`` weights.
+        ConfigError: an unsupported ``model_type``, or no integer ``num_hidden_layers``.
+    """
+    if not src.exists():
+        raise CheckpointError(f"import-hf: {src} does not exist")
+    if not src.is_dir():
+        raise CheckpointError(f"import-hf: {src} is not a directory (give the Hub checkpoint "
+                              "directory: config.json and *.safetensors)")
+    k2_files = [name for name in K2_CHECKPOINT_FILES if (src / name).is_file()]
+    if k2_files:
+        raise CheckpointError(
+            f"import-hf: {src} is a k2 checkpoint (it has {', '.join(k2_files)}), not a Hub "
+            "checkpoint: it needs no import (k2.checkpoint.load reads it as is; `k2 ckpt "
+            "export-hf` writes a Hub directory from it)")
+    path = src / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"import-hf: {path} does not exist; a Hub checkpoint directory "
+                              "holds config.json beside its *.safetensors") from None
+    except OSError as err:
+        raise CheckpointError(f"import-hf: {path} cannot be read: {err.strerror}") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"import-hf: {path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"import-hf: {path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("model_type") not in HUB_MODEL_TYPES:
+        raise ConfigError(
+            f"{path}: model_type {config.get('model_type')!r} is not one of {HUB_MODEL_TYPES}"
+        )
+    if "num_hidden_layers" not in config:
+        raise ConfigError(f"{path} lacks num_hidden_layers")
+    layers = config["num_hidden_layers"]
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        raise ConfigError(f"{path}: num_hidden_layers must be a non-negative integer, got {layers!r}")
+    if not any(src.glob("*.safetensors")):
+        present = sorted(p.name for p in src.iterdir())
+        raise CheckpointError(
+            f"import-hf: {src} holds no .safetensors weights (it has {', '.join(present)}); "
+            "download the weight files too")
+    return config
 
 
 def plan_import(

@@ -35,7 +35,7 @@ from k2.checkpoint.state_tree import decode, encode
 from k2.checkpoint.tensors import Entry, entry
 from k2.errors import CheckpointError
 
-DEFAULT_MAX_SHARD_BYTES = 1 << 30
+CHECKPOINT_SHARD_BYTES = 1 << 30  # largest shard of a k2 checkpoint (not the Hub layout: HUB_SHARD_BYTES)
 DEFAULT_CHUNK_BYTES = 4 << 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -110,7 +110,7 @@ def save(
     keep_last: int | None = None,
     step: int | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int = CHECKPOINT_SHARD_BYTES,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     durable: bool = True,
     events: list[tuple[str, str, str | None]] | None = None,

@@ -12,15 +12,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from k2.errors import ConfigError
 from k2.train.config import HELP, TrainConfig
+from k2.train.resume import resume_config
 
 
 def run(args: argparse.Namespace) -> int:
     from k2.train.pretrain import Trainer
 
     overrides = {name: getattr(args, name) for name in TrainConfig.fields()}
-    config = TrainConfig.resolve(args.config, **overrides)
-    result = Trainer(config, resume=args.resume, progress=not args.no_progress).run()
+    if args.allow_changes and not args.resume:
+        raise ConfigError("--allow-changes only applies with --resume")
+    point = None
+    if args.resume:  # the checkpoint's settings, then --config, then the flags
+        config, point = resume_config(args.config, overrides)
+    else:
+        config = TrainConfig.resolve(args.config, **overrides)
+    result = Trainer(config, resume=args.resume, progress=not args.no_progress,
+                     resume_point=point, allow_changes=args.allow_changes).run()
     return 130 if result.interrupted else 0
 
 
@@ -32,12 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + "\n\nSettings come from the defaults, then --config FILE.toml (flat keys or a [train] "
         "table, named as the flags with underscores), then the flags you give. Everything a run "
         "did lands in RUN_DIR: config.json, environment.json, metrics.jsonl, checkpoints/, "
-        "PNG plots and samples.txt. Ctrl-C saves a checkpoint; --resume continues from it.",
+        "PNG plots and samples.txt. Ctrl-C saves a checkpoint; --resume continues from it with the "
+        "stored settings and refuses changed training settings unless --allow-changes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="a TOML file of settings")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --run-dir from its newest checkpoint")
+                        help="continue the run in --run-dir from its newest complete, verified "
+                        "checkpoint, with the settings stored there (flags you give override them)")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue even though training settings (lr, steps, "
+                        "batch, ...) differ from the checkpoint's; each difference is printed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

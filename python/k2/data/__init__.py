@@ -5,6 +5,8 @@
 * :mod:`k2.data.tokenizer` — byte-level BPE with K2's reserved chat and tool-call tokens;
 * :mod:`k2.data.chat`      — K2's chat template;
 * :mod:`k2.data.prepare`   — ``k2 data prepare``: corpus -> tokenizer -> shards + manifest;
+* :mod:`k2.data.manifest`  — the manifest's one typed reader, and the check of each shard
+  against it;
 * :mod:`k2.data.loader`    — :class:`TokenLoader`, the Rust-backed batch loader.
 
 The shard byte layout is documented in ``docs/token-shards.md``.

@@ -19,7 +19,6 @@ Sampling, in short (the details are in ``rust/src/data/sampler.rs``):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from os import PathLike
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from k2 import _native
-from k2.data.prepare import FORMAT
+from k2.data.manifest import read_manifest
 from k2.errors import ConfigError, DataError
 
 STATE_VERSION = 1
@@ -58,32 +57,17 @@ def shard_paths(
         split: ``"train"`` or ``"validation"``; used for directories only.
 
     Raises:
-        DataError: the manifest is missing or malformed, or lacks the split.
+        DataError: the manifest is missing or malformed, or lacks the split, or a listed
+            shard's header disagrees with the manifest (it was replaced), naming the shard.
     """
     if isinstance(path, (list, tuple)):
         return [Path(p) for p in path]
     path = Path(path)
     if not path.is_dir():
         return [path]
-    manifest_path = path / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT or manifest.get("version") != 1:
-            raise DataError(
-                f"{manifest_path} is not a version-1 {FORMAT} manifest "
-                f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
-            )
-        shards = manifest["splits"][split]["shards"]
-        return [path / shard["file"] for shard in shards]
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} is not a prepared data directory: {manifest_path} is missing "
-            "(run `k2 data prepare`)"
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(
-            f"{manifest_path} does not list the shards of split {split!r}: {err!r}"
-        ) from None
+    manifest = read_manifest(path)
+    manifest.check_shards(split)
+    return manifest.shard_paths(split)
 
 
 def read_tokens(
@@ -91,8 +75,9 @@ def read_tokens(
 ) -> np.ndarray:
     """Every token of a split (or of the given shards), concatenated, as one int64 array.
 
-    Each shard is validated in full (header, size, checksum) before its tokens are read, so a
-    corrupt shard raises instead of returning garbage. Meant for whole-split statistics (the
+    Each shard is validated in full (header, size, checksum, and against the manifest for a
+    prepared directory) before its tokens are read, so a corrupt or replaced shard raises
+    instead of returning garbage. Meant for whole-split statistics (the
     n-gram baselines); training reads through :class:`TokenLoader`.
 
     Raises:

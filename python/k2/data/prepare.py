@@ -15,7 +15,6 @@ depends on time, thread scheduling or the machine.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,12 +24,10 @@ import numpy as np
 
 from k2 import _native
 from k2.data.corpus import CHUNK_BYTES, Corpus, read_corpus, split_chunks
+from k2.data.manifest import FORMAT, MANIFEST, SPLITS, ShardEntry, SplitEntry, TokenManifest
 from k2.data.tokenizer import EOD_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 from k2.errors import ConfigError, K2IOError
 
-MANIFEST = "manifest.json"
-FORMAT = "k2-token-shards"
-SPLITS = ("train", "validation")
 SHARD_TOKENS = 1 << 28
 """A shard is closed once it holds at least this many tokens (512 MiB of u16)."""
 ENCODE_BATCH = 256
@@ -58,27 +55,32 @@ class PrepareOptions:
 
 def _write_split(
     split: str, chunks: list[str], tokenizer, out_dir: Path, vocab_size: int, progress
-) -> dict:
-    """Tokenize one split's chunks into shards; return its manifest entry."""
+) -> SplitEntry:
+    """Tokenize one split's chunks into shards; return its manifest entry.
+
+    The chunks are encoded as raw text: a special token's spelling inside them (a Python file
+    that prints ``"<|endoftext|>"``, a chat transcript) becomes ordinary tokens, never the
+    special id, so the only end-of-document ids in a shard are the ones appended here.
+    """
     eod = tokenizer.token_to_id(EOD_TOKEN)
-    shards: list[dict] = []
+    shards: list[ShardEntry] = []
     writer = None
 
     def close() -> None:
         summary = writer.finish()
         shards.append(
-            {
-                "file": path.name,
-                "tokens": summary["tokens"],
-                "documents": summary["documents"],
-                "checksum": f"{summary['checksum']:016x}",
-            }
+            ShardEntry(
+                file=path.name,
+                tokens=summary["tokens"],
+                documents=summary["documents"],
+                checksum=f"{summary['checksum']:016x}",
+            )
         )
 
     shard_tokens = 0
     for start in range(0, len(chunks), ENCODE_BATCH):
         batch = chunks[start : start + ENCODE_BATCH]
-        encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+        encodings = _encode_raw(tokenizer, batch)
         lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(batch))
         tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
         ends = np.cumsum(lengths)
@@ -95,12 +97,23 @@ def _write_split(
         shard_tokens += len(tokens)
         progress(sum(len(c) for c in batch))
     close()
-    return {
-        "shards": shards,
-        "tokens": sum(s["tokens"] for s in shards),
-        "documents": sum(s["documents"] for s in shards),
-        "chunks": len(chunks),
-    }
+    return SplitEntry(
+        shards=tuple(shards),
+        tokens=sum(s.tokens for s in shards),
+        documents=sum(s.documents for s in shards),
+        chunks=len(chunks),
+    )
+
+
+def _encode_raw(tokenizer, texts: list[str]) -> list:
+    """Encode ``texts`` with special tokens matched as plain text (``encode_special_tokens``),
+    restoring the tokenizer's setting afterwards (it is not saved in ``tokenizer.json``)."""
+    previous = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        return tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    finally:
+        tokenizer.encode_special_tokens = previous
 
 
 def prepare(
@@ -116,7 +129,8 @@ def prepare(
         show_progress: draw a progress bar while tokenizing.
 
     Returns:
-        The manifest that was written to ``OUT_DIR/manifest.json``.
+        The manifest that was written to ``OUT_DIR/manifest.json``, as its JSON object
+        (:func:`k2.data.manifest.read_manifest` reads it back typed).
 
     Raises:
         DataError: the corpus is missing, malformed or empty.
@@ -165,16 +179,13 @@ def prepare(
         for name, chunks in zip(SPLITS, (train, validation), strict=True):
             splits[name] = _write_split(name, chunks, tokenizer, out_dir, vocab_size, bar.update)
 
-    manifest = {
-        "format": FORMAT,
-        "version": 1,
-        "tokenizer": "tokenizer.json",
-        "vocab_size": vocab_size,
-        "requested_vocab_size": options.vocab_size,
-        "special_tokens": {token: i for i, token in enumerate(SPECIAL_TOKENS)},
-        "eod_token_id": tokenizer.token_to_id(EOD_TOKEN),
-        "pad_token_id": tokenizer.token_to_id(PAD_TOKEN),
-        "corpus": {
+    manifest = TokenManifest(
+        vocab_size=vocab_size,
+        requested_vocab_size=options.vocab_size,
+        special_tokens={token: i for i, token in enumerate(SPECIAL_TOKENS)},
+        eod_token_id=tokenizer.token_to_id(EOD_TOKEN),
+        pad_token_id=tokenizer.token_to_id(PAD_TOKEN),
+        corpus={
             "description": corpus.description,
             "files": corpus.files,
             "documents": len(corpus.documents),
@@ -182,18 +193,14 @@ def prepare(
             "sha256": corpus.digest,
             "skipped": {reason: len(names) for reason, names in corpus.skipped.items()},
         },
-        "chunk_bytes": options.chunk_bytes,
-        "val_fraction": options.val_fraction,
-        "splits": splits,
-    }
-    partial = out_dir / (MANIFEST + ".partial")
-    partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(out_dir / MANIFEST)
+        chunk_bytes=options.chunk_bytes,
+        val_fraction=options.val_fraction,
+        splits=splits,
+        directory=out_dir,
+    )
+    manifest.write(out_dir)
     for name in SPLITS:
         s = splits[name]
-        log(
-            f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents, "
-            f"{len(s['shards'])} shard(s)"
-        )
+        log(f"{name}: {s.tokens:,} tokens in {s.documents:,} documents, {len(s.shards)} shard(s)")
     log(f"done in {time.perf_counter() - started:.1f} s -> {out_dir / MANIFEST}")
-    return manifest
+    return manifest.to_dict()

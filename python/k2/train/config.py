@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import Any
 from k2.errors import ConfigError
 
 OPTIMIZERS = ("muonclip", "adamw")
+MAX_INT = 2**63
+"""Every integer setting must fit a signed 64-bit integer (torch, numpy and the Rust loader
+take them as such)."""
 
 
 @dataclass
@@ -60,15 +64,40 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> dict[str, Any]:
-        """The overrides a TOML file holds (flat keys, or under a ``[train]`` table)."""
+        """The overrides a TOML file holds: flat keys, or every key under one ``[train]`` table.
+
+        A file with a ``[train]`` table and keys outside it is refused, naming those keys: they
+        would otherwise be ignored without a word (docs/training.md, Settings).
+        """
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); TOML "
+                              "files are UTF-8") from None
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        data = data.get("train", data)
+        if "train" in data:
+            if not isinstance(data["train"], dict):
+                raise ConfigError(f"config file {path}: `train` must be a table ([train]), "
+                                  f"got {data['train']!r}")
+            outside = sorted(set(data) - {"train"})
+            if outside:
+                raise ConfigError(
+                    f"config file {path}: {', '.join(outside)} sit(s) outside the [train] table "
+                    "and would be ignored; put every setting under [train], or drop the [train] "
+                    "header and write them all as top-level keys")
+            data = data["train"]
         unknown = sorted(set(data) - set(cls.fields()))
         if unknown:
             raise ConfigError(f"config file {path}: unknown field(s) {', '.join(unknown)}; "
@@ -76,9 +105,11 @@ class TrainConfig:
         return data
 
     @classmethod
-    def resolve(cls, file: str | Path | None = None, **overrides: Any) -> TrainConfig:
-        """Defaults, then ``file``'s values, then ``overrides`` (None values are ignored)."""
-        values: dict[str, Any] = {}
+    def resolve(cls, file: str | Path | None = None, base: dict[str, Any] | None = None,
+                **overrides: Any) -> TrainConfig:
+        """Defaults, then ``base`` (a resumed run's stored settings), then ``file``'s values, then
+        ``overrides`` (None values are ignored)."""
+        values: dict[str, Any] = dict(base or {})
         source = "command line"
         if file is not None:
             values.update(cls.from_toml(file))
@@ -102,6 +133,15 @@ class TrainConfig:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        fields = self.fields()
+        for name, f in fields.items():
+            value = getattr(self, name)
+            if f.type == "float" and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+            if f.type == "int" and value >= MAX_INT:
+                raise ConfigError(f"{name} must be below 2**63, got {value}")
+            if f.type == "int" and value < -MAX_INT:
+                raise ConfigError(f"{name} must be at least -2**63, got {value}")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches",
                     "save_every", "keep_last", "log_every", "vocab_size")
         for name in positive:
@@ -109,7 +149,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "adamw_lr"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            if not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value}")
         for name in ("weight_decay", "grad_clip", "qk_clip_tau", "warmup_steps", "seed",
                      "sample_tokens", "num_samples"):
@@ -123,8 +163,11 @@ class TrainConfig:
         for path in self.corpus:
             if not Path(path).exists():
                 raise ConfigError(f"corpus path {path} does not exist")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.num_samples > 0 and self.sample_tokens > 0 and not self.sample_prompt:
+            raise ConfigError("sample_prompt is empty: the end-of-run samples need a prompt "
+                              "(or set num_samples to 0 to draw none)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

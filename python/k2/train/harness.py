@@ -13,8 +13,10 @@ state a checkpoint must carry) run by a :class:`Harness`, which owns everything 
   a checkpoint every ``save_every`` and at the end, through :mod:`k2.checkpoint` (crash-safe,
   ``keep_last`` kept);
 * exact resume: model, optimizer, the job's state (loader positions) and RNG states come back
-  from the newest checkpoint, and metrics past it are dropped, so a resumed CPU run is
-  bit-identical to an uninterrupted one;
+  from the newest complete checkpoint that verifies (:mod:`k2.train.resume` chooses it, looking
+  past a ``latest`` that a killed save left behind), and metrics past it are dropped, so a
+  resumed CPU run is bit-identical to an uninterrupted one; nothing in the run directory is
+  written until that checkpoint has loaded;
 * Ctrl-C: the current step finishes, every rank agrees to stop at the same step, a checkpoint is
   saved and the run ends as interrupted (a second Ctrl-C aborts at once);
 * a progress bar on rank 0.
@@ -38,13 +40,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from k2.errors import ConfigError
 from k2.parallel.agree import any_rank
 from k2.parallel.setup import Dist
 from k2.train.metrics import MetricsLog, read_metrics
-
-CHECKPOINTS = "checkpoints"
-"""The run directory's checkpoint folder."""
+from k2.train.resume import (CHECKPOINTS, ResumePoint, commit_resume, find_resume_point,
+                             group_settings, restore_group_settings)
 
 
 @dataclass(frozen=True)
@@ -140,25 +140,30 @@ class Harness:
     Args:
         run_dir: the run directory asked for (a fresh run may get ``run_dir-N`` instead).
         d: this process's rank, world size and device.
-        resume: continue the run in ``run_dir`` from its newest checkpoint.
+        resume: continue the run in ``run_dir`` from its newest complete, verified checkpoint.
+        resume_point: that checkpoint, when the caller has chosen it already
+            (:func:`k2.train.resume.find_resume_point`).
         log: receives human-readable progress lines (printed on rank 0 only).
         progress: draw a progress bar (rank 0 only).
 
     Raises:
-        ConfigError: ``resume`` and ``run_dir`` holds no checkpoint.
+        CheckpointError: ``resume`` and no checkpoint of ``run_dir`` verifies.
     """
 
     def __init__(self, run_dir: Path, d: Dist, *, resume: bool = False,
+                 resume_point: ResumePoint | None = None,
                  log: Callable[[str], None] = print, progress: bool = True) -> None:
         self.d = d
         self.resume = resume
         self._log = log
         self.progress = progress and d.main
+        self.resume_point: ResumePoint | None = None
+        self._records: dict[str, Any] | None = None
         run_dir = Path(run_dir)
         if resume:
-            if not (run_dir / CHECKPOINTS / "latest").exists():
-                raise ConfigError(f"--resume: {run_dir / CHECKPOINTS} holds no checkpoint to "
-                                  "resume from (run without --resume to start a new run)")
+            self.resume_point = resume_point or find_resume_point(run_dir)
+            for note in self.resume_point.notes:
+                self.log(note)
         else:
             run_dir = fresh_run_dir(run_dir)
             if d.world > 1:  # every rank must agree on the directory rank 0 chose
@@ -182,13 +187,18 @@ class Harness:
 
     # ------------------------------------------------------------------ records and metrics
     def write_records(self, config: dict[str, Any]) -> None:
-        """Write ``config.json`` and ``environment.json`` (rank 0). Call it only once the
-        settings are known to be good: a failed start must not touch an earlier run's records."""
-        if self.d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            (self.run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+        """Write ``config.json`` and ``environment.json`` (rank 0) once the settings are known
+        to be good; a resume writes them only after its checkpoint has loaded (:meth:`restore`),
+        so a failed resume leaves the run's records as they were."""
+        self._records = config
+        if self.d.main and not self.resume:
+            self._write_records()
         self.log(f"run directory: {self.run_dir}")
+
+    def _write_records(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self._records, indent=2) + "\n")
+        (self.run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
 
     def open_metrics(self) -> MetricsLog | None:
         """The run's metrics log (rank 0; None elsewhere)."""
@@ -198,19 +208,31 @@ class Harness:
 
     # ------------------------------------------------------------------ checkpoints
     def restore(self, job: Job) -> int:
-        """Load the newest checkpoint into ``job`` (model, optimizer, its state, RNG states) and
-        drop metrics past it; returns the step to continue from (0 for a fresh run)."""
+        """Load the resume checkpoint into ``job`` (model, optimizer tensors, its state, RNG
+        states); only then repair ``latest``, write the records and drop metrics past the
+        checkpoint. Returns the step to continue from (0 for a fresh run).
+
+        The optimizer's hyper-parameters (learning rates, weight decay, ...) stay the ones the
+        job was built with, not the checkpoint's: the settings check of :mod:`k2.train.resume`
+        has already decided they may differ (``--allow-changes``) or that they agree."""
         if not self.resume:
             return 0
         from k2 import checkpoint
 
-        result = checkpoint.load(self.checkpoints, job.model, job.optimizer)
+        point = self.resume_point
+        assert point is not None
+        settings = group_settings(job.optimizer)  # the configuration's, not the checkpoint's
+        result = checkpoint.load(point.path, job.model, job.optimizer, verify=False)  # verified
+        restore_group_settings(job.optimizer, settings)
         state = result.train_state
         start = int(state["step"])
         job.load_state_dict(state)
-        self.log(f"resumed from {result.path} at step {start}")
-        if self.d.main:
+        if self.d.main:  # everything checked and loaded: only now touch the run directory
+            commit_resume(point, self.run_dir, self.log)
+            if self._records is not None:
+                self._write_records()
             _truncate_metrics(self.run_dir / "metrics.jsonl", start)
+        self.log(f"resumed from {result.path} at step {start}")
         return start
 
     def save(self, job: Job, step: int, *, keep_last: int, config: dict[str, Any],

@@ -16,20 +16,20 @@ One run, start to finish:
 6. at the end (or on Ctrl-C): a checkpoint, the final validation loss against the baselines,
    a few sampled continuations of a code prompt, and PNG plots.
 
-``--resume`` restores model, optimizer, loader position and RNG states from the newest
-checkpoint, so on a CPU the resumed run's losses and final weights are bit-identical to an
+``--resume`` restores model, optimizer, loader position and RNG states from the newest complete,
+verified checkpoint (``resume.py`` chooses it and checks the settings first, before anything is
+written), so on a CPU the resumed run's losses and final weights are bit-identical to an
 uninterrupted run's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -39,7 +39,11 @@ from k2.parallel.setup import Dist
 from k2.train.baseline import BaselineReport, fit_baselines
 from k2.train.config import TrainConfig
 from k2.train.harness import Cadence, Harness
+from k2.train.resume import ResumePoint, check_settings
 from k2.train.schedule import WSDSchedule
+
+if TYPE_CHECKING:
+    from k2.data.manifest import TokenManifest
 
 
 @dataclass
@@ -54,18 +58,18 @@ class RunResult:
     samples: list[str]
 
 
-def ensure_data(config: TrainConfig, d: Dist, log: Callable[[str], None]) -> dict:
+def ensure_data(config: TrainConfig, d: Dist, log: Callable[[str], None]) -> TokenManifest:
     """The manifest of ``config.data_dir``, preparing the data there first if it has none."""
     from k2.data import PrepareOptions, prepare
+    from k2.data.manifest import MANIFEST, read_manifest
 
-    manifest = Path(config.data_dir) / "manifest.json"
-    if not manifest.exists() and d.main:
+    if not (Path(config.data_dir) / MANIFEST).exists() and d.main:
         log(f"preparing data in {config.data_dir} (first run only)")
         prepare(PrepareOptions(corpus=tuple(config.corpus), out_dir=Path(config.data_dir),
                                vocab_size=config.vocab_size), log=log, show_progress=False)
     if d.world > 1:
         torch.distributed.barrier()
-    return json.loads(manifest.read_text())
+    return read_manifest(config.data_dir)
 
 
 def sample_positions(positions: torch.Tensor) -> torch.Tensor:
@@ -201,13 +205,18 @@ class Trainer:
 
     Args:
         config: the resolved configuration.
-        resume: continue from the newest checkpoint in ``config.run_dir``.
+        resume: continue from the newest complete, verified checkpoint in ``config.run_dir``.
         log: receives human-readable progress lines (rank 0 only).
         progress: draw a progress bar.
+        resume_point: the checkpoint to resume from, when already chosen
+            (:func:`k2.train.resume.resume_config` returns it with the stored settings).
+        allow_changes: let a resume continue with training settings that differ from the
+            checkpoint's (each difference is printed); otherwise a difference is an error.
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False,
-                 log: Callable[[str], None] = print, progress: bool = True) -> None:
+                 log: Callable[[str], None] = print, progress: bool = True, *,
+                 resume_point: ResumePoint | None = None, allow_changes: bool = False) -> None:
         from k2.model import K2Config
 
         self.config = config
@@ -217,9 +226,13 @@ class Trainer:
             raise ConfigError(
                 f"seq_len {config.seq_len} is longer than the {config.preset} model allows "
                 f"(max_position_embeddings = {self.model_config.max_position_embeddings})")
-        self.harness = Harness(Path(config.run_dir), self.d, resume=resume, log=log, progress=progress)
+        self.harness = Harness(Path(config.run_dir), self.d, resume=resume, resume_point=resume_point,
+                               log=log, progress=progress)
         self.run_dir = self.harness.run_dir
         self.log = self.harness.log
+        if resume:  # decided before anything in the run directory is written (resume.py)
+            check_settings(config, self.harness.resume_point, allow_changes, self.log)
+            self.harness.barrier()  # rank 0 may move rejected checkpoints once every rank chose
 
     @property
     def interrupted(self) -> bool:
@@ -231,8 +244,8 @@ class Trainer:
         cfg, d, harness = self.config, self.d, self.harness
         harness.write_records(cfg.to_dict())
         manifest = ensure_data(cfg, d, self.log)
-        if manifest["vocab_size"] > self.model_config.vocab_size:
-            raise ConfigError(f"the data's vocabulary ({manifest['vocab_size']}) is larger than the "
+        if manifest.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(f"the data's vocabulary ({manifest.vocab_size}) is larger than the "
                               f"{cfg.preset} model's ({self.model_config.vocab_size}); prepare "
                               f"it with --vocab-size {self.model_config.vocab_size}")
 
@@ -261,7 +274,7 @@ class Trainer:
         harness.finish()
         return RunResult(self.run_dir, result.step, val_loss, baseline, result.interrupted, samples)
 
-    def _baselines(self, manifest: dict) -> BaselineReport:
+    def _baselines(self, manifest: TokenManifest) -> BaselineReport:
         from k2.data import load_tokenizer, read_tokens
 
         t0 = time.perf_counter()
@@ -269,7 +282,7 @@ class Trainer:
         valid = read_tokens(self.config.data_dir, "validation")
         tokenizer = load_tokenizer(self.config.data_dir)
         valid_bytes = len(tokenizer.decode(valid.tolist(), skip_special_tokens=False).encode())
-        report = fit_baselines(train, valid, manifest["vocab_size"], valid_bytes=valid_bytes)
+        report = fit_baselines(train, valid, manifest.vocab_size, valid_bytes=valid_bytes)
         self.log(f"baselines on {len(valid):,} validation tokens ({time.perf_counter() - t0:.1f} s): "
                  f"unigram {report.unigram_nats:.3f} nats/token, Kneser–Ney bigram "
                  f"{report.bigram_nats:.3f} nats/token ({report.bits_per_byte(report.bigram_nats):.3f} "
@@ -277,7 +290,7 @@ class Trainer:
         return report
 
     @torch.no_grad()
-    def sample(self, model, manifest: dict) -> list[str]:  # noqa: ANN001
+    def sample(self, model, manifest: TokenManifest) -> list[str]:  # noqa: ANN001
         """Continuations of ``sample_prompt`` (temperature 0.8, top-p 0.95), seeded."""
         from k2.data import load_tokenizer
 
@@ -289,7 +302,7 @@ class Trainer:
         generator = torch.Generator(device=self.d.device).manual_seed(cfg.seed)
         model.eval()
         ids = model.generate([prompt] * cfg.num_samples, max_new_tokens=cfg.sample_tokens,
-                             temperature=0.8, top_p=0.95, stop_tokens=[manifest["eod_token_id"]],
+                             temperature=0.8, top_p=0.95, stop_tokens=[manifest.eod_token_id],
                              generator=generator)
         texts = [cfg.sample_prompt + tokenizer.decode(list(seq)) for seq in ids]
         with (self.run_dir / "samples.txt").open("w") as f:
