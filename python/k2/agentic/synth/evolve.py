@@ -140,7 +140,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
     "trace": {"type": "boolean", "default": False, "description": "Log this call for debugging."},
 }
 OPENINGS = ("", "Use this to {x}", "{X}", "Tool: {x}", "This endpoint will {x}", "Call to {x}")
-CLOSINGS = ("", " The result is JSON.", " Fails with a structured error when the request is invalid.", " Returns the updated record.", " Safe to retry.")
+CLOSINGS = ("", "", " Returns JSON.", " Errors come back as JSON.", " Safe to retry.")
 
 
 _FORMAT_WORDS = re.compile(r"(,|;)?\s*(e\.g\.[^;]*|YYYY-MM-DD( HH:MM)?|HH:MM|in cents|0-100)\.?")
@@ -269,9 +269,13 @@ def _variant(domain: type[Domain], base: str, spec: dict[str, Any], index: int, 
     properties: dict[str, Any] = {}
     maps = []
     used: set[str] = set()
+    chosen: dict[tuple[str, ...], str] = {}
     for pname, pschema in base_params.items():
         options = formats_for(domain.name, pname, pschema)
-        fmt_name = rng.choice(options) if rng.random() < 0.6 else "same"
+        key = tuple(options)  # parameters of one kind (start and end, two accounts) share a format
+        if key not in chosen:
+            chosen[key] = rng.choice(options) if rng.random() < 0.6 else "same"
+        fmt_name = chosen[key]
         fmt = get_format(fmt_name, domain.name, pname)
         candidates = [c for c in (fmt.names or (pname, *PARAMS.get(pname, ()))) if _case([c], style) not in used]
         vname = _case([rng.choice(candidates or [pname + "_value"])], style)

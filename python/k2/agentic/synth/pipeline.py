@@ -1,0 +1,223 @@
+"""The synthesis pipeline: one episode per index, kept or rejected (docs/synthesis.md).
+
+Episode ``i`` of a run is a pure function of ``(options, i)``: its random source is seeded from
+the run's seed and ``i`` (:func:`~k2.agentic.synth.evolve.stable_seed`), and so are the user,
+the domain's transient failures and the expert's mistakes. Episodes are taken in index order
+until ``n`` are kept, so the output does not depend on how many worker processes made them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from k2.agentic.domain import domains as registered_domains
+from k2.agentic.domain import get_domain
+from k2.agentic.env import AgentEnv
+from k2.agentic.synth.agents import Agent, draw_agent
+from k2.agentic.synth.evolve import VariantPool, held_out, stable_seed
+from k2.agentic.synth.expert import ExpertAgent
+from k2.agentic.synth.judge import rubric
+from k2.agentic.synth.plan import KIND_NAMES, KINDS, Ctx, Draft, DrawError, Step, ask
+from k2.agentic.synth.templates import Template, templates
+from k2.agentic.synth.variant_domain import VariantDomain
+from k2.agentic.tasks import Task
+from k2.data.chat import render_chat
+from k2.errors import ConfigError
+
+BUILTIN_DOMAINS = ("bank", "calendar", "contacts", "device", "notes", "shop")
+DEFAULT_MIX = {"single": 0.25, "multi": 0.25, "parallel": 0.15, "info": 0.15, "error": 0.10, "impossible": 0.10}
+
+
+@dataclass
+class SynthOptions:
+    """Everything that decides a run's output (the same options give the same bytes).
+
+    ``mix`` is the share of each task kind (normalized); ``validation`` the share of episodes in
+    the validation split, which use held-out tool variants and may use held-out templates;
+    ``held_out`` and ``held_out_templates`` the shares of variants and templates that training
+    never sees.
+    """
+
+    n: int = 1000
+    seed: int = 0
+    domains: tuple[str, ...] = BUILTIN_DOMAINS
+    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
+    per_tool: int = 60
+    held_out: float = 0.1
+    held_out_templates: float = 0.15
+    validation: float = 0.1
+    mistake_rate: float = 0.1
+    stochastic: bool = True
+    failure_rate: float = 0.05
+    max_tools: int = 4
+    max_chars: int = 3600
+    tool_chars: int = 1500
+    max_retries: int = 3
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first bad option."""
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"synth: --n must be a positive integer, not {self.n!r}")
+        known = registered_domains()
+        for d in self.domains:
+            if d not in known:
+                raise ConfigError(f"synth: unknown domain {d!r} in --domains; known: {', '.join(known)}")
+            if d not in BUILTIN_DOMAINS:
+                raise ConfigError(f"synth: domain {d!r} has no task templates; synthesis covers {', '.join(BUILTIN_DOMAINS)}")
+        if not self.domains:
+            raise ConfigError("synth: --domains is empty")
+        for kind, share in self.mix.items():
+            if kind not in KINDS:
+                raise ConfigError(f"synth: unknown task kind {kind!r} in --mix; kinds: {', '.join(KINDS)}")
+            if not isinstance(share, (int, float)) or share < 0:
+                raise ConfigError(f"synth: --mix share of {kind} must be a number >= 0, not {share!r}")
+        if sum(self.mix.values()) <= 0:
+            raise ConfigError("synth: --mix gives every kind a share of 0")
+        for name in ("held_out", "held_out_templates", "validation", "mistake_rate", "failure_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"synth: --{name.replace('_', '-')} must be in [0, 1), not {value}")
+        if self.per_tool < 2:
+            raise ConfigError(f"synth: --per-tool must be at least 2 (v0 is the base tool), not {self.per_tool}")
+        if not 1 <= self.max_tools <= 8:
+            raise ConfigError(f"synth: --max-tools must be between 1 and 8, not {self.max_tools}")
+
+
+@dataclass
+class Episode:
+    """One synthesized episode: its ``record`` (the JSONL line's object) and ``task`` (tau2 JSON),
+    or only ``reasons`` when it could not be drawn."""
+
+    index: int
+    kept: bool
+    reasons: list[str]
+    record: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None
+
+
+class Synthesizer:
+    """Makes episodes for ``options``; ``user`` and ``expert`` may replace the programmatic ones
+    (see :mod:`k2.agentic.synth.backends`)."""
+
+    def __init__(self, options: SynthOptions, *, describe: Callable[[str], str] | None = None,
+                 user: Any = "programmatic", judge: Any = None) -> None:
+        options.check()
+        self.options = options
+        self.pool = VariantPool(options.domains, options.per_tool, options.seed, options.held_out, describe)
+        self.user = user
+        self.judge = judge
+        self.templates = [t for t in templates().values() if t.domain in options.domains]
+        self.kinds = [k for k in KINDS if options.mix.get(k, 0) > 0]
+        self.weights = [options.mix[k] for k in self.kinds]
+        self.by_split: dict[tuple[str, str], list[Template]] = {}
+        for kind in KINDS:
+            fits = [t for t in self.templates if kind in t.kinds()]
+            train = [t for t in fits if not self.template_held_out(t.id)] or fits
+            self.by_split[("train", kind)] = train
+            self.by_split[("validation", kind)] = fits
+        for kind in self.kinds:
+            if not self.by_split[("train", kind)]:
+                raise ConfigError(f"synth: no template of kind {kind!r} in the domains {', '.join(options.domains)}")
+
+    def template_held_out(self, template_id: str) -> bool:
+        return held_out("template:" + template_id, self.options.held_out_templates, self.options.seed)
+
+    def episode(self, index: int) -> Episode:
+        o = self.options
+        episode_seed = stable_seed("episode", o.seed, index)
+        rng = random.Random(episode_seed)
+        split = "validation" if rng.random() < o.validation else "train"
+        kind = rng.choices(self.kinds, self.weights)[0]
+        tmpl = rng.choice(self.by_split[(split, kind)])
+        try:
+            ctx = Ctx(get_domain(tmpl.domain), rng)
+            draft = tmpl.draw(ctx)
+        except DrawError:
+            return Episode(index, False, ["draw_failed"])
+        draft.agent_data = ctx.agent_data
+        steps, opening, facts = list(draft.steps), draft.opening, dict(draft.facts)
+        if kind == "info":
+            opening = draft.vague or opening
+            facts.update({s.keyword: s.answer for s in draft.secrets})
+            wanted = " and the ".join(s.keyword for s in draft.secrets)
+            values = [v for s in draft.secrets for v in s.values]
+            steps = [ask(f"Sure, I can help with that. Could you tell me the {wanted}?", *values), *steps]
+        agent = draw_agent(rng, self.pool, tmpl.domain, draft.tools(), split, o.max_tools, o.tool_chars)
+        task_id = f"synth-{o.seed}-{index:07d}"
+        task_json = build_task(task_id, draft, steps, agent, kind, tmpl, opening, facts, split)
+        task = Task(task_json, f"synthesis episode {index}")
+        domain = VariantDomain(tmpl.domain, agent.tools, policy=agent.policy)
+        user = self.user if isinstance(self.user, str) else (lambda t, s: self.user(t, s))
+        env = AgentEnv(domain, task, user=user, seed=episode_seed % 2**32, stochastic=o.stochastic,
+                       failure_rate=o.failure_rate, system_prompt=agent.role, judge=self.judge, max_steps=40)
+        played = ExpertAgent(steps, agent.tools, rng, o.mistake_rate, o.max_retries).play(env)
+        tools = domain.tool_specs()
+        chars = len(render_chat(played.messages, tools))
+        reasons = rubric(played.messages, tools, grade=played.grade, termination=played.termination,
+                         gave_up=played.bail is not None, max_chars=o.max_chars, rendered_chars=chars)
+        record = {
+            "messages": played.messages,
+            "tools": tools,
+            "domain": tmpl.domain,
+            "task_id": task_id,
+            "seed": o.seed,
+            "index": index,
+            "split": split,
+            "kind": KIND_NAMES[kind],
+            "template": tmpl.id,
+            "variants": [v.id for v in agent.tools],
+            "grade": played.grade.to_json() if played.grade is not None else None,
+            "termination": played.termination,
+            "turns": sum(1 for m in played.messages if m.get("role") == "assistant"),
+            "calls": sum(len(m.get("tool_calls") or ()) for m in played.messages if m.get("role") == "assistant"),
+            "mistakes": played.mistakes,
+            "retries": played.retries,
+            "chars": chars,
+        }
+        if played.bail:
+            record["bail"] = played.bail
+        return Episode(index, not reasons, reasons, record, task_json)
+
+    def run(self, start: int = 0) -> Iterator[Episode]:
+        """Episodes ``start, start+1, ...`` forever (the caller stops)."""
+        index = start
+        while True:
+            yield self.episode(index)
+            index += 1
+
+
+def build_task(task_id: str, draft: Draft, steps: Sequence[Step], agent: Agent, kind: str, tmpl: Template,
+               opening: str, facts: dict[str, str], split: str) -> dict[str, Any]:
+    """The episode's task in tau2's JSON format, its gold actions written against the agent's variants."""
+    by_base = {v.base: v for v in agent.tools}
+    actions = []
+    for step in steps:
+        for call in step.calls:
+            if call.expect_error is None:
+                v = by_base[call.name]
+                actions.append({"action_id": f"{task_id}_{len(actions)}", "requestor": "assistant", "name": v.name,
+                                "arguments": v.from_base(call.args), "info": None, "compare_args": None})
+    initial = {"initialization_data": {"agent_data": draft.agent_data}} if draft.agent_data else None
+    return {
+        "id": task_id,
+        "description": {"purpose": f"{KIND_NAMES[kind]} task drawn by template {tmpl.id}", "relevant_policies": None, "notes": None},
+        "user_scenario": {
+            "persona": None,
+            "instructions": {
+                "domain": tmpl.domain, "reason_for_call": opening, "known_info": draft.known_info or None,
+                "unknown_info": None, "task_instructions": draft.instructions or draft.opening, "facts": facts,
+            },
+        },
+        "ticket": None,
+        "initial_state": initial,
+        "evaluation_criteria": {
+            "actions": actions, "env_assertions": [], "nl_assertions": [],
+            "communicate_info": [c.replace(",", "") for c in draft.communicate],
+            "reward_basis": ["DB", "COMMUNICATE"],
+        },
+        "k2_synth": {"kind": KIND_NAMES[kind], "template": tmpl.id, "split": split,
+                     "variants": [v.id for v in agent.tools], "system_prompt": agent.role},
+    }
