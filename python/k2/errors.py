@@ -54,6 +54,10 @@ class TaskError(AgenticError, ValueError):
     """A task file or task is malformed or unsupported; the message names the task id and field."""
 
 
+class SynthError(AgenticError):
+    """Agentic data synthesis (``k2 synth``) could not make what was asked; the message says why."""
+
+
 __all__ = [
     "K2Error",
     "K2IOError",
@@ -67,4 +71,5 @@ __all__ = [
     "IsolationUnavailableError",
     "AgenticError",
     "TaskError",
+    "SynthError",
 ]

@@ -1,9 +1,11 @@
 """The synthesis pipeline: one episode per index, kept or rejected (docs/synthesis.md).
 
-Episode ``i`` of a run is a pure function of ``(options, i)``: its random source is seeded from
-the run's seed and ``i`` (:func:`~k2.agentic.synth.evolve.stable_seed`), and so are the user,
-the domain's transient failures and the expert's mistakes. Episodes are taken in index order
-until ``n`` are kept, so the output does not depend on how many worker processes made them.
+The stated kind proportions hold for the *kept* trajectories: each kind gets a quota
+(:func:`kind_quotas`) and its own stream of episodes. Episode ``j`` of kind ``k`` is a pure function
+of ``(options, k, j)``: its random source is seeded from the run's seed, ``k`` and ``j``
+(:func:`~k2.agentic.synth.evolve.stable_seed`), and so are the user, the domain's transient
+failures and the expert's mistakes. Each stream is consumed in order until its quota is kept, so
+the output does not depend on how many worker processes made the episodes.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class SynthOptions:
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     per_tool: int = 60
     held_out: float = 0.1
-    held_out_templates: float = 0.15
+    held_out_templates: float = 0.1
     validation: float = 0.1
     mistake_rate: float = 0.1
     stochastic: bool = True
@@ -91,6 +93,7 @@ class Episode:
     """One synthesized episode: its ``record`` (the JSONL line's object) and ``task`` (tau2 JSON),
     or only ``reasons`` when it could not be drawn."""
 
+    kind: str
     index: int
     kept: bool
     reasons: list[str]
@@ -103,15 +106,19 @@ class Synthesizer:
     (see :mod:`k2.agentic.synth.backends`)."""
 
     def __init__(self, options: SynthOptions, *, describe: Callable[[str], str] | None = None,
-                 user: Any = "programmatic", judge: Any = None) -> None:
+                 user: Any = "programmatic", expert: Any = None, rubric_judge: Any = None, judge: Any = None) -> None:
         options.check()
         self.options = options
         self.pool = VariantPool(options.domains, options.per_tool, options.seed, options.held_out, describe)
         self.user = user
+        self.expert = expert
+        """None (the scripted :class:`ExpertAgent`) or an object with ``play(env) -> Played``."""
+        self.rubric_judge = rubric_judge
+        """None or ``(messages, tools) -> reasons`` added to the programmatic rubric's."""
         self.judge = judge
+        """Decides NL assertions when grading (k2.agentic's Judge protocol)."""
         self.templates = [t for t in templates().values() if t.domain in options.domains]
         self.kinds = [k for k in KINDS if options.mix.get(k, 0) > 0]
-        self.weights = [options.mix[k] for k in self.kinds]
         self.by_split: dict[tuple[str, str], list[Template]] = {}
         for kind in KINDS:
             fits = [t for t in self.templates if kind in t.kinds()]
@@ -125,18 +132,18 @@ class Synthesizer:
     def template_held_out(self, template_id: str) -> bool:
         return held_out("template:" + template_id, self.options.held_out_templates, self.options.seed)
 
-    def episode(self, index: int) -> Episode:
+    def episode(self, kind: str, index: int) -> Episode:
+        """Episode ``index`` of the stream of ``kind``."""
         o = self.options
-        episode_seed = stable_seed("episode", o.seed, index)
+        episode_seed = stable_seed("episode", o.seed, kind, index)
         rng = random.Random(episode_seed)
         split = "validation" if rng.random() < o.validation else "train"
-        kind = rng.choices(self.kinds, self.weights)[0]
         tmpl = rng.choice(self.by_split[(split, kind)])
         try:
             ctx = Ctx(get_domain(tmpl.domain), rng)
             draft = tmpl.draw(ctx)
         except DrawError:
-            return Episode(index, False, ["draw_failed"])
+            return Episode(kind, index, False, ["draw_failed"])
         draft.agent_data = ctx.agent_data
         steps, opening, facts = list(draft.steps), draft.opening, dict(draft.facts)
         if kind == "info":
@@ -146,18 +153,21 @@ class Synthesizer:
             values = [v for s in draft.secrets for v in s.values]
             steps = [ask(f"Sure, I can help with that. Could you tell me the {wanted}?", *values), *steps]
         agent = draw_agent(rng, self.pool, tmpl.domain, draft.tools(), split, o.max_tools, o.tool_chars)
-        task_id = f"synth-{o.seed}-{index:07d}"
+        task_id = f"synth-{o.seed}-{kind}-{index:06d}"
         task_json = build_task(task_id, draft, steps, agent, kind, tmpl, opening, facts, split)
         task = Task(task_json, f"synthesis episode {index}")
         domain = VariantDomain(tmpl.domain, agent.tools, policy=agent.policy)
         user = self.user if isinstance(self.user, str) else (lambda t, s: self.user(t, s))
         env = AgentEnv(domain, task, user=user, seed=episode_seed % 2**32, stochastic=o.stochastic,
                        failure_rate=o.failure_rate, system_prompt=agent.role, judge=self.judge, max_steps=40)
-        played = ExpertAgent(steps, agent.tools, rng, o.mistake_rate, o.max_retries).play(env)
+        player = self.expert if self.expert is not None else ExpertAgent(steps, agent.tools, rng, o.mistake_rate, o.max_retries)
+        played = player.play(env)
         tools = domain.tool_specs()
         chars = len(render_chat(played.messages, tools))
         reasons = rubric(played.messages, tools, grade=played.grade, termination=played.termination,
                          gave_up=played.bail is not None, max_chars=o.max_chars, rendered_chars=chars)
+        if self.rubric_judge is not None and not reasons:
+            reasons = list(self.rubric_judge(played.messages, tools))
         record = {
             "messages": played.messages,
             "tools": tools,
@@ -179,14 +189,25 @@ class Synthesizer:
         }
         if played.bail:
             record["bail"] = played.bail
-        return Episode(index, not reasons, reasons, record, task_json)
+        return Episode(kind, index, not reasons, reasons, record, task_json)
 
-    def run(self, start: int = 0) -> Iterator[Episode]:
-        """Episodes ``start, start+1, ...`` forever (the caller stops)."""
+    def run(self, kind: str, start: int = 0) -> Iterator[Episode]:
+        """Episodes ``start, start+1, ...`` of ``kind``, forever (the caller stops)."""
         index = start
         while True:
-            yield self.episode(index)
+            yield self.episode(kind, index)
             index += 1
+
+
+def kind_quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
+    """How many kept trajectories each kind gets: ``n`` split by the shares, the rounding
+    remainder going to the largest fractions (ties: the order of KINDS)."""
+    total = sum(mix.values())
+    exact = {k: n * mix.get(k, 0) / total for k in KINDS}
+    quotas = {k: int(v) for k, v in exact.items()}
+    for k in sorted(KINDS, key=lambda k: (-(exact[k] - quotas[k]), KINDS.index(k)))[: n - sum(quotas.values())]:
+        quotas[k] += 1
+    return {k: q for k, q in quotas.items() if q > 0}
 
 
 def build_task(task_id: str, draft: Draft, steps: Sequence[Step], agent: Agent, kind: str, tmpl: Template,
