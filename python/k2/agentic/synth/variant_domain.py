@@ -14,6 +14,7 @@ from typing import Any
 
 from k2.agentic.domain import Domain, get_domain
 from k2.agentic.synth.evolve import ToolVariant
+from k2.agentic.tasks import Task
 from k2.errors import AgenticError
 
 
@@ -79,3 +80,20 @@ class VariantDomain(Domain):
 
     def run_assertion(self, func_name: str, arguments: Mapping[str, Any]) -> Any:
         return self._inner.run_assertion(func_name, arguments)
+
+    def translate_task(self, task: Task) -> Task:
+        """A copy of a task written against the base tools (its gold actions) written against
+        this domain's variants instead, so it can be played and graded here. Raises AgenticError
+        when an action's tool has no variant here."""
+        raw = task.to_json()
+        by_base = {v.base: v for v in self.variants}
+        for action in (raw.get("evaluation_criteria") or {}).get("actions") or []:
+            v = by_base.get(action["name"])
+            if v is None:
+                raise AgenticError(f"task {task.id!r}: no variant of {action['name']} among {sorted(by_base)}")
+            action["name"] = v.name
+            action["arguments"] = v.from_base(action.get("arguments") or {})
+            if action.get("compare_args") is not None:
+                names = {p.base: p.name for p in v.params}
+                action["compare_args"] = [names.get(k, k) for k in action["compare_args"]]
+        return Task(raw, task.source)
