@@ -189,3 +189,18 @@ def test_bad_requests_are_clear_errors() -> None:
     v = evolve_tools("bank", 3, tools=["get_account"])[1]
     with pytest.raises(AgenticError, match="no parameter 'acount_id'"):
         v.from_base({"acount_id": "acc-1001"})
+
+
+def test_environment_prompts_declare_each_agents_own_variants() -> None:
+    from k2.agentic.env import AgentEnv
+    from k2.agentic.tasks import example_tasks
+    from k2.data.chat import render_chat
+
+    task = next(t for t in example_tasks("bank") if t.id == "bank-move-savings")
+    variants = evolve_tools("bank", 10, seed=0, tools=["transfer"])
+    for v in variants[1:4]:
+        domain = VariantDomain("bank", [v])
+        env = AgentEnv(domain, domain.translate_task(task), seed=0)
+        obs = env.reset()
+        assert obs.text == render_chat(env.messages, [v.spec], add_generation_prompt=True)
+        assert f'"name": "{v.name}"' in obs.text

@@ -9,6 +9,8 @@ the same calls reach the same state whichever declarations they were written aga
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,7 +50,8 @@ class VariantDomain(Domain):
                 raise AgenticError(f"variant {v.id} belongs to domain {v.domain}, not {self.base_cls.name}")
         self.name = self.base_cls.name  # type: ignore[misc]
         self.policy = self.base_cls.policy if policy is None else policy  # type: ignore[misc]
-        self.prompt_key = (policy, tuple(v.id for v in self.variants))
+        # what the environment's prompt cache tells apart (docs/agentic.md, Environment)
+        self.prompt_key = hashlib.sha256(json.dumps([v.spec for v in self.variants], sort_keys=True).encode()).hexdigest()
         self._inner = self.base_cls.__new__(self.base_cls)
         super().__init__(self.base_cls.initial_state() if state is None else state, **options)
 
