@@ -138,7 +138,9 @@ class Synthesizer:
         episode_seed = stable_seed("episode", o.seed, kind, index)
         rng = random.Random(episode_seed)
         split = "validation" if rng.random() < o.validation else "train"
-        tmpl = rng.choice(self.by_split[(split, kind)])
+        fits = self.by_split[(split, kind)]
+        domain_name = rng.choice(sorted({t.domain for t in fits}))  # domains first: equal shares
+        tmpl = rng.choice([t for t in fits if t.domain == domain_name])
         try:
             ctx = Ctx(get_domain(tmpl.domain), rng)
             draft = tmpl.draw(ctx)
