@@ -153,3 +153,21 @@ def test_impossible_tasks_make_no_successful_write(run: Path) -> None:
                 if '"error"' not in results[call.id][:10]:
                     assert domain.tool_kind(call.name) == "read", (r["task_id"], call.name)
     assert seen
+
+
+@pytest.mark.slow
+def test_same_bytes_across_processes_with_other_hash_seeds(tmp_path: Path) -> None:
+    """Nothing depends on Python's per-process string hashing (set order, hash())."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-m", "k2", "synth", "--out", str(out), "--n", "40", "--seed", "4", "--quiet"],
+                       check=True, env=env, capture_output=True)
+        outs.append(out)
+    for name in ("train.jsonl", "validation.jsonl", "variants.jsonl", "card.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
