@@ -65,7 +65,9 @@ def draw_agent(
 ) -> Agent:
     """An agent for ``domain`` that declares variants of the ``needed`` base tools and, up to
     ``max_tools`` in all, random other tools of the domain as long as the declarations' JSON stays
-    within ``tool_chars`` (distractors that would pass it are skipped); the order is shuffled."""
+    within ``tool_chars`` (distractors that would pass it are skipped); the order is shuffled. When
+    the needed tools alone pass the budget, each is redrawn up to three times for a shorter
+    declaration, so long plans still fit the episode length."""
     if len(needed) > max_tools:
         raise AgenticError(f"a plan needs {len(needed)} tools ({', '.join(needed)}) but agents declare at most {max_tools}")
     others = sorted({base for (d, base) in pool.by_tool if d == domain} - set(needed))
@@ -83,6 +85,14 @@ def draw_agent(
         else:
             raise AgenticError(f"could not draw distinct tool names for {list(needed)}")
     size = sum(len(json.dumps(t.spec)) for t in tools)
+    if size > tool_chars:  # a long plan's own tools already fill the budget: prefer compact variants
+        for i, base in enumerate(needed):
+            for _ in range(3):
+                other = pool.choose(rng, domain, base, split)
+                if len(json.dumps(other.spec)) < len(json.dumps(tools[i].spec)) and other.name not in names - {tools[i].name}:
+                    names = (names - {tools[i].name}) | {other.name}
+                    tools[i] = other
+        size = sum(len(json.dumps(t.spec)) for t in tools)
     for base in rng.sample(others, min(extra, len(others))):
         candidate = pool.choose(rng, domain, base, split)
         cost = len(json.dumps(candidate.spec))

@@ -16,7 +16,7 @@ import json
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from k2.agentic.env import AgentEnv
@@ -43,7 +43,6 @@ class Played:
     retries: int = 0
     bail: str | None = None
     calls: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def _text(text: Any, results: Mapping[str, Any]) -> str:

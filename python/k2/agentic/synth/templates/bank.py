@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from k2.agentic.synth.plan import Call, Ctx, Draft, Secret, ask, calls, confirm, money, say
+from k2.agentic.synth.plan import Call, Ctx, Draft, Secret, calls, confirm, money, say
 from k2.agentic.synth.templates import template
 
 OWN = {"c100": ("Mia Li", "acc-1001", "acc-1002"), "c200": ("Omar Haddad", "acc-2001", None)}
@@ -113,8 +113,8 @@ def freeze(ctx: Ctx) -> Draft:
     return Draft(
         opening=f"I'm {name} ({cid}). Please freeze my account {acc}; the reason is: {reason}.",
         vague=f"I'm {name}. I need to freeze one of my accounts right away.",
-        secrets=[Secret("which account", f"Account {acc}, reason: {reason}.", (acc, reason))],
-        steps=[confirm(f"I'll freeze {acc} with the reason '{reason}'. Shall I go ahead?"), calls(call),
+        secrets=[Secret("account number", f"It's {acc}.", (acc,)), Secret("reason", f"The reason is: {reason}.", (reason,))],
+        steps=[confirm(f"I'll freeze {acc} ('{reason}'). Shall I go ahead?"), calls(call),
                say(f"{acc} is now frozen. It can still receive money but cannot send any.")],
         communicate=["frozen"], known_info=f"You are {name}, customer {cid}.", facts=_facts(cid, name),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from k2.agentic.synth.plan import Call, Ctx, Draft, Secret, calls, confirm, say
+from k2.agentic.synth.plan import Call, Ctx, Draft, Secret, ask, calls, confirm, say
 from k2.agentic.synth.templates import template
 
 DAYS = ("2025-03-10", "2025-03-11", "2025-03-12", "2025-03-13", "2025-03-14")
@@ -32,7 +32,7 @@ def day_agenda(ctx: Ctx) -> Draft:
     return Draft(
         opening=f"What's on my calendar on {day}?",
         vague="Can you tell me what's on my calendar one of these days?",
-        secrets=[Secret("which day", f"On {day}.", (day,))],
+        secrets=[Secret("date", f"On {day}.", (day,))],
         steps=[calls(call), say(lambda r: f"On {day} you have: " + "; ".join(f"{e['title']} at {e['start'][11:]}" for e in r["d"]) + ".")],
         communicate=[e["title"] for e in got], known_info="You are Sam (sam@example.com).", facts=FACTS,
     )
@@ -126,21 +126,19 @@ def clash(ctx: Ctx) -> Draft:
     ev = ctx.state["events"][event]
     day, at = ev["start"][:10], ev["start"][11:]
     title = ctx.rng.choice(TITLES)
-    length = 30
     h, m = int(at[:2]), int(at[3:])
-    end = f"{day} {_hm(h * 60 + m + length)}"
+    end = f"{day} {_hm(h * 60 + m + 30)}"
     first = Call("fail", "create_event", {"title": title, "start": ev["start"], "end": end}, "conflict")
-    find = Call("f", "find_free_slot", {"date": day, "duration_minutes": length, "earliest": at})
     ctx.run(first)
-    slot = ctx.run(find)
+    slot = ctx.run(Call("f", "find_free_slot", {"date": day, "duration_minutes": 30, "earliest": at}))  # the user's fallback
     book = Call("e", "create_event", {"title": title, "start": slot["start"], "end": slot["end"]})
     ctx.run(book)
     return Draft(
         opening=f"Please book '{title}' at {ev['start']} for 30 minutes.",
-        steps=[confirm(f"I'll create '{title}' from {ev['start']} to {end[11:]}. Shall I go ahead?"), calls(first), calls(find),
-               confirm(f"That time clashes with '{ev['title']}'. The next free slot is {slot['start']} to {slot['end'][11:]}. Shall I book it then?"),
+        facts={**FACTS, "other time": f"Then {slot['start']} to {slot['end'][11:]}, please."},
+        steps=[calls(first), ask(f"That clashes with '{ev['title']}'. What other time would suit you?", slot["start"]),
                calls(book), say(f"Booked '{title}' from {slot['start']} to {slot['end'][11:]}.")],
-        communicate=[slot["start"]], known_info="You are Sam. A later time the same day is fine.", facts=FACTS,
+        communicate=[slot["start"]], known_info=f"You are Sam. If {ev['start']} is taken, {slot['start']} works.",
     )
 
 

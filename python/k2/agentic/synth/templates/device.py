@@ -35,7 +35,7 @@ def set_level(ctx: Ctx) -> Draft:
     return Draft(
         opening=f"Set my {setting} to {value}.",
         vague=f"Please change my {setting}.",
-        secrets=[Secret("what level", f"Make it {value}.", (str(value),))],
+        secrets=[Secret("level", f"Make it {value}.", (str(value),))],
         steps=[calls(call), say(f"Your {setting} is now {value}.")],
         communicate=[f"{setting} is now {value}"], known_info="You are Riley.", facts=FACTS,
     )
@@ -81,7 +81,7 @@ def revoke(ctx: Ctx) -> Draft:
     return Draft(
         opening=f"Take the {perm} permission away from the {app} app.",
         vague=f"One of my apps has a permission I don't like; take the {perm} permission away from it.",
-        secrets=[Secret("which app", f"The {app} app.", (app,))],
+        secrets=[Secret("app name", f"The {app} app.", (app,))],
         steps=[calls(read), calls(take), say(lambda r: f"{app} no longer has {perm}; it keeps: {', '.join(r['r']['permissions']) or 'nothing'}.")],
         communicate=[f"no longer has {perm}"], known_info="You are Riley.", facts=FACTS,
     )

@@ -20,7 +20,7 @@ def read_note(ctx: Ctx) -> Draft:
     return Draft(
         opening=f"What's the first line of my file {path}?",
         vague="What's the first line of one of my notes?",
-        secrets=[Secret("which file", f"The file {path}.", (path,))],
+        secrets=[Secret("file path", f"The file {path}.", (path,))],
         steps=[calls(call), say(lambda r: f"The first line of {path} is: {r['f']['content'].splitlines()[0]}")],
         communicate=[first], known_info="You are Alex.", facts=FACTS,
     )
@@ -49,7 +49,7 @@ def append_line(ctx: Ctx) -> Draft:
     return Draft(
         opening=f"Please add the line '{line}' to {path}.",
         vague=f"Please add '{line}' to one of my notes.",
-        secrets=[Secret("which file", f"Add it to {path}.", (path,))],
+        secrets=[Secret("file path", f"Add it to {path}.", (path,))],
         steps=[calls(read), calls(add), say(f"Added '{line}' at the end of {path}.")],
         communicate=[line], known_info="You are Alex.", facts=FACTS,
     )
