@@ -171,3 +171,18 @@ def test_same_bytes_across_processes_with_other_hash_seeds(tmp_path: Path) -> No
         outs.append(out)
     for name in ("train.jsonl", "validation.jsonl", "variants.jsonl", "card.json"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_held_out_templates_are_a_share_of_each_kind() -> None:
+    from k2.agentic.synth.pipeline import held_out_templates
+    from k2.agentic.synth.templates import templates
+
+    chosen = list(templates().values())
+    held = held_out_templates(chosen, 0.1, 0)
+    for kind in ("single", "multi", "parallel", "error", "impossible"):
+        mine = [t.id for t in chosen if t.kind == kind]
+        assert len(held & set(mine)) == min(round(0.1 * len(mine)), len(mine) - 1)
+    assert held == held_out_templates(chosen, 0.1, 0) and held != held_out_templates(chosen, 0.1, 1)
+    assert held_out_templates(chosen, 0.0, 0) == set()
+    everything = held_out_templates(chosen, 0.99, 0)
+    assert all(any(t.id not in everything for t in chosen if t.kind == k) for k in ("single", "error"))

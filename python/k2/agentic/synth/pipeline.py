@@ -19,7 +19,7 @@ from k2.agentic.domain import domains as registered_domains
 from k2.agentic.domain import get_domain
 from k2.agentic.env import AgentEnv
 from k2.agentic.synth.agents import Agent, draw_agent
-from k2.agentic.synth.evolve import VariantPool, held_out, stable_seed
+from k2.agentic.synth.evolve import VariantPool, stable_seed
 from k2.agentic.synth.expert import ExpertAgent
 from k2.agentic.synth.judge import rubric
 from k2.agentic.synth.plan import KIND_NAMES, KINDS, Ctx, Draft, DrawError, Step, ask
@@ -118,6 +118,7 @@ class Synthesizer:
         self.judge = judge
         """Decides NL assertions when grading (k2.agentic's Judge protocol)."""
         self.templates = [t for t in templates().values() if t.domain in options.domains]
+        self.held_templates = held_out_templates(self.templates, options.held_out_templates, options.seed)
         self.kinds = [k for k in KINDS if options.mix.get(k, 0) > 0]
         self.by_split: dict[tuple[str, str], list[Template]] = {}
         for kind in KINDS:
@@ -130,7 +131,7 @@ class Synthesizer:
                 raise ConfigError(f"synth: no template of kind {kind!r} in the domains {', '.join(options.domains)}")
 
     def template_held_out(self, template_id: str) -> bool:
-        return held_out("template:" + template_id, self.options.held_out_templates, self.options.seed)
+        return template_id in self.held_templates
 
     def episode(self, kind: str, index: int) -> Episode:
         """Episode ``index`` of the stream of ``kind``."""
@@ -199,6 +200,17 @@ class Synthesizer:
         while True:
             yield self.episode(kind, index)
             index += 1
+
+
+def held_out_templates(chosen: Sequence[Template], fraction: float, seed: int) -> set[str]:
+    """The templates never used in training: of each kind's templates, the ``round(fraction * count)``
+    with the smallest stable hash of ``(seed, id)`` — a fixed share per kind, never all of a kind."""
+    out: set[str] = set()
+    for kind in KINDS:
+        mine = sorted((t for t in chosen if t.kind == kind), key=lambda t: stable_seed("held-out", seed, "template:" + t.id))
+        count = min(round(fraction * len(mine)), len(mine) - 1)
+        out.update(t.id for t in mine[:max(count, 0)])
+    return out
 
 
 def kind_quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
