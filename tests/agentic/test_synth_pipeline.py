@@ -10,10 +10,9 @@ import jsonschema
 import pytest
 
 from k2.agentic.calls import calls_from_message
-from k2.agentic.synth.agents import agent_policy
 from k2.agentic.synth.evolve import ToolVariant
 from k2.agentic.synth.judge import regrade
-from k2.agentic.synth.output import synthesize
+from k2.agentic.synth.output import episode_domain, load_variants, synthesize
 from k2.agentic.synth.pipeline import SynthOptions, kind_quotas
 from k2.agentic.synth.variant_domain import VariantDomain
 from k2.agentic.tasks import load_tasks
@@ -56,15 +55,15 @@ def test_worker_processes_give_the_same_bytes(run: Path, tmp_path: Path) -> None
 
 
 def test_every_kept_trajectory_regrades_to_its_recorded_reward(run: Path) -> None:
-    variants = _variants(run)
+    variants = load_variants(run / "variants.jsonl")
     seen = 0
     for split in ("train", "validation"):
         tasks = {t.id: t for t in load_tasks(run / f"{split}.tasks.json")}
         for record in _records(run, split):
             task = tasks[record["task_id"]]
-            tools = [ToolVariant.from_json(variants[vid]) for vid in record["variants"]]
-            assert [t.spec for t in tools] == record["tools"]
-            proto = VariantDomain(record["domain"], tools, policy=agent_policy(record["domain"]))
+            proto = episode_domain(record, variants)
+            assert proto.tool_specs() == record["tools"]
+            assert record["messages"][0]["content"] == f"{task.raw['k2_synth']['system_prompt']}\n\n{proto.policy}"
             grade = regrade(task, proto, record["messages"], termination=record["termination"])
             assert grade.reward == record["grade"]["reward"] == 1.0, record["task_id"]
             seen += 1
@@ -186,3 +185,12 @@ def test_held_out_templates_are_a_share_of_each_kind() -> None:
     assert held_out_templates(chosen, 0.0, 0) == set()
     everything = held_out_templates(chosen, 0.99, 0)
     assert all(any(t.id not in everything for t in chosen if t.kind == k) for k in ("single", "error"))
+
+
+def test_loading_a_broken_variants_file_names_the_line(tmp_path: Path) -> None:
+    from k2.errors import SynthError
+
+    path = tmp_path / "variants.jsonl"
+    path.write_text('{"id": "x"}\n')
+    with pytest.raises(SynthError, match="line 1 is not a tool variant"):
+        load_variants(path)

@@ -26,7 +26,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from k2.agentic.synth.agents import agent_policy
+from k2.agentic.synth.evolve import ToolVariant
 from k2.agentic.synth.pipeline import Episode, Synthesizer, SynthOptions, kind_quotas
+from k2.agentic.synth.variant_domain import VariantDomain
 from k2.errors import K2IOError, SynthError
 
 SPLITS = ("train", "validation")
@@ -263,3 +266,29 @@ class Progress:
         rate = attempted / max(now - self.start, 1e-9)
         self.stream.write(f"synth: {kept}/{self.n} kept, {attempted} attempted ({100 * kept / max(1, attempted):.1f} % kept), {rate:.0f} episodes/s\n")
         self.stream.flush()
+
+
+def load_variants(path: str | Path) -> dict[str, ToolVariant]:
+    """The variants of a run's ``variants.jsonl`` by id (to rebuild an episode's domain)."""
+    path = Path(path)
+    out: dict[str, ToolVariant] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise K2IOError(f"cannot read the variants file {path}: {err}") from err
+    for number, line in enumerate(lines, 1):
+        try:
+            variant = ToolVariant.from_json(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SynthError(f"{path}: line {number} is not a tool variant: {err}") from err
+        out[variant.id] = variant
+    return out
+
+
+def episode_domain(record: dict[str, Any], variants: dict[str, ToolVariant]) -> VariantDomain:
+    """The domain a recorded trajectory was played in (its agent's variants and policy), fresh:
+    play the record's task in it, or grade the record with :func:`~k2.agentic.synth.judge.regrade`."""
+    missing = [v for v in record["variants"] if v not in variants]
+    if missing:
+        raise SynthError(f"task {record.get('task_id')}: variants {missing} are not in the variants file")
+    return VariantDomain(record["domain"], [variants[v] for v in record["variants"]], policy=agent_policy(record["domain"]))
