@@ -56,3 +56,21 @@ def test_output_path_that_is_a_file(tmp_path, capsys) -> None:
     target.write_text("x")
     assert main(["synth", "--out", str(target), "--n", "2", "--quiet"]) == 1
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_tokenizer_limits_tokens(tmp_path, tokenizer, capsys) -> None:
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    out = tmp_path / "data"
+    assert main(["synth", "--out", str(out), "--n", "12", "--quiet", "--tokenizer", str(path), "--max-tokens", "1500"]) == 0
+    records = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    records += [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
+    from k2.data.chat import render_chat
+
+    for r in records:
+        assert r["tokens"] == len(tokenizer.encode(render_chat(r["messages"], r["tools"]), add_special_tokens=False).ids) <= 1500
+    card = json.loads((out / "card.json").read_text())
+    assert card["rendered_tokens"]["max"] == max(r["tokens"] for r in records)
+    assert card["rejection_reasons"].get("too_long", 0) > 0  # a 400-token vocabulary makes long ones
+    assert main(["synth", "--out", str(tmp_path / "x"), "--n", "2", "--quiet", "--tokenizer", str(tmp_path / "none.json")]) == 1
+    assert "--tokenizer" in capsys.readouterr().err

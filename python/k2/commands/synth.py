@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         per_tool=args.per_tool, held_out=args.held_out, held_out_templates=args.held_out_templates,
         validation=args.validation, mistake_rate=args.mistake_rate, stochastic=not args.no_failures,
         failure_rate=args.failure_rate, max_tools=args.max_tools, max_chars=args.max_chars, tool_chars=args.tool_chars,
+        tokenizer=args.tokenizer, max_tokens=args.max_tokens,
     )
     options.check()
     endpoint = (args.openai_model, args.openai_base_url, args.openai_api_key)
@@ -96,6 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tools", type=int, default=4, help="most tools an agent declares (default 4)")
     p.add_argument("--max-chars", type=int, default=3600, help="reject trajectories whose rendered text is longer (default 3600)")
     p.add_argument("--tool-chars", type=int, default=1500, help="budget of declaration JSON for distractor tools (default 1500)")
+    p.add_argument("--tokenizer", default=None, help="a prepared data folder (or tokenizer.json): also reject conversations over --max-tokens")
+    p.add_argument("--max-tokens", type=int, default=1024, help="with --tokenizer, the most tokens a rendered conversation may have (default 1024)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (output is the same for any count)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -12,7 +12,7 @@ A trajectory is kept only when k2.agentic's grader gives it reward 1 and the rub
 | ``invalid_arguments`` | a call's arguments break the tool's schema and the next assistant turn does not call that tool validly (one recovered mistake is data; an unrecovered one is not) |
 | ``unanswered_call`` | a call has no tool message answering it |
 | ``outcome_not_told`` | the conversation does not end with an assistant message in words, after the last tool result |
-| ``too_long`` | the rendered conversation is longer than ``max_chars`` |
+| ``too_long`` | the rendered conversation is longer than ``max_chars`` characters, or (with a tokenizer) ``max_tokens`` tokens |
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def rubric(
     gave_up: bool = False,
     max_chars: int | None = None,
     rendered_chars: int | None = None,
+    max_tokens: int | None = None,
+    tokens: int | None = None,
 ) -> list[str]:
     """The rubric's reasons to reject a trajectory, in :data:`REASONS` order (empty: keep it)."""
     reasons: set[str] = set()
@@ -75,6 +77,8 @@ def rubric(
     if last_said < last_tool or last_said != last_agent or last_said < 0:
         reasons.add("outcome_not_told")
     if max_chars is not None and rendered_chars is not None and rendered_chars > max_chars:
+        reasons.add("too_long")
+    if max_tokens is not None and tokens is not None and tokens > max_tokens:
         reasons.add("too_long")
     return [r for r in REASONS if r in reasons]
 

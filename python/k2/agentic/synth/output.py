@@ -161,6 +161,7 @@ class _Stats:
         self.counts: dict[str, Counter[Any]] = {k: Counter() for k in
                                                 ("split", "domain", "kind", "template", "turns", "calls", "mistakes", "retries")}
         self.chars: list[int] = []
+        self.tokens: list[int] = []
         self.used: dict[str, set[str]] = {s: set() for s in SPLITS}
 
     def add(self, episode: Episode) -> None:
@@ -175,6 +176,8 @@ class _Stats:
         for key in self.counts:
             self.counts[key][r[key]] += 1
         self.chars.append(r["chars"])
+        if "tokens" in r:
+            self.tokens.append(r["tokens"])
         self.used[r["split"]].update(r["variants"])
 
     def card(self, synth: Synthesizer) -> dict[str, Any]:
@@ -196,10 +199,8 @@ class _Stats:
             "calls_per_trajectory": {str(k): v for k, v in sorted(self.counts["calls"].items())},
             "with_recovered_mistake": sum(v for k, v in self.counts["mistakes"].items() if k),
             "with_transient_retry": sum(v for k, v in self.counts["retries"].items() if k),
-            "rendered_chars": {
-                "min": min(self.chars, default=0), "median": int(statistics.median(self.chars)) if self.chars else 0,
-                "max": max(self.chars, default=0),
-            },
+            "rendered_chars": _spread(self.chars),
+            "rendered_tokens": _spread(self.tokens) if self.tokens else None,
             "variants": {
                 "total": len(pool.variants), "distinct_specs": len(specs), "held_out": len(held),
                 "used_in_train": len(self.used["train"]), "used_in_validation": len(self.used["validation"]),
@@ -210,6 +211,10 @@ class _Stats:
                 "held_out": sorted(t.id for t in synth.templates if synth.template_held_out(t.id)),
             },
         }
+
+
+def _spread(values: list[int]) -> dict[str, int]:
+    return {"min": min(values, default=0), "median": int(statistics.median(values)) if values else 0, "max": max(values, default=0)}
 
 
 def _table(title: str, counts: dict[str, int], total: int) -> str:
@@ -236,7 +241,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"Kind mix asked for: {', '.join(f'{k} {v}' for k, v in o['mix'].items())}. Recovered mistakes in "
         f"{card['with_recovered_mistake']} trajectories, transient-failure retries in {card['with_transient_retry']}. "
         f"Rendered length (characters): min {card['rendered_chars']['min']}, median {card['rendered_chars']['median']}, "
-        f"max {card['rendered_chars']['max']}.",
+        f"max {card['rendered_chars']['max']}."
+        + (f" Tokens: min {card['rendered_tokens']['min']}, median {card['rendered_tokens']['median']}, "
+           f"max {card['rendered_tokens']['max']}." if card["rendered_tokens"] else ""),
         "",
         _table("Split", card["by_split"], kept),
         _table("Domain", card["by_domain"], kept),

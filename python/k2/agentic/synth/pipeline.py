@@ -11,6 +11,7 @@ the output does not depend on how many worker processes made the episodes.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from k2.agentic.synth.templates import Template, templates
 from k2.agentic.synth.variant_domain import VariantDomain
 from k2.agentic.tasks import Task
 from k2.data.chat import render_chat
+from k2.data.tokenizer import load_tokenizer
 from k2.errors import ConfigError
 
 BUILTIN_DOMAINS = ("bank", "calendar", "contacts", "device", "notes", "shop")
@@ -57,6 +59,10 @@ class SynthOptions:
     max_tools: int = 4
     max_chars: int = 3600
     tool_chars: int = 1500
+    tokenizer: str | None = None
+    """A tokenizer (a prepared data folder or its tokenizer.json): then ``max_tokens`` also limits
+    each rendered conversation and records carry ``tokens``."""
+    max_tokens: int = 1024
     max_retries: int = 3
 
     def check(self) -> None:
@@ -84,6 +90,10 @@ class SynthOptions:
                 raise ConfigError(f"synth: --{name.replace('_', '-')} must be in [0, 1), not {value}")
         if self.per_tool < 2:
             raise ConfigError(f"synth: --per-tool must be at least 2 (v0 is the base tool), not {self.per_tool}")
+        if self.max_chars < 1 or self.max_tokens < 1:
+            raise ConfigError(f"synth: --max-chars and --max-tokens must be positive, not {self.max_chars}, {self.max_tokens}")
+        if self.tokenizer is not None and not Path(self.tokenizer).exists():
+            raise ConfigError(f"synth: --tokenizer {self.tokenizer} does not exist (a prepared data folder or its tokenizer.json)")
         if not 1 <= self.max_tools <= 8:
             raise ConfigError(f"synth: --max-tools must be between 1 and 8, not {self.max_tools}")
 
@@ -119,6 +129,7 @@ class Synthesizer:
         """Decides NL assertions when grading (k2.agentic's Judge protocol)."""
         self.templates = [t for t in templates().values() if t.domain in options.domains]
         self.held_templates = held_out_templates(self.templates, options.held_out_templates, options.seed)
+        self.tokenizer = load_tokenizer(options.tokenizer) if options.tokenizer else None
         self.kinds = [k for k in KINDS if options.mix.get(k, 0) > 0]
         self.by_split: dict[tuple[str, str], list[Template]] = {}
         for kind in KINDS:
@@ -166,9 +177,12 @@ class Synthesizer:
         player = self.expert if self.expert is not None else ExpertAgent(steps, agent.tools, rng, o.mistake_rate, o.max_retries)
         played = player.play(env)
         tools = domain.tool_specs()
-        chars = len(render_chat(played.messages, tools))
+        text = render_chat(played.messages, tools)
+        chars = len(text)
+        tokens = len(self.tokenizer.encode(text, add_special_tokens=False).ids) if self.tokenizer is not None else None
         reasons = rubric(played.messages, tools, grade=played.grade, termination=played.termination,
-                         gave_up=played.bail is not None, max_chars=o.max_chars, rendered_chars=chars)
+                         gave_up=played.bail is not None, max_chars=o.max_chars, rendered_chars=chars,
+                         max_tokens=o.max_tokens, tokens=tokens)
         if self.rubric_judge is not None and not reasons:
             reasons = list(self.rubric_judge(played.messages, tools))
         record = {
@@ -190,6 +204,8 @@ class Synthesizer:
             "retries": played.retries,
             "chars": chars,
         }
+        if tokens is not None:
+            record["tokens"] = tokens
         if played.bail:
             record["bail"] = played.bail
         return Episode(kind, index, not reasons, reasons, record, task_json)
