@@ -165,7 +165,8 @@ class Synthesizer:
             facts.update({s.keyword: s.answer for s in draft.secrets})
             wanted = " and the ".join(s.keyword for s in draft.secrets)
             values = [v for s in draft.secrets for v in s.values]
-            steps = [ask(f"Sure, I can help with that. Could you tell me the {wanted}?", *values), *steps]
+            opener = rng.choice(("Sure, I can help with that.", "Happy to help.", "Of course.", "I can do that."))
+            steps = [ask(f"{opener} Could you tell me the {wanted}?", *values), *steps]
         agent = draw_agent(rng, self.pool, tmpl.domain, draft.tools(), split, o.max_tools, o.tool_chars)
         task_id = f"synth-{o.seed}-{kind}-{index:06d}"
         task_json = build_task(task_id, draft, steps, agent, kind, tmpl, opening, facts, split)
