@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     remote = [name for name, how in roles.items() if how == "openai"]
     if remote and args.workers > 1:
         raise ConfigError(f"synth: --workers > 1 needs programmatic roles ({', '.join(remote)} use an endpoint)")
-    kwargs = {}
+    kwargs: dict[str, object] = {}
     if remote:
         from k2.agentic.synth import backends
 

@@ -245,7 +245,7 @@ def build_task(task_id: str, draft: Draft, steps: Sequence[Step], agent: Agent, 
                opening: str, facts: dict[str, str], split: str) -> dict[str, Any]:
     """The episode's task in tau2's JSON format, its gold actions written against the agent's variants."""
     by_base = {v.base: v for v in agent.tools}
-    actions = []
+    actions: list[dict[str, Any]] = []
     for step in steps:
         for call in step.calls:
             if call.expect_error is None:

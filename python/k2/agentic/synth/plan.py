@@ -133,7 +133,7 @@ class Ctx:
         call expects that error. Anything else raises :class:`DrawError`."""
         self.ran = True
         result = self.domain.call(call.name, call.args)
-        value = json.loads(result.content) if result.content[:1] in "[{" else result.content
+        value: Any = json.loads(result.content) if result.content[:1] in ("[", "{") else result.content
         if call.expect_error is None and result.ok:
             return value
         if call.expect_error is not None and result.code == call.expect_error:
