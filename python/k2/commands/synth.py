@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 EPILOG = """\
 Every episode is a pure function of --seed and its index, so the same options give byte-identical
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     remote = [name for name, how in roles.items() if how == "openai"]
     if remote and args.workers > 1:
         raise ConfigError(f"synth: --workers > 1 needs programmatic roles ({', '.join(remote)} use an endpoint)")
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if remote:
         from k2.agentic.synth import backends
 
