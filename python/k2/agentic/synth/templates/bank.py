@@ -190,3 +190,20 @@ def over_daily_limit(ctx: Ctx) -> Draft:
         steps=[calls(read), say(f"I'm sorry, I can't do that: transfers over 5000.00 a day are refused, and {money(amount)} is above that limit. You could split it over several days.")],
         communicate=["5000.00"], known_info="You are Mia Li, customer c100.", facts=_facts("c100", "Mia Li"),
     )
+
+
+@template("bank", "parallel")
+def two_bills(ctx: Ctx) -> Draft:
+    _vary_balances(ctx)
+    a, b = ctx.rng.sample(PAYEES, 2)
+    amounts = [ctx.rng.randrange(1_000, 20_000), ctx.rng.randrange(1_000, 20_000)]
+    pays = [Call("a", "pay_bill", {"account_id": "acc-1001", "payee": a, "amount_cents": amounts[0]}),
+            Call("b", "pay_bill", {"account_id": "acc-1001", "payee": b, "amount_cents": amounts[1]})]
+    for c in pays:
+        last = ctx.run(c)
+    return Draft(
+        opening=f"Mia Li, customer c100. Please pay {a} {money(amounts[0])} and {b} {money(amounts[1])} from acc-1001.",
+        steps=[confirm(f"I'll pay {a} {money(amounts[0])} and {b} {money(amounts[1])} from acc-1001. Shall I go ahead?"),
+               calls(*pays), say(lambda r: f"Both bills are paid. acc-1001 now holds {money(min(r['a']['balance_cents'], r['b']['balance_cents']))}.")],
+        communicate=[money(last["balance_cents"])], known_info="You are Mia Li, customer c100.", facts=_facts("c100", "Mia Li"),
+    )

@@ -153,3 +153,15 @@ def no_such_event(ctx: Ctx) -> Draft:
         steps=[calls(call), say(f"I found no event on {day}, so there is no '{title}' to cancel. Nothing was changed.")],
         communicate=["no event"], known_info="You are Sam.", facts=FACTS,
     )
+
+
+@template("calendar", "parallel")
+def two_events(ctx: Ctx) -> Draft:
+    a, b = sorted(ctx.rng.sample(sorted(ctx.state["events"]), 2))
+    reads = [Call("a", "get_event", {"event_id": a}), Call("b", "get_event", {"event_id": b})]
+    got = [ctx.run(c) for c in reads]
+    return Draft(
+        opening=f"When do events {a} and {b} start?",
+        steps=[calls(*reads), say(lambda r: f"'{r['a']['title']}' starts at {r['a']['start']} and '{r['b']['title']}' at {r['b']['start']}.")],
+        communicate=[g["start"] for g in got], known_info="You are Sam.", facts=FACTS,
+    )

@@ -124,3 +124,17 @@ def blocked(ctx: Ctx) -> Draft:
         steps=[calls(find), say("I'm sorry, Spam Caller is blocked, and I can't message a blocked contact.")],
         communicate=["blocked"], known_info="You are Jo.", facts=FACTS,
     )
+
+
+@template("contacts", "parallel")
+def text_two(ctx: Ctx) -> Draft:
+    text = ctx.rng.choice(TEXTS)
+    sends = [Call("a", "send_message", {"contact_id": "k1", "text": text}), Call("b", "send_message", {"contact_id": "k3", "text": text})]
+    for c in sends:
+        ctx.run(c)
+    return Draft(
+        opening=f"Send '{text}' to both k1 and k3.",
+        steps=[confirm(f"I'll send \"{text}\" to Alice Moreau (k1) and Bruno Diaz (k3). Shall I go ahead?"), calls(*sends),
+               say(lambda r: f"Sent to {r['a']['to']} and {r['b']['to']}.")],
+        communicate=["Alice Moreau", "Bruno Diaz"], known_info="You are Jo.", facts=FACTS,
+    )

@@ -135,3 +135,32 @@ def reveal_password(ctx: Ctx) -> Draft:
         steps=[say("I'm sorry, I can't reveal saved Wi-Fi passwords. You can find it on your router or ask whoever set up the network.")],
         communicate=["can't reveal"], known_info="You are Riley.", facts=FACTS,
     )
+
+
+@template("device", "parallel")
+def two_apps(ctx: Ctx) -> Draft:
+    a, b = sorted(ctx.rng.sample(sorted(ctx.state["apps"]), 2))
+    reads = [Call("a", "list_app_permissions", {"app": a}), Call("b", "list_app_permissions", {"app": b})]
+    got = [ctx.run(c) for c in reads]
+    return Draft(
+        opening=f"Which permissions do {a} and {b} have?",
+        steps=[calls(*reads), say(lambda r: f"{a}: {', '.join(r['a'])}. {b}: {', '.join(r['b'])}.")],
+        communicate=[p for g in got for p in g], known_info="You are Riley.", facts=FACTS,
+    )
+
+
+@template("device", "error")
+def level_too_high(ctx: Ctx) -> Draft:
+    _vary(ctx)
+    setting = ctx.rng.choice(("brightness", "volume"))
+    wanted = ctx.rng.randrange(101, 200)
+    first = Call("fail", "set_level", {"setting": setting, "value": wanted}, "invalid_argument")
+    fix = Call("l", "set_level", {"setting": setting, "value": 100})
+    ctx.run(first)
+    ctx.run(fix)
+    return Draft(
+        opening=f"Put my {setting} at {wanted}!",
+        steps=[calls(first), confirm(f"{setting.capitalize()} only goes up to 100. Shall I set it to 100?"), calls(fix),
+               say(f"Your {setting} is now at its maximum, 100.")],
+        communicate=["100"], known_info="You are Riley. The maximum is fine.", facts=FACTS,
+    )

@@ -126,3 +126,34 @@ def missing_file(ctx: Ctx) -> Draft:
         communicate=["no file"], known_info="You are Alex.", facts=FACTS,
     )
 
+
+
+@template("notes", "parallel")
+def read_two(ctx: Ctx) -> Draft:
+    a, b = sorted(ctx.rng.sample(sorted(ctx.state["files"]), 2))
+    reads = [Call("a", "read_file", {"path": a}), Call("b", "read_file", {"path": b})]
+    got = [ctx.run(c) for c in reads]
+    return Draft(
+        opening=f"What are the first lines of {a} and {b}?",
+        steps=[calls(*reads), say(lambda r: f"{a} starts with: {r['a']['content'].splitlines()[0]}. {b} starts with: {r['b']['content'].splitlines()[0]}.")],
+        communicate=[g["content"].splitlines()[0] for g in got], known_info="You are Alex.", facts=FACTS,
+    )
+
+
+@template("notes", "error")
+def wrong_path(ctx: Ctx) -> Draft:
+    real = ctx.rng.choice(("/notes/todo.txt", "/notes/ideas.md"))
+    stem = real.rsplit("/", 1)[1].split(".")[0]
+    guess = f"/notes/{stem}.{'md' if real.endswith('.txt') else 'txt'}"
+    line = ctx.rng.choice(LINES)
+    first = Call("fail", "append_to_file", {"path": guess, "text": line}, "not_found")
+    find = Call("s", "search_files", {"query": stem})
+    add = Call("a", "append_to_file", {"path": real, "text": line})
+    for c in (first, find, add):
+        ctx.run(c)
+    return Draft(
+        opening=f"Add '{line}' to {guess}.",
+        steps=[calls(first), calls(find), confirm(f"There is no {guess}, but there is {real}. Shall I add the line there?"),
+               calls(add), say(f"Added '{line}' to {real}.")],
+        communicate=[real], known_info=f"You are Alex. You meant {real}.", facts=FACTS,
+    )

@@ -156,3 +156,32 @@ def cancel_shipped(ctx: Ctx) -> Draft:
         steps=[calls(read), say("I'm sorry, o-503 has already shipped, and only orders that have not shipped can be cancelled. Once it is delivered you can return it.")],
         communicate=["shipped"], known_info="You are Tom Berg, customer u2.", facts=_facts("u2"),
     )
+
+
+@template("shop", "parallel")
+def two_orders(ctx: Ctx) -> Draft:
+    reads = [Call("a", "get_order", {"order_id": "o-501"}), Call("b", "get_order", {"order_id": "o-502"})]
+    got = [ctx.run(c) for c in reads]
+    return Draft(
+        opening="Hi, Ines Park here. Where are my orders o-501 and o-502?",
+        steps=[calls(*reads), say(lambda r: f"o-501 is {r['a']['status']} and o-502 is {r['b']['status']}.")],
+        communicate=[f"o-501 is {got[0]['status']}", f"o-502 is {got[1]['status']}"], known_info="You are Ines Park.", facts=_facts("u1"),
+    )
+
+
+@template("shop", "error")
+def cancel_delivered(ctx: Ctx) -> Draft:
+    first = Call("fail", "cancel_order", {"order_id": "o-501"}, "invalid_state")
+    read = Call("o", "get_order", {"order_id": "o-501"})
+    ctx.run(first)
+    order = ctx.run(read)
+    skus = sorted(order["items"])
+    back = Call("r", "return_items", {"order_id": "o-501", "skus": skus, "reason": "customer cancelled"})
+    done = ctx.run(back)
+    return Draft(
+        opening="Hi, Ines Park. Please cancel my order o-501.",
+        steps=[calls(first), calls(read),
+               confirm(f"o-501 was already delivered, so it can't be cancelled. Shall I return its items ({', '.join(skus)}) for a refund instead?"),
+               calls(back), say(lambda r: f"The items are returned and {money(r['r']['refunded_cents'])} will be refunded.")],
+        communicate=[money(done["refunded_cents"])], known_info="You are Ines Park. A return is fine too.", facts=_facts("u1"),
+    )
