@@ -175,8 +175,10 @@ def test_held_out_split_is_by_id_and_stable(pool: VariantPool) -> None:
     held = [vid for vid in pool.variants if pool.is_held_out(vid)]
     assert 0.05 < len(held) / len(pool.variants) < 0.15
     assert not any(vid.endswith(".v0") for vid in held)
-    assert held == [vid for vid in pool.variants if held_out(vid, 0.1, 0)]
+    by_rule = [vid for vid in pool.variants if held_out(vid, 0.1, 0)]
+    assert set(by_rule) <= set(held) and len(held) - len(by_rule) <= 46
     for (domain, base), split in pool.by_tool.items():
+        assert split["validation"], (domain, base)  # every tool has a held-out variant
         assert {v.id for v in split["validation"]} == {v.id for v in split["validation"] if pool.is_held_out(v.id)}
         assert not any(pool.is_held_out(v.id) for v in split["train"])
 

@@ -382,20 +382,30 @@ class VariantPool:
         self.fraction = held_out_fraction
         self.variants: dict[str, ToolVariant] = {}
         self.by_tool: dict[tuple[str, str], dict[str, list[ToolVariant]]] = {}
+        self.held: set[str] = set()
         for d in domains:
-            for v in evolve_tools(d, per_tool, seed):
-                if describe is not None and not v.id.endswith(".v0"):
-                    v.spec["function"]["description"] = describe(v.spec["function"]["description"])
-                self.variants[v.id] = v
-                split = "validation" if held_out(v.id, held_out_fraction, seed) else "train"
-                self.by_tool.setdefault((v.domain, v.base), {"train": [], "validation": []})[split].append(v)
+            variants = evolve_tools(d, per_tool, seed)
+            for base in dict.fromkeys(v.base for v in variants):
+                mine = [v for v in variants if v.base == base]
+                held = {v.id for v in mine if held_out(v.id, held_out_fraction, seed)}
+                if not held and held_out_fraction > 0 and len(mine) > 2:  # every tool has one held out
+                    held = {min((v.id for v in mine[1:]), key=lambda i: stable_seed("held-out", seed, i))}
+                self.held |= held
+                for v in mine:
+                    if describe is not None and not v.id.endswith(".v0"):
+                        v.spec["function"]["description"] = describe(v.spec["function"]["description"])
+                    self.variants[v.id] = v
+                    split = "validation" if v.id in held else "train"
+                    self.by_tool.setdefault((v.domain, v.base), {"train": [], "validation": []})[split].append(v)
 
     def is_held_out(self, variant_id: str) -> bool:
-        return held_out(variant_id, self.fraction, self.seed)
+        """Whether a variant is held out: :func:`held_out`, plus, for a tool that rule left without
+        any (and that has at least two variants besides ``v0``), its variant of smallest hash."""
+        return variant_id in self.held
 
     def choose(self, rng: random.Random, domain: str, base: str, split: str) -> ToolVariant:
         """A variant of ``domain.base`` for an episode of ``split`` (held-out ones for validation,
-        falling back to train variants when a tool has none held out)."""
+        train ones when the pool holds none out)."""
         pools = self.by_tool[(domain, base)]
         pool = pools[split] or pools["train"]
         return rng.choice(pool)
