@@ -16,6 +16,7 @@ Nothing in them depends on time or on the worker count, so a seed gives the same
 
 from __future__ import annotations
 
+import heapq
 import json
 import statistics
 import time
@@ -104,44 +105,36 @@ def synthesize(
     synth = synthesizer or Synthesizer(options)
     quotas = kind_quotas(options.n, options.mix)
     stats = _Stats(options)
-    kept: list[tuple[float, int, Episode]] = []
+    parts = {kind: out / f".{kind}.partial.jsonl" for kind in quotas}
     executor = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(options,)) if workers > 1 else None
     try:
-        for rank, (kind, quota) in enumerate(quotas.items()):
+        for kind, quota in quotas.items():
             limit = max(50, 4 * quota)
             have = tried = 0
+            part = open(parts[kind], "w", encoding="utf-8")  # kept episodes wait on disk, not in memory
             for episode in kind_stream(kind, synth, executor, workers * 2):
                 stats.add(episode)
                 tried += 1
                 if episode.kept:
-                    kept.append(((have + 0.5) / quota, rank, episode))
+                    part.write(_dump([episode.record, episode.task]) + "\n")
                     have += 1
                 if progress is not None:
                     progress(stats.kept, stats.attempted)
                 if have >= quota:
                     break
                 if tried >= limit:
+                    part.close()
                     raise SynthError(
                         f"synth: only {have} of {tried} {kind} episodes were kept (wanted {quota}); "
                         f"rejections so far: {dict(stats.reasons.most_common())}"
                     )
+            part.close()
+        _merge(parts, quotas, out)
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
-    kept.sort(key=lambda item: (item[0], item[1]))
-    files = {s: open(out / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
-    tasks: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    try:
-        for _, _, episode in kept:
-            assert episode.record is not None and episode.task is not None
-            split = episode.record["split"]
-            files[split].write(_dump(episode.record) + "\n")
-            tasks[split].append(episode.task)
-    finally:
-        for f in files.values():
-            f.close()
-    for s in SPLITS:
-        (out / f"{s}.tasks.json").write_text(json.dumps(tasks[s], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        for path in parts.values():
+            path.unlink(missing_ok=True)
     with open(out / "variants.jsonl", "w", encoding="utf-8") as f:
         for vid, variant in synth.pool.variants.items():
             f.write(_dump({**variant.to_json(), "held_out": synth.pool.is_held_out(vid)}) + "\n")
@@ -149,6 +142,35 @@ def synthesize(
     (out / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (out / "card.md").write_text(card_markdown(card), encoding="utf-8")
     return card
+
+
+def _merge(parts: dict[str, Path], quotas: dict[str, int], out: Path) -> None:
+    """Interleave the kinds' kept episodes (a kind's j-th of q at (j + 0.5) / q, ties in kind
+    order) into the split files, streaming: the task files are JSON lists, one task a line."""
+
+    def lines(rank: int, kind: str) -> Iterator[tuple[float, int, str]]:
+        with open(parts[kind], encoding="utf-8") as f:
+            for j, line in enumerate(f):
+                yield (j + 0.5) / quotas[kind], rank, line
+
+    streams = [lines(rank, kind) for rank, kind in enumerate(quotas)]
+    records = {s: open(out / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+    tasks = {s: open(out / f"{s}.tasks.json", "w", encoding="utf-8") for s in SPLITS}
+    first = dict.fromkeys(SPLITS, True)
+    try:
+        for f in tasks.values():
+            f.write("[")
+        for _, _, line in heapq.merge(*streams):
+            record, task = json.loads(line)
+            split = record["split"]
+            records[split].write(_dump(record) + "\n")
+            tasks[split].write(("\n" if first[split] else ",\n") + _dump(task))
+            first[split] = False
+        for f in tasks.values():
+            f.write("\n]\n")
+    finally:
+        for f in (*records.values(), *tasks.values()):
+            f.close()
 
 
 class _Stats:
