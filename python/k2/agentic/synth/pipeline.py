@@ -32,6 +32,9 @@ from k2.data.tokenizer import load_tokenizer
 from k2.errors import ConfigError
 
 BUILTIN_DOMAINS = ("bank", "calendar", "contacts", "device", "notes", "shop")
+GREETINGS = ("", "", "Hi. ", "Hello! ", "Hey there. ", "Good morning. ", "Hi, quick one: ")
+SIGN_OFFS = ("", "", " Thanks.", " Thank you!", " Thanks in advance.")
+"""Around the user's opening, for variety (the user simulator says it as written)."""
 DEFAULT_MIX = {"single": 0.25, "multi": 0.25, "parallel": 0.15, "info": 0.15, "error": 0.10, "impossible": 0.10}
 
 
@@ -167,6 +170,8 @@ class Synthesizer:
             values = [v for s in draft.secrets for v in s.values]
             opener = rng.choice(("Sure, I can help with that.", "Happy to help.", "Of course.", "I can do that."))
             steps = [ask(f"{opener} Could you tell me the {wanted}?", *values), *steps]
+        greeting = rng.choice(GREETINGS)
+        opening = f"{'' if opening.startswith(('Hi', 'Hello', 'Hey')) else greeting}{opening}{rng.choice(SIGN_OFFS)}"
         agent = draw_agent(rng, self.pool, tmpl.domain, draft.tools(), split, o.max_tools, o.tool_chars)
         task_id = f"synth-{o.seed}-{kind}-{index:06d}"
         task_json = build_task(task_id, draft, steps, agent, kind, tmpl, opening, facts, split)
