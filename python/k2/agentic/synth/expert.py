@@ -28,6 +28,7 @@ from k2.agentic.tools import validator_for
 YES = re.compile(r"\b(yes|go ahead|correct|please do)\b", re.I)
 FIXES = ("Sorry, I wrote the arguments wrong; fixing that.", "Let me correct the arguments.", "My mistake, retrying with the declared arguments.")
 RETRIES = ("The service did not respond; trying again.", "That was a temporary failure, so I'll retry.", "")
+CONFIRMS = ("Shall I go ahead?", "Shall I proceed?", "Is that OK?", "Do you want me to go ahead?", "Should I do that?")
 GIVE_UP = "I'm sorry, I couldn't complete that: the service is not responding right now. Please try again later."
 
 
@@ -111,7 +112,10 @@ class ExpertAgent:
                 played.bail = played.bail or "the episode ended before the plan did"
                 break
             if step.kind in ("ask", "confirm"):
-                obs, _, done, _ = env.step({"role": "assistant", "content": _text(step.text, results)})
+                text = _text(step.text, results)
+                if step.kind == "confirm" and text.endswith("Shall I go ahead?"):
+                    text = text[: -len("Shall I go ahead?")] + self.rng.choice(CONFIRMS)
+                obs, _, done, _ = env.step({"role": "assistant", "content": text})
                 reply = obs.messages[-1]["content"] if obs.messages else ""
                 ok = all(e.lower() in reply.lower() for e in step.expects) if step.kind == "ask" else bool(YES.search(reply))
                 if not ok and not done:
