@@ -72,11 +72,30 @@ class Reward:
             raise ValueError(f"reward score must be in [0, 1], got {self.score}")
 
 
-def split_of(task: str, key: str, test_fraction: float) -> str:
-    """``"test"`` or ``"train"`` for the problem ``key`` of ``task``: a stable hash (SHA-256 of
-    ``task`` and ``key``) read as a number in [0, 1), held out when below ``test_fraction``."""
+def split_point(task: str, key: str) -> float:
+    """A stable hash of ``task`` and ``key`` (SHA-256) read as a number in [0, 1)."""
     digest = hashlib.sha256(f"{task}\x00{key}".encode("utf-8", "surrogatepass")).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(task: str, key: str, test_fraction: float) -> str:
+    """``"test"`` or ``"train"`` for the problem ``key`` of ``task``: held out when its
+    :func:`split_point` is below ``test_fraction``."""
+    return "test" if split_point(task, key) < test_fraction else "train"
+
+
+def split_ids(task: str, ids: Sequence[str], test_fraction: float) -> dict[str, list[str]]:
+    """A finite set of ids split by :func:`split_of`, except that with two or more ids neither
+    split is left empty: the id with the lowest split point is then held out, or the one with
+    the highest kept for training."""
+    test = [i for i in ids if split_of(task, i, test_fraction) == "test"]
+    if len(ids) >= 2 and not test:
+        test = [min(ids, key=lambda i: split_point(task, i))]
+    elif len(ids) >= 2 and len(test) == len(ids):
+        top = max(ids, key=lambda i: split_point(task, i))
+        test = [i for i in ids if i != top]
+    held = set(test)
+    return {"train": [i for i in ids if i not in held], "test": test}
 
 
 def split_rng(task: str, split: str, seed: int) -> random.Random:
@@ -206,3 +225,19 @@ def safe_verify(name: str, fn: Callable[[], Reward]) -> Reward:
         return fn()
     except (RecursionError, MemoryError, ValueError, TypeError, ArithmeticError, OverflowError, SyntaxError) as err:
         return Reward(0.0, False, f"unscorable response ({type(err).__name__})")
+
+
+def sample_pool(task: str, split: str, n: int, seed: int, pool: Sequence[Any]) -> list[Any]:
+    """``n`` items of a finite ``pool`` (already one split's), in an order shuffled by ``seed``:
+    each once before any repeats. Raises :class:`RLTaskError` when the pool is empty."""
+    check_split(task, split)
+    check_count(task, n)
+    if n and not pool:
+        raise RLTaskError(f"task {task!r}: the {split} split is empty")
+    out: list[Any] = []
+    rng = split_rng(task, split, seed)
+    while len(out) < n:
+        order = list(pool)
+        rng.shuffle(order)
+        out.extend(order[: n - len(out)])
+    return out
