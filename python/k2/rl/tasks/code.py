@@ -30,8 +30,8 @@ from k2.sandbox.code_tasks import CodeTask, TaskScore, load_humaneval, score_man
 
 INSTRUCTION = "Write the complete Python function. Reply with one ```python code block holding it."
 
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_OPEN = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n", re.IGNORECASE)
+_OPEN = re.compile(r"```[ \t]*[\w+.-]*[ \t]*\n")
+"""An opening fence: three backticks, an optional language tag, the end of the line."""
 
 SOURCES = ("humaneval",)
 MAX_CODE_CHARS = 100_000
@@ -39,17 +39,25 @@ MAX_CODE_CHARS = 100_000
 
 
 def extract_code(text: str) -> str | None:
-    """The last fenced code block of ``text`` (``python``, ``py`` or no language), or the text
-    after an unclosed final fence; None when there is no fence."""
+    """The last fenced code block of ``text`` (any language tag, or none), or the text after a
+    last fence that is never closed (the budget cut it off); None when there is no block.
+    Fences pair up in order: an opening fence ends its line, the next ``` closes it."""
     text = strip_turn(text)
-    blocks = _FENCE.findall(text)
-    last_close = text.rfind("```")
-    opens = list(_OPEN.finditer(text))
-    if opens and (not blocks or opens[-1].start() >= last_close):
-        tail = text[opens[-1].end():]
-        if "```" not in tail:  # an unclosed last fence (the budget cut it off)
-            return tail
-    return blocks[-1] if blocks else None
+    last: str | None = None
+    pos = 0
+    while True:
+        i = text.find("```", pos)
+        if i < 0:
+            return last
+        opening = _OPEN.match(text, i)
+        if opening is None:  # stray backticks (inline code): not a block
+            pos = i + 3
+            continue
+        j = text.find("```", opening.end())
+        if j < 0:
+            return text[opening.end():]
+        last = text[opening.end():j]
+        pos = j + 3
 
 
 def _defines(code: str, name: str | None) -> bool:
