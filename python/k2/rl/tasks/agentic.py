@@ -187,6 +187,8 @@ class AgenticTask(Task):
 
     def verify(self, prompt: Prompt, response_text: str) -> Reward:
         """The reward of the episode whose agent turns ``response_text`` holds (:meth:`replay`)."""
+        if prompt.hidden.get("task_id") not in self.tasks:  # a caller's mistake, not the model's
+            raise RLTaskError(f"task {self.name!r}: prompt {prompt.id!r} names no task of this domain")
         if not isinstance(response_text, str):
             return Reward(0.0, False, "response is not text")
         try:
