@@ -58,6 +58,8 @@ def get_task(name: str, **options: Any) -> Task:
             from k2.rl.tasks.agentic import AgenticTask
 
             return AgenticTask(rest, **options)
-    except TypeError as err:  # an option the task does not take
+    except TypeError as err:
+        if "argument" not in str(err):  # not an option the task does not take: a real failure
+            raise
         raise RLTaskError(f"task {name!r}: bad option: {err}") from None
     raise RLTaskError(f"unknown task {name!r}; the forms are {', '.join(FORMS)}; available: {', '.join(task_names())}")
