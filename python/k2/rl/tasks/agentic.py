@@ -120,7 +120,7 @@ class AgenticTask(Task):
     def make_env(self, prompt: Prompt, **options: Any) -> AgentEnv:
         """The environment of ``prompt``'s episode (``reset()`` gives the prompt's messages);
         ``options`` (e.g. ``tokenizer``) go to :func:`k2.agentic.make_env`."""
-        task = self.tasks.get(prompt.hidden.get("task_id"))
+        task = self.tasks.get(str(prompt.hidden.get("task_id")))
         if task is None:
             raise RLTaskError(f"task {self.name!r}: prompt {prompt.id!r} names no task of this domain")
         return make_env(self.domain, task, seed=prompt.hidden["env_seed"], **{**self.env_options, **options})

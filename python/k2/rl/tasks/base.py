@@ -219,7 +219,7 @@ class Task(ABC):
         return f"<{type(self).__name__} {self.name!r} kind={self.kind} budget={self.token_budget}>"
 
 
-def safe_verify(name: str, fn: Callable[[], Reward]) -> Reward:
+def safe_verify(fn: Callable[[], Reward]) -> Reward:
     """Run a verifier body; any exception the response provoked becomes a zero reward naming it."""
     try:
         return fn()

@@ -184,7 +184,7 @@ class CountdownTask(Task):
         return f"Answer: {prompt.hidden['solution']}"
 
     def verify(self, prompt: Prompt, response_text: str) -> Reward:
-        return safe_verify(self.name, lambda: self._verify(prompt, response_text))
+        return safe_verify(lambda: self._verify(prompt, response_text))
 
     def _verify(self, prompt: Prompt, response_text: Any) -> Reward:
         if not isinstance(response_text, str):

@@ -11,7 +11,6 @@ score of 1. Needs the ``rl`` extra (``pip install 'k2-train[rl]'``).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import random
 from typing import Any
@@ -27,7 +26,6 @@ from k2.rl.tasks.base import (
     check_fraction,
     check_split,
     sample_split,
-    split_rng,
     strip_turn,
 )
 
@@ -42,9 +40,9 @@ def _rg() -> Any:
 
 def dataset_names() -> list[str]:
     """Every dataset reasoning-gym registers."""
-    from reasoning_gym.factory import DATASETS  # noqa: F401 - _rg() has imported the package
-
     _rg()
+    from reasoning_gym.factory import DATASETS
+
     return sorted(DATASETS)
 
 
@@ -89,13 +87,18 @@ class ReasoningGymTask(Task):
     def prompts(self, split: str, n: int, seed: int = 0) -> list[Prompt]:
         check_split(self.name, split)
         check_count(self.name, n)
-        size = 200 * n + 2000
-        base = split_rng(self.name, split, seed).randrange(2**31)
-        data = _rg().create_dataset(self.dataset, seed=base, size=size, **self.config)
-        index = itertools.count()
+        # entries come from datasets of `chunk` entries, each with a fresh seed from the draw's
+        # generator (some datasets build all their entries up front, so none is made huge)
+        share = self.test_fraction if split == "test" else 1.0 - self.test_fraction
+        chunk = max(100, math.ceil(2 * n / share))
+        state: dict[str, Any] = {"data": None, "next": chunk}
 
         def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
-            entry = data[next(index) % size]
+            if state["next"] >= chunk:
+                state["data"] = _rg().create_dataset(self.dataset, seed=rng.randrange(2**31), size=chunk, **self.config)
+                state["next"] = 0
+            entry = state["data"][state["next"]]
+            state["next"] += 1
             return entry["question"], entry
 
         entries = sample_split(self.name, split, n, seed, draw, self.test_fraction)
