@@ -48,6 +48,15 @@ def test_split_holds_and_prompts_are_deterministic() -> None:
     assert [p.id for p in task.prompts("test", 5, seed=3)] == [p.id for p in task.prompts("test", 5, seed=3)]
 
 
+def test_dataset_without_gold_answers_says_so() -> None:
+    task = get_task("rg:graph_color")  # any valid colouring scores 1: entries carry no answer
+    p = task.prompts("train", 1)[0]
+    assert p.hidden["entry"]["answer"] is None
+    with pytest.raises(RLTaskError, match="no gold answer"):
+        task.warm_start_examples(2)
+    assert task.verify(p, "<answer>None</answer>").score < 1.0
+
+
 def test_dataset_options_and_errors() -> None:
     task = get_task("rg:chain_sum", min_terms=2, max_terms=2, min_digits=1, max_digits=1)
     for p in task.prompts("train", 10):

@@ -112,7 +112,14 @@ class ReasoningGymTask(Task):
         ]
 
     def gold_response(self, prompt: Prompt) -> str:
-        return f"<answer>{prompt.hidden['entry']['answer']}</answer>"
+        """The entry's oracle answer in tags. Some datasets (puzzles with many solutions, such as
+        ``rush_hour`` or ``graph_color``) have none: then :class:`RLTaskError` says so."""
+        answer = prompt.hidden["entry"].get("answer")
+        text = f"<answer>{answer}</answer>"
+        if answer is None or not self.verify(prompt, text).correct:
+            raise RLTaskError(f"task {self.name!r}: the dataset gives no gold answer for prompt {prompt.id} "
+                              "(its verifier accepts many solutions), so it has no warm-start examples")
+        return text
 
     def verify(self, prompt: Prompt, response_text: str) -> Reward:
         if not isinstance(response_text, str):
