@@ -68,3 +68,10 @@ __all__ = [
     "AgenticError",
     "TaskError",
 ]
+
+
+class RLTaskError(K2Error, ValueError):
+    """An RL task name, option or split is invalid; the message names the task and the field."""
+
+
+__all__ += ["RLTaskError"]
