@@ -37,6 +37,8 @@ __all__ = [
     "WorkerFailure",
     "CheckpointWriter",
     "CheckpointReader",
+    "FsEvent",
+    "StoredTensor",
     "plan_shards",
     "shard_file_name",
     "read_latest",
@@ -472,11 +474,41 @@ class CheckpointWriter:
         """Write one shard file listed under ``group`` (for streaming conversions)."""
     def write_file(self, file_name: str, data: bytes) -> None:
         """Write a small non-tensor file (JSON, tokenizer files)."""
-    def commit(self, *, publish_latest: bool, keep_last: int | None = None) -> list[tuple[str, str, str | None]]:
+    def commit(self, *, publish_latest: bool, keep_last: int | None = None) -> list[FsEvent]:
         """Write the group indexes and manifest, fsync, rename into place; with
         ``publish_latest`` move the parent's ``latest`` and keep the newest ``keep_last``.
-        Returns the recorded operations ``(op, path, rename_target)``, op one of ``write``,
-        ``fsync``, ``rename``, ``dir_fsync``, ``remove``."""
+        Returns the recorded file-system operations, in order."""
+
+@final
+class FsEvent:
+    """One recorded file-system operation of a commit: ``op`` is one of ``write``, ``fsync``,
+    ``rename``, ``dir_fsync``, ``remove``; ``target`` is the new path of a rename. Compares by
+    value, prints readably, pickles."""
+
+    def __new__(cls, op: str, path: str, target: str | None) -> Self: ...
+    @property
+    def op(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def target(self) -> str | None: ...
+    def __getnewargs__(self) -> tuple[str, str, str | None]: ...
+
+@final
+class StoredTensor:
+    """One stored tensor: its name, dtype name (safetensors', e.g. ``"BF16"``), shape and the
+    shard file that holds it. Compares by value, prints readably, pickles."""
+
+    def __new__(cls, name: str, dtype: str, shape: list[int], file: str) -> Self: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def file(self) -> str: ...
+    def __getnewargs__(self) -> tuple[str, str, list[int], str]: ...
 
 @final
 class CheckpointReader:
@@ -497,8 +529,8 @@ class CheckpointReader:
     @property
     def bytes_read(self) -> int:
         """Bytes hashed or copied so far (unverified zero-copy arrays are not counted)."""
-    def tensors(self) -> list[tuple[str, str, list[int], str]]:
-        """``(name, dtype, shape, file_name)`` of every tensor, in file order."""
+    def tensors(self) -> list[StoredTensor]:
+        """Every tensor, in file order."""
     def verify(self) -> None:
         """Check every chunk and file against the manifest, in parallel.
 

@@ -73,3 +73,10 @@ __all__ = [
     "TaskError",
     "SynthError",
 ]
+
+
+class RLTaskError(K2Error, ValueError):
+    """An RL task name, option or split is invalid; the message names the task and the field."""
+
+
+__all__ += ["RLTaskError"]

@@ -1,0 +1,1 @@
+"""Reinforcement learning with verifiable rewards (docs/rl.md)."""
