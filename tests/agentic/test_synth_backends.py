@@ -117,3 +117,14 @@ def test_bad_endpoint_answers_and_options_are_clear_errors() -> None:
         OpenAIRubricJudge("", client=object())
     with pytest.raises(ConfigError, match="--openai-model"):
         openai_user("", client=object())
+
+
+def test_an_endpoint_expert_that_does_nothing_is_rejected(server) -> None:
+    base_url, requests, script = server
+    script["lazy"] = [{"role": "assistant", "content": "I am not sure I can help."}]
+    synth = Synthesizer(SynthOptions(n=1, domains=("bank",), per_tool=3, stochastic=False),
+                        expert=OpenAIExpert("lazy", base_url=base_url, api_key="x"))
+    ep = synth.episode("multi", 0)
+    assert not ep.kept and "not_solved" in ep.reasons
+    assert requests[0]["model"] == "lazy" and requests[0]["tools"] == ep.record["tools"]
+    assert ep.record["messages"][2] == {"role": "assistant", "content": "I am not sure I can help."}
