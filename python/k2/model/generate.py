@@ -6,13 +6,16 @@ of different lengths is left-padded: padding keys are masked out and positions c
 only, so each row generates exactly what it would alone.
 
 Decoding: greedy (``temperature=0``) or temperature sampling with nucleus (top-p) truncation;
-a row stops at the first of its stop tokens.
+a row stops at the first of its stop tokens. A row may carry a constraint (``constraints=``, e.g.
+k2.agentic.constrain's schema-constrained tool calls, docs/constrained-decoding.md): before each
+step its ``allowed_mask(vocab)`` removes the other tokens from the logits, after it ``advance(token)``
+takes the token picked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -21,6 +24,33 @@ from k2.model.mla import KVCache
 
 if TYPE_CHECKING:
     from k2.model.model import K2ForCausalLM
+
+
+class TokenConstraint(Protocol):
+    """A row's decoding constraint: the tokens it allows next, and the token that was picked."""
+
+    def allowed_mask(self, vocab: int) -> torch.Tensor: ...
+
+    def advance(self, token: int) -> None: ...
+
+
+def apply_constraints(
+    logits: torch.Tensor,
+    constraints: Sequence[TokenConstraint | None],
+    active: Sequence[bool] | None = None,
+) -> torch.Tensor:
+    """Logits [B, V] with each constrained (and ``active``) row's disallowed tokens set to -inf."""
+    vocab = logits.shape[-1]
+    rows, masks = [], []
+    for row, constraint in enumerate(constraints):
+        if constraint is not None and (active is None or active[row]):
+            rows.append(row)
+            masks.append(constraint.allowed_mask(vocab))
+    if not rows:
+        return logits
+    allowed = torch.ones(logits.shape, dtype=torch.bool)
+    allowed[rows] = torch.stack(masks)
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +98,7 @@ def generate(
     stop_tokens: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    constraints: Sequence[TokenConstraint | None] | None = None,
 ) -> torch.Tensor | list[list[int]]:
     """Continue prompts token by token.
 
@@ -82,6 +113,8 @@ def generate(
         stop_tokens: token id(s) that end a row (default: the config's ``eos_token_id``).
         pad_token_id: fills finished rows and left padding (default: config's, else 0).
         generator: random source for sampling.
+        constraints: one per row (None for an unconstrained row): its ``allowed_mask(vocab)``
+            restricts the row's next token, ``advance(token)`` is told the token picked.
 
     Returns:
         For a tensor input, [B, T + n] ids (prompt, then n <= max_new_tokens new tokens, finished
@@ -117,6 +150,8 @@ def generate(
             f"prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} is longer than "
             f"max_position_embeddings={config.max_position_embeddings}"
         )
+    if constraints is not None and len(constraints) != batch:
+        raise DataError(f"generate got {len(constraints)} constraints for {batch} prompts")
 
     was_training = model.training
     model.eval()
@@ -132,9 +167,16 @@ def generate(
             logits = model(
                 step_ids, attention_mask, step_positions, cache=cache, logits_to_keep=1
             ).logits[:, -1]
+            if constraints is not None:
+                active = (~finished).tolist()
+                logits = apply_constraints(logits, constraints, active)
             token = next_tokens(logits, temperature, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             new_tokens.append(token)
+            if constraints is not None:
+                for row, picked in enumerate(token.tolist()):
+                    if active[row] and constraints[row] is not None:
+                        constraints[row].advance(picked)
             finished |= torch.isin(token, stop_ids)
             if bool(finished.all()):
                 break
