@@ -33,7 +33,12 @@ from k2.errors import AgenticError
 from k2.optional import require
 
 FREE, BETWEEN, IN_CALL, AFTER = "free", "between", "in_call", "after"
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "json_allow_general_unicode_escapes": True,  # json.dumps writes non-ASCII as \uXXXX
+}
 """How argument JSON is written: compact, with the separators of ``json.dumps``' defaults."""
 
 
