@@ -36,6 +36,9 @@ pub struct Batch {
     pub targets: Vec<i64>,
     /// Position of each input token within its document (0 at every document start).
     pub positions: Vec<i64>,
+    /// 1 where the target is a training target, 0 where the loss must skip it (all ones for
+    /// shards without a loss mask).
+    pub loss_mask: Vec<i64>,
     pub epoch: u64,
     pub step: u64,
 }
@@ -55,6 +58,7 @@ fn produce(
     let mut inputs = pool.take(n);
     let mut targets = pool.take(n);
     let mut positions = pool.take(n);
+    let mut loss_mask = pool.take(n);
     for sample in samples {
         stream.extend_sample(
             sample,
@@ -62,12 +66,14 @@ fn produce(
             &mut inputs,
             &mut targets,
             &mut positions,
+            &mut loss_mask,
         );
     }
     Batch {
         inputs,
         targets,
         positions,
+        loss_mask,
         epoch,
         step,
     }
@@ -121,10 +127,10 @@ impl TokenLoader {
         }
         // Enough spare batches for the queue, those in flight and a few the caller holds, but no
         // more than POOL_BYTES of them.
-        let batch_bytes = 3 * 8 * config.batch_size * config.seq_len;
+        let batch_bytes = 4 * 8 * config.batch_size * config.seq_len;
         let keep =
             (config.prefetch + config.threads + 4).min((POOL_BYTES / batch_bytes).max(1) as usize);
-        let pool = Arc::new(BufferPool::new(3 * keep));
+        let pool = Arc::new(BufferPool::new(4 * keep));
         let prefetcher = {
             let (stream, pool) = (Arc::clone(&stream), Arc::clone(&pool));
             let seq_len = config.seq_len;
@@ -161,7 +167,7 @@ impl TokenLoader {
 
     /// Return a batch's buffers to the pool.
     pub fn recycle(&self, batch: Batch) {
-        for buffer in [batch.inputs, batch.targets, batch.positions] {
+        for buffer in [batch.inputs, batch.targets, batch.positions, batch.loss_mask] {
             self.pool.give(buffer);
         }
     }
