@@ -96,7 +96,9 @@ SFT_HELP: dict[str, str] = {
     "data": "OpenAI-format chat JSONL files or directories of them",
     "val_fraction": "share of the conversations held out for validation",
 }
-SFT_FLAGS = [name for name in SFTConfig.fields() if name not in ("corpus", "vocab_size", "preset")]
+SFT_FLAGS = [name for name in SFTConfig.fields()
+             if name not in ("corpus", "vocab_size", "preset", "sample_prompt", "sample_tokens",
+                             "num_samples")]
 """The settings ``k2 sft`` takes as flags (the rest follow from --init and --data)."""
 
 
