@@ -143,9 +143,10 @@ class TokenLoader:
         self,
     ) -> tuple[
         npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], int, int,
-        npt.NDArray[np.int64],
+        npt.NDArray[np.int64] | None,
     ]:
-        """``(inputs, targets, positions, epoch, step, loss_mask)``; waits without the GIL."""
+        """``(inputs, targets, positions, epoch, step, loss_mask)``; waits without the GIL.
+        ``loss_mask`` is None when no shard carries a mask."""
     def state(self) -> dict[str, int]:
         """``{"epoch", "step", "seed", "seq_len", "global_batch", "num_samples", "fingerprint"}``."""
     def load_state(self, state: dict[str, int]) -> None:

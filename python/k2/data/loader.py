@@ -46,7 +46,9 @@ class Batch(NamedTuple):
     step: int
     loss_mask: np.ndarray
     """1 where ``targets`` is a training target, 0 where the loss skips it (SFT trains on
-    assistant tokens only); all ones for shards without a loss mask (docs/token-shards.md)."""
+    assistant tokens only). For shards without a loss mask it is all ones: one read-only array
+    shared by every batch of the loader, so pretraining pays nothing for it
+    (docs/token-shards.md)."""
 
 
 def shard_paths(
@@ -173,6 +175,7 @@ class TokenLoader:
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
+        self._ones: np.ndarray | None = None
         self._native = _native.TokenLoader(
             [str(p) for p in self.paths],
             seq_len,
@@ -225,7 +228,13 @@ class TokenLoader:
 
     def next_batch(self) -> Batch:
         """The next batch, rolling over into the next epoch after the last step."""
-        return Batch(*self._native.next_batch())
+        inputs, targets, positions, epoch, step, mask = self._native.next_batch()
+        if mask is None:  # no shard has a mask: every target counts
+            if self._ones is None:
+                self._ones = np.ones((self.batch_size, self.seq_len), np.int64)
+                self._ones.setflags(write=False)
+            mask = self._ones
+        return Batch(inputs, targets, positions, epoch, step, mask)
 
     def __iter__(self) -> Iterator[Batch]:
         state = self._native.state()

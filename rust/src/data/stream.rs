@@ -147,8 +147,9 @@ impl TokenStream {
         }
     }
 
-    /// Append one sample's inputs, targets, position ids and loss mask (`seq_len` values each).
-    /// The mask is the targets' mask: 1 where the target token is a training target.
+    /// Append one sample's inputs, targets, position ids and, if asked, loss mask (`seq_len`
+    /// values each). The mask is the targets' mask: 1 where the target token is a training
+    /// target.
     pub fn extend_sample(
         &self,
         sample: u64,
@@ -156,7 +157,7 @@ impl TokenStream {
         inputs: &mut Vec<i64>,
         targets: &mut Vec<i64>,
         positions: &mut Vec<i64>,
-        loss_mask: &mut Vec<i64>,
+        loss_mask: Option<&mut Vec<i64>>,
     ) {
         let start = sample * seq_len as u64;
         assert!(
@@ -166,7 +167,9 @@ impl TokenStream {
         self.extend_tokens(start, seq_len, inputs);
         self.extend_tokens(start + 1, seq_len, targets);
         self.extend_positions(start, seq_len, positions);
-        self.extend_mask(start + 1, seq_len, loss_mask);
+        if let Some(mask) = loss_mask {
+            self.extend_mask(start + 1, seq_len, mask);
+        }
     }
 }
 
@@ -192,7 +195,7 @@ mod tests {
         assert_eq!(s.num_samples(3), 3); // (10 - 1) / 3
         let sample = |i| {
             let (mut x, mut y, mut p, mut m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            s.extend_sample(i, 3, &mut x, &mut y, &mut p, &mut m);
+            s.extend_sample(i, 3, &mut x, &mut y, &mut p, Some(&mut m));
             assert_eq!(m, vec![1; 3], "shards without a mask read as all ones");
             (x, y, p)
         };
@@ -226,11 +229,11 @@ mod tests {
         let s = TokenStream::open(&[a, b], true).unwrap();
         assert!(s.has_loss_mask());
         let (mut x, mut y, mut p, mut m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        s.extend_sample(1, 3, &mut x, &mut y, &mut p, &mut m);
+        s.extend_sample(1, 3, &mut x, &mut y, &mut p, Some(&mut m));
         // inputs 13 14 15, targets 14 15 16: the masks of stream tokens 4, 5, 6.
         assert_eq!((y, m), (vec![14, 15, 16], vec![1, 1, 1]));
         let (mut x, mut y, mut p, mut m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        s.extend_sample(0, 3, &mut x, &mut y, &mut p, &mut m);
+        s.extend_sample(0, 3, &mut x, &mut y, &mut p, Some(&mut m));
         assert_eq!((y, m), (vec![11, 12, 13], vec![1, 0, 1]));
     }
 

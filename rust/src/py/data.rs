@@ -263,7 +263,7 @@ impl PyTokenLoader {
 
     /// The next batch as `(inputs, targets, positions, epoch, step, loss_mask)`; the arrays
     /// are fresh int64 `[batch_size, seq_len]` arrays (the mask is the targets': 1 = train on
-    /// it; all ones for shards without a mask). Waits without the GIL; Ctrl-C interrupts the wait.
+    /// it), and `loss_mask` is None when no shard carries a mask. Waits without the GIL; Ctrl-C interrupts the wait.
     fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         let batch: Batch = loop {
             match py.detach(|| self.inner.next_within(SIGNAL_POLL)) {
@@ -286,7 +286,11 @@ impl PyTokenLoader {
             to_numpy(py, rows, cols, batch.positions, pool)?,
             batch.epoch,
             batch.step,
-            to_numpy(py, rows, cols, batch.loss_mask, pool)?,
+            if self.inner.stream().has_loss_mask() {
+                Some(to_numpy(py, rows, cols, batch.loss_mask, pool)?)
+            } else {
+                None
+            },
         )
             .into_pyobject(py)
     }
