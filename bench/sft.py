@@ -96,8 +96,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=4)
     args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.steps_per_round = 2, 1
+    if args.quick:  # a smoke run: the numbers mean nothing
+        args.rounds, args.steps_per_round, args.batch_size = 2, 1, 1
 
     import torch
 
@@ -114,7 +114,7 @@ def main() -> int:
     steps = 2 + args.rounds * args.steps_per_round
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        chats = synthetic_chats(400 if not args.quick else 120)
+        chats = synthetic_chats(400 if not args.quick else 60)
         data = root / "chats.jsonl"
         data.write_text("".join(json.dumps(c) + "\n" for c in chats))
         tok = root / "tok"
