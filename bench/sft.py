@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--steps-per-round", type=int, default=4)
     args = parser.parse_args()
     if args.quick:  # a smoke run: the numbers mean nothing
-        args.rounds, args.steps_per_round, args.batch_size = 2, 1, 1
+        args.rounds, args.steps_per_round, args.batch_size = 1, 1, 1
 
     import torch
 
@@ -147,8 +147,8 @@ def main() -> int:
             return args.batch_size * args.seq_len * args.steps_per_round / (time.perf_counter() - t0)
 
         for job in (train_job, sft_job):  # warmup: first-step allocations, optimizer state
-            job.train_step(0, log=False)
-            job.train_step(1, log=False)
+            for k in range(1 if args.quick else 2):
+                job.train_step(k, log=False)
         rates: dict[str, list[float]] = {"train": [], "sft": []}
         step = 2
         for r in range(args.rounds):

@@ -106,7 +106,7 @@ def gradients(model: K2ForCausalLM, job: SFTJob, batch: Batch) -> tuple[float, d
     ids, targets, positions, _ = job._tensors(batch, non_blocking=False)
     loss = model(input_ids=ids, position_ids=positions, targets=targets).loss
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_only_assistant_targets_get_gradient(data_dir: Path) -> None:
