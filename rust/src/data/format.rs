@@ -337,7 +337,7 @@ impl ShardWriter {
         self.write(&index)?;
         let flags = if let Some(mask) = self.mask.take() {
             self.write(&mask)?;
-            let pad = (mask.len().next_multiple_of(8) - mask.len()) as usize;
+            let pad = mask.len().next_multiple_of(8) - mask.len();
             self.write(&[0u8; 8][..pad])?;
             FLAG_LOSS_MASK
         } else {
@@ -449,10 +449,7 @@ impl Shard {
             if let Some(pos) = mask.iter().position(|&m| m > 1) {
                 return Err(DataError::corrupt(
                     path,
-                    format!(
-                        "loss-mask byte {} of token {pos} is not 0 or 1",
-                        mask[pos]
-                    ),
+                    format!("loss-mask byte {} of token {pos} is not 0 or 1", mask[pos]),
                 ));
             }
             if pad.iter().any(|&b| b != 0) {
@@ -733,7 +730,10 @@ pub(crate) mod tests {
         bytes[112] ^= 1;
         fs::write(&path, &bytes).unwrap();
         let msg = Shard::open(&path, true).err().unwrap().to_string();
-        assert!(msg.contains("checksum mismatch") && msg.contains("bm.k2tok"), "{msg}");
+        assert!(
+            msg.contains("checksum mismatch") && msg.contains("bm.k2tok"),
+            "{msg}"
+        );
         // A byte that is not 0 or 1 is refused even without verification.
         let mut bytes = good.clone();
         bytes[113] = 7;
@@ -752,12 +752,21 @@ pub(crate) mod tests {
         let mut w = ShardWriter::create_with(&dir.0.join("a.k2tok"), 10, true).unwrap();
         let err = w.add_document(&[1, 2]).unwrap_err().to_string();
         assert!(err.contains("carries a loss mask"), "{err}");
-        let err = w.add_masked_document(&[1, 2], &[1]).unwrap_err().to_string();
+        let err = w
+            .add_masked_document(&[1, 2], &[1])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("1 mask bytes for 2 tokens"), "{err}");
-        let err = w.add_masked_document(&[1, 2], &[1, 2]).unwrap_err().to_string();
+        let err = w
+            .add_masked_document(&[1, 2], &[1, 2])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not 0 or 1"), "{err}");
         let mut plain = ShardWriter::create(&dir.0.join("b.k2tok"), 10).unwrap();
-        let err = plain.add_masked_document(&[1], &[1]).unwrap_err().to_string();
+        let err = plain
+            .add_masked_document(&[1], &[1])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("created without one"), "{err}");
     }
 

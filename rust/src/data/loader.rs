@@ -169,7 +169,12 @@ impl TokenLoader {
 
     /// Return a batch's buffers to the pool.
     pub fn recycle(&self, batch: Batch) {
-        for buffer in [batch.inputs, batch.targets, batch.positions, batch.loss_mask] {
+        for buffer in [
+            batch.inputs,
+            batch.targets,
+            batch.positions,
+            batch.loss_mask,
+        ] {
             if buffer.capacity() == 0 {
                 continue; // the empty mask of an unmasked stream
             }

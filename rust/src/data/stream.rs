@@ -224,7 +224,14 @@ mod tests {
         let dir = TempDir::new("streammask");
         let a = dir.0.join("a.k2tok");
         let b = dir.0.join("b.k2tok");
-        write_masked_shard(&a, 32, &[(vec![10, 11, 12], vec![0, 1, 0]), (vec![13, 14], vec![1, 1])]);
+        write_masked_shard(
+            &a,
+            32,
+            &[
+                (vec![10, 11, 12], vec![0, 1, 0]),
+                (vec![13, 14], vec![1, 1]),
+            ],
+        );
         write_shard(&b, 32, &[vec![15, 16]]);
         let s = TokenStream::open(&[a, b], true).unwrap();
         assert!(s.has_loss_mask());

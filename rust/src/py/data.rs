@@ -97,7 +97,9 @@ impl PyShardWriter {
                 for &n in lengths {
                     let end = start + n as usize;
                     match mask {
-                        Some(m) => writer.add_masked_document(&tokens[start..end], &m[start..end])?,
+                        Some(m) => {
+                            writer.add_masked_document(&tokens[start..end], &m[start..end])?
+                        }
                         None => writer.add_document(&tokens[start..end])?,
                     }
                     start = end;
