@@ -80,10 +80,15 @@ class ShardWriter:
         k2.errors.DataError: ``vocab_size`` is 0.
     """
 
-    def __new__(cls, path: str | PathLike[str], vocab_size: int) -> Self: ...
-    def add_documents(self, tokens: npt.NDArray[np.uint32], lengths: npt.NDArray[np.int64]) -> None:
-        """Append documents: ``tokens`` back to back, ``lengths[i]`` tokens each. Runs without
-        the GIL.
+    def __new__(cls, path: str | PathLike[str], vocab_size: int, loss_mask: bool = False) -> Self: ...
+    def add_documents(
+        self,
+        tokens: npt.NDArray[np.uint32],
+        lengths: npt.NDArray[np.int64],
+        loss_mask: npt.NDArray[np.uint8] | None = None,
+    ) -> None:
+        """Append documents: ``tokens`` back to back, ``lengths[i]`` tokens each, and with a
+        ``loss_mask`` writer one 0/1 ``loss_mask`` value per token. Runs without the GIL.
 
         Raises:
             k2.errors.DataError: the lengths do not add up, or a token is outside the vocabulary
@@ -94,7 +99,8 @@ class ShardWriter:
 
 def inspect_shard(path: str | PathLike[str]) -> dict[str, int]:
     """Validate a shard fully (checksum included) and return its header:
-    ``{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum"}``.
+    ``{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum", "loss_mask"}``
+    (``loss_mask``: a bool, whether the shard carries one).
 
     Raises:
         k2.errors.K2IOError: the file cannot be opened.
@@ -129,14 +135,20 @@ class TokenLoader:
     @property
     def token_count(self) -> int: ...
     @property
+    def has_loss_mask(self) -> bool: ...
+    @property
     def vocab_size(self) -> int: ...
     @property
     def buffered(self) -> int:
         """Batches produced ahead and waiting."""
     def next_batch(
         self,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], int, int]:
-        """``(inputs, targets, positions, epoch, step)``; waits without the GIL."""
+    ) -> tuple[
+        npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], int, int,
+        npt.NDArray[np.int64] | None,
+    ]:
+        """``(inputs, targets, positions, epoch, step, loss_mask)``; waits without the GIL.
+        ``loss_mask`` is None when no shard carries a mask."""
     def state(self) -> dict[str, int]:
         """``{"epoch", "step", "seed", "seq_len", "global_batch", "num_samples", "fingerprint"}``."""
     def load_state(self, state: dict[str, int]) -> None:

@@ -46,8 +46,9 @@ fn data_error(message: String) -> PyErr {
 #[pymethods]
 impl PyShardWriter {
     #[new]
-    fn new(path: PathBuf, vocab_size: u32) -> PyResult<Self> {
-        let writer = data::ShardWriter::create(&path, vocab_size)?;
+    #[pyo3(signature = (path, vocab_size, loss_mask=false))]
+    fn new(path: PathBuf, vocab_size: u32, loss_mask: bool) -> PyResult<Self> {
+        let writer = data::ShardWriter::create_with(&path, vocab_size, loss_mask)?;
         let what = format!("the shard writer of {}", path.display());
         Ok(Self {
             path,
@@ -56,15 +57,32 @@ impl PyShardWriter {
     }
 
     /// Append documents: `tokens` (uint32) holds them back to back, `lengths` (int64) gives
-    /// each one's token count. The write runs without the GIL.
+    /// each one's token count, and `loss_mask` (uint8, one 0/1 per token) is required exactly
+    /// when the writer was created with `loss_mask=True`. The write runs without the GIL.
+    #[pyo3(signature = (tokens, lengths, loss_mask=None))]
     fn add_documents(
         &self,
         py: Python<'_>,
         tokens: PyReadonlyArray1<'_, u32>,
         lengths: PyReadonlyArray1<'_, i64>,
+        loss_mask: Option<PyReadonlyArray1<'_, u8>>,
     ) -> PyResult<()> {
         let tokens = tokens.as_slice()?;
         let lengths = lengths.as_slice()?;
+        let mask = match &loss_mask {
+            Some(m) => Some(m.as_slice()?),
+            None => None,
+        };
+        if let Some(m) = mask {
+            if m.len() != tokens.len() {
+                return Err(DataError::new_err(format!(
+                    "{}: {} loss-mask values for {} tokens",
+                    self.path.display(),
+                    m.len(),
+                    tokens.len()
+                )));
+            }
+        }
         let total: i64 = lengths.iter().sum();
         if lengths.iter().any(|&n| n < 0) || total != tokens.len() as i64 {
             return Err(DataError::new_err(format!(
@@ -77,8 +95,14 @@ impl PyShardWriter {
             self.writer.with(|writer| {
                 let mut start = 0;
                 for &n in lengths {
-                    writer.add_document(&tokens[start..start + n as usize])?;
-                    start += n as usize;
+                    let end = start + n as usize;
+                    match mask {
+                        Some(m) => {
+                            writer.add_masked_document(&tokens[start..end], &m[start..end])?
+                        }
+                        None => writer.add_document(&tokens[start..end])?,
+                    }
+                    start = end;
                 }
                 Ok::<_, data::DataError>(())
             })
@@ -98,7 +122,7 @@ impl PyShardWriter {
 }
 
 /// Read a shard's header and verify it fully; returns
-/// `{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum"}`.
+/// `{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum", "loss_mask"}`.
 #[pyfunction]
 fn inspect_shard<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let header = detached(py, "inspect_shard", |_| {
@@ -111,6 +135,7 @@ fn inspect_shard<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyD
     out.set_item("tokens", header.token_count)?;
     out.set_item("documents", header.doc_count)?;
     out.set_item("checksum", header.checksum)?;
+    out.set_item("loss_mask", header.has_loss_mask())?;
     Ok(out)
 }
 
@@ -215,6 +240,12 @@ impl PyTokenLoader {
         self.inner.plan().num_samples
     }
 
+    /// Whether any shard carries a loss mask (else every mask is all ones).
+    #[getter]
+    fn has_loss_mask(&self) -> bool {
+        self.inner.stream().has_loss_mask()
+    }
+
     /// Tokens in the stream.
     #[getter]
     fn token_count(&self) -> u64 {
@@ -232,8 +263,9 @@ impl PyTokenLoader {
         self.inner.buffered()
     }
 
-    /// The next batch as `(inputs, targets, positions, epoch, step)`; the arrays are fresh
-    /// int64 `[batch_size, seq_len]` arrays. Waits without the GIL; Ctrl-C interrupts the wait.
+    /// The next batch as `(inputs, targets, positions, epoch, step, loss_mask)`; the arrays
+    /// are fresh int64 `[batch_size, seq_len]` arrays (the mask is the targets': 1 = train on
+    /// it), and `loss_mask` is None when no shard carries a mask. Waits without the GIL; Ctrl-C interrupts the wait.
     fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         let batch: Batch = loop {
             match py.detach(|| self.inner.next_within(SIGNAL_POLL)) {
@@ -256,6 +288,11 @@ impl PyTokenLoader {
             to_numpy(py, rows, cols, batch.positions, pool)?,
             batch.epoch,
             batch.step,
+            if self.inner.stream().has_loss_mask() {
+                Some(to_numpy(py, rows, cols, batch.loss_mask, pool)?)
+            } else {
+                None
+            },
         )
             .into_pyobject(py)
     }
