@@ -111,6 +111,8 @@ def load_eval_set(data_dir: str | Path, split: str = "validation", limit: int | 
         if missing:
             raise AgenticError(f"{path}: line {number} lacks {', '.join(sorted(missing))}")
         records.append(record)
+    if not records:
+        raise AgenticError(f"{path} holds no records to evaluate")
     tasks = {t.id: t for t in load_tasks(data_dir / f"{split}.tasks.json")}
     return EvalSet(records, tasks, load_variants(data_dir / "variants.jsonl"))
 
