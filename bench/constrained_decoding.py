@@ -1,0 +1,126 @@
+"""What schema-constrained tool calls cost per generated token (docs/constrained-decoding.md).
+
+The tiny K2 preset (random weights; vocabulary from a BPE tokenizer trained on the synthesized
+data) continues ``--batch`` next-call prompts of a fresh ``k2 synth`` run (held-out records:
+the conversation up to ``<|tool_call_begin|>``, real tool declarations) for ``--new-tokens``
+tokens each, with no stop token, so both runs generate exactly the same number of tokens:
+
+* unconstrained: plain greedy decoding;
+* constrained: the same batch with a :class:`k2.agentic.constrain.ToolCallConstraint` per row
+  (llguidance masks while a call is open, fixed masks between calls and in free text).
+
+Each is timed ``--repeats`` times (the constrainer, its tokenizer and grammar caches are built
+before timing, as in a long generation run; a fresh per-row state is made inside every timed run)
+and the best time is kept. The JSON line reports seconds per generated token for both, their ratio
+(goal: constrained at most 1.15x), and the share of constrained row-steps spent inside a call.
+
+Run:  python bench/constrained_decoding.py            (CPU)
+      python bench/constrained_decoding.py --quick    (a few seconds: smoke test)
+      python bench/constrained_decoding.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from k2.agentic.constrain import ToolCallConstrainer
+from k2.agentic.evaluate import next_call_items
+from k2.agentic.synth import SynthOptions, synthesize
+from k2.data.tokenizer import train_tokenizer
+from k2.model import K2Config, K2ForCausalLM
+
+
+def prompts(data: Path, tokenizer, batch: int, max_len: int):
+    items = []
+    for line in (data / "validation.jsonl").read_text().splitlines() + (data / "train.jsonl").read_text().splitlines():
+        for item in next_call_items(json.loads(line)):
+            ids = tokenizer.encode(item.prompt).ids
+            if len(ids) <= max_len:
+                items.append((ids, item.tools))
+        if len(items) >= batch:
+            break
+    return items[:batch]
+
+
+def timed(model, batch, new_tokens: int, constrainer, device: str) -> tuple[float, float]:
+    constraints = [constrainer.row(tools, ids) for ids, tools in batch] if constrainer is not None else None
+    inside = []
+    if constraints is not None:  # count the row-steps whose mask came from a call grammar
+        for c in constraints:
+            original = c.allowed_mask
+
+            def counted(vocab, c=c, original=original):
+                inside.append(c.state == "in_call")
+                return original(vocab)
+
+            c.allowed_mask = counted
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate([ids for ids, _ in batch], max_new_tokens=new_tokens, stop_tokens=[], constraints=constraints)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, (sum(inside) / len(inside) if inside else 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="batch 2, 16 tokens, 1 repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.new_tokens, args.repeats = 2, 16, 1
+
+    torch.manual_seed(0)
+    config = K2Config.from_preset("tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        synthesize(SynthOptions(n=60 if args.quick else 300, seed=0), data)
+        tokenizer = train_tokenizer((data / "train.jsonl").read_text().splitlines(), config.vocab_size)
+        batch = prompts(data, tokenizer, args.batch, config.max_position_embeddings - args.new_tokens)
+    model = K2ForCausalLM(config).to(args.device).eval()
+    constrainer = ToolCallConstrainer(tokenizer)
+    timed(model, batch[:1], 2, constrainer, args.device)  # warm up: kernels, grammars of these tool sets
+    for ids, tools in batch:
+        constrainer.row(tools, ids)
+
+    results = {}
+    inside = 0.0
+    for name, c in (("unconstrained", None), ("constrained", constrainer)):
+        best = float("inf")
+        for _ in range(args.repeats):
+            seconds, share = timed(model, batch, args.new_tokens, c, args.device)
+            best = min(best, seconds)
+            if c is not None:
+                inside = share
+        results[name] = best / (len(batch) * args.new_tokens)
+    summary = {
+        "bench": "constrained_decoding",
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "machine": platform.machine(), "threads": torch.get_num_threads(),
+        "model": "tiny", "vocab": tokenizer.get_vocab_size(), "batch": len(batch), "new_tokens": args.new_tokens,
+        "prompt_tokens_mean": sum(len(ids) for ids, _ in batch) / len(batch),
+        "s_per_token_unconstrained": results["unconstrained"],
+        "s_per_token_constrained": results["constrained"],
+        "ratio": results["constrained"] / results["unconstrained"],
+        "in_call_share": inside,
+    }
+    print(f"per generated token: unconstrained {results['unconstrained'] * 1e3:.3f} ms, constrained "
+          f"{results['constrained'] * 1e3:.3f} ms, ratio {summary['ratio']:.3f} "
+          f"({inside:.0%} of constrained row-steps inside a call)")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
