@@ -117,8 +117,7 @@ class ToolCallConstrainer:
         self.call_end, self.im_end = ids[CALL_END], ids[IM_END]
         self._grammars: dict[str, ToolCallGrammar] = {}
         self._fixed: dict[tuple[str, int], torch.Tensor] = {}
-        bits = torch.arange(8, dtype=torch.uint8)
-        self._bits = bits
+        self._bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)  # bit i of a byte
 
     def grammar(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallGrammar:
         key = json.dumps(list(tools), sort_keys=True)
@@ -151,9 +150,11 @@ class ToolCallConstrainer:
         """llguidance's bitmask (bit ``t`` of the little-endian words = token ``t``) as a bool
         mask of ``vocab`` entries (ids past the tokenizer's vocabulary are never allowed)."""
         packed = torch.frombuffer(bytearray(bitmask), dtype=torch.uint8)
-        bits = ((packed[:, None] >> self._bits) & 1).bool().flatten()
-        mask = torch.zeros(vocab, dtype=torch.bool)
+        bits = packed.unsqueeze(1).bitwise_and(self._bits).ne(0).flatten()
         n = min(vocab, self.vocab_size)
+        if n == vocab:
+            return bits[:vocab]
+        mask = torch.zeros(vocab, dtype=torch.bool)
         mask[:n] = bits[:n]
         return mask
 

@@ -48,9 +48,12 @@ def apply_constraints(
             masks.append(constraint.allowed_mask(vocab))
     if not rows:
         return logits
-    allowed = torch.ones(logits.shape, dtype=torch.bool)
-    allowed[rows] = torch.stack(masks)
-    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    if len(rows) == logits.shape[0]:
+        allowed = torch.stack(masks)
+    else:
+        allowed = torch.ones(logits.shape, dtype=torch.bool)
+        allowed[rows] = torch.stack(masks)
+    return logits.masked_fill(~allowed.to(logits.device, non_blocking=True), float("-inf"))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
