@@ -24,3 +24,4 @@ def test_constrained_decoding_bench_quick() -> None:
     assert summary["bench"] == "constrained_decoding" and summary["batch"] == 2
     assert summary["s_per_token_constrained"] > 0 and summary["s_per_token_unconstrained"] > 0
     assert summary["ratio"] > 0 and 0 < summary["in_call_share"] <= 1
+    assert 0 < summary["s_per_token_constraint_work"] < summary["s_per_token_constrained"]
