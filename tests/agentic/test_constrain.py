@@ -106,12 +106,12 @@ def sample(model, tokenizer, prompt: str, rows: int, tools, constrained: bool, s
     return [(tokenizer.decode(o, skip_special_tokens=False), len(o) == max_new) for o in out]
 
 
-def check_random_schemas(model, tokenizer, sets: int, rows: int, seed: int) -> int:
+def check_random_schemas(model, tokenizer, sets: int, rows: int, seed: int, max_new: int = 80) -> int:
     rng = random.Random(seed)
     complete = 0
     for s in range(sets):
         tools = random_tools(rng, 3, f"t{s}")
-        for text, budget_hit in sample(model, tokenizer, OPEN + SECTION, rows, tools, True, s, 80):
+        for text, budget_hit in sample(model, tokenizer, OPEN + SECTION, rows, tools, True, s, max_new):
             text = SECTION + text
             assert call_problems(text, tools, budget_hit) == [], (text, tools)
             complete += sum(c.error is None for c in parse_assistant(text).calls)
@@ -119,7 +119,7 @@ def check_random_schemas(model, tokenizer, sets: int, rows: int, seed: int) -> i
 
 
 def test_constrained_calls_are_valid_from_an_untrained_model(model, tokenizer):
-    assert check_random_schemas(model, tokenizer, 3, 4, seed=1) >= 6
+    assert check_random_schemas(model, tokenizer, 2, 4, seed=1, max_new=60) >= 4
 
 
 @pytest.mark.slow
