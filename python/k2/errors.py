@@ -54,6 +54,11 @@ class TaskError(AgenticError, ValueError):
     """A task file or task is malformed or unsupported; the message names the task id and field."""
 
 
+class RLError(K2Error, ValueError):
+    """A rollout request or an RL objective's input is invalid; the message names the request
+    index (or tensor) and the field at fault."""
+
+
 __all__ = [
     "K2Error",
     "K2IOError",
@@ -67,4 +72,5 @@ __all__ = [
     "IsolationUnavailableError",
     "AgenticError",
     "TaskError",
+    "RLError",
 ]

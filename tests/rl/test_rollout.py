@@ -1,0 +1,224 @@
+"""The rollout engine: log-probabilities, continuous batching, stopping, versions, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from k2.errors import RLError
+from k2.model.generate import generate
+from k2.rl import Request, RolloutEngine, request_seed, sequence_logprobs
+from k2.rl.sampling import sample_tokens
+
+
+def mixed_requests(count: int = 9, seed: int = 1) -> list[Request]:
+    """Prompts of 1..8 tokens, budgets of 1..12, greedy and sampled, with and without top-p."""
+    g = torch.Generator().manual_seed(seed)
+    settings = [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0), (1.3, 0.5)]
+    requests = []
+    for i in range(count):
+        length = int(torch.randint(1, 9, (1,), generator=g))
+        prompt = torch.randint(0, 256, (length,), generator=g).tolist()
+        temperature, top_p = settings[i % len(settings)]
+        budget = int(torch.randint(1, 13, (1,), generator=g))
+        requests.append(Request(prompt, budget, temperature, top_p, stop_ids=(3, 5, 7, 11, 13)))
+    return requests
+
+
+def test_logprobs_equal_a_full_forward(policy):
+    requests = mixed_requests()
+    completions = RolloutEngine(policy, max_batch=3).generate(requests, seed=3)
+    assert [c.index for c in completions] == list(range(len(requests)))
+    with torch.no_grad():
+        for request, completion in zip(requests, completions):
+            assert completion.prompt_ids == list(request.prompt_ids)
+            reference = sequence_logprobs(policy, request.prompt_ids, completion.token_ids, request.temperature)
+            got = torch.tensor(completion.logprobs)
+            assert got.shape == reference.shape == (len(completion.token_ids),)
+            torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
+            assert math.isclose(completion.logprob, float(reference.sum()), abs_tol=1e-4)
+
+
+def test_continuous_batching_gives_the_samples_of_one_at_a_time_generation(policy):
+    requests = mixed_requests(10, seed=2)
+    batched = RolloutEngine(policy, max_batch=3).generate(requests, seed=11)
+    engine = RolloutEngine(policy, max_batch=3)
+    stats = engine.last_stats
+    for index, request in enumerate(requests):
+        alone_request = dataclasses.replace(request, seed=request_seed(11, index))
+        alone = RolloutEngine(policy, max_batch=1).generate([alone_request])[0]
+        assert alone.token_ids == batched[index].token_ids, index
+        assert alone.finish_reason == batched[index].finish_reason
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(batched[index].logprobs), atol=1e-5, rtol=0)
+    # A larger batch and the reverse order (own seeds) give the same samples too.
+    seeded = [dataclasses.replace(r, seed=request_seed(11, i)) for i, r in enumerate(requests)]
+    reverse = engine.generate(seeded[::-1])
+    assert [c.token_ids for c in reverse[::-1]] == [c.token_ids for c in batched]
+    wide = RolloutEngine(policy, max_batch=8).generate(requests, seed=11)
+    assert [c.token_ids for c in wide] == [c.token_ids for c in batched]
+    assert stats is not engine.last_stats
+
+
+def test_sampling_differs_between_seeds_and_requests(policy):
+    request = Request([1, 2, 3], 12, temperature=1.0)
+    engine = RolloutEngine(policy, max_batch=4)
+    out = engine.generate([request] * 4, seed=0)
+    assert len({tuple(c.token_ids) for c in out}) > 1  # K samples of one prompt differ
+    again = engine.generate([request] * 4, seed=0)
+    assert [c.token_ids for c in again] == [c.token_ids for c in out]
+    other = engine.generate([request] * 4, seed=1)
+    assert [c.token_ids for c in other] != [c.token_ids for c in out]
+
+
+def test_greedy_rows_match_model_generate(policy):
+    prompts = [[5, 9, 200, 17], [44], [1, 2, 3, 4, 5, 6, 7, 8, 9], [250, 251]]
+    stops = [3, 5, 7]
+    expected = generate(policy, prompts, max_new_tokens=10, temperature=0.0, stop_tokens=stops)
+    requests = [Request(p, 10, temperature=0.0, stop_ids=stops) for p in prompts]
+    got = RolloutEngine(policy, max_batch=2).generate(requests)
+    assert [c.token_ids for c in got] == expected
+    for completion, tokens in zip(got, expected):
+        stopped = tokens[-1] in stops
+        assert completion.finish_reason == ("stop" if stopped else "length")
+        if not stopped:
+            assert len(tokens) == 10
+
+
+def test_stop_tokens_and_budgets(policy):
+    prompt = [10, 20, 30]
+    free = RolloutEngine(policy).generate([Request(prompt, 8, temperature=0.0)])[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 8
+    # Stopping on the greedy path's fourth token ends the sequence there, stop token kept.
+    stop = free.token_ids[3]
+    first = free.token_ids.index(stop)
+    stopped = RolloutEngine(policy).generate([Request(prompt, 8, temperature=0.0, stop_ids=(stop,))])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    # Sampled requests respect their budgets and stop at their first stop token.
+    requests = [Request(prompt, budget, temperature=1.0, stop_ids=(3, 5)) for budget in (1, 2, 5, 17)]
+    for request, completion in zip(requests, RolloutEngine(policy, max_batch=2).generate(requests, seed=5)):
+        assert 1 <= len(completion.token_ids) <= request.max_new_tokens
+        assert all(t not in (3, 5) for t in completion.token_ids[:-1])
+        if completion.finish_reason == "stop":
+            assert completion.token_ids[-1] in (3, 5)
+        else:
+            assert completion.finish_reason == "length" and len(completion.token_ids) == request.max_new_tokens
+
+
+def test_finished_rows_are_refilled(policy):
+    # Two slots: one runs a 12-token request while the other serves four 1-token requests and a
+    # second 12-token one, so the whole call takes 11 decode steps (a static batch of two would
+    # take 22), and every decode step runs both rows except the ones after the first long one ends.
+    budgets = [12, 1, 1, 1, 1, 12]
+    requests = [Request([7, 8, 9][: 1 + i % 3], b, temperature=1.0) for i, b in enumerate(budgets)]
+    engine = RolloutEngine(policy, max_batch=2)
+    out = engine.generate(requests, seed=0)
+    assert [len(c.token_ids) for c in out] == budgets
+    stats = engine.last_stats
+    assert stats.tokens == sum(budgets)
+    assert stats.row_steps == sum(budgets) - len(budgets)  # each first token comes from a prefill
+    assert stats.decode_steps == 11
+    assert stats.requests == 6 and stats.seconds > 0
+
+
+def test_refill_into_a_wider_cache(policy):
+    # A long prompt joins after short ones have grown the cache: the rows are shifted right to
+    # make room, and the samples stay those of one-at-a-time generation.
+    requests = [
+        Request([1], 2, temperature=0.0),
+        Request([2, 3], 20, temperature=1.0, top_p=0.8, seed=4),
+        Request(list(range(40, 70)), 5, temperature=1.0, seed=5),
+        Request([9] * 3, 6, temperature=0.5, seed=6),
+    ]
+    together = RolloutEngine(policy, max_batch=2).generate(requests)
+    for request, completion in zip(requests, together):
+        alone = RolloutEngine(policy, max_batch=1).generate([request])[0]
+        assert alone.token_ids == completion.token_ids
+
+
+def test_every_token_carries_the_weight_version_of_its_step(policy):
+    engine = RolloutEngine(policy, max_batch=2, weight_version=7)
+    requests = [Request([1, 2], b, temperature=1.0) for b in (2, 9, 3, 9)]
+    bumped = []
+
+    def progress(done: int, total: int) -> None:
+        assert total == len(requests)
+        bumped.append(done)
+        if done == 1:
+            engine.weight_version = 8  # as if new weights had been loaded mid-call
+
+    out = engine.generate(requests, seed=0, progress=progress)
+    assert bumped == [1, 2, 3, 4]
+    assert out[0].versions == [7, 7]
+    for completion in out:
+        assert len(completion.versions) == len(completion.token_ids)
+        assert completion.versions == sorted(completion.versions)
+    assert out[1].versions[0] == 7 and out[1].versions[-1] == 8
+    assert set(out[3].versions) == {8}
+    engine.weight_version = 9
+    assert set(v for c in engine.generate(requests) for v in c.versions) == {9}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (dict(prompt_ids=[]), "prompt_ids"),
+        (dict(prompt_ids=[1, 256]), "prompt_ids"),
+        (dict(prompt_ids="abc"), "prompt_ids"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=200), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(stop_ids=(-1,)), "stop_ids"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
+def test_bad_requests_name_the_request_and_field(policy, change, field):
+    good = Request([1, 2, 3], 4)
+    with pytest.raises(RLError, match=rf"request 1: {field}"):
+        RolloutEngine(policy).generate([good, dataclasses.replace(good, **change)])
+
+
+def test_engine_arguments_and_empty_calls(policy):
+    with pytest.raises(RLError, match="max_batch"):
+        RolloutEngine(policy, max_batch=0)
+    with pytest.raises(RLError, match="pad_token_id"):
+        RolloutEngine(policy, pad_token_id=256)
+    assert RolloutEngine(policy).generate([]) == []
+    assert policy.training is False
+    policy.train()
+    try:
+        RolloutEngine(policy).generate([Request([1], 2)])
+        assert policy.training is True  # the caller's mode is restored
+    finally:
+        policy.eval()
+
+
+def test_sampler_frequencies_follow_the_tempered_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    n = 20000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # an even grid stands for U[0, 1)
+    for temperature, top_p in ((1.0, 1.0), (0.6, 1.0), (1.4, 0.7)):
+        tokens, logprobs = sample_tokens(
+            logits.expand(n, -1), torch.full((n,), temperature), torch.full((n,), top_p, dtype=torch.float64), uniforms
+        )
+        full = torch.softmax(logits[0] / temperature, dim=-1).double()
+        order = full.argsort(descending=True)
+        before = full[order].cumsum(0) - full[order]
+        keep = torch.zeros_like(full, dtype=torch.bool)
+        keep[order[before < top_p]] = True
+        expected = torch.where(keep, full, 0.0)
+        expected = expected / expected.sum()
+        counts = torch.bincount(tokens, minlength=12).double() / n
+        torch.testing.assert_close(counts, expected, atol=2.0 / n, rtol=0)
+        # log-probabilities are the tempered ones, without truncation
+        torch.testing.assert_close(logprobs, full.log()[tokens].float(), atol=1e-6, rtol=0)
+    greedy, logprob = sample_tokens(logits, torch.zeros(1), torch.ones(1, dtype=torch.float64), torch.rand(1, dtype=torch.float64))
+    assert int(greedy) == int(logits.argmax())
+    torch.testing.assert_close(logprob, torch.log_softmax(logits, -1)[0, greedy], atol=1e-6, rtol=0)
