@@ -12,14 +12,30 @@ from k2.model import K2Config, K2ForCausalLM
 from model_helpers import randomize
 
 
+# Overrides of the tiny preset that keep every part (q LoRA, MLA, a dense layer, routed and shared
+# experts) but make a forward cheap.
+SMALL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    n_routed_experts=8,
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    max_position_embeddings=128,
+)
+
+
 def tiny_policy(seed: int = 0) -> K2ForCausalLM:
-    """The tiny preset cut down for speed (2 layers, vocabulary 256, 128 positions), with random
+    """The tiny preset cut down for speed (``SMALL``), with random
     weights large enough that its next-token distributions are far from uniform."""
-    config = dataclasses.replace(
-        K2Config.from_preset("tiny"), vocab_size=256, num_hidden_layers=2, max_position_embeddings=128
-    )
+    config = dataclasses.replace(K2Config.from_preset("tiny"), **SMALL)
     torch.manual_seed(seed)
-    return randomize(K2ForCausalLM(config), seed, scale=0.1).eval()
+    return randomize(K2ForCausalLM(config), seed, scale=0.15).eval()
 
 
 @pytest.fixture(scope="module")

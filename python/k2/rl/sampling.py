@@ -64,8 +64,8 @@ def sample_tokens(
         tokens[rows] = torch.searchsorted(cdf, x[:, None], right=True).squeeze(1).clamp(max=vocab - 1)
     if bool(nucleus.any()):
         rows = nucleus.nonzero().squeeze(1)
-        probs = logp[rows].double().exp()
-        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        sorted_logp, order = logp[rows].sort(dim=-1, descending=True, stable=True)
+        sorted_probs = sorted_logp.double().exp()
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
         sorted_probs = sorted_probs.masked_fill(before >= top_p[rows].double()[:, None], 0.0)
         kept = (sorted_probs > 0).sum(dim=-1)
