@@ -41,3 +41,13 @@ def tiny_policy(seed: int = 0) -> K2ForCausalLM:
 @pytest.fixture(scope="module")
 def policy() -> K2ForCausalLM:
     return tiny_policy()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one torch thread: the models are too small to gain from more, and on a
+    busy machine a second thread waiting at every small op makes them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
