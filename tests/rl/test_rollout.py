@@ -11,7 +11,7 @@ import torch
 from k2.errors import RLError
 from k2.model.generate import generate
 from k2.rl import Request, RolloutEngine, request_seed, sequence_logprobs
-from k2.rl.sampling import sample_tokens
+from k2.rl.sampling import UNIFORMS_PER_TOKEN, nucleus_mask, sample_tokens
 
 
 def mixed_requests(count: int = 9, seed: int = 1) -> list[Request]:
@@ -199,26 +199,39 @@ def test_engine_arguments_and_empty_calls(policy):
         policy.eval()
 
 
-def test_sampler_frequencies_follow_the_tempered_nucleus():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 12) * 2
-    n = 20000
-    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # an even grid stands for U[0, 1)
-    for temperature, top_p in ((1.0, 1.0), (0.6, 1.0), (1.4, 0.7)):
-        tokens, logprobs = sample_tokens(
-            logits.expand(n, -1), torch.full((n,), temperature), torch.full((n,), top_p, dtype=torch.float64), uniforms
-        )
-        full = torch.softmax(logits[0] / temperature, dim=-1).double()
-        order = full.argsort(descending=True)
-        before = full[order].cumsum(0) - full[order]
-        keep = torch.zeros_like(full, dtype=torch.bool)
-        keep[order[before < top_p]] = True
-        expected = torch.where(keep, full, 0.0)
-        expected = expected / expected.sum()
-        counts = torch.bincount(tokens, minlength=12).double() / n
-        torch.testing.assert_close(counts, expected, atol=2.0 / n, rtol=0)
-        # log-probabilities are the tempered ones, without truncation
-        torch.testing.assert_close(logprobs, full.log()[tokens].float(), atol=1e-6, rtol=0)
-    greedy, logprob = sample_tokens(logits, torch.zeros(1), torch.ones(1, dtype=torch.float64), torch.rand(1, dtype=torch.float64))
-    assert int(greedy) == int(logits.argmax())
-    torch.testing.assert_close(logprob, torch.log_softmax(logits, -1)[0, greedy], atol=1e-6, rtol=0)
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.6, 1.0), (1.4, 0.7), (1.0, 0.35), (1.0, 0.05)])
+def test_sampler_frequencies_follow_the_tempered_nucleus(temperature, top_p):
+    # (1.0, 0.35) and (1.0, 0.05) make the candidates miss the nucleus often, so the fallback
+    # path is exercised too.
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(0)) * 2
+    n = 40000
+    uniforms = torch.rand(n, UNIFORMS_PER_TOKEN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tokens, logprobs = sample_tokens(
+        logits.expand(n, -1), torch.full((n,), temperature), torch.full((n,), top_p, dtype=torch.float64), uniforms
+    )
+    full = torch.softmax(logits[0].double() / temperature, dim=-1)
+    order = full.argsort(descending=True)
+    before = full[order].cumsum(0) - full[order]  # the nucleus by sorting, as k2.model.generate does
+    keep = torch.zeros_like(full, dtype=torch.bool)
+    keep[order[before < top_p]] = True
+    expected = torch.where(keep, full, 0.0)
+    expected = expected / expected.sum()
+    counts = torch.bincount(tokens, minlength=12).double() / n
+    assert torch.all(counts[~keep] == 0)
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert torch.all((counts - expected).abs() <= 5 * sigma + 1e-12), (counts, expected)
+    # log-probabilities are the tempered ones, without truncation
+    torch.testing.assert_close(logprobs, full.log()[tokens].float(), atol=1e-5, rtol=0)
+
+
+def test_sampler_greedy_rows_and_the_nucleus_mask():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.9]])
+    one = torch.rand(1, UNIFORMS_PER_TOKEN, dtype=torch.float64)
+    token, logprob = sample_tokens(logits, torch.zeros(1), torch.ones(1, dtype=torch.float64), one)
+    assert int(token) == 1
+    torch.testing.assert_close(logprob, torch.log_softmax(logits, -1)[0, 1:2], atol=1e-6, rtol=0)
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    # 0.4 + 0.3 reaches 0.65; 0.4 alone reaches 0.4; all four equal tokens are ties, all kept
+    assert nucleus_mask(probs[:1], torch.tensor([0.65], dtype=torch.float64)).tolist() == [[0, 1, 0, 1]]
+    assert nucleus_mask(probs[:1], torch.tensor([0.4], dtype=torch.float64)).tolist() == [[0, 1, 0, 0]]
+    assert nucleus_mask(probs[1:], torch.tensor([0.3], dtype=torch.float64)).tolist() == [[1, 1, 1, 1]]

@@ -19,11 +19,17 @@ def request_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def request_uniforms(seed: int, count: int) -> torch.Tensor:
-    """``count`` uniform numbers in [0, 1) (float64) from a generator seeded with ``seed``:
-    the one random number each of a request's tokens is sampled with."""
+# Nucleus sampling draws up to this many candidates from the whole distribution and keeps the
+# first inside the nucleus (see sample_tokens); each token owns CANDIDATES + 1 uniform numbers.
+CANDIDATES = 4
+UNIFORMS_PER_TOKEN = CANDIDATES + 1
+
+
+def request_uniforms(seed: int, tokens: int) -> torch.Tensor:
+    """The random numbers of a request's ``tokens`` tokens: [tokens, UNIFORMS_PER_TOKEN] uniform
+    numbers in [0, 1) (float64) from a generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(count, generator=generator, dtype=torch.float64)
+    return torch.rand(tokens, UNIFORMS_PER_TOKEN, generator=generator, dtype=torch.float64)
 
 
 def sample_tokens(
@@ -39,39 +45,83 @@ def sample_tokens(
         temperature: [B]; a row with temperature 0 is decoded greedily (argmax).
         top_p: [B] nucleus mass in (0, 1]; a row keeps the smallest set of its most likely tokens
             whose probability reaches it (always at least one).
-        uniforms: [B] numbers in [0, 1), one per row.
+        uniforms: [B, UNIFORMS_PER_TOKEN] numbers in [0, 1), the row's random numbers.
 
     Returns:
         tokens [B] (int64) and logprobs [B] (float32): ``log_softmax(logits / T)`` at the chosen
         token, at the row's temperature (1 for greedy rows) and without top-p truncation.
 
-    A sampled row picks the first token (in vocabulary order when ``top_p == 1``, in order of
-    decreasing probability otherwise) whose cumulative probability exceeds ``u`` times the kept
-    mass. The method depends only on the row's own values.
+    Sampling inverts the row's cumulative distribution in vocabulary order: uniform ``u`` picks
+    the first token whose cumulative probability exceeds ``u`` times the total. With top-p, the
+    first ``CANDIDATES`` uniforms give candidates from the whole distribution and the first one
+    inside the nucleus is taken (rejection sampling, which samples the renormalized nucleus
+    exactly, without sorting the vocabulary: a token is inside when the tokens more likely than
+    it hold less than ``top_p``); if none is, the last uniform samples the nucleus found by
+    :func:`nucleus_mask`. The result depends only on the row's own values.
     """
     logits = logits.float()
     greedy = temperature <= 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits)
     logp = torch.log_softmax(logits / scale[:, None], dim=-1)
     tokens = logp.argmax(dim=-1)
-    vocab = logits.shape[-1]
-    nucleus = ~greedy & (top_p < 1.0)
-    full = ~greedy & ~nucleus
-    if bool(full.any()):
-        rows = full.nonzero().squeeze(1)
-        cdf = logp[rows].double().exp().cumsum(dim=-1)
-        x = uniforms[rows].double() * cdf[:, -1]
-        tokens[rows] = torch.searchsorted(cdf, x[:, None], right=True).squeeze(1).clamp(max=vocab - 1)
-    if bool(nucleus.any()):
-        rows = nucleus.nonzero().squeeze(1)
-        sorted_logp, order = logp[rows].sort(dim=-1, descending=True, stable=True)
-        sorted_probs = sorted_logp.double().exp()
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= top_p[rows].double()[:, None], 0.0)
-        kept = (sorted_probs > 0).sum(dim=-1)
-        cdf = sorted_probs.cumsum(dim=-1)
-        x = uniforms[rows].double() * cdf[:, -1]
-        index = torch.searchsorted(cdf, x[:, None], right=True).squeeze(1)
-        index = torch.minimum(index, kept - 1)
-        tokens[rows] = order.gather(1, index[:, None]).squeeze(1)
+    sampled = ~greedy
+    if bool(sampled.any()):
+        rows = sampled.nonzero().squeeze(1)
+        probs = logp[rows].exp()
+        row_top_p = top_p[rows].double()
+        row_uniforms = uniforms[rows].double()
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+        candidates = _invert(cdf, row_uniforms[:, :CANDIDATES], probs)  # [R, C]
+        chosen = candidates[:, 0]
+        nucleus = row_top_p < 1.0
+        if bool(nucleus.any()):
+            n_rows = nucleus.nonzero().squeeze(1)
+            p, c = probs[n_rows], candidates[n_rows]
+            p_c = p.gather(1, c)  # [N, C]
+            above = torch.where(p[:, None, :] > p_c[:, :, None], p[:, None, :], 0).sum(dim=-1, dtype=torch.float64)
+            inside = above < row_top_p[n_rows, None]
+            first = inside.int().argmax(dim=-1)
+            picked = c.gather(1, first[:, None]).squeeze(1)
+            missed = ~inside.any(dim=-1)
+            if bool(missed.any()):
+                m_rows = missed.nonzero().squeeze(1)
+                kept = p[m_rows] * nucleus_mask(p[m_rows], row_top_p[n_rows][m_rows])
+                last = row_uniforms[n_rows][m_rows, CANDIDATES:]
+                picked[m_rows] = _invert(kept.cumsum(dim=-1, dtype=torch.float64), last, kept).squeeze(1)
+            chosen[n_rows] = picked
+        tokens[rows] = chosen
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _invert(cdf: torch.Tensor, uniforms: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Tokens [R, C]: for each uniform, the first index whose ``cdf`` [R, V] exceeds
+    ``u * cdf[:, -1]`` (never past the last token of positive probability)."""
+    x = uniforms * cdf[:, -1:]
+    index = torch.searchsorted(cdf, x, right=True)
+    positions = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, positions, 0).amax(dim=-1, keepdim=True)
+    return torch.minimum(index, last)
+
+
+NUCLEUS_BISECTIONS = 40
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The top-p nucleus of each row of ``probs`` [R, V] as a 0/1 mask (same dtype).
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p`` [R]: the
+    tokens at least as likely as ``t*``, the largest threshold whose tokens' mass reaches
+    ``top_p``. ``t*`` is found by bisection (mass is non-increasing in the threshold), to
+    ``max(p) * 2**-40``: tokens closer than that to ``t*`` count as ties and are kept.
+    """
+    target = top_p.to(probs)[:, None]
+    low = torch.zeros_like(target)  # mass(0) = 1 >= top_p
+    high = probs.amax(dim=-1, keepdim=True)
+    reaches = (probs * (probs >= high)).sum(dim=-1, keepdim=True) >= target
+    low = torch.where(reaches, high, low)  # the most likely token(s) alone suffice
+    for _ in range(NUCLEUS_BISECTIONS):
+        middle = (low + high) / 2
+        ok = (probs * (probs >= middle)).sum(dim=-1, keepdim=True) >= target
+        low = torch.where(ok, middle, low)
+        high = torch.where(ok, high, middle)
+    return (probs >= low).to(probs)
