@@ -235,3 +235,22 @@ def test_sampler_greedy_rows_and_the_nucleus_mask():
     assert nucleus_mask(probs[:1], torch.tensor([0.65], dtype=torch.float64)).tolist() == [[0, 1, 0, 1]]
     assert nucleus_mask(probs[:1], torch.tensor([0.4], dtype=torch.float64)).tolist() == [[0, 1, 0, 0]]
     assert nucleus_mask(probs[1:], torch.tensor([0.3], dtype=torch.float64)).tolist() == [[1, 1, 1, 1]]
+
+
+def test_long_sequences_grow_and_compact_the_cache(policy):
+    # Budgets past the initial capacity (longest prompt + 64) make the cache grow; a greedy long
+    # request must still decode exactly what k2.model.generate does on its own fixed cache.
+    prompt = [3, 1, 4, 1, 5]
+    expected = generate(policy, [prompt], max_new_tokens=110, temperature=0.0, stop_tokens=[])[0]
+    requests = [
+        Request([9, 9], 3, temperature=1.0),
+        Request(prompt, 110, temperature=0.0),
+        Request(list(range(100, 120)), 70, temperature=1.0, seed=3),
+        Request([7], 40, temperature=0.9, top_p=0.9, seed=4),
+    ]
+    engine = RolloutEngine(policy, max_batch=2)
+    out = engine.generate(requests)
+    assert out[1].token_ids == expected and out[1].finish_reason == "length"
+    for request, completion in zip(requests[2:], out[2:]):
+        assert completion.token_ids == RolloutEngine(policy, max_batch=1).generate([request])[0].token_ids
+        assert len(completion.token_ids) == request.max_new_tokens
