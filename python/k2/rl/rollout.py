@@ -143,7 +143,7 @@ class RolloutEngine:
     """Generates completions for many requests, ``max_batch`` at a time, with continuous batching.
 
     Args:
-        model: the policy (run in eval mode, without gradients, during :meth:`generate`).
+        model: the policy (run in eval and inference mode during :meth:`generate`).
         max_batch: slots: the most sequences decoded together.
         pad_token_id: the id fed for left padding in prefills (never attended to).
         weight_version: the version of the weights the model holds; every sampled token is
@@ -200,7 +200,7 @@ class RolloutEngine:
             raise bad("seed", f"must be an integer or None, got {request.seed!r}")
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         requests: Sequence[Request],
