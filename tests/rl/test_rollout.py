@@ -254,3 +254,20 @@ def test_long_sequences_grow_and_compact_the_cache(policy):
     for request, completion in zip(requests[2:], out[2:]):
         assert completion.token_ids == RolloutEngine(policy, max_batch=1).generate([request])[0].token_ids
         assert len(completion.token_ids) == request.max_new_tokens
+
+
+@pytest.mark.gpu
+def test_the_engine_on_cuda_matches_the_cpu_and_a_full_forward(policy):
+    import copy
+
+    requests = mixed_requests(8, seed=5)
+    cuda_policy = copy.deepcopy(policy).cuda()
+    on_cuda = RolloutEngine(cuda_policy, max_batch=3).generate(requests, seed=1)
+    for index, (request, completion) in enumerate(zip(requests, on_cuda)):
+        alone = RolloutEngine(cuda_policy, max_batch=1).generate(
+            [dataclasses.replace(request, seed=request_seed(1, index))]
+        )[0]
+        assert alone.token_ids == completion.token_ids
+        with torch.no_grad():
+            reference = sequence_logprobs(cuda_policy, request.prompt_ids, completion.token_ids, request.temperature)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), reference.cpu(), atol=1e-4, rtol=0)

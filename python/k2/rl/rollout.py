@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from k2.model.model import K2ForCausalLM
 
 FINISH_REASONS = ("stop", "length")
+CACHE_ROOM = 64  # columns allocated past the first prompts; the cache doubles when it fills
 
 
 @dataclass(frozen=True)
@@ -242,15 +243,16 @@ class RolloutEngine:
                     if cache is None:
                         rows = [None] * min(self.max_batch, len(waiting))
                         width = max(len(r.request.prompt_ids) for r in list(waiting)[: len(rows)])
-                        cache = SlotCache(model.config, len(rows), width + 64, dtype, device)
+                        cache = SlotCache(model.config, len(rows), width + CACHE_ROOM, dtype, device)
                     free = [i for i, r in enumerate(rows) if r is None]
                     group = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
                     prefill, first = self._prefill(group, device, dtype)
                     stats.prefills += 1
+                    version = self.weight_version  # one version for all tokens of a step
                     for row_in_group, seq in enumerate(group):
                         token, logprob = first[row_in_group]
                         stats.tokens += 1
-                        if seq.add(token, logprob, self.weight_version):
+                        if seq.add(token, logprob, version):
                             finished += 1
                             if progress is not None:
                                 progress(finished, len(running))
@@ -269,7 +271,7 @@ class RolloutEngine:
                     cache.keep_rows(keep)
                     rows = [rows[i] for i in keep]
                 # One decode step for every row.
-                active: list[_Running] = rows  # type: ignore[assignment] - no None left
+                active: list[_Running] = list(rows)  # type: ignore[arg-type] - no None left
                 ids = torch.tensor([[s.completion.token_ids[-1]] for s in active], device=device)
                 positions = torch.tensor([[s.position] for s in active], device=device)
                 mask = cache.step_mask().long()
