@@ -66,7 +66,9 @@ def median_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[st
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def hf_generate(reference, prompts: torch.Tensor, new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:  # noqa: ANN001
+def hf_generate(  # noqa: ANN201
+    reference, prompts: torch.Tensor, new_tokens: int, temperature: float, top_p: float  # noqa: ANN001
+) -> torch.Tensor:
     with torch.no_grad():
         out = reference.generate(
             prompts,
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="a 2-layer tiny model, batch 2, 8 + 8 tokens, no ragged row")
+    parser.add_argument(
+        "--quick", action="store_true", help="a 2-layer tiny model, batch 2, 8 + 8 tokens, no ragged row"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
                 longest = max(budgets[start : start + batch])
                 hf_generate(reference, ragged_prompts[start : start + batch], longest, args.temperature, args.top_p)
 
-        ragged_seconds = median_times({"k2_engine": lambda: engine.generate(ragged), "transformers": hf_static}, args.repeats)
+        ragged_runs = {"k2_engine": lambda: engine.generate(ragged), "transformers": hf_static}
+        ragged_seconds = median_times(ragged_runs, args.repeats)
         useful = sum(budgets)
         ragged_rates = {name: useful / s for name, s in ragged_seconds.items()}
         result["ragged_requests"] = count

@@ -132,7 +132,8 @@ def test_grpo_loss_hand_computed():
     sums = [sum(row) for row in per_token]
     assert grpo_loss(new, old, advantages, mask).item() == pytest.approx(sum(sums) / 5)  # dapo
     assert grpo_loss(new, old, advantages, mask, loss_type="bnpo").item() == pytest.approx(sum(sums) / 5)
-    assert grpo_loss(new, old, advantages, mask, loss_type="grpo").item() == pytest.approx((sums[0] / 3 + sums[1] / 2) / 2)
+    per_sequence = (sums[0] / 3 + sums[1] / 2) / 2
+    assert grpo_loss(new, old, advantages, mask, loss_type="grpo").item() == pytest.approx(per_sequence)
     assert grpo_loss(new, old, advantages, mask, loss_type="dr_grpo", max_completion_length=8).item() == pytest.approx(
         sum(sums) / (2 * 8)
     )

@@ -52,7 +52,9 @@ def test_continuous_batching_gives_the_samples_of_one_at_a_time_generation(polic
         alone = RolloutEngine(policy, max_batch=1).generate([alone_request])[0]
         assert alone.token_ids == batched[index].token_ids, index
         assert alone.finish_reason == batched[index].finish_reason
-        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(batched[index].logprobs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(alone.logprobs), torch.tensor(batched[index].logprobs), atol=1e-5, rtol=0
+        )
     # A larger batch and the reverse order (own seeds) give the same samples too.
     seeded = [dataclasses.replace(r, seed=request_seed(11, i)) for i, r in enumerate(requests)]
     reverse = engine.generate(seeded[::-1])

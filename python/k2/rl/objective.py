@@ -98,7 +98,10 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group") -> torch.Tenso
     rewards = rewards.float() if not rewards.is_floating_point() else rewards
     advantages = rewards - rewards.mean(dim=1, keepdim=True)
     if scale == "group":
-        std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.full_like(rewards[:, :1], float("nan"))
+        if rewards.shape[1] > 1:
+            std = rewards.std(dim=1, keepdim=True)
+        else:
+            std = torch.full_like(rewards[:, :1], float("nan"))
         advantages = advantages / (std + ADVANTAGE_EPS)
     elif scale == "batch":
         std = rewards.std() if rewards.numel() > 1 else torch.tensor(float("nan"))

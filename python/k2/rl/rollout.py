@@ -152,7 +152,9 @@ class RolloutEngine:
             sets it after loading new weights.
     """
 
-    def __init__(self, model: K2ForCausalLM, *, max_batch: int = 8, pad_token_id: int = 0, weight_version: int = 0) -> None:
+    def __init__(
+        self, model: K2ForCausalLM, *, max_batch: int = 8, pad_token_id: int = 0, weight_version: int = 0
+    ) -> None:
         if max_batch < 1:
             raise RLError(f"max_batch must be at least 1, got {max_batch}")
         vocab = model.config.vocab_size
