@@ -66,7 +66,7 @@ def median_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[st
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def hf_generate(  # noqa: ANN201
+def hf_generate(
     reference, prompts: torch.Tensor, new_tokens: int, temperature: float, top_p: float  # noqa: ANN001
 ) -> torch.Tensor:
     with torch.no_grad():
