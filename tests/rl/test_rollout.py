@@ -273,3 +273,15 @@ def test_the_engine_on_cuda_matches_the_cpu_and_a_full_forward(policy):
         with torch.no_grad():
             reference = sequence_logprobs(cuda_policy, request.prompt_ids, completion.token_ids, request.temperature)
         torch.testing.assert_close(torch.tensor(completion.logprobs), reference.cpu(), atol=1e-4, rtol=0)
+
+
+def test_numpy_numbers_are_accepted(policy):
+    import numpy as np
+
+    plain = Request([5, 6, 7], 6, temperature=0.8, stop_ids=(255,), seed=2)
+    numpy_request = Request(
+        list(np.array([5, 6, 7])), np.int64(6), temperature=np.float64(0.8), stop_ids=(np.int64(255),), seed=np.int64(2)
+    )
+    expected, got = RolloutEngine(policy).generate([plain, numpy_request])
+    assert all(type(t) is int for t in got.prompt_ids + got.token_ids)
+    assert got.token_ids == expected.token_ids and got.finish_reason == expected.finish_reason

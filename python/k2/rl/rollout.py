@@ -16,6 +16,7 @@ weight version the engine held when each token was sampled.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -118,9 +119,10 @@ class _Running:
     def __init__(self, index: int, request: Request, seed: int) -> None:
         self.index = index
         self.request = request
-        self.completion = Completion(index, list(request.prompt_ids))
-        self.uniforms = request_uniforms(seed, request.max_new_tokens)
-        self.stops = frozenset(request.stop_ids)
+        self.completion = Completion(index, [int(t) for t in request.prompt_ids])
+        self.budget = int(request.max_new_tokens)
+        self.uniforms = request_uniforms(int(seed), self.budget)
+        self.stops = frozenset(int(t) for t in request.stop_ids)
 
     @property
     def position(self) -> int:
@@ -135,7 +137,7 @@ class _Running:
         c.versions.append(version)
         if token in self.stops:
             c.finish_reason = "stop"
-        elif len(c.token_ids) >= self.request.max_new_tokens:
+        elif len(c.token_ids) >= self.budget:
             c.finish_reason = "length"
         return c.finish_reason is not None
 
@@ -179,10 +181,10 @@ class RolloutEngine:
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
             raise bad("prompt_ids", "must be a non-empty sequence of token ids")
         for token in prompt:
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < vocab:
                 raise bad("prompt_ids", f"holds {token!r}, not a token id in [0, {vocab})")
         budget = request.max_new_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
             raise bad("max_new_tokens", f"must be an integer >= 1, got {budget!r}")
         if len(prompt) + budget > config.max_position_embeddings:
             raise bad(
@@ -191,15 +193,15 @@ class RolloutEngine:
                 f"{config.max_position_embeddings}",
             )
         temperature = request.temperature
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
             raise bad("temperature", f"must be a finite number >= 0, got {temperature!r}")
         top_p = request.top_p
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
             raise bad("top_p", f"must be in (0, 1], got {top_p!r}")
         for token in request.stop_ids:
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < vocab:
                 raise bad("stop_ids", f"holds {token!r}, not a token id in [0, {vocab})")
-        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)):
+        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, numbers.Integral)):
             raise bad("seed", f"must be an integer or None, got {request.seed!r}")
 
     # ------------------------------------------------------------------ generation
@@ -310,8 +312,8 @@ class RolloutEngine:
         return cache, list(zip(tokens.tolist(), logprobs.tolist()))
 
     def _sample(self, logits: torch.Tensor, sequences: list[_Running]) -> tuple[torch.Tensor, torch.Tensor]:
-        temperature = torch.tensor([s.request.temperature for s in sequences], dtype=torch.float32)
-        top_p = torch.tensor([s.request.top_p for s in sequences], dtype=torch.float64)
+        temperature = torch.tensor([float(s.request.temperature) for s in sequences], dtype=torch.float32)
+        top_p = torch.tensor([float(s.request.top_p) for s in sequences], dtype=torch.float64)
         uniforms = torch.stack([s.uniforms[len(s.completion.token_ids)] for s in sequences])
         device = logits.device
         return sample_tokens(logits, temperature.to(device), top_p.to(device), uniforms.to(device))
