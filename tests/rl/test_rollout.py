@@ -285,3 +285,29 @@ def test_numpy_numbers_are_accepted(policy):
     expected, got = RolloutEngine(policy).generate([plain, numpy_request])
     assert all(type(t) is int for t in got.prompt_ids + got.token_ids)
     assert got.token_ids == expected.token_ids and got.finish_reason == expected.finish_reason
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_random_workloads_match_one_at_a_time_generation(policy, trial):
+    # Random prompt lengths (1..40), budgets (1..40), sampling settings, stop sets and slot
+    # counts exercise admission, right shifts, compaction, growth and row removal together.
+    g = torch.Generator().manual_seed(100 + trial)
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    requests = []
+    for _ in range(draw(5, 14)):
+        prompt = torch.randint(0, 256, (draw(1, 40),), generator=g).tolist()
+        temperature = [0.0, 0.7, 1.0, 1.5][draw(0, 3)]
+        top_p = [1.0, 0.95, 0.6][draw(0, 2)]
+        stops = tuple(torch.randint(0, 256, (draw(0, 6),), generator=g).tolist())
+        requests.append(Request(prompt, draw(1, 40), temperature, top_p, stops, seed=draw(0, 10**6)))
+    engine = RolloutEngine(policy, max_batch=draw(1, 5))
+    together = engine.generate(requests)
+    assert engine.last_stats.tokens == sum(len(c.token_ids) for c in together)
+    for request, completion in zip(requests, together):
+        alone = RolloutEngine(policy, max_batch=1).generate([request])[0]
+        assert alone.token_ids == completion.token_ids
+        assert alone.finish_reason == completion.finish_reason
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(completion.logprobs), atol=1e-5, rtol=0)
