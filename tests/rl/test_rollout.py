@@ -311,3 +311,51 @@ def test_random_workloads_match_one_at_a_time_generation(policy, trial):
         assert alone.token_ids == completion.token_ids
         assert alone.finish_reason == completion.finish_reason
         torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(completion.logprobs), atol=1e-5, rtol=0)
+
+
+def test_paused_rollouts_resume_on_the_same_random_stream(policy):
+    requests = mixed_requests(7, seed=9)
+    whole = RolloutEngine(policy, max_batch=3).generate(requests, seed=4)
+    engine = RolloutEngine(policy, max_batch=3, weight_version=0)
+    pending = list(requests)
+    results = engine.generate(pending, seed=4, max_steps=2)
+    rounds = 1
+    while any(c.finish_reason is None for c in results):
+        engine.weight_version += 1  # as if the trainer had published new weights in between
+        paused = [i for i, c in enumerate(results) if c.finish_reason is None]
+        resumed = engine.generate(
+            [dataclasses.replace(requests[i], prefix=results[i]) for i in paused], max_steps=2
+        )
+        for i, completion in zip(paused, resumed):
+            results[i] = completion
+        rounds += 1
+    assert rounds > 2  # the calls really were cut short
+    for request, done, paused_run in zip(requests, whole, results):
+        # Same weights throughout, so pausing changes nothing but the version tags.
+        assert paused_run.token_ids == done.token_ids and paused_run.finish_reason == done.finish_reason
+        assert paused_run.seed == done.seed
+        torch.testing.assert_close(torch.tensor(paused_run.logprobs), torch.tensor(done.logprobs), atol=1e-5, rtol=0)
+        assert paused_run.versions == sorted(paused_run.versions)
+    assert max(v for c in results for v in c.versions) > 0
+    # max_steps=0 returns everything paused and untouched
+    untouched = engine.generate(requests[:2], max_steps=0)
+    assert all(c.finish_reason is None and c.token_ids == [] for c in untouched)
+
+
+def test_bad_prefixes_are_named(policy):
+    request = Request([1, 2, 3], 4, seed=1)
+    done = RolloutEngine(policy).generate([request])[0]
+    paused = RolloutEngine(policy).generate([request], max_steps=1)[0]
+    assert paused.finish_reason is None and len(paused.token_ids) == 2
+    cases = [
+        (dataclasses.replace(request, prefix=done), "is finished"),
+        (dataclasses.replace(request, prompt_ids=[1, 2], prefix=paused), "another prompt"),
+        (dataclasses.replace(request, max_new_tokens=2, prefix=paused), "not fewer than max_new_tokens"),
+        (dataclasses.replace(request, stop_ids=(paused.token_ids[0],), prefix=paused), "stop token"),
+        (dataclasses.replace(request, prefix="tokens"), "paused Completion"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(RLError, match=rf"request 0: prefix .*{message}"):
+            RolloutEngine(policy).generate([bad])
+    with pytest.raises(RLError, match="max_steps"):
+        RolloutEngine(policy).generate([request], max_steps=-1)

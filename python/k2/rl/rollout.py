@@ -48,8 +48,11 @@ class Request:
         temperature: sampling temperature; 0 decodes greedily.
         top_p: nucleus mass in (0, 1]; 1 samples from the whole distribution.
         stop_ids: token ids that end the sequence (the stop token is kept in the completion).
-        seed: this request's random seed; None derives one from the call's seed and the
-            request's index (:func:`k2.rl.sampling.request_seed`).
+        seed: this request's random seed; None takes ``prefix.seed`` when resuming, else derives
+            one from the call's seed and the request's index (:func:`k2.rl.sampling.request_seed`).
+        prefix: a paused :class:`Completion` of this same request (from a call stopped by
+            ``max_steps``): generation resumes after its tokens, which are kept with their
+            log-probabilities and versions, on the same random stream (a partial rollout).
     """
 
     prompt_ids: Sequence[int]
@@ -58,6 +61,7 @@ class Request:
     top_p: float = 1.0
     stop_ids: Sequence[int] = ()
     seed: int | None = None
+    prefix: Completion | None = None
 
 
 @dataclass
@@ -72,7 +76,9 @@ class Completion:
         logprobs: per generated token, ``log_softmax(logits / T)`` at it, where T is the
             request's temperature (1 for greedy requests), without top-p truncation.
         versions: per generated token, the engine's ``weight_version`` when it was sampled.
-        finish_reason: ``"stop"`` (a stop token) or ``"length"`` (the token budget).
+        finish_reason: ``"stop"`` (a stop token), ``"length"`` (the token budget), or None: paused
+            by ``max_steps`` (resume it with ``Request(..., prefix=completion)``).
+        seed: the random seed the request sampled with.
     """
 
     index: int
@@ -81,6 +87,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    seed: int = 0
 
     @property
     def logprob(self) -> float:
@@ -119,7 +126,11 @@ class _Running:
     def __init__(self, index: int, request: Request, seed: int) -> None:
         self.index = index
         self.request = request
-        self.completion = Completion(index, [int(t) for t in request.prompt_ids])
+        self.completion = Completion(index, [int(t) for t in request.prompt_ids], seed=int(seed))
+        if request.prefix is not None:
+            self.completion.token_ids = list(request.prefix.token_ids)
+            self.completion.logprobs = list(request.prefix.logprobs)
+            self.completion.versions = list(request.prefix.versions)
         self.budget = int(request.max_new_tokens)
         self.uniforms = request_uniforms(int(seed), self.budget)
         self.stops = frozenset(int(t) for t in request.stop_ids)
@@ -203,6 +214,21 @@ class RolloutEngine:
                 raise bad("stop_ids", f"holds {token!r}, not a token id in [0, {vocab})")
         if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, numbers.Integral)):
             raise bad("seed", f"must be an integer or None, got {request.seed!r}")
+        prefix = request.prefix
+        if prefix is not None:
+            if not isinstance(prefix, Completion):
+                raise bad("prefix", f"must be a paused Completion or None, got {type(prefix).__name__}")
+            if prefix.finish_reason is not None:
+                raise bad("prefix", f"is finished ({prefix.finish_reason!r}); only paused completions resume")
+            if prefix.prompt_ids != [int(t) for t in prompt]:
+                raise bad("prefix", "has another prompt than prompt_ids")
+            tokens = len(prefix.token_ids)
+            if len(prefix.logprobs) != tokens or len(prefix.versions) != tokens:
+                raise bad("prefix", "needs one log-probability and one version per token")
+            if tokens >= budget:
+                raise bad("prefix", f"holds {tokens} tokens, not fewer than max_new_tokens={budget}")
+            if any(int(t) in set(request.stop_ids) for t in prefix.token_ids):
+                raise bad("prefix", "holds a stop token")
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -212,6 +238,7 @@ class RolloutEngine:
         *,
         seed: int = 0,
         progress: Callable[[int, int], None] | None = None,
+        max_steps: int | None = None,
     ) -> list[Completion]:
         """Generate every request; returns their completions in request order.
 
@@ -219,6 +246,8 @@ class RolloutEngine:
             requests: what to generate.
             seed: seeds the requests without a seed of their own (with their index).
             progress: called as ``progress(finished, total)`` after each finished request.
+            max_steps: stop after this many decode steps; the unfinished completions come back
+                paused (``finish_reason`` None), to be resumed as a ``Request.prefix``.
 
         Raises:
             RLError: for an invalid request (the message names its index and field).
@@ -228,9 +257,9 @@ class RolloutEngine:
         started = time.perf_counter()
         stats = RolloutStats(requests=len(requests))
         self.last_stats = stats
-        running = [
-            _Running(i, r, r.seed if r.seed is not None else request_seed(seed, i)) for i, r in enumerate(requests)
-        ]
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+            raise RLError(f"max_steps must be None or an integer >= 0, got {max_steps!r}")
+        running = [_Running(i, r, self._seed_of(r, seed, i)) for i, r in enumerate(requests)]
         waiting = deque(running)
         finished = 0
         model = self.model
@@ -242,6 +271,8 @@ class RolloutEngine:
             cache: SlotCache | None = None
             rows: list[_Running | None] = []
             while waiting or rows:
+                if max_steps is not None and stats.decode_steps >= max_steps:
+                    break  # pause: whatever is running or waiting comes back unfinished
                 # Admit waiting requests into free rows (a prefill may finish some at once).
                 while waiting and (None in rows or (cache is None and len(rows) < self.max_batch)):
                     if cache is None:
@@ -261,10 +292,10 @@ class RolloutEngine:
                             if progress is not None:
                                 progress(finished, len(running))
                             continue
-                        prompt_length = len(seq.completion.prompt_ids)
-                        cache.reserve(prompt_length)
+                        cached = seq.position  # the prompt and all tokens but the newest
+                        cache.reserve(cached)
                         row = free.pop(0)
-                        cache.place(row, prefill, row_in_group, prompt_length)
+                        cache.place(row, prefill, row_in_group, cached)
                         rows[row] = seq
                 if cache is None:
                     break
@@ -302,7 +333,7 @@ class RolloutEngine:
     ) -> tuple[KVCache, list[tuple[int, float]]]:
         """Run the prompts of ``group`` (left-padded) into a fresh cache and sample each one's
         first token. Returns the cache and (token, logprob) per request."""
-        prompts = [seq.completion.prompt_ids for seq in group]
+        prompts = [seq.completion.prompt_ids + seq.completion.token_ids for seq in group]
         ids, mask = left_pad(prompts, self.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
@@ -310,6 +341,14 @@ class RolloutEngine:
         logits = self.model(ids, mask, positions, cache=cache, logits_to_keep=1).logits[:, -1]
         tokens, logprobs = self._sample(logits, group)
         return cache, list(zip(tokens.tolist(), logprobs.tolist()))
+
+    @staticmethod
+    def _seed_of(request: Request, seed: int, index: int) -> int:
+        if request.seed is not None:
+            return int(request.seed)
+        if request.prefix is not None:
+            return request.prefix.seed
+        return request_seed(seed, index)
 
     def _sample(self, logits: torch.Tensor, sequences: list[_Running]) -> tuple[torch.Tensor, torch.Tensor]:
         temperature = torch.tensor([float(s.request.temperature) for s in sequences], dtype=torch.float32)
