@@ -10,7 +10,9 @@ result does not depend on ``max_batch`` or on the order requests run in.
 Each :class:`Completion` carries its tokens, their log-probabilities under the sampling policy
 (``log_softmax(logits / T)`` at the request's temperature, without top-p truncation; see
 :func:`k2.rl.logprobs.sequence_logprobs` for the same numbers from a full forward) and the
-weight version the engine held when each token was sampled.
+weight version the engine held when each token was sampled. A call can stop after a number of
+decode steps and hand back paused completions, which a later call resumes on the same random
+stream (``Request.prefix``): the engine side of partial rollouts.
 """
 
 from __future__ import annotations
