@@ -76,21 +76,39 @@ def sample_tokens(
         nucleus = row_top_p < 1.0
         if bool(nucleus.any()):
             n_rows = nucleus.nonzero().squeeze(1)
-            p, c = probs[n_rows], candidates[n_rows]
-            p_c = p.gather(1, c)  # [N, C]
-            above = torch.where(p[:, None, :] > p_c[:, :, None], p[:, None, :], 0).sum(dim=-1, dtype=torch.float64)
-            inside = above < row_top_p[n_rows, None]
-            first = inside.int().argmax(dim=-1)
-            picked = c.gather(1, first[:, None]).squeeze(1)
-            missed = ~inside.any(dim=-1)
-            if bool(missed.any()):
-                m_rows = missed.nonzero().squeeze(1)
-                kept = p[m_rows] * nucleus_mask(p[m_rows], row_top_p[n_rows][m_rows])
-                last = row_uniforms[n_rows][m_rows, CANDIDATES:]
-                picked[m_rows] = _invert(kept.cumsum(dim=-1, dtype=torch.float64), last, kept).squeeze(1)
-            chosen[n_rows] = picked
+            chosen[n_rows] = _first_inside(
+                probs[n_rows], candidates[n_rows], row_top_p[n_rows], row_uniforms[n_rows]
+            )
         tokens[rows] = chosen
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _first_inside(
+    probs: torch.Tensor, candidates: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """Per row of ``probs`` [N, V], the first of ``candidates`` [N, C] inside the top-p nucleus
+    (the tokens more likely than it hold less than ``top_p`` [N]); rows whose candidates all
+    miss sample the nucleus with their last uniform (``uniforms`` [N, UNIFORMS_PER_TOKEN]).
+
+    Candidates are checked one at a time, each on the rows still missing one: the first is
+    inside with probability at least ``top_p``, so about one pass over the vocabulary suffices.
+    """
+    picked = candidates[:, 0].clone()
+    pending = torch.arange(probs.shape[0], device=probs.device)
+    for k in range(candidates.shape[1]):
+        p = probs[pending]
+        candidate = candidates[pending, k]
+        p_c = p.gather(1, candidate[:, None])
+        above = torch.where(p > p_c, p, 0).sum(dim=-1, dtype=torch.float64)
+        inside = above < top_p[pending]
+        picked[pending[inside]] = candidate[inside]
+        pending = pending[~inside]
+        if pending.numel() == 0:
+            return picked
+    kept = probs[pending] * nucleus_mask(probs[pending], top_p[pending])
+    last = uniforms[pending, candidates.shape[1] :]
+    picked[pending] = _invert(kept.cumsum(dim=-1, dtype=torch.float64), last, kept).squeeze(1)
+    return picked
 
 
 def _invert(cdf: torch.Tensor, uniforms: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
