@@ -39,23 +39,20 @@ class SlotCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
-    def _relayout(self, rows: torch.Tensor | None, drop: int, shift: int, capacity: int) -> None:
-        """New storage of ``capacity`` columns holding rows ``rows`` (all if None), with the used
-        columns ``[drop, length)`` moved to start at column ``shift``."""
+    def _relayout(self, drop: int, shift: int, capacity: int) -> None:
+        """New storage of ``capacity`` columns, with the used columns ``[drop, length)`` moved to
+        start at column ``shift``."""
         end = self.length
         new_end = shift + end - drop
         for layer in self.kv.layers:
             for name in ("latent", "k_pe"):
                 old = getattr(layer, name)
-                if rows is not None:
-                    old = old[rows]
                 new = old.new_zeros(old.shape[0], capacity, old.shape[2])
                 new[:, shift:new_end] = old[:, drop:end]
                 setattr(layer, name, new)
             layer.length = new_end
-        valid = self.valid if rows is None else self.valid[rows]
-        new_valid = valid.new_zeros(valid.shape[0], capacity)
-        new_valid[:, shift:new_end] = valid[:, drop:end]
+        new_valid = self.valid.new_zeros(self.rows, capacity)
+        new_valid[:, shift:new_end] = self.valid[:, drop:end]
         self.valid = new_valid
         self.kv.capacity = capacity
 
@@ -71,7 +68,7 @@ class SlotCache:
         if drop == 0 and needed <= self.capacity:
             return
         capacity = self.capacity if needed <= self.capacity else max(needed, 2 * self.capacity)
-        self._relayout(None, drop, 0, capacity)
+        self._relayout(drop, 0, capacity)
 
     def reserve(self, tokens: int) -> None:
         """Make the used width at least ``tokens`` columns (shifting every row right if needed),
@@ -80,7 +77,7 @@ class SlotCache:
         if tokens > self.length:
             shift = tokens - self.length
             capacity = max(self.capacity, tokens + 1)
-            self._relayout(None, 0, shift, capacity)
+            self._relayout(0, shift, capacity)
 
     def place(self, row: int, source: KVCache, source_row: int, tokens: int) -> None:
         """Copy the last ``tokens`` cached columns of ``source``'s row into ``row``, right-aligned
