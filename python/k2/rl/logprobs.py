@@ -66,7 +66,10 @@ def batch_logprobs(
     hidden = model.model(ids, attention_mask)  # [B, T, hidden]
     # Position t predicts token t + 1: the completion's tokens are predicted from
     # positions len(prompt) - 1 .. len(prompt) + len(completion) - 2.
-    rows, cols, targets, scale = [], [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
+    scale: list[float] = []
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):
         start = len(prompt) - 1
         rows += [row] * len(completion)

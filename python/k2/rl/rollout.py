@@ -308,7 +308,8 @@ class RolloutEngine:
                     cache.keep_rows(keep)
                     rows = [rows[i] for i in keep]
                 # One decode step for every row.
-                active: list[_Running] = list(rows)  # type: ignore[arg-type] - no None left
+                active = [seq for seq in rows if seq is not None]  # all rows: none is free here
+                assert len(active) == len(rows), "a free row reached a decode step"
                 ids = torch.tensor([[s.completion.token_ids[-1]] for s in active], device=device)
                 positions = torch.tensor([[s.position] for s in active], device=device)
                 mask = cache.step_mask().long()
