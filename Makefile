@@ -58,7 +58,8 @@ test-rust: ## run the Rust unit tests (cargo test)
 
 inplace: ## build the extension (release) into python/k2/ without installing (use PYTHONPATH=python)
 	cargo build -q --release -p k2-native --features python
-	cp $(CARGO_TARGET_DIR)/release/libk2_native.so python/k2/_native.abi3.so
+	cp $(CARGO_TARGET_DIR)/release/libk2_native.so python/k2/_native.abi3.so.new
+	mv -f python/k2/_native.abi3.so.new python/k2/_native.abi3.so  # a running process keeps its copy
 
 wheel: $(PYTHON) ## build the abi3 release wheel into dist/ (what the GPU machine installs)
 	$(PIP) install -q -c $(CONSTRAINTS) "maturin>=1.7,<2"

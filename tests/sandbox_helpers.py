@@ -36,8 +36,25 @@ def slot_uid_processes() -> list[str]:
     return found
 
 
+# Helper processes Python's multiprocessing starts once and keeps for the life of the process
+# (another test may have started one): not something a sandbox run left behind.
+_PYTHON_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _is_python_helper(parent: int, child: int) -> bool:
+    if parent != os.getpid():
+        return False
+    try:
+        with open(f"/proc/{child}/cmdline", "rb") as fh:
+            cmdline = fh.read().decode(errors="replace")
+    except OSError:
+        return False
+    return any(name in cmdline for name in _PYTHON_HELPERS)
+
+
 def descendants(pid: int | None = None, ignore: tuple[int, ...] = ()) -> list[str]:
-    """Every live or zombie descendant of ``pid`` (default: this process), except ``ignore``."""
+    """Every live or zombie descendant of ``pid`` (default: this process), except ``ignore``
+    and multiprocessing's own long-lived helper processes (direct children of this process)."""
     todo, found = [pid or os.getpid()], []
     while todo:
         current = todo.pop()
@@ -52,7 +69,7 @@ def descendants(pid: int | None = None, ignore: tuple[int, ...] = ()) -> list[st
             except OSError:
                 continue
             for child in children:
-                if child in ignore:
+                if child in ignore or _is_python_helper(current, child):
                     continue
                 try:
                     fields = _status_fields(str(child))

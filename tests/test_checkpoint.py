@@ -129,7 +129,7 @@ def test_save_order_makes_every_file_durable_before_the_rename(tmp_path: Path) -
     checkpoint.save(tmp_path, model, optimizer, keep_last=1, step=1)
     events: list = []
     final = checkpoint.save(tmp_path, model, optimizer, keep_last=1, step=2, events=events)
-    ops = [(op, Path(path), target and Path(target)) for op, path, target in events]
+    ops = [(e.op, Path(e.path), e.target and Path(e.target)) for e in events]
     rename = next(i for i, (op, _, to) in enumerate(ops) if op == "rename" and to == final)
     tmp = ops[rename][1]
     for file in final.iterdir():

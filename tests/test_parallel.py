@@ -4,7 +4,6 @@ wrapper and with a user's own MoE module."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from dist_helpers import free_port
 from k2.errors import ConfigError
 from k2.optim.contract import BalancesExperts, find_moe_layers, pop_expert_loads, update_router_biases
 from k2.parallel import any_rank, max_over_ranks, mean_over_ranks, parallelize, sum_over_ranks
@@ -50,15 +50,10 @@ def _worker(rank: int, world: int, port: int, results) -> None:  # noqa: ANN001
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_agree_on_hand_computed_values() -> None:
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), results), nprocs=2)
     want = ([1.0, 10.0, 0.0], [[2.0, 2.0], [2.0, 2.0]], [1.0, 19.0, -1.0], [[3.0, 3.0], [3.0, 3.0]],
             True, False, 2.0, "DistributedDataParallel")
     assert results[0] == want and results[1] == want

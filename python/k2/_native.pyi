@@ -19,6 +19,7 @@ __all__ = [
     "xxh3_64_file",
     "ShardWriter",
     "TokenLoader",
+    "TokenBatch",
     "BatchBuffer",
     "inspect_shard",
     "copy_ranges",
@@ -37,6 +38,8 @@ __all__ = [
     "WorkerFailure",
     "CheckpointWriter",
     "CheckpointReader",
+    "FsEvent",
+    "StoredTensor",
     "plan_shards",
     "shard_file_name",
     "read_latest",
@@ -78,10 +81,15 @@ class ShardWriter:
         k2.errors.DataError: ``vocab_size`` is 0.
     """
 
-    def __new__(cls, path: str | PathLike[str], vocab_size: int) -> Self: ...
-    def add_documents(self, tokens: npt.NDArray[np.uint32], lengths: npt.NDArray[np.int64]) -> None:
-        """Append documents: ``tokens`` back to back, ``lengths[i]`` tokens each. Runs without
-        the GIL.
+    def __new__(cls, path: str | PathLike[str], vocab_size: int, loss_mask: bool = False) -> Self: ...
+    def add_documents(
+        self,
+        tokens: npt.NDArray[np.uint32],
+        lengths: npt.NDArray[np.int64],
+        loss_mask: npt.NDArray[np.uint8] | None = None,
+    ) -> None:
+        """Append documents: ``tokens`` back to back, ``lengths[i]`` tokens each, and with a
+        ``loss_mask`` writer one 0/1 ``loss_mask`` value per token. Runs without the GIL.
 
         Raises:
             k2.errors.DataError: the lengths do not add up, or a token is outside the vocabulary
@@ -92,7 +100,8 @@ class ShardWriter:
 
 def inspect_shard(path: str | PathLike[str]) -> dict[str, int]:
     """Validate a shard fully (checksum included) and return its header:
-    ``{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum"}``.
+    ``{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum", "loss_mask"}``
+    (``loss_mask``: a bool, whether the shard carries one).
 
     Raises:
         k2.errors.K2IOError: the file cannot be opened.
@@ -103,6 +112,25 @@ def inspect_shard(path: str | PathLike[str]) -> dict[str, int]:
 class BatchBuffer:
     """The memory behind one batch array (the array's ``base``): a buffer from the loader's
     pool, returned to the pool when the last array using it is freed. Not created from Python."""
+
+@final
+class TokenBatch:
+    """One batch of ``TokenLoader.next_batch()``: int64 ``[batch_size, seq_len]`` arrays, the
+    ``epoch`` and ``step`` it belongs to, and the targets' 0/1 ``loss_mask`` (None when no shard
+    carries a mask)."""
+
+    @property
+    def inputs(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def targets(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def positions(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def loss_mask(self) -> npt.NDArray[np.int64] | None: ...
 
 @final
 class TokenLoader:
@@ -127,14 +155,14 @@ class TokenLoader:
     @property
     def token_count(self) -> int: ...
     @property
+    def has_loss_mask(self) -> bool: ...
+    @property
     def vocab_size(self) -> int: ...
     @property
     def buffered(self) -> int:
         """Batches produced ahead and waiting."""
-    def next_batch(
-        self,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], int, int]:
-        """``(inputs, targets, positions, epoch, step)``; waits without the GIL."""
+    def next_batch(self) -> TokenBatch:
+        """The next batch; waits without the GIL."""
     def state(self) -> dict[str, int]:
         """``{"epoch", "step", "seed", "seq_len", "global_batch", "num_samples", "fingerprint"}``."""
     def load_state(self, state: dict[str, int]) -> None:
@@ -472,11 +500,41 @@ class CheckpointWriter:
         """Write one shard file listed under ``group`` (for streaming conversions)."""
     def write_file(self, file_name: str, data: bytes) -> None:
         """Write a small non-tensor file (JSON, tokenizer files)."""
-    def commit(self, *, publish_latest: bool, keep_last: int | None = None) -> list[tuple[str, str, str | None]]:
+    def commit(self, *, publish_latest: bool, keep_last: int | None = None) -> list[FsEvent]:
         """Write the group indexes and manifest, fsync, rename into place; with
         ``publish_latest`` move the parent's ``latest`` and keep the newest ``keep_last``.
-        Returns the recorded operations ``(op, path, rename_target)``, op one of ``write``,
-        ``fsync``, ``rename``, ``dir_fsync``, ``remove``."""
+        Returns the recorded file-system operations, in order."""
+
+@final
+class FsEvent:
+    """One recorded file-system operation of a commit: ``op`` is one of ``write``, ``fsync``,
+    ``rename``, ``dir_fsync``, ``remove``; ``target`` is the new path of a rename. Compares by
+    value, prints readably, pickles."""
+
+    def __new__(cls, op: str, path: str, target: str | None) -> Self: ...
+    @property
+    def op(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def target(self) -> str | None: ...
+    def __getnewargs__(self) -> tuple[str, str, str | None]: ...
+
+@final
+class StoredTensor:
+    """One stored tensor: its name, dtype name (safetensors', e.g. ``"BF16"``), shape and the
+    shard file that holds it. Compares by value, prints readably, pickles."""
+
+    def __new__(cls, name: str, dtype: str, shape: list[int], file: str) -> Self: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def file(self) -> str: ...
+    def __getnewargs__(self) -> tuple[str, str, list[int], str]: ...
 
 @final
 class CheckpointReader:
@@ -497,8 +555,8 @@ class CheckpointReader:
     @property
     def bytes_read(self) -> int:
         """Bytes hashed or copied so far (unverified zero-copy arrays are not counted)."""
-    def tensors(self) -> list[tuple[str, str, list[int], str]]:
-        """``(name, dtype, shape, file_name)`` of every tensor, in file order."""
+    def tensors(self) -> list[StoredTensor]:
+        """Every tensor, in file order."""
     def verify(self) -> None:
         """Check every chunk and file against the manifest, in parallel.
 

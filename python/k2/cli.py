@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from k2.errors import K2Error
 
 # Order is the order `k2 --help` lists them in.
-COMMAND_MODULES = ("version", "info", "train", "sample", "data", "ckpt", "plot", "env", "sandbox")
+COMMAND_MODULES = (
+    "version", "info", "train", "sample", "data", "ckpt", "plot", "env", "sandbox", "synth", "sft",
+)
 
 DESCRIPTION = """\
 k2 — an open implementation of the Kimi K2 training system: MLA + ultra-sparse MoE,

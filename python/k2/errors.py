@@ -54,6 +54,10 @@ class TaskError(AgenticError, ValueError):
     """A task file or task is malformed or unsupported; the message names the task id and field."""
 
 
+class SynthError(AgenticError):
+    """Agentic data synthesis (``k2 synth``) could not make what was asked; the message says why."""
+
+
 class RLError(K2Error, ValueError):
     """A rollout request or an RL objective's input is invalid; the message names the request
     index (or tensor) and the field at fault."""
@@ -72,5 +76,13 @@ __all__ = [
     "IsolationUnavailableError",
     "AgenticError",
     "TaskError",
+    "SynthError",
     "RLError",
 ]
+
+
+class RLTaskError(K2Error, ValueError):
+    """An RL task name, option or split is invalid; the message names the task and the field."""
+
+
+__all__ += ["RLTaskError"]

@@ -47,7 +47,7 @@ def corrupt(tmp_path: Path, edit) -> Path:
     ("edit", "reason"),
     [
         (lambda b: b.__setitem__(slice(0, 8), b"NOTK2TOK"), "wrong magic"),
-        (lambda b: b.__setitem__(8, 2), "format version 2 is newer"),
+        (lambda b: b.__setitem__(8, 3), "format version 3 is newer"),
         (lambda b: b.__delitem__(slice(-20, None)), "truncated"),
         (lambda b: b.__delitem__(slice(30, None)), "truncated"),
         (lambda b: b.__setitem__(100, b[100] ^ 0xFF), "checksum mismatch"),

@@ -183,10 +183,13 @@ class AgentEnv:
         """``render_chat(self.messages, self.tools, add_generation_prompt=True)``, with the
         tool declarations and policy rendered once per domain."""
         assert self.domain is not None
-        key = (type(self.domain), self.domain.name, policy)
+        # prompt_key: domains whose tools vary per instance (k2.agentic.synth's VariantDomain) say which
+        key = (type(self.domain), self.domain.name, policy, getattr(self.domain, "prompt_key", None))
         cache = _PREFIXES
         prefix = cache.get(key)
         if prefix is None:
+            if len(cache) >= 4096:
+                cache.clear()
             head = [{"role": "system", "content": policy}] if policy else []
             prefix = cache[key] = render_chat(head, self.tools)
         rest = self.messages[1:] if policy else self.messages

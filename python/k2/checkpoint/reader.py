@@ -63,7 +63,7 @@ class CheckpointReader:
         path = Path(directory)
         self.path = resolve(path) if (path / "latest").is_file() else path
         self._native = _native.CheckpointReader(self.path)
-        self._tensors = {name: (dtype, shape, file) for name, dtype, shape, file in self._native.tensors()}
+        self._tensors = {t.name: (t.dtype, t.shape, t.file) for t in self._native.tensors()}
 
     @property
     def bytes_read(self) -> int:

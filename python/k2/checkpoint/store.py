@@ -113,7 +113,7 @@ def save(
     max_shard_bytes: int = CHECKPOINT_SHARD_BYTES,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     durable: bool = True,
-    events: list[tuple[str, str, str | None]] | None = None,
+    events: list[_native.FsEvent] | None = None,
 ) -> Path:
     """Save a checkpoint into the root ``directory`` and point ``latest`` at it.
 
@@ -131,7 +131,8 @@ def save(
         max_shard_bytes: shard size limit; shards are written in parallel whatever their count.
         chunk_bytes: checksum granularity (a slice read hashes whole chunks).
         durable: fsync files and directories; turn off only for benchmarks.
-        events: if given, receives the recorded file-system operations ``(op, path, target)``.
+        events: if given, receives the recorded file-system operations (``FsEvent``: ``op``,
+            ``path``, ``target``).
 
     Returns:
         The new checkpoint directory.

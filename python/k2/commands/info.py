@@ -30,7 +30,12 @@ def preset_info(name: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = preset_info(args.preset)
+    from k2.model.config import ConfigError
+
+    try:
+        info = preset_info(args.preset)
+    except ConfigError as err:  # an unknown preset: a usage error, like argparse's own
+        args.parser.error(str(err))
     if args.json:
         print(json.dumps(info))
         return 0
@@ -62,4 +67,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "1.03T-parameter K2 (default: tiny)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, parser=parser)

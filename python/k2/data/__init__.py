@@ -7,7 +7,10 @@
 * :mod:`k2.data.prepare`   — ``k2 data prepare``: corpus -> tokenizer -> shards + manifest;
 * :mod:`k2.data.manifest`  — the manifest's one typed reader, and the check of each shard
   against it;
-* :mod:`k2.data.loader`    — :class:`TokenLoader`, the Rust-backed batch loader.
+* :mod:`k2.data.loader`    — :class:`TokenLoader`, the Rust-backed batch loader (with each
+  batch's loss mask);
+* :mod:`k2.data.sft`       — chat JSONL for ``k2 sft``: checks, tokens + assistant loss mask,
+  whole-conversation packing (docs/sft.md).
 
 The shard byte layout is documented in ``docs/token-shards.md``.
 """
@@ -15,7 +18,7 @@ The shard byte layout is documented in ``docs/token-shards.md``.
 from __future__ import annotations
 
 from k2.data.chat import CHAT_TEMPLATE, render_chat
-from k2.data.loader import Batch, TokenLoader, read_tokens
+from k2.data.loader import Batch, TokenLoader, read_loss_mask, read_tokens
 from k2.data.prepare import PrepareOptions, prepare
 from k2.data.tokenizer import EOD_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, load_tokenizer
 
@@ -29,6 +32,7 @@ __all__ = [
     "TokenLoader",
     "load_tokenizer",
     "prepare",
+    "read_loss_mask",
     "read_tokens",
     "render_chat",
 ]

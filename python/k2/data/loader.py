@@ -44,6 +44,11 @@ class Batch(NamedTuple):
     """Each input token's position within its document (0 at every document start)."""
     epoch: int
     step: int
+    loss_mask: np.ndarray
+    """1 where ``targets`` is a training target, 0 where the loss skips it (SFT trains on
+    assistant tokens only). For shards without a loss mask it is all ones: one read-only array
+    shared by every batch of the loader, so pretraining pays nothing for it
+    (docs/token-shards.md)."""
 
 
 def shard_paths(
@@ -89,6 +94,28 @@ def read_tokens(
         dtype = np.uint16 if header["token_bytes"] == 2 else np.uint32
         arrays.append(np.fromfile(shard, dtype=dtype, count=header["tokens"], offset=64))
     return np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
+
+
+def read_loss_mask(
+    path: str | PathLike[str] | Sequence[str | PathLike[str]], split: str = "train"
+) -> np.ndarray:
+    """The loss mask of every token of a split (or of the given shards), aligned with
+    :func:`read_tokens`, as one uint8 array of 0/1: ones for shards without a mask.
+
+    Raises:
+        DataError: a shard is missing, corrupt or from a newer format.
+    """
+    arrays = []
+    for shard in shard_paths(path, split):
+        header = _native.inspect_shard(str(shard))
+        count = header["tokens"]
+        if not header["loss_mask"]:
+            arrays.append(np.ones(count, np.uint8))
+            continue
+        index_at = -(-(64 + count * header["token_bytes"]) // 8) * 8
+        mask_at = index_at + 8 * (header["documents"] + 1)
+        arrays.append(np.fromfile(shard, dtype=np.uint8, count=count, offset=mask_at))
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.uint8)
 
 
 class TokenLoader:
@@ -148,6 +175,7 @@ class TokenLoader:
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
+        self._ones: np.ndarray | None = None
         self._native = _native.TokenLoader(
             [str(p) for p in self.paths],
             seq_len,
@@ -179,6 +207,11 @@ class TokenLoader:
         return self._native.vocab_size
 
     @property
+    def has_loss_mask(self) -> bool:
+        """Whether any shard carries a loss mask (else :attr:`Batch.loss_mask` is all ones)."""
+        return self._native.has_loss_mask
+
+    @property
     def epoch(self) -> int:
         """The epoch of the next batch."""
         return self._native.state()["epoch"]
@@ -195,7 +228,14 @@ class TokenLoader:
 
     def next_batch(self) -> Batch:
         """The next batch, rolling over into the next epoch after the last step."""
-        return Batch(*self._native.next_batch())
+        native = self._native.next_batch()
+        mask = native.loss_mask
+        if mask is None:  # no shard has a mask: every target counts
+            if self._ones is None:
+                self._ones = np.ones((self.batch_size, self.seq_len), np.int64)
+                self._ones.setflags(write=False)
+            mask = self._ones
+        return Batch(native.inputs, native.targets, native.positions, native.epoch, native.step, mask)
 
     def __iter__(self) -> Iterator[Batch]:
         state = self._native.state()

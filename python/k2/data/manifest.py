@@ -26,7 +26,7 @@ FORMAT = "k2-token-shards"
 VERSION = 1
 SPLITS = ("train", "validation")
 SHARD_MAGIC = b"K2TOKENS"
-_HEADER = struct.Struct("<8sIIII QQQ")  # magic, version, token_bytes, vocab_size, reserved, T, D, checksum
+_HEADER = struct.Struct("<8sIIII QQQ")  # magic, version, token_bytes, vocab_size, flags, T, D, checksum
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
   continuous batching, per-request random streams and per-token log-probabilities and weight
   versions (:mod:`~k2.rl.slots` holds its cache, :mod:`~k2.rl.sampling` its sampler);
 * :mod:`~k2.rl.logprobs` — the same log-probabilities from a full forward, with gradients;
-* :mod:`~k2.rl.objective` — the K1.5/K2 loss (:func:`k2_loss`) and GRPO (:func:`grpo_loss`).
+* :mod:`~k2.rl.objective` — the K1.5/K2 loss (:func:`k2_loss`) and GRPO (:func:`grpo_loss`);
+* :mod:`~k2.rl.tasks` — verifiable-reward tasks (imported on its own: ``import k2.rl.tasks``).
 """
 
 from k2.rl.logprobs import batch_logprobs, pad_logprobs, sequence_logprobs

@@ -139,34 +139,36 @@ def _stored_config(reader: Any) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def explicit_run_dir(file: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> Path:
+def explicit_run_dir(file: str | os.PathLike[str] | None, overrides: dict[str, Any],
+                     config_cls: type[TrainConfig] = TrainConfig) -> Path:
     """The run directory the command line (or else ``--config``, or else the default) names."""
     if overrides.get("run_dir") is not None:
         return Path(overrides["run_dir"])
     if file is not None:
-        from_file = TrainConfig.from_toml(file).get("run_dir")
+        from_file = config_cls.from_toml(file).get("run_dir")
         if from_file is not None:
             return Path(str(from_file))
-    return Path(TrainConfig.run_dir)
+    return Path(config_cls.run_dir)
 
 
-def resume_config(file: str | os.PathLike[str] | None,
-                  overrides: dict[str, Any]) -> tuple[TrainConfig, ResumePoint]:
-    """The settings of a resumed run: the checkpoint's, then ``file``'s, then ``overrides``.
+def resume_config(file: str | os.PathLike[str] | None, overrides: dict[str, Any],
+                  config_cls: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, ResumePoint]:
+    """The settings of a resumed run: the checkpoint's, then ``file``'s, then ``overrides``
+    (``config_cls``: the command's settings class, e.g. ``k2 sft``'s).
 
     Returns:
         The resolved settings and the checkpoint they continue from (not yet compared: see
         :func:`setting_changes`).
     """
-    run_dir = explicit_run_dir(file, overrides)
+    run_dir = explicit_run_dir(file, overrides, config_cls)
     point = find_resume_point(run_dir)
-    known = TrainConfig.fields()
+    known = config_cls.fields()
     base = {k: v for k, v in (point.stored_config or {}).items() if k in known}
     corpus = base.get("corpus") or []
     if not isinstance(corpus, list) or not all(Path(str(c)).exists() for c in corpus):
         # Only used to prepare missing data; the loader's fingerprint catches other data.
         base.pop("corpus", None)
-    config = TrainConfig.resolve(file, base=base, **{**overrides, "run_dir": str(run_dir)})
+    config = config_cls.resolve(file, base=base, **{**overrides, "run_dir": str(run_dir)})
     return config, point
 
 

@@ -110,7 +110,9 @@ fn run(quick: bool) -> String {
         let (per_s, bytes_per_s) = measure(budget, || {
             let b = loader.next_batch().expect("a batch");
             std::hint::black_box(&b);
-            let bytes = (b.inputs.len() + b.targets.len() + b.positions.len()) as u64 * 8;
+            let bytes = (b.inputs.len() + b.targets.len() + b.positions.len() + b.loss_mask.len())
+                as u64
+                * 8;
             loader.recycle(b); // as the Python binding does when the arrays are freed
             bytes
         });

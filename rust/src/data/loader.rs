@@ -36,6 +36,9 @@ pub struct Batch {
     pub targets: Vec<i64>,
     /// Position of each input token within its document (0 at every document start).
     pub positions: Vec<i64>,
+    /// 1 where the target is a training target, 0 where the loss must skip it; empty when no
+    /// shard of the stream carries a mask (every target counts: the caller supplies ones).
+    pub loss_mask: Vec<i64>,
     pub epoch: u64,
     pub step: u64,
 }
@@ -55,6 +58,8 @@ fn produce(
     let mut inputs = pool.take(n);
     let mut targets = pool.take(n);
     let mut positions = pool.take(n);
+    let masked = stream.has_loss_mask();
+    let mut loss_mask = if masked { pool.take(n) } else { Vec::new() };
     for sample in samples {
         stream.extend_sample(
             sample,
@@ -62,12 +67,14 @@ fn produce(
             &mut inputs,
             &mut targets,
             &mut positions,
+            masked.then_some(&mut loss_mask),
         );
     }
     Batch {
         inputs,
         targets,
         positions,
+        loss_mask,
         epoch,
         step,
     }
@@ -121,10 +128,11 @@ impl TokenLoader {
         }
         // Enough spare batches for the queue, those in flight and a few the caller holds, but no
         // more than POOL_BYTES of them.
-        let batch_bytes = 3 * 8 * config.batch_size * config.seq_len;
+        let arrays = if stream.has_loss_mask() { 4 } else { 3 };
+        let batch_bytes = arrays * 8 * config.batch_size * config.seq_len;
         let keep =
             (config.prefetch + config.threads + 4).min((POOL_BYTES / batch_bytes).max(1) as usize);
-        let pool = Arc::new(BufferPool::new(3 * keep));
+        let pool = Arc::new(BufferPool::new(arrays as usize * keep));
         let prefetcher = {
             let (stream, pool) = (Arc::clone(&stream), Arc::clone(&pool));
             let seq_len = config.seq_len;
@@ -161,7 +169,15 @@ impl TokenLoader {
 
     /// Return a batch's buffers to the pool.
     pub fn recycle(&self, batch: Batch) {
-        for buffer in [batch.inputs, batch.targets, batch.positions] {
+        for buffer in [
+            batch.inputs,
+            batch.targets,
+            batch.positions,
+            batch.loss_mask,
+        ] {
+            if buffer.capacity() == 0 {
+                continue; // the empty mask of an unmasked stream
+            }
             self.pool.give(buffer);
         }
     }
@@ -292,6 +308,26 @@ mod tests {
         restored.load_state(&saved).unwrap();
         let got: Vec<Batch> = (0..5).map(|_| restored.next_batch().unwrap()).collect();
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn batches_carry_the_targets_mask_only_for_masked_streams() {
+        use super::super::format::tests::write_masked_shard;
+        let dir = TempDir::new("loadermask");
+        let plain = TokenLoader::open(&dataset(&dir), config(5, 0, 1), true).unwrap();
+        assert!(plain.next_batch().unwrap().loss_mask.is_empty());
+        // Token i has id i % 97 and mask (i % 3 == 0): the mask of target id y is (y % 3 == 0)
+        // as long as ids do not wrap (97 tokens).
+        let path = dir.0.join("m.k2tok");
+        let ids: Vec<u32> = (0..97).collect();
+        let mask: Vec<u8> = (0..97).map(|i| (i % 3 == 0) as u8).collect();
+        write_masked_shard(&path, 97, &[(ids, mask)]);
+        let masked = TokenLoader::open(&[path], config(4, 0, 1), true).unwrap();
+        let batch = masked.next_batch().unwrap();
+        assert_eq!(batch.loss_mask.len(), batch.targets.len());
+        for (y, m) in batch.targets.iter().zip(&batch.loss_mask) {
+            assert_eq!(*m, (y % 3 == 0) as i64, "target {y}");
+        }
     }
 
     #[test]

@@ -128,7 +128,28 @@ impl TokenStream {
         }
     }
 
-    /// Append one sample's inputs, targets and position ids (`seq_len` values each).
+    /// Whether any shard carries a loss mask.
+    pub fn has_loss_mask(&self) -> bool {
+        self.shards.iter().any(Shard::has_loss_mask)
+    }
+
+    /// Append the loss mask of stream tokens `[start, start + count)` to `out` (ones where a
+    /// shard has no mask).
+    pub fn extend_mask(&self, start: u64, count: usize, out: &mut Vec<i64>) {
+        let end = start + count as u64;
+        let mut at = start;
+        let mut k = self.shard_starts.partition_point(|&s| s <= at) - 1;
+        while at < end {
+            let n = self.shard_starts[k + 1].min(end) - at;
+            self.shards[k].extend_mask(at - self.shard_starts[k], n as usize, out);
+            at += n;
+            k += 1;
+        }
+    }
+
+    /// Append one sample's inputs, targets, position ids and, if asked, loss mask (`seq_len`
+    /// values each). The mask is the targets' mask: 1 where the target token is a training
+    /// target.
     pub fn extend_sample(
         &self,
         sample: u64,
@@ -136,6 +157,7 @@ impl TokenStream {
         inputs: &mut Vec<i64>,
         targets: &mut Vec<i64>,
         positions: &mut Vec<i64>,
+        loss_mask: Option<&mut Vec<i64>>,
     ) {
         let start = sample * seq_len as u64;
         assert!(
@@ -145,6 +167,9 @@ impl TokenStream {
         self.extend_tokens(start, seq_len, inputs);
         self.extend_tokens(start + 1, seq_len, targets);
         self.extend_positions(start, seq_len, positions);
+        if let Some(mask) = loss_mask {
+            self.extend_mask(start + 1, seq_len, mask);
+        }
     }
 }
 
@@ -169,8 +194,9 @@ mod tests {
         assert_eq!(s.token_count(), 10);
         assert_eq!(s.num_samples(3), 3); // (10 - 1) / 3
         let sample = |i| {
-            let (mut x, mut y, mut p) = (Vec::new(), Vec::new(), Vec::new());
-            s.extend_sample(i, 3, &mut x, &mut y, &mut p);
+            let (mut x, mut y, mut p, mut m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            s.extend_sample(i, 3, &mut x, &mut y, &mut p, Some(&mut m));
+            assert_eq!(m, vec![1; 3], "shards without a mask read as all ones");
             (x, y, p)
         };
         assert_eq!(
@@ -190,6 +216,32 @@ mod tests {
                 "from {start}"
             );
         }
+    }
+
+    #[test]
+    fn the_mask_follows_the_targets_across_masked_and_plain_shards() {
+        use super::super::format::tests::write_masked_shard;
+        let dir = TempDir::new("streammask");
+        let a = dir.0.join("a.k2tok");
+        let b = dir.0.join("b.k2tok");
+        write_masked_shard(
+            &a,
+            32,
+            &[
+                (vec![10, 11, 12], vec![0, 1, 0]),
+                (vec![13, 14], vec![1, 1]),
+            ],
+        );
+        write_shard(&b, 32, &[vec![15, 16]]);
+        let s = TokenStream::open(&[a, b], true).unwrap();
+        assert!(s.has_loss_mask());
+        let (mut x, mut y, mut p, mut m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        s.extend_sample(1, 3, &mut x, &mut y, &mut p, Some(&mut m));
+        // inputs 13 14 15, targets 14 15 16: the masks of stream tokens 4, 5, 6.
+        assert_eq!((y, m), (vec![14, 15, 16], vec![1, 1, 1]));
+        let (mut x, mut y, mut p, mut m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        s.extend_sample(0, 3, &mut x, &mut y, &mut p, Some(&mut m));
+        assert_eq!((y, m), (vec![11, 12, 13], vec![1, 0, 1]));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::closable::Closable;
+use super::record::record;
 use super::errors::{CheckpointError, K2IOError};
 use super::runtime::detached;
 use crate::checkpoint::format::{dtype_name, parse_dtype};
@@ -83,12 +84,34 @@ impl Borrowed {
 unsafe impl Send for Borrowed {}
 unsafe impl Sync for Borrowed {}
 
-fn events_to_py(events: Vec<Event>) -> Vec<(String, String, Option<String>)> {
+record! {
+    /// One recorded file-system operation of a commit: ``op`` is one of ``write``, ``fsync``,
+    /// ``rename``, ``dir_fsync``, ``remove``; ``target`` is the new path of a rename.
+    "FsEvent" PyFsEvent {
+        op: String,
+        path: String,
+        target: Option<String>,
+    }
+}
+
+record! {
+    /// One stored tensor: its name, dtype name (safetensors', e.g. ``"BF16"``), shape and the
+    /// shard file that holds it.
+    "StoredTensor" PyStoredTensor {
+        name: String,
+        dtype: String,
+        shape: Vec<usize>,
+        file: String,
+    }
+}
+
+fn events_to_py(events: Vec<Event>) -> Vec<PyFsEvent> {
     events
         .into_iter()
-        .map(|e| {
-            let to = e.to.map(|p| p.display().to_string());
-            (e.op.name().to_string(), e.path.display().to_string(), to)
+        .map(|e| PyFsEvent {
+            op: e.op.name().to_string(),
+            path: e.path.display().to_string(),
+            target: e.to.map(|p| p.display().to_string()),
         })
         .collect()
 }
@@ -218,15 +241,14 @@ impl PyCheckpointWriter {
     ///     keep_last: with `publish_latest`, keep only this many newest checkpoints.
     ///
     /// Returns:
-    ///     The recorded file-system operations, in order: `(op, path, rename_target)` with op
-    ///     one of write, fsync, rename, dir_fsync, remove.
+    ///     The recorded file-system operations, in order, as `FsEvent`s.
     #[pyo3(signature = (*, publish_latest, keep_last = None))]
     fn commit(
         &self,
         py: Python<'_>,
         publish_latest: bool,
         keep_last: Option<usize>,
-    ) -> PyResult<Vec<(String, String, Option<String>)>> {
+    ) -> PyResult<Vec<PyFsEvent>> {
         let writer = self.inner.take()?;
         let publish = if publish_latest {
             Publish::Latest { keep_last }
@@ -277,18 +299,16 @@ impl PyCheckpointReader {
         self.inner.bytes_read()
     }
 
-    /// Every tensor as `(name, dtype, shape, file_name)`, in file order.
-    fn tensors(&self) -> Vec<(String, String, Vec<usize>, String)> {
+    /// Every tensor as a `StoredTensor`, in file order.
+    fn tensors(&self) -> Vec<PyStoredTensor> {
         self.inner
             .tensors()
             .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    dtype_name(t.dtype),
-                    t.shape.clone(),
-                    self.inner.file_name(t.file).to_string(),
-                )
+            .map(|t| PyStoredTensor {
+                name: t.name.clone(),
+                dtype: dtype_name(t.dtype),
+                shape: t.shape.clone(),
+                file: self.inner.file_name(t.file).to_string(),
             })
             .collect()
     }
@@ -396,6 +416,8 @@ fn list_checkpoints(root: PathBuf) -> PyResult<Vec<String>> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCheckpointWriter>()?;
     m.add_class::<PyCheckpointReader>()?;
+    m.add_class::<PyFsEvent>()?;
+    m.add_class::<PyStoredTensor>()?;
     m.add_function(wrap_pyfunction!(plan_shards, m)?)?;
     m.add_function(wrap_pyfunction!(shard_file_name, m)?)?;
     m.add_function(wrap_pyfunction!(read_latest, m)?)?;

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use numpy::ndarray::ArrayView2;
-use numpy::{PyArray2, PyReadonlyArray1};
+use numpy::{PyArray2, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::import_exception;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyDict;
 
 use super::closable::Closable;
 use super::errors::{K2Error, K2IOError};
@@ -46,8 +46,9 @@ fn data_error(message: String) -> PyErr {
 #[pymethods]
 impl PyShardWriter {
     #[new]
-    fn new(path: PathBuf, vocab_size: u32) -> PyResult<Self> {
-        let writer = data::ShardWriter::create(&path, vocab_size)?;
+    #[pyo3(signature = (path, vocab_size, loss_mask=false))]
+    fn new(path: PathBuf, vocab_size: u32, loss_mask: bool) -> PyResult<Self> {
+        let writer = data::ShardWriter::create_with(&path, vocab_size, loss_mask)?;
         let what = format!("the shard writer of {}", path.display());
         Ok(Self {
             path,
@@ -56,15 +57,32 @@ impl PyShardWriter {
     }
 
     /// Append documents: `tokens` (uint32) holds them back to back, `lengths` (int64) gives
-    /// each one's token count. The write runs without the GIL.
+    /// each one's token count, and `loss_mask` (uint8, one 0/1 per token) is required exactly
+    /// when the writer was created with `loss_mask=True`. The write runs without the GIL.
+    #[pyo3(signature = (tokens, lengths, loss_mask=None))]
     fn add_documents(
         &self,
         py: Python<'_>,
         tokens: PyReadonlyArray1<'_, u32>,
         lengths: PyReadonlyArray1<'_, i64>,
+        loss_mask: Option<PyReadonlyArray1<'_, u8>>,
     ) -> PyResult<()> {
         let tokens = tokens.as_slice()?;
         let lengths = lengths.as_slice()?;
+        let mask = match &loss_mask {
+            Some(m) => Some(m.as_slice()?),
+            None => None,
+        };
+        if let Some(m) = mask {
+            if m.len() != tokens.len() {
+                return Err(DataError::new_err(format!(
+                    "{}: {} loss-mask values for {} tokens",
+                    self.path.display(),
+                    m.len(),
+                    tokens.len()
+                )));
+            }
+        }
         let total: i64 = lengths.iter().sum();
         if lengths.iter().any(|&n| n < 0) || total != tokens.len() as i64 {
             return Err(DataError::new_err(format!(
@@ -77,8 +95,14 @@ impl PyShardWriter {
             self.writer.with(|writer| {
                 let mut start = 0;
                 for &n in lengths {
-                    writer.add_document(&tokens[start..start + n as usize])?;
-                    start += n as usize;
+                    let end = start + n as usize;
+                    match mask {
+                        Some(m) => {
+                            writer.add_masked_document(&tokens[start..end], &m[start..end])?
+                        }
+                        None => writer.add_document(&tokens[start..end])?,
+                    }
+                    start = end;
                 }
                 Ok::<_, data::DataError>(())
             })
@@ -98,7 +122,7 @@ impl PyShardWriter {
 }
 
 /// Read a shard's header and verify it fully; returns
-/// `{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum"}`.
+/// `{"version", "vocab_size", "token_bytes", "tokens", "documents", "checksum", "loss_mask"}`.
 #[pyfunction]
 fn inspect_shard<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let header = detached(py, "inspect_shard", |_| {
@@ -111,6 +135,7 @@ fn inspect_shard<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyD
     out.set_item("tokens", header.token_count)?;
     out.set_item("documents", header.doc_count)?;
     out.set_item("checksum", header.checksum)?;
+    out.set_item("loss_mask", header.has_loss_mask())?;
     Ok(out)
 }
 
@@ -135,6 +160,39 @@ impl Drop for PyBatchBuffer {
 }
 
 /// A `[rows, cols]` int64 numpy array over `data`, without copying; the array owns the buffer.
+/// One batch from `TokenLoader.next_batch()`: `inputs`, `targets` and `positions` as int64
+/// `[batch_size, seq_len]` arrays, the `epoch` and `step` it belongs to, and `loss_mask` (the
+/// targets' 0/1 mask, 1 = train on it), None when no shard carries a mask.
+#[pyclass(frozen, module = "k2._native", name = "TokenBatch")]
+pub struct PyTokenBatch {
+    #[pyo3(get)]
+    inputs: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    targets: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    positions: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    epoch: u64,
+    #[pyo3(get)]
+    step: u64,
+    #[pyo3(get)]
+    loss_mask: Option<Py<PyArray2<i64>>>,
+}
+
+#[pymethods]
+impl PyTokenBatch {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let shape = self.inputs.bind(py).shape().to_vec();
+        format!(
+            "TokenBatch(epoch={}, step={}, shape={:?}, loss_mask={})",
+            self.epoch,
+            self.step,
+            shape,
+            if self.loss_mask.is_some() { "array" } else { "None" }
+        )
+    }
+}
+
 fn to_numpy<'py>(
     py: Python<'py>,
     rows: usize,
@@ -215,6 +273,12 @@ impl PyTokenLoader {
         self.inner.plan().num_samples
     }
 
+    /// Whether any shard carries a loss mask (else every mask is all ones).
+    #[getter]
+    fn has_loss_mask(&self) -> bool {
+        self.inner.stream().has_loss_mask()
+    }
+
     /// Tokens in the stream.
     #[getter]
     fn token_count(&self) -> u64 {
@@ -232,9 +296,9 @@ impl PyTokenLoader {
         self.inner.buffered()
     }
 
-    /// The next batch as `(inputs, targets, positions, epoch, step)`; the arrays are fresh
-    /// int64 `[batch_size, seq_len]` arrays. Waits without the GIL; Ctrl-C interrupts the wait.
-    fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+    /// The next batch as a `TokenBatch`; its arrays are fresh int64 `[batch_size, seq_len]`
+    /// arrays. Waits without the GIL; Ctrl-C interrupts the wait.
+    fn next_batch(&self, py: Python<'_>) -> PyResult<PyTokenBatch> {
         let batch: Batch = loop {
             match py.detach(|| self.inner.next_within(SIGNAL_POLL)) {
                 Some(Ok(batch)) => break batch,
@@ -250,14 +314,19 @@ impl PyTokenLoader {
         let config = self.inner.config();
         let (rows, cols) = (config.batch_size as usize, config.seq_len as usize);
         let pool = self.inner.pool();
-        (
-            to_numpy(py, rows, cols, batch.inputs, pool)?,
-            to_numpy(py, rows, cols, batch.targets, pool)?,
-            to_numpy(py, rows, cols, batch.positions, pool)?,
-            batch.epoch,
-            batch.step,
-        )
-            .into_pyobject(py)
+        let loss_mask = if self.inner.stream().has_loss_mask() {
+            Some(to_numpy(py, rows, cols, batch.loss_mask, pool)?.unbind())
+        } else {
+            None
+        };
+        Ok(PyTokenBatch {
+            inputs: to_numpy(py, rows, cols, batch.inputs, pool)?.unbind(),
+            targets: to_numpy(py, rows, cols, batch.targets, pool)?.unbind(),
+            positions: to_numpy(py, rows, cols, batch.positions, pool)?.unbind(),
+            epoch: batch.epoch,
+            step: batch.step,
+            loss_mask,
+        })
     }
 
     /// The position of the next batch (read-ahead batches do not count) and the facts that a
@@ -309,6 +378,7 @@ impl PyTokenLoader {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyShardWriter>()?;
     m.add_class::<PyTokenLoader>()?;
+    m.add_class::<PyTokenBatch>()?;
     m.add_class::<PyBatchBuffer>()?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     Ok(())

@@ -1,0 +1,71 @@
+"""``k2 sft``: fine-tune a K2 model on chat data, with the loss on the assistant's tokens only.
+
+``k2 sft --init RUN_OR_CHECKPOINT --data FILE.jsonl [DIR ...]`` starts from a ``k2 train`` run
+(its newest checkpoint) or a checkpoint directory, prepares the OpenAI-format chat JSONL once
+into loss-masked token shards under the run directory, and trains with MuonClip on a WSD
+schedule in a run directory like ``k2 train``'s (config, metrics, plots, checkpoints, --resume,
+Ctrl-C). docs/sft.md describes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from k2.errors import ConfigError
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2.train.resume import resume_config
+    from k2.train.sft import SFT_FLAGS, SFTConfig, SFTTrainer
+
+    overrides = {name: getattr(args, name) for name in SFT_FLAGS}
+    if args.allow_changes and not args.resume:
+        raise ConfigError("--allow-changes only applies with --resume")
+    point = None
+    if args.resume:  # the checkpoint's settings, then --config, then the flags
+        config, point = resume_config(args.config, overrides, config_cls=SFTConfig)
+    else:
+        config = SFTConfig.resolve(args.config, **overrides)
+    result = SFTTrainer(config, resume=args.resume, progress=not args.no_progress,
+                        resume_point=point, allow_changes=args.allow_changes).run()
+    return 130 if result.interrupted else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from k2.train.sft import SFT_FLAGS, SFT_HELP, SFTConfig
+
+    parser = subparsers.add_parser(
+        "sft",
+        help="fine-tune a model on chat JSONL (loss on assistant tokens only)",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1]
+        + "\n\nSettings come from the defaults, then --config FILE.toml, then the flags. Lines "
+        "that cannot be trained on (unknown roles, dangling tool_call_ids, invalid JSON "
+        "arguments, conversations longer than --seq-len, ...) are skipped and counted, with their "
+        "first line numbers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="a TOML file of settings")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its newest complete, verified "
+                        "checkpoint, with the settings stored there")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue even though training settings differ")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
+    for name in SFT_FLAGS:
+        f = fields[name]
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = SFT_HELP[name] + (f" (default: {default!r})" if default not in ([], "") else "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.type in ("list[str]",):
+            parser.add_argument(flag, dest=name, nargs="+", default=None, metavar="PATH",
+                                help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, dest=name, type=kind, default=None,
+                                metavar=name.upper(), help=help_text)
+    parser.set_defaults(handler=run)
