@@ -99,7 +99,9 @@ def test_timeout_kills_and_reports() -> None:
 def test_cpu_limit_is_a_timeout() -> None:
     r = run("while True: pass", timeout_s=20, cpu_s=1)
     assert r.status == "timeout" and r.signal == signal.SIGXCPU
-    assert 0.9 <= r.cpu_s < 3 and r.wall_s < 15
+    # The kernel sends SIGXCPU from its own CPU-time sampling; on a loaded VM the rusage reading
+    # has come out at 0.88 s for a 1 s limit, so the lower bound only checks it was measured.
+    assert 0.5 <= r.cpu_s < 3 and r.wall_s < 15
 
 
 def test_output_cap_truncates_and_marks() -> None:

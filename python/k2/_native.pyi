@@ -19,6 +19,7 @@ __all__ = [
     "xxh3_64_file",
     "ShardWriter",
     "TokenLoader",
+    "TokenBatch",
     "BatchBuffer",
     "inspect_shard",
     "copy_ranges",
@@ -113,6 +114,25 @@ class BatchBuffer:
     pool, returned to the pool when the last array using it is freed. Not created from Python."""
 
 @final
+class TokenBatch:
+    """One batch of ``TokenLoader.next_batch()``: int64 ``[batch_size, seq_len]`` arrays, the
+    ``epoch`` and ``step`` it belongs to, and the targets' 0/1 ``loss_mask`` (None when no shard
+    carries a mask)."""
+
+    @property
+    def inputs(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def targets(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def positions(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def loss_mask(self) -> npt.NDArray[np.int64] | None: ...
+
+@final
 class TokenLoader:
     """The native loader behind ``k2.data.TokenLoader`` (use that one)."""
 
@@ -141,14 +161,8 @@ class TokenLoader:
     @property
     def buffered(self) -> int:
         """Batches produced ahead and waiting."""
-    def next_batch(
-        self,
-    ) -> tuple[
-        npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], int, int,
-        npt.NDArray[np.int64] | None,
-    ]:
-        """``(inputs, targets, positions, epoch, step, loss_mask)``; waits without the GIL.
-        ``loss_mask`` is None when no shard carries a mask."""
+    def next_batch(self) -> TokenBatch:
+        """The next batch; waits without the GIL."""
     def state(self) -> dict[str, int]:
         """``{"epoch", "step", "seed", "seq_len", "global_batch", "num_samples", "fingerprint"}``."""
     def load_state(self, state: dict[str, int]) -> None:

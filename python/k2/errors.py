@@ -58,6 +58,11 @@ class SynthError(AgenticError):
     """Agentic data synthesis (``k2 synth``) could not make what was asked; the message says why."""
 
 
+class RLError(K2Error, ValueError):
+    """A rollout request or an RL objective's input is invalid; the message names the request
+    index (or tensor) and the field at fault."""
+
+
 __all__ = [
     "K2Error",
     "K2IOError",
@@ -72,6 +77,7 @@ __all__ = [
     "AgenticError",
     "TaskError",
     "SynthError",
+    "RLError",
 ]
 
 

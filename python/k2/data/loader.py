@@ -228,13 +228,14 @@ class TokenLoader:
 
     def next_batch(self) -> Batch:
         """The next batch, rolling over into the next epoch after the last step."""
-        inputs, targets, positions, epoch, step, mask = self._native.next_batch()
+        native = self._native.next_batch()
+        mask = native.loss_mask
         if mask is None:  # no shard has a mask: every target counts
             if self._ones is None:
                 self._ones = np.ones((self.batch_size, self.seq_len), np.int64)
                 self._ones.setflags(write=False)
             mask = self._ones
-        return Batch(inputs, targets, positions, epoch, step, mask)
+        return Batch(native.inputs, native.targets, native.positions, native.epoch, native.step, mask)
 
     def __iter__(self) -> Iterator[Batch]:
         state = self._native.state()

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use numpy::ndarray::ArrayView2;
-use numpy::{PyArray2, PyReadonlyArray1};
+use numpy::{PyArray2, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::import_exception;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyDict;
 
 use super::closable::Closable;
 use super::errors::{K2Error, K2IOError};
@@ -160,6 +160,39 @@ impl Drop for PyBatchBuffer {
 }
 
 /// A `[rows, cols]` int64 numpy array over `data`, without copying; the array owns the buffer.
+/// One batch from `TokenLoader.next_batch()`: `inputs`, `targets` and `positions` as int64
+/// `[batch_size, seq_len]` arrays, the `epoch` and `step` it belongs to, and `loss_mask` (the
+/// targets' 0/1 mask, 1 = train on it), None when no shard carries a mask.
+#[pyclass(frozen, module = "k2._native", name = "TokenBatch")]
+pub struct PyTokenBatch {
+    #[pyo3(get)]
+    inputs: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    targets: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    positions: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    epoch: u64,
+    #[pyo3(get)]
+    step: u64,
+    #[pyo3(get)]
+    loss_mask: Option<Py<PyArray2<i64>>>,
+}
+
+#[pymethods]
+impl PyTokenBatch {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let shape = self.inputs.bind(py).shape().to_vec();
+        format!(
+            "TokenBatch(epoch={}, step={}, shape={:?}, loss_mask={})",
+            self.epoch,
+            self.step,
+            shape,
+            if self.loss_mask.is_some() { "array" } else { "None" }
+        )
+    }
+}
+
 fn to_numpy<'py>(
     py: Python<'py>,
     rows: usize,
@@ -263,10 +296,9 @@ impl PyTokenLoader {
         self.inner.buffered()
     }
 
-    /// The next batch as `(inputs, targets, positions, epoch, step, loss_mask)`; the arrays
-    /// are fresh int64 `[batch_size, seq_len]` arrays (the mask is the targets': 1 = train on
-    /// it), and `loss_mask` is None when no shard carries a mask. Waits without the GIL; Ctrl-C interrupts the wait.
-    fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+    /// The next batch as a `TokenBatch`; its arrays are fresh int64 `[batch_size, seq_len]`
+    /// arrays. Waits without the GIL; Ctrl-C interrupts the wait.
+    fn next_batch(&self, py: Python<'_>) -> PyResult<PyTokenBatch> {
         let batch: Batch = loop {
             match py.detach(|| self.inner.next_within(SIGNAL_POLL)) {
                 Some(Ok(batch)) => break batch,
@@ -282,19 +314,19 @@ impl PyTokenLoader {
         let config = self.inner.config();
         let (rows, cols) = (config.batch_size as usize, config.seq_len as usize);
         let pool = self.inner.pool();
-        (
-            to_numpy(py, rows, cols, batch.inputs, pool)?,
-            to_numpy(py, rows, cols, batch.targets, pool)?,
-            to_numpy(py, rows, cols, batch.positions, pool)?,
-            batch.epoch,
-            batch.step,
-            if self.inner.stream().has_loss_mask() {
-                Some(to_numpy(py, rows, cols, batch.loss_mask, pool)?)
-            } else {
-                None
-            },
-        )
-            .into_pyobject(py)
+        let loss_mask = if self.inner.stream().has_loss_mask() {
+            Some(to_numpy(py, rows, cols, batch.loss_mask, pool)?.unbind())
+        } else {
+            None
+        };
+        Ok(PyTokenBatch {
+            inputs: to_numpy(py, rows, cols, batch.inputs, pool)?.unbind(),
+            targets: to_numpy(py, rows, cols, batch.targets, pool)?.unbind(),
+            positions: to_numpy(py, rows, cols, batch.positions, pool)?.unbind(),
+            epoch: batch.epoch,
+            step: batch.step,
+            loss_mask,
+        })
     }
 
     /// The position of the next batch (read-ahead batches do not count) and the facts that a
@@ -346,6 +378,7 @@ impl PyTokenLoader {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyShardWriter>()?;
     m.add_class::<PyTokenLoader>()?;
+    m.add_class::<PyTokenBatch>()?;
     m.add_class::<PyBatchBuffer>()?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     Ok(())
