@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from k2.errors import RLError
-from k2.model.generate import left_pad
+from k2.model.generate import TokenConstraint, apply_constraints, left_pad
 from k2.model.mla import KVCache
 from k2.rl.sampling import request_seed, request_uniforms, sample_tokens
 from k2.rl.slots import SlotCache
@@ -55,6 +55,13 @@ class Request:
         prefix: a paused :class:`Completion` of this same request (from a call stopped by
             ``max_steps``): generation resumes after its tokens, which are kept with their
             log-probabilities and versions, on the same random stream (a partial rollout).
+        constraint: restricts which tokens may be sampled (e.g. schema-constrained tool calls,
+            :class:`k2.agentic.constrain.ToolCallConstraint`; docs/constrained-decoding.md):
+            before each token its ``allowed_mask(vocab)`` removes the others from the logits,
+            after it ``advance(token)`` is told the token. The reported log-probabilities are
+            then those of the constrained distribution. A resumed request needs a constraint
+            that has seen the prefix's tokens (the same object, or one made from the prompt and
+            the prefix's tokens).
     """
 
     prompt_ids: Sequence[int]
@@ -64,6 +71,7 @@ class Request:
     stop_ids: Sequence[int] = ()
     seed: int | None = None
     prefix: Completion | None = None
+    constraint: TokenConstraint | None = None
 
 
 @dataclass
@@ -148,6 +156,8 @@ class _Running:
         c.token_ids.append(token)
         c.logprobs.append(logprob)
         c.versions.append(version)
+        if self.request.constraint is not None:
+            self.request.constraint.advance(token)
         if token in self.stops:
             c.finish_reason = "stop"
         elif len(c.token_ids) >= self.budget:
@@ -231,6 +241,10 @@ class RolloutEngine:
                 raise bad("prefix", f"holds {tokens} tokens, not fewer than max_new_tokens={budget}")
             if any(int(t) in set(request.stop_ids) for t in prefix.token_ids):
                 raise bad("prefix", "holds a stop token")
+        constraint = request.constraint
+        if constraint is not None and not (callable(getattr(constraint, "allowed_mask", None))
+                                           and callable(getattr(constraint, "advance", None))):
+            raise bad("constraint", f"must have allowed_mask(vocab) and advance(token), got {type(constraint).__name__}")
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -358,4 +372,6 @@ class RolloutEngine:
         top_p = torch.tensor([float(s.request.top_p) for s in sequences], dtype=torch.float64)
         uniforms = torch.stack([s.uniforms[len(s.completion.token_ids)] for s in sequences])
         device = logits.device
+        if any(s.request.constraint is not None for s in sequences):
+            logits = apply_constraints(logits, [s.request.constraint for s in sequences])
         return sample_tokens(logits, temperature.to(device), top_p.to(device), uniforms.to(device))
