@@ -114,3 +114,16 @@ def test_engine_policy_constrains_by_default(setup):
     long = [{"role": "user", "content": "word " * 600}]
     with pytest.raises(RLError, match="no room left"):
         policy.request(long, tools)
+
+
+def test_pausing_and_resuming_a_constrained_request_with_its_constraint(setup):
+    model, tokenizer, constrainer = setup
+    fresh = requests(tokenizer, constrainer, 1.0, count=2, budget=40)
+    whole = RolloutEngine(model, max_batch=2).generate([r for r, _ in fresh], seed=1)
+    paused_reqs = requests(tokenizer, constrainer, 1.0, count=2, budget=40)
+    engine = RolloutEngine(model, max_batch=2)
+    paused = engine.generate([r for r, _ in paused_reqs], seed=1, max_steps=7)
+    assert all(c.finish_reason is None for c in paused)
+    resumed = engine.generate([Request(r.prompt_ids, r.max_new_tokens, r.temperature, stop_ids=r.stop_ids, seed=r.seed,
+                                       prefix=c, constraint=r.constraint) for (r, _), c in zip(paused_reqs, paused)])
+    assert [c.token_ids for c in resumed] == [c.token_ids for c in whole]
