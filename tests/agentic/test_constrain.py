@@ -194,3 +194,45 @@ def test_bad_input_is_named(tokenizer):
         constrainer.row(None, tokenizer.encode(OPEN + SECTION).ids)
     with pytest.raises(AgenticError, match="unique"):
         constrainer.row(tools + tools, [1])
+
+
+def test_every_valid_gold_call_of_a_synthesis_run_passes_the_masks(tokenizer, tmp_path):
+    """The constraint never rejects what the training data write: every schema-valid gold call of
+    a small `k2 synth` run (real evolved tool variants: patterns, enums, ranges, optional
+    parameters; the dialog's call counter) is allowed token by token, and closes the call."""
+    from k2.agentic.evaluate import SchemaChecker, next_call_items
+    from k2.agentic.synth import SynthOptions, synthesize
+
+    synthesize(SynthOptions(n=30, seed=1, validation=0.3), tmp_path)
+    constrainer, checker = ToolCallConstrainer(tokenizer), SchemaChecker()
+    vocab = tokenizer.get_vocab_size()
+    checked = 0
+    for split in ("train", "validation"):
+        for line in (tmp_path / f"{split}.jsonl").read_text().splitlines():
+            for item in next_call_items(json.loads(line)):
+                if not checker.valid(item.gold, item.tools):
+                    continue  # a planted mistake (corrected in the next turn)
+                ids = tokenizer.encode(item.prompt).ids
+                row = constrainer.row(item.tools, ids)
+                rest = (f"functions.{item.gold.name}:{row.counter - 1}<|tool_call_argument_begin|>"
+                        f"{item.gold.raw_arguments}<|tool_call_end|>")
+                for token in tokenizer.encode(rest).ids:
+                    assert row.allowed_mask(vocab)[token], (rest, tokenizer.decode([token]))
+                    row.advance(token)
+                assert row.state == "between" and row.calls == 1
+                checked += 1
+    assert checked >= 40
+
+
+@pytest.mark.slow
+def test_every_evolved_tool_variant_compiles(tokenizer):
+    """Each of the synthesis pool's 2,760 tool specs gets a call grammar."""
+    from k2.agentic import domains
+    from k2.agentic.synth import VariantPool
+
+    pool = VariantPool(domains(), seed=0)
+    constrainer = ToolCallConstrainer(tokenizer)
+    specs = [v.spec for v in pool.variants.values()]
+    assert len(specs) >= 2000
+    for spec in specs:
+        constrainer.grammar([spec]).matcher(0)
