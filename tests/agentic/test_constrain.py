@@ -236,3 +236,16 @@ def test_every_evolved_tool_variant_compiles(tokenizer):
     assert len(specs) >= 2000
     for spec in specs:
         constrainer.grammar([spec]).matcher(0)
+
+
+def test_grammar_cache_is_bounded(tokenizer, monkeypatch):
+    import k2.agentic.constrain as constrain
+
+    monkeypatch.setattr(constrain, "MAX_TOOL_SETS", 2)
+    constrainer = ToolCallConstrainer(tokenizer)
+    a, b, c = (random_tools(random.Random(i), 1, f"c{i}") for i in range(3))
+    ga = constrainer.grammar(a)
+    constrainer.grammar(b)
+    assert constrainer.grammar(a) is ga  # a is now the most recent
+    constrainer.grammar(c)  # drops b
+    assert constrainer.grammar(a) is ga and len(constrainer._grammars) == 2

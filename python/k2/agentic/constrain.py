@@ -40,6 +40,8 @@ JSON_OPTIONS = {
     "json_allow_general_unicode_escapes": True,  # json.dumps writes non-ASCII as \uXXXX
 }
 """How argument JSON is written: compact, with the separators of ``json.dumps``' defaults."""
+MAX_TOOL_SETS = 512
+"""Tool sets whose compiled grammars a :class:`ToolCallConstrainer` keeps."""
 
 
 def _llguidance():
@@ -120,10 +122,16 @@ class ToolCallConstrainer:
         self._bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)  # bit i of a byte
 
     def grammar(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallGrammar:
+        """The (cached) call grammar of a tool set; the least recently used of more than
+        :data:`MAX_TOOL_SETS` tool sets are dropped."""
         key = json.dumps(list(tools), sort_keys=True)
-        if key not in self._grammars:
-            self._grammars[key] = ToolCallGrammar(tools, self.ll_tokenizer)
-        return self._grammars[key]
+        grammar = self._grammars.pop(key, None)
+        if grammar is None:
+            grammar = ToolCallGrammar(tools, self.ll_tokenizer)
+            if len(self._grammars) >= MAX_TOOL_SETS:
+                del self._grammars[next(iter(self._grammars))]
+        self._grammars[key] = grammar  # most recently used last
+        return grammar
 
     def row(self, tools: Sequence[Mapping[str, Any]] | None, prompt_ids: Sequence[int] = ()) -> ToolCallConstraint:
         """The constraint of one row whose prompt is ``prompt_ids`` (the state and the next call
