@@ -291,9 +291,12 @@ class AgenticEvaluator:
         stops = [self.ids[IM_END], self.ids[EOD]]
         finished = 0
         while live:
-            ready = [e for e in live if budget - len(e[2]) >= 8]
-            for entry in [e for e in live if e not in ready]:
-                self._end_episode(tally, entry[0], entry[1], None)
+            ready = []
+            for record, env, ids in live:
+                if budget - len(ids) >= 8:
+                    ready.append((record, env, ids))
+                else:  # out of tokens: the episode fails
+                    self._end_episode(tally, record, env, None)
             live = ready
             size = self.options.batch_size
             survivors = []
