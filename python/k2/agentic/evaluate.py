@@ -220,6 +220,10 @@ class AgenticEvaluator:
         self._constrainer: Any = None
         self.max_positions = model.config.max_position_embeddings
         self.ids = {t: tokenizer.token_to_id(t) for t in (CALL_END, IM_END, EOD)}
+        from k2.rl.rollout import RolloutEngine
+
+        pad = tokenizer.token_to_id("<|pad|>")
+        self.engine = RolloutEngine(model, max_batch=self.options.batch_size, pad_token_id=pad if pad is not None else 0)
 
     @property
     def constrainer(self) -> Any:
@@ -230,13 +234,23 @@ class AgenticEvaluator:
         return self._constrainer
 
     def _generate(self, prompts: list[list[int]], tools: list[list[dict[str, Any]]], constrained: bool,
-                  max_new: int, stops: list[int]) -> list[list[int]]:
-        constraints = None
-        if constrained:
-            constraints = [self.constrainer.row(t, p) for p, t in zip(prompts, tools)]
-        generator = self.torch.Generator().manual_seed(self.options.seed)
-        return self.model.generate(prompts, max_new_tokens=max_new, temperature=self.options.temperature,
-                                   stop_tokens=stops, constraints=constraints, generator=generator)
+                  budgets: list[int], stops: list[int], what: str = "") -> list[list[int]]:
+        """Each prompt's new tokens (up to its stop token or budget), sampled by the rollout
+        engine (continuous batching: a finished row takes the next prompt at once)."""
+        from k2.rl.rollout import Request
+
+        requests = [
+            Request(p, b, self.options.temperature, stop_ids=stops,
+                    constraint=self.constrainer.row(t, p) if constrained else None)
+            for p, t, b in zip(prompts, tools, budgets)
+        ]
+        every = max(1, len(requests) // 10)
+
+        def progress(done: int, total: int) -> None:
+            if done % every == 0 or done == total:
+                self.progress(f"{what} ({'constrained' if constrained else 'free'}): {done}/{total}")
+
+        return [c.token_ids for c in self.engine.generate(requests, seed=self.options.seed, progress=progress)]
 
     def _count_calls(self, tally: Tally, calls: Sequence[ToolCall], tools: Sequence[Mapping[str, Any]]) -> None:
         for call in calls:
@@ -249,28 +263,25 @@ class AgenticEvaluator:
     # ---- next call ------------------------------------------------------------------------
     def next_calls(self, records: Sequence[Mapping[str, Any]], constrained: bool, tally: Tally) -> None:
         items = [item for r in records for item in next_call_items(r)]
-        encoded = [(self.tokenizer.encode(item.prompt).ids, item) for item in items]
-        encoded.sort(key=lambda pair: len(pair[0]))  # batches of similar lengths
-        size = self.options.batch_size
-        for start in range(0, len(encoded), size):
-            batch = encoded[start : start + size]
-            room = self.max_positions - max(len(ids) for ids, _ in batch)
-            max_new = min(self.options.call_tokens, room)
-            if max_new < 8:
-                tally.skipped_long += len(batch)
-                continue
-            outputs = self._generate([ids for ids, _ in batch], [item.tools for _, item in batch], constrained,
-                                     max_new, [self.ids[CALL_END], self.ids[EOD]])
-            for (_, item), out in zip(batch, outputs):
-                text = CALL_BEGIN + self.tokenizer.decode(out, skip_special_tokens=False)
-                calls = parse_assistant(SECTION_BEGIN + text).calls
-                predicted = calls[0] if calls else None
-                tally.next_calls += 1
-                tally.name_correct += predicted is not None and predicted.name == item.gold.name
-                tally.exact += calls_match(item.gold, predicted)
-                self._count_calls(tally, calls[:1], item.tools)
-            self.progress(f"next call ({'constrained' if constrained else 'free'}): "
-                          f"{min(start + size, len(encoded))}/{len(encoded)}")
+        encoded = []
+        for item in items:
+            ids = self.tokenizer.encode(item.prompt).ids
+            budget = min(self.options.call_tokens, self.max_positions - len(ids))
+            if budget < 8:
+                tally.skipped_long += 1
+            else:
+                encoded.append((ids, item, budget))
+        outputs = self._generate([ids for ids, _, _ in encoded], [item.tools for _, item, _ in encoded], constrained,
+                                 [budget for _, _, budget in encoded], [self.ids[CALL_END], self.ids[EOD]],
+                                 "next call")
+        for (_, item, _), out in zip(encoded, outputs):
+            text = CALL_BEGIN + self.tokenizer.decode(out, skip_special_tokens=False)
+            calls = parse_assistant(SECTION_BEGIN + text).calls
+            predicted = calls[0] if calls else None
+            tally.next_calls += 1
+            tally.name_correct += predicted is not None and predicted.name == item.gold.name
+            tally.exact += calls_match(item.gold, predicted)
+            self._count_calls(tally, calls[:1], item.tools)
 
     # ---- episodes -------------------------------------------------------------------------
     def episodes(self, data: EvalSet, records: Sequence[Mapping[str, Any]], constrained: bool, tally: Tally) -> None:
@@ -298,22 +309,19 @@ class AgenticEvaluator:
                 else:  # out of tokens: the episode fails
                     self._end_episode(tally, record, env, None)
             live = ready
-            size = self.options.batch_size
             survivors = []
-            for start in range(0, len(live), size):
-                batch = live[start : start + size]
-                max_new = min(self.options.turn_tokens, min(budget - len(ids) for _, _, ids in batch))
-                outputs = self._generate([ids for _, _, ids in batch], [env.tools for _, env, _ in batch],
-                                         constrained, max_new, stops)
-                for (record, env, ids), out in zip(batch, outputs):
-                    text = self.tokenizer.decode(out, skip_special_tokens=False)
-                    self._count_calls(tally, parse_assistant(text).calls, env.tools)
-                    obs, reward, done, _ = env.step(out)
-                    if done:
-                        self._end_episode(tally, record, env, reward)
-                        finished += 1
-                    else:
-                        survivors.append((record, env, ids + list(out) + list(obs.ids)))
+            outputs = self._generate([ids for _, _, ids in live], [env.tools for _, env, _ in live], constrained,
+                                     [min(self.options.turn_tokens, budget - len(ids)) for _, _, ids in live], stops,
+                                     "episode turns")
+            for (record, env, ids), out in zip(live, outputs):
+                text = self.tokenizer.decode(out, skip_special_tokens=False)
+                self._count_calls(tally, parse_assistant(text).calls, env.tools)
+                obs, reward, done, _ = env.step(out)
+                if done:
+                    self._end_episode(tally, record, env, reward)
+                    finished += 1
+                else:
+                    survivors.append((record, env, ids + list(out) + list(obs.ids)))
             live = survivors
             self.progress(f"episodes ({'constrained' if constrained else 'free'}): {finished} done, {len(live)} playing")
 

@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--constraints", choices=("both", "on", "off"), default="both",
                    help="decode with schema constraints, without, or both (default both)")
     p.add_argument("--no-episodes", action="store_true", help="skip the full episodes")
-    p.add_argument("--batch-size", type=int, default=8, help="rows generated together (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows decoded together: the rollout engine's slots (default 8)")
     p.add_argument("--call-tokens", type=int, default=128, help="budget of a next-call prediction (default 128)")
     p.add_argument("--turn-tokens", type=int, default=256, help="budget of an assistant turn (default 256)")
     p.add_argument("--episode-tokens", type=int, default=1024, help="budget of an episode (default 1024)")
