@@ -151,3 +151,8 @@ def test_eval_bad_input_is_named(setup, tmp_path, capsys):
                                  (ckpt, empty, "holds no records")):
         assert main(["eval", "agentic", str(run), "--data", str(folder), "--quiet"]) != 0
         assert message in capsys.readouterr().err
+    for flag, value, message in (("--turn-tokens", "4", "--turn-tokens must be at least 8"),
+                                 ("--limit", "0", "--limit must be at least 1"),
+                                 ("--temperature", "-1", "--temperature must be at least 0")):
+        assert main(["eval", "agentic", str(ckpt), "--data", str(data), flag, value, "--quiet"]) != 0
+        assert message in capsys.readouterr().err

@@ -20,6 +20,11 @@ def agentic(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for flag in ("call_tokens", "turn_tokens", "episode_tokens"):
+        if getattr(args, flag) < 8:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 8, got {getattr(args, flag)}")
+    if not args.temperature >= 0:
+        raise ConfigError(f"--temperature must be at least 0, got {args.temperature}")
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.constraints]
     options = EvalOptions(limit=args.limit, split=args.split, batch_size=args.batch_size,
                           call_tokens=args.call_tokens, turn_tokens=args.turn_tokens,
