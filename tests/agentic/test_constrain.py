@@ -29,11 +29,11 @@ SECTION = "<|tool_calls_section_begin|>"
 
 
 def random_schema(rng: random.Random) -> dict:
-    """An object schema with string/integer/number/boolean/enum/array properties and a random
-    required subset; lengths are bounded so that an untrained model can finish a call."""
+    """An object schema with string/integer/number/boolean/enum/array/nested-object properties and a
+    random required subset; lengths are bounded so that an untrained model can finish a call."""
     props = {}
     for i in range(rng.randint(0, 4)):
-        kind = rng.choice(["string", "integer", "number", "boolean", "enum", "array"])
+        kind = rng.choice(["string", "integer", "number", "boolean", "enum", "array", "object"])
         if kind == "string":
             prop = {"type": "string", "maxLength": rng.randint(1, 6)}
         elif kind == "integer":
@@ -44,6 +44,9 @@ def random_schema(rng: random.Random) -> dict:
             prop = {"type": "boolean"}
         elif kind == "enum":
             prop = {"enum": rng.sample(["red", "green", "blue", "a b", 'q"t'], rng.randint(1, 3))}
+        elif kind == "object":
+            prop = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"enum": [1, 2]}},
+                    "required": rng.sample(["a", "b"], rng.randint(0, 2)), "additionalProperties": False}
         else:
             item = rng.choice([{"type": "integer", "minimum": 0, "maximum": 99},
                                {"type": "string", "maxLength": 3}, {"type": "boolean"}])
