@@ -124,6 +124,7 @@ def test_eval_next_calls_constrained(setup, capsys):
     figures = result["constrained"]
     _check_figures(figures)
     assert "unconstrained" not in result and result["records"] == 1
+    assert result["options"]["call_tokens"] == 48 and result["options"]["episodes"] is False
     assert figures["next_calls"] >= 1 and figures["calls_finished"] >= 1
     assert figures["schema_valid_calls"] == 1.0
 

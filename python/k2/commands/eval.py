@@ -43,7 +43,11 @@ def agentic(args: argparse.Namespace) -> int:
     results = AgenticEvaluator(model, tokenizer, options, progress).run(data)
     print(format_table(results))
     summary = {"run": str(args.run), "checkpoint": str(ckpt), "data": str(args.data), "split": args.split,
-               "records": len(data.records), "seconds": round(time.monotonic() - start, 1), **results}
+               "records": len(data.records), "seconds": round(time.monotonic() - start, 1),
+               "options": {"call_tokens": args.call_tokens, "turn_tokens": args.turn_tokens,
+                           "episode_tokens": args.episode_tokens, "temperature": args.temperature,
+                           "seed": args.seed, "episodes": not args.no_episodes},
+               **results}
     print(json.dumps(summary, sort_keys=True))
     return 0
 
