@@ -21,6 +21,7 @@ constraint's own time does not.
 
 Run:  python bench/constrained_decoding.py            (CPU)
       python bench/constrained_decoding.py --quick    (a few seconds: smoke test)
+      python bench/constrained_decoding.py --engine   (sample with k2.rl's RolloutEngine)
       python bench/constrained_decoding.py --device cuda
 """
 
@@ -41,6 +42,8 @@ from k2.agentic.synth import SynthOptions, synthesize
 from k2.data.tokenizer import train_tokenizer
 from k2.model import K2Config, K2ForCausalLM
 from k2.model import generate as generate_module
+from k2.rl import rollout as rollout_module
+from k2.rl.rollout import Request, RolloutEngine
 
 
 def prompts(data: Path, tokenizer, batch: int, max_len: int):
@@ -71,6 +74,7 @@ class ConstraintClock:
                 self.seconds += time.perf_counter() - start
 
         generate_module.apply_constraints = apply
+        rollout_module.apply_constraints = apply
 
     def wrap(self, constraint):
         advance = constraint.advance
@@ -86,7 +90,8 @@ class ConstraintClock:
         return constraint
 
 
-def timed(model, batch, new_tokens: int, constrainer, device: str, clock: ConstraintClock) -> tuple[float, float, float]:
+def timed(model, batch, new_tokens: int, constrainer, device: str, clock: ConstraintClock,
+          engine: RolloutEngine | None = None) -> tuple[float, float, float]:
     """Seconds of one generate call, the constraint's own seconds in it, and the share of
     constrained row-steps inside a call."""
     constraints = None
@@ -105,7 +110,11 @@ def timed(model, batch, new_tokens: int, constrainer, device: str, clock: Constr
         torch.cuda.synchronize()
     clock.seconds = 0.0
     start = time.perf_counter()
-    model.generate([ids for ids, _ in batch], max_new_tokens=new_tokens, stop_tokens=[], constraints=constraints)
+    if engine is None:
+        model.generate([ids for ids, _ in batch], max_new_tokens=new_tokens, stop_tokens=[], constraints=constraints)
+    else:
+        engine.generate([Request(ids, new_tokens, 0.0, constraint=c)
+                         for (ids, _), c in zip(batch, constraints or [None] * len(batch))])
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -119,6 +128,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="batch 2, 16 tokens, 1 repeat")
+    parser.add_argument("--engine", action="store_true", help="sample with k2.rl's RolloutEngine instead of generate()")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.new_tokens, args.repeats = 2, 16, 1
@@ -133,15 +143,16 @@ def main() -> None:
     model = K2ForCausalLM(config).to(args.device).eval()
     constrainer = ToolCallConstrainer(tokenizer)
     clock = ConstraintClock()
+    engine = RolloutEngine(model, max_batch=len(batch)) if args.engine else None
     for c in (None, constrainer):  # warm up: kernels; grammars and llguidance's lexer states
-        timed(model, batch, args.new_tokens, c, args.device, clock)
+        timed(model, batch, args.new_tokens, c, args.device, clock, engine)
 
     results = {"unconstrained": float("inf"), "constrained": float("inf")}
     own = float("inf")
     inside = 0.0
     for _ in range(args.repeats):  # alternate, so that a busy moment of the machine hits both
         for name, c in (("unconstrained", None), ("constrained", constrainer)):
-            seconds, constraint_seconds, share = timed(model, batch, args.new_tokens, c, args.device, clock)
+            seconds, constraint_seconds, share = timed(model, batch, args.new_tokens, c, args.device, clock, engine)
             results[name] = min(results[name], seconds / (len(batch) * args.new_tokens))
             if c is not None:
                 inside = share
@@ -150,7 +161,7 @@ def main() -> None:
         "bench": "constrained_decoding",
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "model": "tiny", "vocab": tokenizer.get_vocab_size(), "batch": len(batch), "new_tokens": args.new_tokens,
+        "sampler": "RolloutEngine" if args.engine else "generate", "model": "tiny", "vocab": tokenizer.get_vocab_size(), "batch": len(batch), "new_tokens": args.new_tokens,
         "prompt_tokens_mean": sum(len(ids) for ids, _ in batch) / len(batch),
         "s_per_token_unconstrained": results["unconstrained"],
         "s_per_token_constrained": results["constrained"],
