@@ -157,3 +157,25 @@ def test_eval_bad_input_is_named(setup, tmp_path, capsys):
                                  ("--temperature", "-1", "--temperature must be at least 0")):
         assert main(["eval", "agentic", str(ckpt), "--data", str(data), flag, value, "--quiet"]) != 0
         assert message in capsys.readouterr().err
+
+
+def test_planted_mistakes_are_no_next_call_targets(setup):
+    """A schema-invalid gold call (the synthesis expert's planted mistake) is skipped and counted."""
+    from k2.agentic.evaluate import AgenticEvaluator, EvalOptions, Tally, load_model
+
+    ckpt, _ = setup
+    model, tokenizer, _ = load_model(ckpt)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}}}]
+    messages = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "functions.f:0", "type": "function", "function": {"name": "f", "arguments": '{"count": 1}'}}]},
+        {"role": "tool", "tool_call_id": "functions.f:0", "content": "error"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "functions.f:1", "type": "function", "function": {"name": "f", "arguments": '{"n": 1}'}}]},
+    ]
+    tally = Tally()
+    evaluator = AgenticEvaluator(model, tokenizer, EvalOptions(call_tokens=8))
+    evaluator.next_calls([{"messages": messages, "tools": tools}], True, tally)
+    assert tally.skipped_mistakes == 1 and tally.next_calls == 1

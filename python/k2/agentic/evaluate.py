@@ -5,7 +5,8 @@ Three measurements, each with and without schema-constrained decoding (k2.agenti
 
 * **next call**: the gold conversation up to a tool call (ending with ``<|tool_call_begin|>``,
   earlier calls of the same turn included) is the prompt; the model's call is compared with the
-  gold one: the name (tool-name accuracy) and the arguments as JSON values (exact match);
+  gold one: the name (tool-name accuracy) and the arguments as JSON values (exact match). Gold
+  calls that are not schema-valid (the expert's planted mistakes) are no targets;
 * **episodes**: the model plays each held-out task against the programmatic user and the
   task's domain (its held-out tool variants, no simulated failures) within a token budget, and
   the grader decides success;
@@ -168,6 +169,7 @@ class Tally:
     name_correct: int = 0
     exact: int = 0
     skipped_long: int = 0
+    skipped_mistakes: int = 0
     calls_finished: int = 0
     calls_valid: int = 0
     calls_cut_off: int = 0
@@ -192,6 +194,7 @@ class Tally:
             "episode_success_single_multi": share(sum(s for _, s in single_multi), sum(n for n, _ in single_multi)),
             "episode_success_by_kind": by_kind,
             "next_calls": self.next_calls, "next_calls_skipped_long": self.skipped_long,
+            "next_calls_skipped_mistakes": self.skipped_mistakes,
             "calls_finished": self.calls_finished, "calls_cut_off": self.calls_cut_off,
             "episodes": self.episodes, "episodes_ungraded": self.ungraded,
             "episodes_out_of_tokens": self.out_of_tokens,
@@ -265,6 +268,9 @@ class AgenticEvaluator:
         items = [item for r in records for item in next_call_items(r)]
         encoded = []
         for item in items:
+            if not self.checker.valid(item.gold, item.tools):
+                tally.skipped_mistakes += 1  # a recorded mistake (corrected next turn) is no target
+                continue
             ids = self.tokenizer.encode(item.prompt).ids
             budget = min(self.options.call_tokens, self.max_positions - len(ids))
             if budget < 8:
@@ -362,6 +368,7 @@ ROWS = (
     ("episode success", "episode_success"),
     ("  single/multi-call", "episode_success_single_multi"),
     ("next-call prompts", "next_calls"),
+    ("  mistakes skipped", "next_calls_skipped_mistakes"),
     ("calls finished", "calls_finished"),
     ("calls cut off", "calls_cut_off"),
     ("episodes", "episodes"),
