@@ -120,11 +120,34 @@ class PretrainJob:
 
     # ------------------------------------------------------------------ the Job protocol
     def train_step(self, step: int, log: bool) -> dict[str, Any] | None:
-        cfg, d, optimizer = self.config, self.d, self.optimizer
         factor = self.schedule(step)
-        for group, base in zip(optimizer.param_groups, self.base_lrs):
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         self.model.train()
+        step_loss = self.accumulate()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.config.grad_clip if self.config.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        report = self.optimizer.last_report
+        layers = self.watch.pop() if self.watch is not None else report.layers
+        if not log:
+            return None
+        now = time.perf_counter()
+        elapsed = max(now - self.t_last, 1e-9)
+        fields = {"loss": step_loss(), "lr": self.base_lrs[0] * factor, "grad_norm": float(grad_norm),
+                  "max_logit": [c.max_logit for c in layers],
+                  "clipped_heads": [c.clipped_heads for c in layers],
+                  "expert_balance": _balance(report), "tokens_per_s": self.tokens_since / elapsed,
+                  **self.throughput(elapsed), "skipped_steps": report.skipped_steps}
+        self.t_last, self.tokens_since = now, 0
+        return fields
+
+    def accumulate(self) -> Callable[[], float]:
+        """Forward and backward over the step's ``grad_accum`` micro-batches (gradients summed
+        into the parameters, ready for the optimizer). Returns a function giving the step's
+        training loss agreed over ranks, called only on logged steps (it communicates)."""
+        cfg, d = self.config, self.d
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(cfg.grad_accum):
             batch = self.loader.next_batch()
@@ -139,23 +162,12 @@ class PretrainJob:
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             self.tokens_since += ids.numel() * d.world
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        report = optimizer.last_report
-        layers = self.watch.pop() if self.watch is not None else report.layers
-        if not log:
-            return None
-        train_loss = mean_over_ranks(loss_sum / cfg.grad_accum)
-        now = time.perf_counter()
-        tps = self.tokens_since / max(now - self.t_last, 1e-9)
-        self.t_last, self.tokens_since = now, 0
-        return {"loss": train_loss, "lr": self.base_lrs[0] * factor, "grad_norm": float(grad_norm),
-                "max_logit": [c.max_logit for c in layers],
-                "clipped_heads": [c.clipped_heads for c in layers],
-                "expert_balance": _balance(report), "tokens_per_s": tps,
-                "skipped_steps": report.skipped_steps}
+        return lambda: mean_over_ranks(loss_sum / cfg.grad_accum)
+
+    def throughput(self, elapsed: float) -> dict[str, float]:
+        """Extra per-log-interval rates of a job (none for pretraining); ``elapsed`` seconds
+        since the last logged step."""
+        return {}
 
     def progress(self, fields: dict[str, Any]) -> dict[str, str]:
         return {"loss": f"{fields['loss']:.3f}", "tok_s": f"{fields['tokens_per_s']:,.0f}",

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from k2.parallel import init_distributed, mean_over_ranks
 from k2.parallel.setup import Dist
 from k2.train.config import HELP, TrainConfig
 from k2.train.harness import Cadence, Harness
-from k2.train.pretrain import PretrainJob, _balance, sample_positions
+from k2.train.pretrain import PretrainJob, sample_positions
 from k2.train.resume import ResumePoint, check_settings
 
 CUSTOM_PRESET = "custom"
@@ -180,7 +178,7 @@ class SFTJob(PretrainJob):
         super().__init__(config, d, model, log)
         if not self.loader.has_loss_mask:
             log(f"warning: {config.data_dir} has no loss mask: training on every token")
-        self.trained_since = 0
+        self.trained_since, self.masked_total = 0, torch.zeros(())
 
     def _tensors(self, batch, non_blocking: bool = True):  # noqa: ANN001, ANN202
         device = self.d.device
@@ -189,12 +187,8 @@ class SFTJob(PretrainJob):
                                                    batch.loss_mask))
         return ids, masked_targets(targets, mask), sample_positions(positions), mask
 
-    def train_step(self, step: int, log: bool) -> dict[str, Any] | None:
-        cfg, d, optimizer = self.config, self.d, self.optimizer
-        factor = self.schedule(step)
-        for group, base in zip(optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
-        self.model.train()
+    def accumulate(self) -> Callable[[], float]:
+        cfg, d = self.config, self.d
         micro = [self._tensors(self.loader.next_batch()) for _ in range(cfg.grad_accum)]
         counts = torch.stack([m.sum() for *_, m in micro]).to(torch.float32)
         total = counts.sum()
@@ -211,30 +205,21 @@ class SFTJob(PretrainJob):
             (loss * weight).backward()
             loss_sum += loss.detach() * counts[k]
             self.tokens_since += ids.numel() * d.world
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        report = optimizer.last_report
-        layers = self.watch.pop() if self.watch is not None else report.layers
-        local = counts.sum()
-        self.trained_since += int(local.item()) * d.world
-        if not log:
-            return None
-        if d.world > 1:
-            torch.distributed.all_reduce(loss_sum)
-        train_loss = float(loss_sum / total.clamp(min=1))
-        now = time.perf_counter()
-        elapsed = max(now - self.t_last, 1e-9)
-        tps, trained = self.tokens_since / elapsed, self.trained_since / elapsed
-        self.t_last, self.tokens_since, self.trained_since = now, 0, 0
-        return {"loss": train_loss, "lr": self.base_lrs[0] * factor, "grad_norm": float(grad_norm),
-                "max_logit": [c.max_logit for c in layers],
-                "clipped_heads": [c.clipped_heads for c in layers],
-                "expert_balance": _balance(report), "tokens_per_s": tps,
-                "trained_tokens_per_s": trained, "masked_share": float(total) / (
-                    cfg.grad_accum * cfg.batch_size * cfg.seq_len * d.world),
-                "skipped_steps": report.skipped_steps}
+        self.trained_since += int(counts.sum().item()) * d.world
+        self.masked_total = total
+
+        def step_loss() -> float:
+            if d.world > 1:
+                torch.distributed.all_reduce(loss_sum)
+            return float(loss_sum / total.clamp(min=1))
+
+        return step_loss
+
+    def throughput(self, elapsed: float) -> dict[str, float]:
+        cfg, d = self.config, self.d
+        trained, self.trained_since = self.trained_since / elapsed, 0
+        share = float(self.masked_total) / (cfg.grad_accum * cfg.batch_size * cfg.seq_len * d.world)
+        return {"trained_tokens_per_s": trained, "masked_share": share}
 
     @torch.no_grad()
     def validation_loss(self, full: bool = False) -> float:
