@@ -264,10 +264,20 @@ def test_bad_options_are_clear_errors(init_run: Path, tmp_path: Path, capsys, ar
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("args, missing", [
-    (("--rollout-workers", "2"), "rollout worker processes"),
-    (("--task", "agentic:bank"), "multi-turn agentic episodes"),
-])
-def test_unbuilt_parts_say_what_is_missing(init_run: Path, tmp_path: Path, args, missing) -> None:
-    with pytest.raises(NotImplementedError, match=missing):
-        rl("--init", str(init_run), "--run-dir", str(tmp_path / "r"), *args)
+def test_agentic_tasks_say_what_is_missing(init_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(NotImplementedError, match="multi-turn agentic episodes"):
+        rl("--init", str(init_run), "--run-dir", str(tmp_path / "r"), "--task", "agentic:bank")
+
+
+@pytest.mark.slow  # spawns two rollout worker processes
+def test_rollout_workers_train_exactly_as_colocated(init_run: Path, tmp_path: Path, capsys) -> None:
+    for workers in ("0", "2"):
+        assert rl("--init", str(init_run), "--run-dir", str(tmp_path / workers), "--steps", "2",
+                  "--rollout-workers", workers) == 0
+    here, there = ([r for r in read_metrics(tmp_path / w / "metrics.jsonl") if r["kind"] == "train"]
+                   for w in ("0", "2"))
+    keys = ("entropy", "grad_norm", "reward", "response_len", "weight_version")  # entropy: of the samples
+    assert [r[k] for r in here for k in keys] == pytest.approx([r[k] for r in there for k in keys], rel=1e-4)
+    assert all(r["weight_sync_s"] == 0 for r in here)
+    assert all(r["weight_sync_s"] > 0 and 0 < r["weight_sync_share"] < 1 for r in there)
+    assert "rollout workers: rollout-0, rollout-1" in capsys.readouterr().out

@@ -73,6 +73,7 @@ class Rollouts:
     rewards: list[float]
     temperature: float
     seconds: float
+    sync_seconds: float = 0.0
 
     @property
     def truncated(self) -> list[bool]:
@@ -117,6 +118,8 @@ class RLJob:
         self.budget = config.token_budget or task.token_budget
         self.engine = rollout if rollout is not None else RolloutEngine(
             model, max_batch=config.rollout_batch, pad_token_id=pad or 0)
+        # Evaluation decodes greedily in this process (with workers: on their colocated fallback).
+        self.evaluator = getattr(self.engine, "local", self.engine)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if d.device.type == "cuda" and config.bf16 else nullcontext())
         self.ptx = None
@@ -149,8 +152,8 @@ class RLJob:
         prompts = self.task.prompts("test", cfg.eval_prompts, seed=cfg.seed)
         ids = [render_prompt(self.tokenizer, p) for p in prompts]
         requests = [Request(i, self.budget, temperature=0.0, stop_ids=[self.im_end]) for i in ids]
-        self.engine.weight_version = step
-        completions = self.engine.generate(requests, seed=0)
+        self.evaluator.weight_version = step
+        completions = self.evaluator.generate(requests, seed=0)
         texts = [self._decode(c) for c in completions]
         verdicts = self.task.verify_many(prompts, texts)
         accuracy = sum(v.correct for v in verdicts) / len(verdicts)
@@ -189,7 +192,11 @@ class RLJob:
         prompt_ids = [ids for ids in rendered for _ in range(k)]
         requests = [Request(ids, self.budget, temperature=temperature, top_p=cfg.top_p,
                             stop_ids=[self.im_end]) for ids in prompt_ids]
-        self.engine.weight_version = step
+        sync = getattr(self.engine, "sync", None)
+        if sync is not None:  # rollout workers: publish this step's weights to them
+            sync_s = sync(step)
+        else:
+            self.engine.weight_version, sync_s = step, 0.0
         started = time.perf_counter()
         completions = self.engine.generate(requests, seed=step_seed(cfg.seed, rl_step, "rollout"))
         seconds = time.perf_counter() - started
@@ -201,7 +208,7 @@ class RLJob:
         verdicts = self.task.verify_many(repeated, texts)
         rewards = [v.score - (cfg.truncation_penalty if c.finish_reason == "length" else 0.0)
                    for v, c in zip(verdicts, completions)]
-        return Rollouts(repeated, prompt_ids, completions, texts, verdicts, rewards, temperature, seconds)
+        return Rollouts(repeated, prompt_ids, completions, texts, verdicts, rewards, temperature, seconds, sync_s)
 
     def _decode(self, completion: Completion) -> str:
         return self.tokenizer.decode(completion.token_ids, skip_special_tokens=False)
@@ -263,6 +270,9 @@ class RLJob:
             "rollout_tokens_per_s": tokens / max(rollouts.seconds, 1e-9),
             "trainer_tokens_per_s": trained / max(train_s, 1e-9),
             "rollout_s": rollouts.seconds, "train_s": train_s,
+            "weight_sync_s": rollouts.sync_seconds,
+            "weight_sync_share": rollouts.sync_seconds / max(
+                rollouts.sync_seconds + rollouts.seconds + train_s, 1e-9),
             "max_logit": [c.max_logit for c in layers],
             "clipped_heads": [c.clipped_heads for c in layers],
             "expert_balance": _balance(report), "skipped_steps": report.skipped_steps, **extra,

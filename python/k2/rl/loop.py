@@ -52,15 +52,6 @@ def build_task(config: RLConfig):  # noqa: ANN201
     return get_task(config.task, **options)
 
 
-def check_workers(config: RLConfig) -> None:
-    if config.rollout_workers > 0:
-        raise NotImplementedError(
-            f"k2 rl --rollout-workers {config.rollout_workers}: rollout worker processes are not "
-            "built yet (missing: worker processes holding a model replica behind a "
-            "WeightSubscriber, fed prompts over torch.multiprocessing queues, with dead-worker "
-            "reassignment); use --rollout-workers 0 (colocated rollouts)")
-
-
 class RLTrainer:
     """One RL run. Build it, then call :meth:`run`.
 
@@ -79,7 +70,6 @@ class RLTrainer:
         from k2.model import K2Config
         from k2.train.sft import resolve_init
 
-        check_workers(config)
         self.d = init_distributed(config.device)
         if self.d.world > 1:
             raise ConfigError("k2 rl runs in one process (rollouts are colocated); do not start it "
@@ -106,7 +96,6 @@ class RLTrainer:
         from k2 import checkpoint
         from k2.data import load_tokenizer
         from k2.model import K2ForCausalLM
-        from k2.rl.job import RLJob
 
         cfg, d, harness = self.config, self.d, self.harness
         harness.write_records(cfg.to_dict())
@@ -119,7 +108,26 @@ class RLTrainer:
         if not harness.resume:
             checkpoint.load(self.init.checkpoint, model, restore_rng=False)
             self.log(f"init: {self.init.checkpoint} ({cfg.preset}); task {self.task!r}")
-        job = RLJob(cfg, d, model, tokenizer, self.task, self.log)
+        workers = None
+        if cfg.rollout_workers > 0:
+            from k2.rl.workers import RolloutWorkers
+
+            pad = tokenizer.token_to_id("<|pad|>") or 0
+            workers = RolloutWorkers(model, self.init.hf_config, cfg.rollout_workers,
+                                     max_batch=cfg.rollout_batch, pad_token_id=pad, log=self.log)
+            self.log(f"rollout workers: {', '.join(workers.alive)} (weights by shared-memory "
+                     f"broadcast {workers.broadcast})")
+        try:
+            return self._run(model, tokenizer, workers)
+        finally:
+            if workers is not None:
+                workers.close()
+
+    def _run(self, model, tokenizer, workers) -> RLResult:  # noqa: ANN001
+        from k2.rl.job import RLJob
+
+        cfg, d, harness = self.config, self.d, self.harness
+        job = RLJob(cfg, d, model, tokenizer, self.task, self.log, rollout=workers)
         start = harness.restore(job)
         first_eval = None
         if start == 0:
