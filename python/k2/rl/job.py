@@ -267,6 +267,7 @@ class RLJob:
             "response_len": tokens / len(completions),
             "entropy": -math.fsum(logprobs) / max(len(logprobs), 1),
             "temperature": rollouts.temperature, "weight_version": step,
+            "version_lag": step - min((v for c in completions for v in c.versions), default=step),
             "rollout_tokens_per_s": tokens / max(rollouts.seconds, 1e-9),
             "trainer_tokens_per_s": trained / max(train_s, 1e-9),
             "rollout_s": rollouts.seconds, "train_s": train_s,
