@@ -264,9 +264,10 @@ def test_bad_options_are_clear_errors(init_run: Path, tmp_path: Path, capsys, ar
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
-def test_agentic_tasks_say_what_is_missing(init_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="multi-turn agentic episodes"):
-        rl("--init", str(init_run), "--run-dir", str(tmp_path / "r"), "--task", "agentic:bank")
+def test_an_agentic_prompt_longer_than_the_context_is_a_clear_error(init_run: Path, tmp_path: Path,
+                                                                     capsys) -> None:
+    assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "r"), "--task", "agentic:bank") == 1
+    assert "exceeds the model's context of 256" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # spawns two rollout worker processes

@@ -61,13 +61,13 @@ def render_prompt(tokenizer, prompt: Prompt) -> list[int]:  # noqa: ANN001
 
 @dataclass
 class Rollouts:
-    """One RL step's samples: ``P × K`` prompts (each repeated ``K`` times, prompt-major), their
-    token ids, the completions, the texts, the verifier's rewards and the shaped rewards the
-    loss uses (truncation penalty applied)."""
+    """One RL step's samples, prompt-major (each of the ``P`` prompts ``K`` times): per sample
+    its prompt, its *segments* — ``(context ids, completion)``, one per assistant turn (a
+    single-turn task has one: the rendered prompt and the response) —, its text, the verifier's
+    verdict and the shaped reward the loss uses (truncation penalty applied)."""
 
     prompts: list[Prompt]
-    prompt_ids: list[list[int]]
-    completions: list[Completion]
+    segments: list[list[tuple[list[int], Completion]]]
     texts: list[str]
     verdicts: list[Reward]
     rewards: list[float]
@@ -76,8 +76,32 @@ class Rollouts:
     sync_seconds: float = 0.0
 
     @property
+    def prompt_ids(self) -> list[list[int]]:
+        """Single-turn samples: each sample's prompt ids."""
+        return [segments[0][0] for segments in self._single()]
+
+    @property
+    def completions(self) -> list[Completion]:
+        """Single-turn samples: each sample's completion."""
+        return [segments[0][1] for segments in self._single()]
+
+    def _single(self) -> list[list[tuple[list[int], Completion]]]:
+        if any(len(s) != 1 for s in self.segments):
+            raise RLError("multi-turn samples have one completion per turn: use segments")
+        return self.segments
+
+    @property
+    def all_completions(self) -> list[Completion]:
+        return [c for segments in self.segments for _, c in segments]
+
+    @property
     def truncated(self) -> list[bool]:
-        return [c.finish_reason == "length" for c in self.completions]
+        """Whether any turn of each sample ran out of its token budget."""
+        return [any(c.finish_reason == "length" for _, c in s) for s in self.segments]
+
+    def lengths(self) -> list[int]:
+        """Sampled tokens per sample (all turns)."""
+        return [sum(len(c.token_ids) for _, c in s) for s in self.segments]
 
 
 class RLJob:
@@ -99,9 +123,6 @@ class RLJob:
                  log: Callable[[str], None], rollout: Any = None) -> None:
         from k2.train.optimizers import build_optimizer, logit_watch
 
-        if task.multi_turn:
-            raise NotImplementedError(f"k2 rl: multi-turn task {task.name!r}: episodes that step an "
-                                      "environment between sampled turns are not in the RL loop yet")
         self.config, self.d, self.model, self.tokenizer, self.task, self.log = (
             config, d, model, tokenizer, task, log)
         self.optimizer = build_optimizer(config, model)
@@ -150,15 +171,20 @@ class RLJob:
         prompts every time)."""
         cfg = self.config
         prompts = self.task.prompts("test", cfg.eval_prompts, seed=cfg.seed)
-        ids = [render_prompt(self.tokenizer, p) for p in prompts]
-        requests = [Request(i, self.budget, temperature=0.0, stop_ids=[self.im_end]) for i in ids]
         self.evaluator.weight_version = step
-        completions = self.evaluator.generate(requests, seed=0)
-        texts = [self._decode(c) for c in completions]
-        verdicts = self.task.verify_many(prompts, texts)
+        if self.task.multi_turn:
+            episodes = self._episodes(prompts, self.evaluator, 0.0, 0)
+            verdicts = [e.reward for e in episodes]
+            truncated = sum(any(c.finish_reason == "length" for _, c in e.segments)
+                            for e in episodes) / len(episodes)
+        else:
+            ids = [render_prompt(self.tokenizer, p) for p in prompts]
+            requests = [Request(i, self.budget, temperature=0.0, stop_ids=[self.im_end]) for i in ids]
+            completions = self.evaluator.generate(requests, seed=0)
+            verdicts = self.task.verify_many(prompts, [self._decode(c) for c in completions])
+            truncated = sum(c.finish_reason == "length" for c in completions) / len(completions)
         accuracy = sum(v.correct for v in verdicts) / len(verdicts)
         reward = sum(v.score for v in verdicts) / len(verdicts)
-        truncated = sum(c.finish_reason == "length" for c in completions) / len(completions)
         self.log(f"step {step}: held-out accuracy {accuracy:.3f} (greedy, {len(prompts)} "
                  f"{self.task.name} test prompts), mean reward {reward:.3f}")
         return {"accuracy": accuracy, "reward": reward, "truncation_rate": truncated}
@@ -181,7 +207,9 @@ class RLJob:
 
     # ------------------------------------------------------------------ rollouts
     def rollouts(self, step: int) -> Rollouts:
-        """Sample and score the responses of (optimizer) step ``step``."""
+        """Sample and score the responses (or episodes) of (optimizer) step ``step``."""
+        if self.task.multi_turn:
+            return self._multi_turn_rollouts(step)
         cfg = self.config
         rl_step = step - cfg.warm_start_steps
         temperature = cfg.temperature(rl_step)
@@ -192,46 +220,90 @@ class RLJob:
         prompt_ids = [ids for ids in rendered for _ in range(k)]
         requests = [Request(ids, self.budget, temperature=temperature, top_p=cfg.top_p,
                             stop_ids=[self.im_end]) for ids in prompt_ids]
-        sync = getattr(self.engine, "sync", None)
-        if sync is not None:  # rollout workers: publish this step's weights to them
-            sync_s = sync(step)
-        else:
-            self.engine.weight_version, sync_s = step, 0.0
+        sync_s = self._sync(step)
         started = time.perf_counter()
         completions = self.engine.generate(requests, seed=step_seed(cfg.seed, rl_step, "rollout"))
         seconds = time.perf_counter() - started
+        self._check_versions(step, completions)
+        texts = [self._decode(c) for c in completions]
+        verdicts = self.task.verify_many(repeated, texts)
+        segments = [[(ids, c)] for ids, c in zip(prompt_ids, completions)]
+        return self._shaped(repeated, segments, texts, verdicts, temperature, seconds, sync_s)
+
+    def _shaped(self, prompts, segments, texts, verdicts, temperature, seconds, sync_s) -> Rollouts:  # noqa: ANN001
+        penalty = self.config.truncation_penalty
+        rollouts = Rollouts(prompts, segments, texts, verdicts, [], temperature, seconds, sync_s)
+        rollouts.rewards = [v.score - (penalty if cut else 0.0)
+                            for v, cut in zip(verdicts, rollouts.truncated)]
+        return rollouts
+
+    def _check_versions(self, step: int, completions: list[Completion]) -> None:
         for c in completions:  # a version published mid-step must never reach a sample
             if any(v != step for v in c.versions):
                 raise RLError(f"step {step}: sample {c.index} holds tokens of weight versions "
                               f"{sorted(set(c.versions))}, not only {step}")
-        texts = [self._decode(c) for c in completions]
-        verdicts = self.task.verify_many(repeated, texts)
-        rewards = [v.score - (cfg.truncation_penalty if c.finish_reason == "length" else 0.0)
-                   for v, c in zip(verdicts, completions)]
-        return Rollouts(repeated, prompt_ids, completions, texts, verdicts, rewards, temperature, seconds, sync_s)
+
+    def _sync(self, step: int) -> float:
+        sync = getattr(self.engine, "sync", None)
+        if sync is not None:  # rollout workers: publish this step's weights to them
+            return sync(step)
+        self.engine.weight_version = step
+        return 0.0
+
+    def _episodes(self, prompts: list[Prompt], engine: Any, temperature: float, seed: int) -> list:
+        from k2.rl.episodes import play_episodes
+
+        model = getattr(engine, "model", None) or self.model
+        return play_episodes(self.task, prompts, engine, self.tokenizer, budget=self.budget,
+                             temperature=temperature, top_p=self.config.top_p, stop_id=self.im_end,
+                             seed=seed, max_context=model.config.max_position_embeddings)
+
+    def _multi_turn_rollouts(self, step: int) -> Rollouts:
+        cfg = self.config
+        rl_step = step - cfg.warm_start_steps
+        temperature = cfg.temperature(rl_step)
+        prompts = self.task.prompts("train", cfg.prompts_per_step, seed=step_seed(cfg.seed, rl_step, "prompts"))
+        repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        sync_s = self._sync(step)
+        started = time.perf_counter()
+        episodes = self._episodes(repeated, self.engine, temperature, step_seed(cfg.seed, rl_step, "rollout"))
+        seconds = time.perf_counter() - started
+        segments = [e.segments for e in episodes]
+        self._check_versions(step, [c for s in segments for _, c in s])
+        return self._shaped(repeated, segments, [e.transcript for e in episodes],
+                            [e.reward for e in episodes], temperature, seconds, sync_s)
 
     def _decode(self, completion: Completion) -> str:
         return self.tokenizer.decode(completion.token_ids, skip_special_tokens=False)
 
     # ------------------------------------------------------------------ the RL step
     def rl_loss(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, float]]:
-        """The step's RL loss from π_θ's log-probabilities of the samples (with gradients)."""
+        """The step's RL loss from π_θ's log-probabilities of the samples (with gradients): a
+        sample's log π is the sum over its segments (turns) of their tokens' log-probabilities."""
         cfg = self.config
         p, k = cfg.prompts_per_step, cfg.samples_per_prompt
         device = self.d.device
+        pairs = [(ids, c) for segments in rollouts.segments for ids, c in segments]
         with self.autocast:
-            new = batch_logprobs(self.model, rollouts.prompt_ids,
-                                 [c.token_ids for c in rollouts.completions], rollouts.temperature)
+            flat = batch_logprobs(self.model, [ids for ids, _ in pairs], [c.token_ids for _, c in pairs],
+                                  rollouts.temperature)
+        new: list[torch.Tensor] = []  # per sample, its tokens' log-probabilities, turns joined
+        at = 0
+        for segments in rollouts.segments:
+            parts = flat[at: at + len(segments)]
+            at += len(segments)
+            new.append(torch.cat(parts) if parts else torch.zeros(0, device=device))
+        old = [torch.tensor([lp for _, c in segments for lp in c.logprobs], dtype=torch.float32, device=device)
+               for segments in rollouts.segments]
         rewards = torch.tensor(rollouts.rewards, dtype=torch.float32, device=device).view(p, k)
-        new_seq = torch.stack([x.sum() for x in new])
-        old_seq = torch.tensor([math.fsum(c.logprobs) for c in rollouts.completions],
-                               dtype=torch.float32, device=device)
+        new_seq = torch.stack([x.float().sum() for x in new])
+        old_seq = torch.tensor([math.fsum(lp for _, c in segments for lp in c.logprobs)
+                                for segments in rollouts.segments], dtype=torch.float32, device=device)
         if cfg.objective == "k2":
             loss = k2_loss(new_seq.view(p, k), old_seq.view(p, k), rewards, cfg.tau)
         else:
             new_tok, mask = pad_logprobs(new)
-            old_tok, _ = pad_logprobs([torch.tensor(c.logprobs, dtype=torch.float32, device=device)
-                                       for c in rollouts.completions])
+            old_tok, _ = pad_logprobs(old)
             advantages = group_advantages(rewards).flatten()
             loss = grpo_loss(new_tok, old_tok, advantages, mask, epsilon=cfg.grpo_epsilon)
         log_ratio = float((new_seq.detach() - old_seq).mean())
@@ -252,19 +324,19 @@ class RLJob:
         total.backward()
         grad_norm, report, layers = self._optimizer_step()
         train_s = time.perf_counter() - started
-        completions = rollouts.completions
-        lengths = [len(c.token_ids) for c in completions]
-        tokens = sum(lengths)
-        trained = tokens + sum(len(x) for x in rollouts.prompt_ids)
+        completions = rollouts.all_completions
+        samples = len(rollouts.segments)
+        tokens = sum(rollouts.lengths())
+        trained = tokens + sum(len(ids) for s in rollouts.segments for ids, _ in s)
         logprobs = [lp for c in completions for lp in c.logprobs]
         reward = sum(rollouts.rewards) / len(rollouts.rewards)
         fields: dict[str, Any] = {
             "phase": "rl", "loss": float(loss.detach()), "grad_norm": float(grad_norm),
             "reward": reward, "reward_by_task": {self.task.name: reward},
-            "score": sum(v.score for v in rollouts.verdicts) / len(completions),
-            "accuracy": sum(v.correct for v in rollouts.verdicts) / len(completions),
-            "truncation_rate": sum(rollouts.truncated) / len(completions),
-            "response_len": tokens / len(completions),
+            "score": sum(v.score for v in rollouts.verdicts) / samples,
+            "accuracy": sum(v.correct for v in rollouts.verdicts) / samples,
+            "truncation_rate": sum(rollouts.truncated) / samples,
+            "response_len": tokens / samples, "turns": len(completions) / samples,
             "entropy": -math.fsum(logprobs) / max(len(logprobs), 1),
             "temperature": rollouts.temperature, "weight_version": step,
             "version_lag": step - min((v for c in completions for v in c.versions), default=step),

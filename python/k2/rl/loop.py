@@ -37,15 +37,9 @@ class RLResult:
 
 
 def build_task(config: RLConfig):  # noqa: ANN201
-    """The task ``config.task`` names, at ``task_level`` when set (multi-turn and worker-backed
-    runs are refused here, before any work)."""
+    """The task ``config.task`` names, at ``task_level`` when set."""
     from k2.rl.tasks import get_task
 
-    if config.task.startswith("agentic:"):
-        raise NotImplementedError(
-            f"k2 rl --task {config.task}: multi-turn agentic episodes are not in the RL loop yet "
-            "(missing: a rollout that steps the k2.agentic environment between sampled assistant "
-            "turns and trains on the agent's tokens only)")
     options: dict[str, Any] = {}
     if config.task_level:
         options["level"] = config.task_level
