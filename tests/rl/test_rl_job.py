@@ -226,6 +226,7 @@ def test_the_command_runs_and_writes_metrics(init_run: Path, tmp_path: Path) -> 
     assert config["objective"] == "k2" and config["qk_clip_tau"] > 0 and config["optimizer"] == "muonclip"
 
 
+@pytest.mark.slow  # two short RL runs
 def test_resume_is_bit_identical(init_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "rl"
     assert rl("--init", str(init_run), "--run-dir", str(run), "--steps", "3", "--warm-start-steps", "1") == 0
@@ -282,3 +283,71 @@ def test_rollout_workers_train_exactly_as_colocated(init_run: Path, tmp_path: Pa
     assert all(r["weight_sync_s"] == 0 for r in here)
     assert all(r["weight_sync_s"] > 0 and 0 < r["weight_sync_share"] < 1 for r in there)
     assert "rollout workers: rollout-0, rollout-1" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- multi-turn tasks
+@pytest.mark.slow  # prefills of 2,000-token agentic prompts on the CPU
+def test_a_multi_turn_step_trains_on_the_agent_turns_of_each_episode(tokenizer_dir: Path) -> None:
+    task = get_task("agentic:bank", max_turns=2, max_steps=3)
+    torch.manual_seed(1)
+    model = K2ForCausalLM(small_config(vocab_size=VOCAB, max_position_embeddings=3072))
+    job = make_job(tokenizer_dir, task=task, model=model, prompts_per_step=1, samples_per_prompt=2,
+                   token_budget=6, truncation_penalty=0.25)
+    before = copy.deepcopy(job.model)
+    fields = job.train_step(0, log=True)
+    r = job.last
+    assert len(r.segments) == 2 and all(len(s) >= 1 for s in r.segments)
+    new, old = [], []
+    for segments in r.segments:
+        # Each turn's context is the previous context, the turn's tokens and the observation.
+        for (ids, c), (next_ids, _) in zip(segments, segments[1:]):
+            assert next_ids[: len(ids) + len(c.token_ids)] == ids + c.token_ids
+            assert len(next_ids) > len(ids) + len(c.token_ids)
+        new.append(sum(float(full_forward_logprob(before, ids, c.token_ids, 1.0).sum()) for ids, c in segments))
+        old.append(sum(lp for _, c in segments for lp in c.logprobs))
+        assert all(c.versions == [0] * len(c.token_ids) for _, c in segments)
+    assert new == pytest.approx(old, abs=1e-3)
+    # The reward is the task's verdict on the transcript of the turns, less the truncation penalty.
+    for prompt, text, reward, segments in zip(r.prompts, r.texts, r.rewards, r.segments):
+        cut = any(c.finish_reason == "length" for _, c in segments)
+        assert reward == task.verify(prompt, text).score - (0.25 if cut else 0.0)
+    rw = torch.tensor(r.rewards, dtype=torch.float64)
+    residual = rw - rw.mean() - (torch.tensor(new, dtype=torch.float64) - torch.tensor(old, dtype=torch.float64))
+    assert fields["loss"] == pytest.approx(float((residual ** 2).mean()), abs=1e-6)
+    assert fields["turns"] == pytest.approx(sum(len(s) for s in r.segments) / 2)
+
+
+def test_episodes_chain_turns_and_observations_and_score_the_transcript(tokenizer_dir: Path) -> None:
+    """An engine that plays the scripted gold agent: several turns, each context the previous
+    one plus the turn and the environment's observation, and the gold reward (1)."""
+    from k2.agentic.scripted import GoldAgent
+    from k2.rl.episodes import play_episodes
+    from k2.rl.rollout import Completion
+    from k2.rl.sampling import request_seed
+
+    task = get_task("agentic:bank")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    prompts = task.prompts("train", 2, seed=0)
+    agents = [GoldAgent(task.tasks[p.hidden["task_id"]]) for p in prompts]
+    who = {request_seed(9, t * 2 + i): i for t in range(20) for i in range(2)}
+    end = tokenizer.token_to_id("<|im_end|>")
+
+    class GoldEngine:
+        def generate(self, requests, seed):  # noqa: ANN001, ANN202
+            out = []
+            for k, request in enumerate(requests):
+                text = agents[who[request.seed]].act().removesuffix("<|im_end|>")
+                ids = tokenizer.encode(text, add_special_tokens=False).ids + [end]
+                out.append(Completion(k, list(request.prompt_ids), ids, [0.0] * len(ids), [0] * len(ids), "stop"))
+            return out
+
+    episodes = play_episodes(task, prompts, GoldEngine(), tokenizer, budget=64, temperature=1.0, top_p=1.0,
+                             stop_id=end, seed=9, max_context=100_000)
+    for episode, agent in zip(episodes, agents):
+        assert episode.done and episode.reward.correct and episode.reward.score == 1.0
+        assert len(episode.segments) >= 2
+        for (ids, c), (next_ids, _) in zip(episode.segments, episode.segments[1:]):
+            assert next_ids[: len(ids) + len(c.token_ids)] == ids + c.token_ids
+            observation = tokenizer.decode(next_ids[len(ids) + len(c.token_ids):], skip_special_tokens=False)
+            assert observation.endswith("<|im_assistant|>assistant<|im_middle|>")
+        assert episode.transcript.count("<|im_end|>") == len(episode.segments)
