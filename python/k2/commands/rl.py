@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
         config, point = resume_config(args.config, overrides, config_cls=RLConfig)
     else:
         config = RLConfig.resolve(args.config, **overrides)
+    assert isinstance(config, RLConfig)
     result = RLTrainer(config, resume=args.resume, progress=not args.no_progress,
                        resume_point=point, allow_changes=args.allow_changes).run()
     return 130 if result.interrupted else 0
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name in RL_FLAGS:
         f = fields[name]
         flag = "--" + name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default
         help_text = RL_HELP[name] + (f" (default: {default!r})" if default not in ([], "") else "")
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=name, default=None,

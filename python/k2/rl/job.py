@@ -25,7 +25,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from k2.rl.tasks.base import Prompt, Reward, Task
 from k2.train.pretrain import _balance, sample_positions
 from k2.train.schedule import WSDSchedule
 from k2.train.sft import masked_targets
+
+if TYPE_CHECKING:
+    from k2.model.model import K2ForCausalLM
 
 IM_END = "<|im_end|>"
 
@@ -119,12 +122,13 @@ class RLJob:
             ``weight_version`` attribute.
     """
 
-    def __init__(self, config: RLConfig, d: Dist, model: torch.nn.Module, tokenizer, task: Task,  # noqa: ANN001
+    def __init__(self, config: RLConfig, d: Dist, model: K2ForCausalLM, tokenizer, task: Task,  # noqa: ANN001
                  log: Callable[[str], None], rollout: Any = None) -> None:
         from k2.train.optimizers import build_optimizer, logit_watch
 
-        self.config, self.d, self.model, self.tokenizer, self.task, self.log = (
-            config, d, model, tokenizer, task, log)
+        self.config, self.d, self.tokenizer, self.task, self.log = config, d, tokenizer, task, log
+        self.model: torch.nn.Module = model  # the harness's view (checkpoints)
+        self.policy = model
         self.optimizer = build_optimizer(config, model)
         self.watch = logit_watch(self.optimizer, model)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -138,7 +142,7 @@ class RLJob:
         pad = tokenizer.token_to_id("<|pad|>")
         self.budget = config.token_budget or task.token_budget
         self.engine = rollout if rollout is not None else RolloutEngine(
-            model, max_batch=config.rollout_batch, pad_token_id=pad or 0)
+            self.policy, max_batch=config.rollout_batch, pad_token_id=pad or 0)
         # Evaluation decodes greedily in this process (with workers: on their colocated fallback).
         self.evaluator = getattr(self.engine, "local", self.engine)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -253,10 +257,9 @@ class RLJob:
     def _episodes(self, prompts: list[Prompt], engine: Any, temperature: float, seed: int) -> list:
         from k2.rl.episodes import play_episodes
 
-        model = getattr(engine, "model", None) or self.model
         return play_episodes(self.task, prompts, engine, self.tokenizer, budget=self.budget,
                              temperature=temperature, top_p=self.config.top_p, stop_id=self.im_end,
-                             seed=seed, max_context=model.config.max_position_embeddings)
+                             seed=seed, max_context=self.policy.config.max_position_embeddings)
 
     def _multi_turn_rollouts(self, step: int) -> Rollouts:
         cfg = self.config
@@ -285,7 +288,7 @@ class RLJob:
         device = self.d.device
         pairs = [(ids, c) for segments in rollouts.segments for ids, c in segments]
         with self.autocast:
-            flat = batch_logprobs(self.model, [ids for ids, _ in pairs], [c.token_ids for _, c in pairs],
+            flat = batch_logprobs(self.policy, [ids for ids, _ in pairs], [c.token_ids for _, c in pairs],
                                   rollouts.temperature)
         new: list[torch.Tensor] = []  # per sample, its tokens' log-probabilities, turns joined
         at = 0

@@ -80,6 +80,7 @@ class RLTrainer:
         self.task = build_task(config)
         self.model_config = K2Config.from_hf_dict(init.hf_config)
         if resume:
+            assert point is not None
             check_settings(config, point, allow_changes, self.log)
 
     @property

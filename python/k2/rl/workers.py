@@ -20,16 +20,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from k2.errors import RLError
 from k2.rl.rollout import Completion, Request, RolloutEngine
 from k2.rl.sampling import request_seed
+
+if TYPE_CHECKING:
+    from k2.model.model import K2ForCausalLM
 
 POLL_S = 0.2
 
@@ -42,6 +46,7 @@ def _worker_main(name: str, broadcast: str, hf_config: dict[str, Any], max_batch
     from k2.errors import BroadcastError
     from k2.model import K2Config, K2ForCausalLM
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it finishes the step
     torch.set_num_threads(threads)
     model = K2ForCausalLM(K2Config.from_hf_dict(hf_config)).eval()
     subscriber = WeightSubscriber(model, worker=name, name=broadcast, timeout=60.0)
@@ -101,7 +106,7 @@ class RolloutWorkers:
         local: the engine used when no worker is left (default: a colocated one on ``model``).
     """
 
-    def __init__(self, model: torch.nn.Module, hf_config: dict[str, Any], count: int, *, max_batch: int = 64,
+    def __init__(self, model: K2ForCausalLM, hf_config: dict[str, Any], count: int, *, max_batch: int = 64,
                  pad_token_id: int = 0, log: Callable[[str], None] = print, threads: int = 1,
                  local: RolloutEngine | None = None) -> None:
         from k2.broadcast import WeightPublisher
