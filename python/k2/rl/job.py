@@ -287,7 +287,9 @@ class RLJob:
         p, k = cfg.prompts_per_step, cfg.samples_per_prompt
         device = self.d.device
         pairs = [(ids, c) for segments in rollouts.segments for ids, c in segments]
-        with self.autocast:
+        # In the model's own precision, as the sampler ran (no bf16 autocast): at θ = θ_old the
+        # log-ratio must be zero up to rounding.
+        with nullcontext():
             flat = batch_logprobs(self.policy, [ids for ids, _ in pairs], [c.token_ids for _, c in pairs],
                                   rollouts.temperature)
         new: list[torch.Tensor] = []  # per sample, its tokens' log-probabilities, turns joined
