@@ -351,3 +351,16 @@ def test_episodes_chain_turns_and_observations_and_score_the_transcript(tokenize
             observation = tokenizer.decode(next_ids[len(ids) + len(c.token_ids):], skip_special_tokens=False)
             assert observation.endswith("<|im_assistant|>assistant<|im_middle|>")
         assert episode.transcript.count("<|im_end|>") == len(episode.segments)
+
+
+@pytest.mark.parametrize("objective", ["k2", "grpo"])
+def test_a_step_raises_the_log_probability_of_the_better_samples(tokenizer_dir: Path, objective: str) -> None:
+    job = make_job(tokenizer_dir, objective=objective, prompts_per_step=4, lr=2e-4, adamw_lr=1e-4)
+    job.train_step(0, log=True)
+    r = job.last
+    after = torch.tensor([float(full_forward_logprob(job.model, p, c.token_ids, 1.0).sum())
+                          for p, c in zip(r.prompt_ids, r.completions)], dtype=torch.float64)
+    before = torch.tensor([sum(c.logprobs) for c in r.completions], dtype=torch.float64)
+    rw = torch.tensor(r.rewards, dtype=torch.float64).view(4, 4)
+    advantage = (rw - rw.mean(1, keepdim=True)).flatten()
+    assert float((advantage * (after - before)).sum()) > 0
