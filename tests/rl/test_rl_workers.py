@@ -58,5 +58,13 @@ def test_two_workers_sample_what_the_colocated_engine_samples_and_survive_a_deat
         got = workers.generate(batch, seed=14)
         same(got, local.generate(batch, seed=14))
         assert all(set(c.versions) == {7} for c in got)
+
+        workers.processes["rollout-0"].kill()  # none left: the trainer's process samples
+        workers.processes["rollout-0"].join(timeout=10)
+        workers.sync(8)
+        got = workers.generate(batch, seed=15)
+        same(got, local.generate(batch, seed=15))
+        assert sorted(workers.dead) == ["rollout-0", "rollout-1"] and workers.alive == []
+        assert all(set(c.versions) == {8} for c in got)
     finally:
         workers.close()
