@@ -1,0 +1,154 @@
+"""``k2 rl``'s settings: ``k2 train``'s (optimizer, schedule, cadence, device) with RL's defaults,
+plus the task, the objective, the sampling schedule and K2's additions (docs/rl.md, "The RL
+loop").
+
+Defaults the K2 report leaves open, and what we chose:
+
+* temperature: linear decay from ``temperature_start`` (1.0) to ``temperature_end`` (0.6) over
+  ``temperature_decay_steps`` RL steps (0: the whole run), then constant;
+* a truncated response (the task's token budget ran out before ``<|im_end|>``) scores its
+  verifier reward minus ``truncation_penalty`` (0.5), so it may go negative;
+* PTX: off (``ptx_weight`` 0); with ``--ptx-data DIR --ptx-weight γ`` each step adds γ times
+  the language-modelling loss of one ``batch_size × seq_len`` batch of DIR's token shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from k2.errors import ConfigError
+from k2.train.config import HELP, TrainConfig
+
+OBJECTIVES = ("k2", "grpo")
+CUSTOM_PRESET = "custom"
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """The settings of one ``k2 rl`` run (:data:`RL_HELP` documents each field).
+
+    ``steps`` counts RL steps; a run takes ``warm_start_steps + steps`` optimizer steps in all
+    (the warm-start SFT steps first), and ``log_every``/``eval_every``/``save_every`` count
+    optimizer steps. ``preset`` is the init model's (or ``custom``); ``seq_len`` and
+    ``batch_size`` shape the PTX and warm-start batches.
+    """
+
+    run_dir: str = "runs/rl"
+    data_dir: str = ""
+    seq_len: int = 128
+    batch_size: int = 8
+    steps: int = 100
+    lr: float = 1e-3
+    adamw_lr: float = 5e-4
+    warmup_steps: int = 0
+    decay_fraction: float = 0.0
+    eval_every: int = 10
+    save_every: int = 50
+    log_every: int = 1
+    num_samples: int = 0
+    init: str = ""
+    task: str = "arithmetic"
+    task_level: int = 0
+    token_budget: int = 0
+    objective: str = "k2"
+    tau: float = 1.0
+    grpo_epsilon: float = 0.2
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8
+    temperature_start: float = 1.0
+    temperature_end: float = 0.6
+    temperature_decay_steps: int = 0
+    top_p: float = 1.0
+    truncation_penalty: float = 0.5
+    ptx_data: str = ""
+    ptx_weight: float = 0.0
+    warm_start_steps: int = 0
+    warm_start_examples: int = 512
+    eval_prompts: int = 64
+    rollout_batch: int = 64
+    rollout_workers: int = 0
+
+    def validate(self) -> None:
+        base = dataclasses.replace(self, preset="tiny") if self.preset == CUSTOM_PRESET else self
+        TrainConfig.validate(base)
+        if self.grad_accum != 1:
+            raise ConfigError(f"grad_accum must be 1 in k2 rl (a step is one batch of P x K "
+                              f"samples; raise prompts_per_step instead), got {self.grad_accum}")
+        if not self.init:
+            raise ConfigError("init is missing: give --init RUN_DIR or --init CHECKPOINT_DIR (the "
+                              "policy to start from)")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if not self.tau > 0:
+            raise ConfigError(f"tau must be > 0, got {self.tau}")
+        if not 0 <= self.grpo_epsilon < 1:
+            raise ConfigError(f"grpo_epsilon must lie in [0, 1), got {self.grpo_epsilon}")
+        for name in ("prompts_per_step", "eval_prompts", "rollout_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"samples_per_prompt must be at least 2 (the group mean is the "
+                              f"baseline), got {self.samples_per_prompt}")
+        for name in ("temperature_start", "temperature_end"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 (RL samples; evaluation is greedy), got "
+                                  f"{getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
+        for name in ("task_level", "token_budget", "temperature_decay_steps", "truncation_penalty",
+                     "ptx_weight", "warm_start_steps", "rollout_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warm_start_steps > 0 and self.warm_start_examples < 1:
+            raise ConfigError("warm_start_examples must be at least 1 when warm_start_steps > 0")
+        if self.ptx_weight > 0:
+            if not self.ptx_data:
+                raise ConfigError("ptx_weight > 0 needs --ptx-data DIR (prepared token shards)")
+            if not (Path(self.ptx_data) / "manifest.json").is_file():
+                raise ConfigError(f"ptx_data {self.ptx_data}: no manifest.json there (prepare it "
+                                  "with k2 data prepare or k2 sft)")
+
+    def temperature(self, rl_step: int) -> float:
+        """The sampling temperature of RL step ``rl_step`` (0-based): linear from
+        ``temperature_start`` to ``temperature_end`` over ``temperature_decay_steps`` steps
+        (0: over all ``steps``), constant after."""
+        span = self.temperature_decay_steps or self.steps
+        done = min(max(rl_step, 0) / max(span - 1, 1), 1.0) if span > 1 else 1.0
+        return self.temperature_start + (self.temperature_end - self.temperature_start) * done
+
+
+RL_HELP: dict[str, str] = {
+    **HELP,
+    "run_dir": "where checkpoints, metrics and plots go",
+    "seq_len": "tokens per PTX / warm-start sequence",
+    "batch_size": "sequences per PTX / warm-start batch",
+    "steps": "RL steps (after the warm-start steps)",
+    "init": "the policy to start from: a k2 run directory (its newest checkpoint) or a "
+            "checkpoint directory (k2 or Hub layout, with tokenizer files)",
+    "task": "arithmetic | countdown | rg:NAME | code:humaneval (agentic:DOMAIN is not supported yet)",
+    "task_level": "the task's difficulty level (0: the task's default)",
+    "token_budget": "most response tokens (0: the task's budget)",
+    "objective": "k2 (the K1.5/K2 loss) | grpo (TRL's clipped token-level loss)",
+    "tau": "the K2 loss's tau (weight of the log-ratio term)",
+    "grpo_epsilon": "GRPO's clip range epsilon",
+    "prompts_per_step": "prompts drawn per RL step (P)",
+    "samples_per_prompt": "responses sampled per prompt (K, at least 2)",
+    "temperature_start": "sampling temperature at the first RL step",
+    "temperature_end": "sampling temperature after the decay",
+    "temperature_decay_steps": "RL steps of the linear temperature decay (0: all of them)",
+    "top_p": "nucleus sampling mass (log-probabilities ignore it)",
+    "truncation_penalty": "subtracted from the reward of a response cut at the token budget",
+    "ptx_data": "prepared token shards for the PTX loss",
+    "ptx_weight": "weight gamma of the PTX loss (0: off)",
+    "warm_start_steps": "SFT steps on the task's gold examples before RL (0: none)",
+    "warm_start_examples": "how many gold examples the warm start cycles through",
+    "eval_prompts": "held-out test prompts per evaluation (greedy)",
+    "rollout_batch": "sequences the rollout engine decodes together",
+    "rollout_workers": "rollout processes (0: sample in the trainer's process)",
+}
+RL_FLAGS = [name for name in RLConfig.fields()
+            if name not in ("corpus", "vocab_size", "preset", "sample_prompt", "sample_tokens",
+                            "num_samples", "data_dir", "eval_batches", "grad_accum")]
+"""The settings ``k2 rl`` takes as flags."""

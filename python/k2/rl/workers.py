@@ -1,0 +1,227 @@
+"""Rollout workers (``k2 rl --rollout-workers N``): N processes, each with a model replica behind
+a :class:`k2.broadcast.WeightSubscriber`, fed by the trainer's :class:`k2.broadcast.WeightPublisher`
+(docs/rl.md, "Rollout workers").
+
+The trainer calls :meth:`RolloutWorkers.sync` at the start of every RL step: it publishes the
+weights once per optimizer step (``publish()`` returns only when every live worker has applied
+them) and remembers which step they belong to. :meth:`RolloutWorkers.generate` then gives every
+request an explicit seed (the one the colocated engine would derive from the call's seed and
+the request's index, so the samples are the colocated ones), splits the requests among the live
+workers (``torch.multiprocessing`` queues) and collects the completions. A worker generates only
+after it has applied the published version, under the subscriber's lock, with its engine's
+``weight_version`` set to the trainer's step, so no version published later can reach a sample.
+
+A worker that dies is named in the log and its outstanding requests go to the workers still
+alive, or to a colocated engine in the trainer's process when none is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from k2.errors import RLError
+from k2.rl.rollout import Completion, Request, RolloutEngine
+from k2.rl.sampling import request_seed
+
+if TYPE_CHECKING:
+    from k2.model.model import K2ForCausalLM
+
+POLL_S = 0.2
+
+
+def _worker_main(name: str, broadcast: str, hf_config: dict[str, Any], max_batch: int, pad: int,
+                 inbox, outbox, threads: int) -> None:  # noqa: ANN001
+    """A worker process: subscribe, then answer ``(tag, step, version, [(index, request)])``
+    messages with ``(tag, name, [completion])`` until it receives None."""
+    from k2.broadcast import WeightSubscriber
+    from k2.errors import BroadcastError
+    from k2.model import K2Config, K2ForCausalLM
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it finishes the step
+    torch.set_num_threads(threads)
+    model = K2ForCausalLM(K2Config.from_hf_dict(hf_config)).eval()
+    subscriber = WeightSubscriber(model, worker=name, name=broadcast, timeout=60.0)
+    engine = RolloutEngine(model, max_batch=max_batch, pad_token_id=pad)
+    applied = threading.Condition()
+    stop = threading.Event()
+
+    def receive() -> None:  # apply every published version as it comes
+        while not stop.is_set():
+            try:
+                version = subscriber.update(timeout=POLL_S)
+            except BroadcastError:
+                if stop.is_set():
+                    return
+                subscriber.rejoin()
+                continue
+            if version is not None:
+                with applied:
+                    applied.notify_all()
+
+    thread = threading.Thread(target=receive, name=f"{name}-weights", daemon=True)
+    thread.start()
+    try:
+        while True:
+            message = inbox.get()
+            if message is None:
+                break
+            tag, step, version, items = message
+            with applied:
+                if not applied.wait_for(lambda: subscriber.version >= version, timeout=60.0):
+                    raise RLError(f"{name}: weight version {version} never arrived")
+            with subscriber.lock:  # no version lands while this batch decodes
+                if subscriber.version != version:
+                    raise RLError(f"{name}: holds weight version {subscriber.version}, asked for {version}")
+                engine.weight_version = step
+                completions = engine.generate([r for _, r in items])
+            for (index, _), c in zip(items, completions):
+                c.index = index
+            outbox.put((tag, name, completions))
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        subscriber.close()
+
+
+class RolloutWorkers:
+    """``count`` rollout processes behind one weight broadcast; the RL job's ``rollout``.
+
+    Args:
+        model: the trainer's policy (its state dict is what is published).
+        hf_config: the model's configuration (``K2Config.to_hf_dict()`` form), to build replicas.
+        count: worker processes.
+        max_batch: each worker engine's rows.
+        pad_token_id: the engines' padding id.
+        log: where a dead worker is reported.
+        threads: torch threads per worker.
+        local: the engine used when no worker is left (default: a colocated one on ``model``).
+    """
+
+    def __init__(self, model: K2ForCausalLM, hf_config: dict[str, Any], count: int, *, max_batch: int = 64,
+                 pad_token_id: int = 0, log: Callable[[str], None] = print, threads: int = 1,
+                 local: RolloutEngine | None = None) -> None:
+        from k2.broadcast import WeightPublisher
+
+        if count < 1:
+            raise RLError(f"rollout workers: count must be at least 1, got {count}")
+        self.log = log
+        self.local = local or RolloutEngine(model, max_batch=max_batch, pad_token_id=pad_token_id)
+        self.broadcast = f"k2-rl-{os.getpid()}-{id(self) & 0xffffff:x}"
+        self.publisher = WeightPublisher(model, name=self.broadcast, timeout=30.0)
+        context = torch.multiprocessing.get_context("spawn")
+        self.outbox = context.Queue()
+        self.inboxes: dict[str, Any] = {}
+        self.processes: dict[str, Any] = {}
+        for i in range(count):
+            name = f"rollout-{i}"
+            inbox = context.Queue()
+            process = context.Process(
+                target=_worker_main, name=name, daemon=True,
+                args=(name, self.broadcast, hf_config, max_batch, pad_token_id, inbox, self.outbox, threads))
+            process.start()
+            self.inboxes[name], self.processes[name] = inbox, process
+        self.dead: list[str] = []
+        self.weight_version = 0
+        self.published = 0  # the publisher's version number of the weights of self.weight_version
+        self.synced_step: int | None = None
+        self.last_sync_s = 0.0
+        self._message = 0
+
+    @property
+    def alive(self) -> list[str]:
+        return [n for n in self.processes if n not in self.dead]
+
+    def _bury(self, name: str, why: str) -> None:
+        if name not in self.dead:
+            self.dead.append(name)
+            self.log(f"rollout worker {name} died ({why}); its prompts go to "
+                     f"{', '.join(self.alive) or 'the trainer process'}")
+
+    def sync(self, step: int) -> float:
+        """Publish the trainer's weights as those of ``step`` (once per step); the seconds spent."""
+        from k2.broadcast.shm import WorkersFailed
+
+        if self.synced_step == step:
+            return 0.0
+        started = time.perf_counter()
+        try:
+            self.published = self.publisher.publish()
+        except WorkersFailed as failed:
+            self.published = failed.version
+            for name, reason in failed.failures.items():
+                self._bury(name, reason)
+        self.synced_step, self.weight_version = step, step
+        self.local.weight_version = step
+        self.last_sync_s = time.perf_counter() - started
+        return self.last_sync_s
+
+    def generate(self, requests: Sequence[Request], *, seed: int = 0) -> list[Completion]:
+        """The completions of ``requests`` in order, sampled by the workers with the weights of
+        the last :meth:`sync` (the same samples as ``RolloutEngine.generate(requests, seed=seed)``
+        on those weights)."""
+        if self.synced_step is None or self.weight_version != self.synced_step:
+            raise RLError("rollout workers: call sync(step) before generate (weights not published)")
+        for index, request in enumerate(requests):
+            self.local.check_request(index, request)
+        seeded = [r if r.seed is not None or r.prefix is not None
+                  else dataclasses.replace(r, seed=request_seed(seed, i)) for i, r in enumerate(requests)]
+        results: dict[int, Completion] = {}
+        owed: dict[int, tuple[str, list[tuple[int, Request]]]] = {}  # message id -> worker, items
+
+        def assign(items: list[tuple[int, Request]]) -> None:
+            alive = self.alive
+            if not alive:  # nobody left: generate here
+                done = self.local.generate([r for _, r in items])
+                for (index, _), c in zip(items, done):
+                    c.index = index
+                    results[index] = c
+                return
+            for k, name in enumerate(alive):
+                share = items[k::len(alive)]
+                if share:
+                    self._message += 1
+                    owed[self._message] = (name, share)
+                    self.inboxes[name].put((self._message, self.weight_version, self.published, share))
+
+        assign(list(enumerate(seeded)))
+        while owed:
+            try:
+                message, name, completions = self.outbox.get(timeout=POLL_S)
+            except queue.Empty:
+                for name in {n for n, _ in owed.values()}:
+                    process = self.processes[name]
+                    if not process.is_alive():
+                        self._bury(name, f"exit code {process.exitcode}")
+                        lost = [m for m, (n, _) in owed.items() if n == name]
+                        for m in lost:
+                            assign(owed.pop(m)[1])
+                continue
+            if message not in owed:
+                continue  # a reply to an earlier call, or from a worker already given up on
+            for c in completions:
+                results[c.index] = c
+            owed.pop(message)
+        return [results[i] for i in range(len(requests))]
+
+    def close(self) -> None:
+        """Stop the workers and remove the broadcast."""
+        for name in self.alive:
+            try:
+                self.inboxes[name].put(None)
+            except (OSError, ValueError):
+                pass
+        for process in self.processes.values():
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+        self.publisher.close()

@@ -1,0 +1,70 @@
+"""Rollout workers (``k2 rl --rollout-workers N``): with two workers fed by the weight broadcast
+the samples are the colocated engine's under the same seeds, tagged with the trainer's step; a
+killed worker is named and its prompts finished by the other (docs/rl.md, "Rollout workers")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_policy
+
+from k2.rl import Request, RolloutEngine
+from k2.rl.workers import RolloutWorkers
+
+
+def requests(n: int, budget: int = 6) -> list[Request]:
+    g = torch.Generator().manual_seed(0)
+    return [Request(torch.randint(5, 200, (3 + i % 4,), generator=g).tolist(), budget,
+                    temperature=0.9, stop_ids=[7]) for i in range(n)]
+
+
+def same(a, b) -> None:  # noqa: ANN001
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.finish_reason for c in a] == [c.finish_reason for c in b]
+    for x, y in zip(a, b):
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+@pytest.mark.slow  # spawns two worker processes (each imports torch and builds a model)
+def test_two_workers_sample_what_the_colocated_engine_samples_and_survive_a_death() -> None:
+    model = tiny_policy(3)
+    lines: list[str] = []
+    workers = RolloutWorkers(model, model.config.to_hf_dict(), 2, max_batch=4, log=lines.append)
+    try:
+        local = RolloutEngine(model, max_batch=8)
+        batch = requests(10)
+        assert workers.sync(5) > 0
+        got = workers.generate(batch, seed=11)
+        same(got, local.generate(batch, seed=11))
+        assert all(c.versions == [5] * len(c.token_ids) for c in got)
+        assert [c.index for c in got] == list(range(10))
+
+        # New weights: the workers sample with them, tagged with the new step.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.9)
+        workers.sync(6)
+        got = workers.generate(batch, seed=12)
+        same(got, local.generate(batch, seed=12))
+        assert all(set(c.versions) == {6} for c in got)
+
+        workers.processes["rollout-1"].kill()
+        workers.processes["rollout-1"].join(timeout=10)
+        got = workers.generate(batch, seed=13)
+        same(got, local.generate(batch, seed=13))
+        assert workers.dead == ["rollout-1"]
+        assert any("rollout worker rollout-1 died" in line for line in lines)
+        workers.sync(7)  # training goes on: the survivor still gets new weights
+        got = workers.generate(batch, seed=14)
+        same(got, local.generate(batch, seed=14))
+        assert all(set(c.versions) == {7} for c in got)
+
+        workers.processes["rollout-0"].kill()  # none left: the trainer's process samples
+        workers.processes["rollout-0"].join(timeout=10)
+        workers.sync(8)
+        got = workers.generate(batch, seed=15)
+        same(got, local.generate(batch, seed=15))
+        assert sorted(workers.dead) == ["rollout-0", "rollout-1"] and workers.alive == []
+        assert all(set(c.versions) == {8} for c in got)
+    finally:
+        workers.close()
