@@ -263,6 +263,32 @@ def test_strided_model_tensors_and_both_staging_paths_deliver_exact_bits(monkeyp
         sub.close()
 
 
+def test_a_slow_reader_in_the_publishers_process_is_not_evicted() -> None:
+    # The publisher waits for this reader to free slots; its catch-up thread, polling meanwhile,
+    # used to block on the busy publisher while holding the GIL, which the reader needs: the
+    # reader stalled until the publisher evicted it (seen in CI under load).
+    name = unique_name()
+    with WeightPublisher(workers.weights(1), name=name, bucket_bytes=1024, timeout=5.0) as pub:
+        sub = WeightSubscriber(workers.empty_model(None), worker="slow", name=name, timeout=5.0)
+        errors: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                pub.publish()
+            except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+                errors.append(err)
+
+        publishing = threading.Thread(target=publish)
+        publishing.start()
+        read = 0
+        for bucket in sub.buckets(timeout=5.0):
+            with bucket:
+                time.sleep(0.05)  # slower than the publisher fills the ring of slots
+            read += 1
+        publishing.join()
+        assert not errors and read == pub.plan.num_buckets > 2
+
+
 def test_views_are_valid_only_until_their_bucket_is_released() -> None:
     name = unique_name()
     source = workers.weights(1)

@@ -240,21 +240,26 @@ class WeightPublisher:
     def _serve_catch_up(self) -> None:
         """Send the current version to workers that joined late, straight from the retained
         slots (called by the catch-up thread, :func:`_serve_catch_ups`)."""
+        # Never wait for the lock: a publish holds it (and the native publisher's own lock)
+        # while it waits for slow readers, and this thread would wait holding the GIL, which
+        # those readers need to finish: they would stall until the publisher evicted them.
+        # A skipped poll is retried 10 ms later.
+        if not self._lock.acquire(blocking=False):
+            return
         try:
-            if not self._core.catch_up_pending():
-                return
-            with self._lock:
-                if not self._whole:
-                    return  # a publish was interrupted: joiners get the next one
-                self._core.begin_round(self.version, True)
-                self._core.resend_all()
-                self.failures = {f.worker: f.reason for f in self._core.finish_round()}
-                if self.failures:
-                    log.warning("catch-up of version %d failed for: %s", self.version,
-                                "; ".join(f"{w}: {why}" for w, why in self.failures.items()))
+            if not self._core.catch_up_pending() or not self._whole:
+                return  # nobody waits, or a publish was interrupted: joiners get the next one
+            self._core.begin_round(self.version, True)
+            self._core.resend_all()
+            self.failures = {f.worker: f.reason for f in self._core.finish_round()}
+            if self.failures:
+                log.warning("catch-up of version %d failed for: %s", self.version,
+                            "; ".join(f"{w}: {why}" for w, why in self.failures.items()))
         except BroadcastError as err:
             if not self._closed.is_set():
                 log.warning("catch-up server: %s", err)
+        finally:
+            self._lock.release()
 
     def workers(self) -> list[_native.WorkerStatus]:
         """Every joined worker: its name (``worker``), ``pid``, ``state`` (``"current"``,
