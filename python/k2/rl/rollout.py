@@ -255,6 +255,7 @@ class RolloutEngine:
         seed: int = 0,
         progress: Callable[[int, int], None] | None = None,
         max_steps: int | None = None,
+        on_token: Callable[[int, int], bool | None] | None = None,
     ) -> list[Completion]:
         """Generate every request; returns their completions in request order.
 
@@ -264,6 +265,10 @@ class RolloutEngine:
             progress: called as ``progress(finished, total)`` after each finished request.
             max_steps: stop after this many decode steps; the unfinished completions come back
                 paused (``finish_reason`` None), to be resumed as a ``Request.prefix``.
+            on_token: called as ``on_token(index, token)`` right after each token of request
+                ``index`` is recorded (streaming, stop strings, cancellation: docs/serve.md). A
+                true return ends that request there with ``finish_reason`` ``"stop"`` (when the
+                token did not already finish it) and frees its row.
 
         Raises:
             RLError: for an invalid request (the message names its index and field).
@@ -303,7 +308,7 @@ class RolloutEngine:
                     for row_in_group, seq in enumerate(group):
                         token, logprob = first[row_in_group]
                         stats.tokens += 1
-                        if seq.add(token, logprob, version):
+                        if self._record(seq, token, logprob, version, on_token):
                             finished += 1
                             if progress is not None:
                                 progress(finished, len(running))
@@ -334,7 +339,7 @@ class RolloutEngine:
                 stats.tokens += len(active)
                 version = self.weight_version
                 for row, (seq, token, logprob) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
-                    if seq.add(token, logprob, version):
+                    if self._record(seq, token, logprob, version, on_token):
                         finished += 1
                         rows[row] = None
                         cache.free(row)
@@ -358,6 +363,18 @@ class RolloutEngine:
         logits = self.model(ids, mask, positions, cache=cache, logits_to_keep=1).logits[:, -1]
         tokens, logprobs = self._sample(logits, group)
         return cache, list(zip(tokens.tolist(), logprobs.tolist()))
+
+    @staticmethod
+    def _record(
+        seq: _Running, token: int, logprob: float, version: int,
+        on_token: Callable[[int, int], bool | None] | None,
+    ) -> bool:
+        """Add a sampled token to ``seq`` and tell ``on_token``; True when ``seq`` is finished."""
+        done = seq.add(token, logprob, version)
+        if on_token is not None and on_token(seq.index, token) and not done:
+            seq.completion.finish_reason = "stop"
+            done = True
+        return done
 
     @staticmethod
     def _seed_of(request: Request, seed: int, index: int) -> int:
