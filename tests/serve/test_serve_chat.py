@@ -36,6 +36,7 @@ def test_plain_completion(client, tiny):
     assert r.usage.prompt_tokens == len(prompt)
     assert 1 <= r.usage.completion_tokens <= 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.model_extra["weight_versions"] == [0]  # the engine's version when each token was sampled
     if choice.finish_reason == "length":
         assert r.usage.completion_tokens == 12
 

@@ -256,6 +256,7 @@ class RolloutEngine:
         progress: Callable[[int, int], None] | None = None,
         max_steps: int | None = None,
         on_token: Callable[[int, int], bool | None] | None = None,
+        between_steps: Callable[[], None] | None = None,
     ) -> list[Completion]:
         """Generate every request; returns their completions in request order.
 
@@ -269,6 +270,9 @@ class RolloutEngine:
                 ``index`` is recorded (streaming, stop strings, cancellation: docs/serve.md). A
                 true return ends that request there with ``finish_reason`` ``"stop"`` (when the
                 token did not already finish it) and frees its row.
+            between_steps: called before every prefill and decode forward, where no forward is
+                running: a caller may load new weights there (and set ``weight_version``), which
+                the next step samples with (live weight updates, docs/serve.md).
 
         Raises:
             RLError: for an invalid request (the message names its index and field).
@@ -302,6 +306,8 @@ class RolloutEngine:
                         cache = SlotCache(model.config, len(rows), width + CACHE_ROOM, dtype, device)
                     free = [i for i, r in enumerate(rows) if r is None]
                     group = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+                    if between_steps is not None:
+                        between_steps()
                     prefill, first = self._prefill(group, device, dtype)
                     stats.prefills += 1
                     version = self.weight_version  # one version for all tokens of a step
@@ -329,6 +335,8 @@ class RolloutEngine:
                 # One decode step for every row.
                 active = [seq for seq in rows if seq is not None]  # all rows: none is free here
                 assert len(active) == len(rows), "a free row reached a decode step"
+                if between_steps is not None:
+                    between_steps()
                 ids = torch.tensor([[s.completion.token_ids[-1]] for s in active], device=device)
                 positions = torch.tensor([[s.position] for s in active], device=device)
                 mask = cache.step_mask().long()

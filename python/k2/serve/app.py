@@ -114,10 +114,14 @@ class ChatService:
         max_batch: engine rows decoded together.
         max_queue: requests that may wait (more get 429).
         constrain: schema-constrained tool calls (needs the ``constrain`` extra); on by default.
+        start: start the scheduler thread now.
+        subscriber: a :class:`~k2.broadcast.WeightSubscriber` on ``model``: published versions
+            are applied between decoding steps (:mod:`k2.serve.weights`).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str = "k2", max_batch: int = 8,
-                 max_queue: int = 64, constrain: bool = True, start: bool = True) -> None:
+                 max_queue: int = 64, constrain: bool = True, start: bool = True,
+                 subscriber: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -126,7 +130,13 @@ class ChatService:
         if self.im_end is None:
             raise ServeError(f"the tokenizer has no {IM_END} token: it is not K2's")
         self.engine = RolloutEngine(model, max_batch=max_batch, pad_token_id=self.im_end)
-        self.scheduler = Scheduler(self.engine, max_queue=max_queue)
+        self.follower = None
+        if subscriber is not None:
+            from k2.serve.weights import WeightFollower
+
+            self.follower = WeightFollower(subscriber, self.engine)
+            self.engine.weight_version = int(subscriber.version)
+        self.scheduler = Scheduler(self.engine, max_queue=max_queue, between_steps=self.follower)
         self.metrics = Metrics(self.scheduler, self.engine)
         self.constrainer = None
         if constrain:
@@ -214,6 +224,7 @@ class ChatService:
         return {
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
             "choices": choices, "system_fingerprint": f"k2-v{self.engine.weight_version}",
+            "weight_versions": sorted({v for c in completions for v in c.versions}),
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,
                       "total_tokens": len(prompt) + generated},
         }
@@ -270,7 +281,7 @@ async def _stream(service: ChatService, req: ChatRequest, rid: str, include_usag
                 delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls) if k >= sent_calls[i]]
             yield _chunk(rid, model, [{"index": i, "delta": delta, "finish_reason": c["finish_reason"]}])
         if include_usage:
-            yield _chunk(rid, model, [], usage=final["usage"])
+            yield _chunk(rid, model, [], usage=final["usage"], weight_versions=final["weight_versions"])
         yield "data: [DONE]\n\n"
         service.metrics.requests.labels("200").inc()
         service.metrics.latency.observe(time.perf_counter() - started)
@@ -307,7 +318,7 @@ def create_app(service: ChatService) -> Any:
                 stream = _stream(service, req, rid, bool(options.get("include_usage")), started)
                 first = await anext(stream)  # submits: a full queue or a bad request answers here
                 return StreamingResponse(_prepend(first, stream), media_type="text/event-stream",
-                                         headers={"x-k2-weight-version": str(service.engine.weight_version)})
+                                         headers={"x-k2-weight-version": str(service.engine.weight_version)})  # at the start
             prompt, job, _ = await asyncio.to_thread(service.submit, req)
             completions = await asyncio.wrap_future(job.future)
         except ServeError as err:
@@ -318,7 +329,8 @@ def create_app(service: ChatService) -> Any:
         body = service.response(req, rid, prompt, completions)
         service.metrics.requests.labels("200").inc()
         service.metrics.latency.observe(time.perf_counter() - started)
-        return JSONResponse(body, headers={"x-k2-weight-version": str(service.engine.weight_version)})
+        versions = ",".join(str(v) for v in body["weight_versions"])
+        return JSONResponse(body, headers={"x-k2-weight-versions": versions})
 
     async def models(request: HTTPRequest) -> Response:
         return JSONResponse({"object": "list", "data": [
