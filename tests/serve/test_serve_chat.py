@@ -10,7 +10,7 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 
-from conftest import TOOLS, http  # noqa: E402
+from serve_helpers import TOOLS, http  # noqa: E402
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 

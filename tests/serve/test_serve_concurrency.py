@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from conftest import Server, http
+from serve_helpers import Server, http
 
 USER = [{"role": "user", "content": "Say hello"}]
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import TOOLS, http
+from serve_helpers import TOOLS, http
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 

@@ -93,3 +93,20 @@ def test_request_validation_names_fields():
     with pytest.raises(ServeError) as info:
         parse_chat_request({"model": "x", "messages": [{"role": "user", "content": "a"}]}, "m")
     assert info.value.status == 404
+
+
+def test_between_steps_runs_before_every_forward_and_can_change_the_version(tiny):
+    model, _ = tiny
+    engine = RolloutEngine(model, max_batch=2)
+    calls = []
+
+    def between() -> None:
+        calls.append(len(calls))
+        engine.weight_version = 1 if len(calls) > 3 else 0
+
+    out = engine.generate([Request([5, 6], 6, seed=s) for s in range(3)], between_steps=between)
+    stats = engine.last_stats
+    assert len(calls) == stats.prefills + stats.decode_steps
+    versions = [v for c in out for v in c.versions]
+    assert set(versions) == {0, 1}  # tokens sampled after the switch carry the new version
+    assert all(c.versions == sorted(c.versions) for c in out)

@@ -83,7 +83,7 @@ class _Choice:
 class Metrics:
     """Prometheus metrics of one server (its own registry)."""
 
-    def __init__(self, scheduler: Scheduler, engine: RolloutEngine) -> None:
+    def __init__(self, scheduler: Scheduler, weight_version: Any) -> None:
         prom = _starlette()
         self.prom = prom
         self.registry = prom.CollectorRegistry()
@@ -98,7 +98,7 @@ class Metrics:
         rows = prom.Gauge("k2_serve_running_sequences", "Sequences in the engine's current call", registry=r)
         rows.set_function(lambda: scheduler.running_rows)
         version = prom.Gauge("k2_serve_weight_version", "Weight version the engine holds", registry=r)
-        version.set_function(lambda: engine.weight_version)
+        version.set_function(lambda: weight_version())
 
     def render(self) -> bytes:
         return self.prom.generate_latest(self.registry)
@@ -115,8 +115,8 @@ class ChatService:
         max_queue: requests that may wait (more get 429).
         constrain: schema-constrained tool calls (needs the ``constrain`` extra); on by default.
         start: start the scheduler thread now.
-        subscriber: a :class:`~k2.broadcast.WeightSubscriber` on ``model``: published versions
-            are applied between decoding steps (:mod:`k2.serve.weights`).
+        subscriber: reserved for live weight updates (not implemented: raises
+            NotImplementedError).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str = "k2", max_batch: int = 8,
@@ -130,14 +130,12 @@ class ChatService:
         if self.im_end is None:
             raise ServeError(f"the tokenizer has no {IM_END} token: it is not K2's")
         self.engine = RolloutEngine(model, max_batch=max_batch, pad_token_id=self.im_end)
-        self.follower = None
         if subscriber is not None:
-            from k2.serve.weights import WeightFollower
-
-            self.follower = WeightFollower(subscriber, self.engine)
-            self.engine.weight_version = int(subscriber.version)
-        self.scheduler = Scheduler(self.engine, max_queue=max_queue, between_steps=self.follower)
-        self.metrics = Metrics(self.scheduler, self.engine)
+            raise NotImplementedError(
+                "live weight updates (a WeightSubscriber applied between decoding steps) are not "
+                "implemented in k2 serve yet (docs/serve.md, 'Not yet')")
+        self.scheduler = Scheduler(self.engine, max_queue=max_queue)
+        self.metrics = Metrics(self.scheduler, lambda: self.weight_version)
         self.constrainer = None
         if constrain:
             from k2.agentic.constrain import ToolCallConstrainer
@@ -145,7 +143,18 @@ class ChatService:
             self.constrainer = ToolCallConstrainer(tokenizer)
         self._lock = threading.Lock()  # grammar compilation from several handler threads
         if start:
-            self.scheduler.start()
+            self.start()
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    @property
+    def weight_version(self) -> int:
+        """The weight version the model holds."""
+        return self.engine.weight_version
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -223,7 +232,7 @@ class ChatService:
         self.metrics.completion_tokens.inc(generated)
         return {
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-            "choices": choices, "system_fingerprint": f"k2-v{self.engine.weight_version}",
+            "choices": choices, "system_fingerprint": f"k2-v{self.weight_version}",
             "weight_versions": sorted({v for c in completions for v in c.versions}),
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,
                       "total_tokens": len(prompt) + generated},
@@ -318,7 +327,7 @@ def create_app(service: ChatService) -> Any:
                 stream = _stream(service, req, rid, bool(options.get("include_usage")), started)
                 first = await anext(stream)  # submits: a full queue or a bad request answers here
                 return StreamingResponse(_prepend(first, stream), media_type="text/event-stream",
-                                         headers={"x-k2-weight-version": str(service.engine.weight_version)})  # at the start
+                                         headers={"x-k2-weight-version": str(service.weight_version)})  # at the start
             prompt, job, _ = await asyncio.to_thread(service.submit, req)
             completions = await asyncio.wrap_future(job.future)
         except ServeError as err:
@@ -337,7 +346,7 @@ def create_app(service: ChatService) -> Any:
             {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "k2"}]})
 
     async def health(request: HTTPRequest) -> Response:
-        return JSONResponse({"status": "ok", "weight_version": service.engine.weight_version,
+        return JSONResponse({"status": "ok", "weight_version": service.weight_version,
                              "queued": service.scheduler.queued})
 
     async def metrics(request: HTTPRequest) -> Response:
@@ -346,7 +355,7 @@ def create_app(service: ChatService) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
-        service.scheduler.stop()
+        service.stop()
 
     return Starlette(lifespan=lifespan, routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),

@@ -6,8 +6,6 @@ scheduler thread takes every job waiting, runs them through one
 :meth:`~k2.rl.rollout.RolloutEngine.generate` call (continuous batching over ``max_batch``
 rows), tells each job's ``on_token`` as tokens are sampled (streaming, stop strings) and
 resolves its future with its completions. Jobs arriving during a call wait for the next call.
-``between_steps`` (live weight updates) runs in this thread before every forward and, when idle,
-every ``idle_poll`` seconds.
 """
 
 from __future__ import annotations
@@ -49,11 +47,8 @@ class Scheduler:
         max_rows: most engine requests started in one generate call (later jobs wait).
     """
 
-    def __init__(self, engine: RolloutEngine, *, max_queue: int = 64, max_rows: int | None = None,
-                 between_steps: Callable[[], None] | None = None, idle_poll: float = 0.05) -> None:
+    def __init__(self, engine: RolloutEngine, *, max_queue: int = 64, max_rows: int | None = None) -> None:
         self.engine = engine
-        self.between_steps = between_steps
-        self.idle_poll = idle_poll
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.max_rows = max_rows or 4 * engine.max_batch
         self.running_rows = 0
@@ -84,16 +79,7 @@ class Scheduler:
         return job.future
 
     def _take(self) -> list[Job] | None:
-        first = self._held
-        while first is None:
-            if self.between_steps is None:
-                first = self.queue.get()
-                break
-            try:
-                first = self.queue.get(timeout=self.idle_poll)
-                break
-            except queue.Empty:
-                self.between_steps()  # idle: new weights still arrive
+        first = self._held or self.queue.get()
         self._held = None
         if first is None:
             return None
@@ -130,8 +116,7 @@ class Scheduler:
 
             self.running_rows = len(requests)
             try:
-                completions: list[Completion] = self.engine.generate(
-                    requests, on_token=on_token, between_steps=self.between_steps)
+                completions: list[Completion] = self.engine.generate(requests, on_token=on_token)
             except BaseException as err:  # noqa: BLE001 - every job of the batch learns the failure
                 for job in jobs:
                     job.future.set_exception(err)
