@@ -1,5 +1,5 @@
-"""A streaming client that goes away frees its rows: its choices end at the next token instead of
-running to their budget."""
+"""A client that goes away frees its rows: its choices end at the next token instead of running to
+their budget (streamed and plain requests)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import http.client
 import json
 import time
 
+import pytest
+
 from serve_helpers import Server
 
 USER = [{"role": "user", "content": "Say hello"}]
 STEP_S = 0.02
 
 
-def test_a_closed_stream_ends_its_generation(client, tiny):
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "plain"])
+def test_a_closed_connection_ends_its_generation(client, tiny, stream):
     from k2.serve.app import ChatService, create_app
 
     # a seed whose completion runs long (same weights, fast server)
@@ -34,11 +37,16 @@ def test_a_closed_stream_ends_its_generation(client, tiny):
     server = Server(create_app(service))
     try:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        body = json.dumps({"model": "tiny", "messages": USER, "max_tokens": 150, "seed": seed, "stream": True})
+        body = json.dumps({"model": "tiny", "messages": USER, "max_tokens": 150, "seed": seed, "stream": stream})
         connection.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
-        response = connection.getresponse()
-        assert response.status == 200
-        response.fp.readline()  # the first event: generation is under way
+        if stream:
+            response = connection.getresponse()
+            assert response.status == 200
+            response.fp.readline()  # the first event: generation is under way
+        else:
+            deadline = time.perf_counter() + 10
+            while not service.scheduler.running_rows and time.perf_counter() < deadline:
+                time.sleep(0.005)
         started = time.perf_counter()
         assert service.scheduler.running_rows == 1
         connection.sock.close()

@@ -328,8 +328,8 @@ def create_app(service: ChatService) -> Any:
                 first = await anext(stream)  # submits: a full queue or a bad request answers here
                 return StreamingResponse(_prepend(first, stream), media_type="text/event-stream",
                                          headers={"x-k2-weight-version": str(service.weight_version)})  # at the start
-            prompt, job, _ = await asyncio.to_thread(service.submit, req)
-            completions = await asyncio.wrap_future(job.future)
+            prompt, job, states = await asyncio.to_thread(service.submit, req)
+            completions = await _wait_or_cancel(request, job, states)
         except ServeError as err:
             return error(err)
         except Exception as err:  # noqa: BLE001 - an engine failure is this request's 500, not the server's end
@@ -363,6 +363,19 @@ def create_app(service: ChatService) -> Any:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ])
+
+
+async def _wait_or_cancel(request: Any, job: Job, states: list[_Choice], poll_s: float = 0.1) -> list[Completion]:
+    """The job's completions; a client that disconnects meanwhile has its choices ended at the next token."""
+    future = asyncio.wrap_future(job.future)
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=poll_s)
+        if done:
+            return future.result()
+        if await request.is_disconnected():
+            for state in states:
+                state.cancelled = True
+            return await future
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
