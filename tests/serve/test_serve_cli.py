@@ -26,3 +26,27 @@ def test_missing_extra_is_named(monkeypatch):
 def test_subscribe_is_not_built_yet():
     with pytest.raises(NotImplementedError, match="WeightSubscriber"):
         main(["serve", "some-run", "--subscribe", "policy"])
+
+
+def test_serve_loads_a_run_and_hands_the_app_to_uvicorn(tmp_path, tiny, monkeypatch, capsys):
+    import uvicorn
+
+    from k2 import checkpoint
+    from k2.data.tokenizer import save_tokenizer
+
+    model, tokenizer = tiny
+    root = tmp_path / "myrun"
+    root.mkdir()
+    save_tokenizer(tokenizer, root)
+    checkpoint.save(root / "checkpoints", model, tokenizer_dir=root, step=0)
+    seen = {}
+
+    def fake_run(app, host, port, log_level):
+        seen.update(app=app, host=host, port=port)
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", str(root / "checkpoints"), "--port", "9123", "--max-batch", "2"]) == 0
+    assert seen["port"] == 9123 and seen["host"] == "127.0.0.1"
+    assert "as model 'myrun'" in capsys.readouterr().out
+    paths = {route.path for route in seen["app"].routes}
+    assert {"/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= paths
