@@ -30,7 +30,6 @@ from k2.rl.rollout import Completion, Request, RolloutEngine
 from k2.serve.scheduler import Job, QueueFull, Scheduler
 from k2.serve.schemas import ChatRequest, choice_of, cut_at_stop, error_body, parse_chat_request
 
-SUPPORTED = "the 'serve' extra"
 
 
 def _starlette():
