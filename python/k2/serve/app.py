@@ -31,7 +31,6 @@ from k2.serve.scheduler import Job, QueueFull, Scheduler
 from k2.serve.schemas import ChatRequest, choice_of, cut_at_stop, error_body, parse_chat_request
 
 
-
 def _starlette():
     require("starlette", extra="serve", purpose="k2 serve")
     require("uvicorn", extra="serve", purpose="k2 serve")
