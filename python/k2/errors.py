@@ -86,3 +86,17 @@ class RLTaskError(K2Error, ValueError):
 
 
 __all__ += ["RLTaskError"]
+
+
+class ServeError(K2Error, ValueError):
+    """A chat request to ``k2 serve`` is invalid; ``field`` names the part at fault, ``status``
+    is the HTTP status it is answered with (docs/serve.md)."""
+
+    def __init__(self, message: str, field: str | None = None, status: int = 400, code: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.field = field
+        self.status = status
+        self.code = code
+
+
+__all__ += ["ServeError"]

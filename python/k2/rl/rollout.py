@@ -255,6 +255,8 @@ class RolloutEngine:
         seed: int = 0,
         progress: Callable[[int, int], None] | None = None,
         max_steps: int | None = None,
+        on_token: Callable[[int, int], bool | None] | None = None,
+        between_steps: Callable[[], None] | None = None,
     ) -> list[Completion]:
         """Generate every request; returns their completions in request order.
 
@@ -264,6 +266,13 @@ class RolloutEngine:
             progress: called as ``progress(finished, total)`` after each finished request.
             max_steps: stop after this many decode steps; the unfinished completions come back
                 paused (``finish_reason`` None), to be resumed as a ``Request.prefix``.
+            on_token: called as ``on_token(index, token)`` right after each token of request
+                ``index`` is recorded (streaming, stop strings, cancellation: docs/serve.md). A
+                true return ends that request there with ``finish_reason`` ``"stop"`` (when the
+                token did not already finish it) and frees its row.
+            between_steps: called before every prefill and decode forward, where no forward is
+                running: a caller may load new weights there (and set ``weight_version``), which
+                the next step samples with (live weight updates, docs/serve.md).
 
         Raises:
             RLError: for an invalid request (the message names its index and field).
@@ -297,13 +306,15 @@ class RolloutEngine:
                         cache = SlotCache(model.config, len(rows), width + CACHE_ROOM, dtype, device)
                     free = [i for i, r in enumerate(rows) if r is None]
                     group = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+                    if between_steps is not None:
+                        between_steps()
                     prefill, first = self._prefill(group, device, dtype)
                     stats.prefills += 1
                     version = self.weight_version  # one version for all tokens of a step
                     for row_in_group, seq in enumerate(group):
                         token, logprob = first[row_in_group]
                         stats.tokens += 1
-                        if seq.add(token, logprob, version):
+                        if self._record(seq, token, logprob, version, on_token):
                             finished += 1
                             if progress is not None:
                                 progress(finished, len(running))
@@ -324,6 +335,8 @@ class RolloutEngine:
                 # One decode step for every row.
                 active = [seq for seq in rows if seq is not None]  # all rows: none is free here
                 assert len(active) == len(rows), "a free row reached a decode step"
+                if between_steps is not None:
+                    between_steps()
                 ids = torch.tensor([[s.completion.token_ids[-1]] for s in active], device=device)
                 positions = torch.tensor([[s.position] for s in active], device=device)
                 mask = cache.step_mask().long()
@@ -334,7 +347,7 @@ class RolloutEngine:
                 stats.tokens += len(active)
                 version = self.weight_version
                 for row, (seq, token, logprob) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
-                    if seq.add(token, logprob, version):
+                    if self._record(seq, token, logprob, version, on_token):
                         finished += 1
                         rows[row] = None
                         cache.free(row)
@@ -358,6 +371,18 @@ class RolloutEngine:
         logits = self.model(ids, mask, positions, cache=cache, logits_to_keep=1).logits[:, -1]
         tokens, logprobs = self._sample(logits, group)
         return cache, list(zip(tokens.tolist(), logprobs.tolist()))
+
+    @staticmethod
+    def _record(
+        seq: _Running, token: int, logprob: float, version: int,
+        on_token: Callable[[int, int], bool | None] | None,
+    ) -> bool:
+        """Add a sampled token to ``seq`` and tell ``on_token``; True when ``seq`` is finished."""
+        done = seq.add(token, logprob, version)
+        if on_token is not None and on_token(seq.index, token) and not done:
+            seq.completion.finish_reason = "stop"
+            done = True
+        return done
 
     @staticmethod
     def _seed_of(request: Request, seed: int, index: int) -> int:
