@@ -12,22 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from k2.errors import ConfigError
-
 
 def run(args: argparse.Namespace) -> int:
     from k2.rl.config import RL_FLAGS, RLConfig
     from k2.rl.loop import RLTrainer
-    from k2.train.resume import resume_config
+    from k2.train.resume import command_config
 
     overrides = {name: getattr(args, name) for name in RL_FLAGS}
-    if args.allow_changes and not args.resume:
-        raise ConfigError("--allow-changes only applies with --resume")
-    point = None
-    if args.resume:  # the checkpoint's settings, then --config, then the flags
-        config, point = resume_config(args.config, overrides, config_cls=RLConfig)
-    else:
-        config = RLConfig.resolve(args.config, **overrides)
+    config, point = command_config(args, overrides, RLConfig)
     assert isinstance(config, RLConfig)
     result = RLTrainer(config, resume=args.resume, progress=not args.no_progress,
                        resume_point=point, allow_changes=args.allow_changes).run()

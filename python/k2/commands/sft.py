@@ -12,21 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from k2.errors import ConfigError
-
 
 def run(args: argparse.Namespace) -> int:
-    from k2.train.resume import resume_config
+    from k2.train.resume import command_config
     from k2.train.sft import SFT_FLAGS, SFTConfig, SFTTrainer
 
     overrides = {name: getattr(args, name) for name in SFT_FLAGS}
-    if args.allow_changes and not args.resume:
-        raise ConfigError("--allow-changes only applies with --resume")
-    point = None
-    if args.resume:  # the checkpoint's settings, then --config, then the flags
-        config, point = resume_config(args.config, overrides, config_cls=SFTConfig)
-    else:
-        config = SFTConfig.resolve(args.config, **overrides)
+    config, point = command_config(args, overrides, SFTConfig)
     result = SFTTrainer(config, resume=args.resume, progress=not args.no_progress,
                         resume_point=point, allow_changes=args.allow_changes).run()
     return 130 if result.interrupted else 0

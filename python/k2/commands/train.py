@@ -12,22 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from k2.errors import ConfigError
 from k2.train.config import HELP, TrainConfig
-from k2.train.resume import resume_config
+from k2.train.resume import command_config
 
 
 def run(args: argparse.Namespace) -> int:
     from k2.train.pretrain import Trainer
 
     overrides = {name: getattr(args, name) for name in TrainConfig.fields()}
-    if args.allow_changes and not args.resume:
-        raise ConfigError("--allow-changes only applies with --resume")
-    point = None
-    if args.resume:  # the checkpoint's settings, then --config, then the flags
-        config, point = resume_config(args.config, overrides)
-    else:
-        config = TrainConfig.resolve(args.config, **overrides)
+    config, point = command_config(args, overrides)
     result = Trainer(config, resume=args.resume, progress=not args.no_progress,
                      resume_point=point, allow_changes=args.allow_changes).run()
     return 130 if result.interrupted else 0

@@ -151,6 +151,19 @@ def explicit_run_dir(file: str | os.PathLike[str] | None, overrides: dict[str, A
     return Path(config_cls.run_dir)
 
 
+def command_config(args: Any, overrides: dict[str, Any], config_cls: type[TrainConfig] = TrainConfig
+                   ) -> tuple[TrainConfig, ResumePoint | None]:
+    """The settings a training command (``k2 train``, ``k2 sft``, ``k2 rl``) runs with, from its
+    parsed ``args`` (``config``, ``resume``, ``allow_changes``) and flag ``overrides``: on
+    ``--resume`` those of :func:`resume_config` and the checkpoint to continue from, else the
+    defaults, then ``--config``, then the flags (and no checkpoint)."""
+    if args.allow_changes and not args.resume:
+        raise ConfigError("--allow-changes only applies with --resume")
+    if args.resume:  # the checkpoint's settings, then --config, then the flags
+        return resume_config(args.config, overrides, config_cls=config_cls)
+    return config_cls.resolve(args.config, **overrides), None
+
+
 def resume_config(file: str | os.PathLike[str] | None, overrides: dict[str, Any],
                   config_cls: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, ResumePoint]:
     """The settings of a resumed run: the checkpoint's, then ``file``'s, then ``overrides``
