@@ -226,6 +226,20 @@ def test_the_command_runs_and_writes_metrics(init_run: Path, tmp_path: Path) -> 
     assert config["objective"] == "k2" and config["qk_clip_tau"] > 0 and config["optimizer"] == "muonclip"
 
 
+def test_steps_zero_with_a_warm_start_is_a_supervised_only_run(init_run: Path, tmp_path: Path) -> None:
+    # The continued-SFT baseline of bench/rl_study.py: warm-start steps and no RL step.
+    run = tmp_path / "sft"
+    assert rl("--init", str(init_run), "--run-dir", str(run), "--steps", "0", "--warm-start-steps", "2") == 0
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["phase"] for r in records if r["kind"] == "train"] == ["warm_start", "warm_start"]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2]
+
+
+def test_steps_zero_without_a_warm_start_is_refused(init_run: Path, tmp_path: Path, capsys) -> None:
+    assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "r"), "--steps", "0") == 1
+    assert "steps must be" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # two short RL runs
 def test_resume_is_bit_identical(init_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "rl"

@@ -5,6 +5,9 @@ The first ids are reserved, in this order, for the special tokens: the end-of-do
 the tool-call tokens of docs/chat-format.md. Byte-level BPE means any UTF-8 text round-trips exactly. The
 tokenizer is saved as ``tokenizer.json`` beside a ``tokenizer_config.json`` that carries the
 chat template, so ``transformers.AutoTokenizer.from_pretrained(DIR)`` loads it as is.
+
+Every digit is its own pre-token (docs/token-shards.md, "Tokenizer"): a number is spelled the same
+way wherever it appears, which is what arithmetic and copying ids and amounts need.
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

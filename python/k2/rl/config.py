@@ -72,6 +72,10 @@ class RLConfig(TrainConfig):
 
     def validate(self) -> None:
         base = dataclasses.replace(self, preset="tiny") if self.preset == CUSTOM_PRESET else self
+        if self.steps == 0 and self.warm_start_steps > 0:
+            # A warm-start-only run: supervised steps on the task's gold answers (the
+            # continued-SFT baseline RL is compared with), no RL step.
+            base = dataclasses.replace(base, steps=self.warm_start_steps)
         TrainConfig.validate(base)
         if self.grad_accum != 1:
             raise ConfigError(f"grad_accum must be 1 in k2 rl (a step is one batch of P x K "
@@ -124,7 +128,7 @@ RL_HELP: dict[str, str] = {
     "run_dir": "where checkpoints, metrics and plots go",
     "seq_len": "tokens per PTX / warm-start sequence",
     "batch_size": "sequences per PTX / warm-start batch",
-    "steps": "RL steps (after the warm-start steps)",
+    "steps": "RL steps (after the warm-start steps; 0 with --warm-start-steps: supervised steps only)",
     "init": "the policy to start from: a k2 run directory (its newest checkpoint) or a "
             "checkpoint directory (k2 or Hub layout, with tokenizer files)",
     "task": "arithmetic | countdown | rg:NAME | code:humaneval (agentic:DOMAIN is not supported yet)",
