@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for the GPU test machine (see README "GPU verification"): installs the carried
 # abi3 wheel from dist/, runs every `gpu` test, then the kernel benchmarks (Newton–Schulz and MoE,
-# then MLA). Under 8 minutes on an H200 or H100 (time limits 300 + 120 + 60 s). Build the wheel here first with `make wheel`, then carry `dist`.
+# then MLA). Under 8 minutes on an H200 or H100 (time limits 300 + 120 + 60 s). Build the wheel
+# here first with `make wheel`, then carry `dist`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/k2-gpu-check}
