@@ -137,6 +137,13 @@ def partial_smem_bytes(R: int, P: int) -> int:
     return (ROWS * ld + 2 * KEYS * ld) * 2 + ROWS * (KEYS + 4) * 4 + ROWS * (KEYS + PAD) * 2 + 2 * ROWS * 4
 
 
+def fits_device(device: torch.device, R: int, P: int) -> bool:
+    """Whether the device lets a block opt in to the decode kernel's shared memory (A100 and
+    Hopper do at K2's dims; 99 KiB consumer parts only at smaller ranks)."""
+    props = torch.cuda.get_device_properties(device)
+    return partial_smem_bytes(R, P) <= props.shared_memory_per_block_optin
+
+
 def choose_splits(batch: int, row_groups: int, keys: int, sms: int) -> int:
     """Splits of the context per sequence: enough blocks for two waves over ``sms``
     multiprocessors, never a split shorter than one tile."""
@@ -191,8 +198,8 @@ def mla_decode_cuda(q_latent, q_pe, c, k_pe, starts, ends, scale: float,
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor,
                starts: torch.Tensor, ends: torch.Tensor, scale: float, *,
                validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absorbed decode: the kernel for bf16 CUDA tensors of supported dimensions, the reference
-    elsewhere (same arguments and results as :func:`mla_decode_reference`).
+    """Absorbed decode: the kernel for bf16 CUDA tensors of supported dimensions (on a device
+    with enough shared memory), the reference elsewhere (same arguments and results as :func:`mla_decode_reference`).
 
     ``validate`` checks the ranges (one device sync on the GPU); pass False when they are known
     to be good, e.g. once per batch composition rather than per layer.
@@ -201,7 +208,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, k_pe
 
     _check(q_latent, q_pe, c, k_pe, starts, ends)
     if not (use_kernel(q_latent, q_pe, c, k_pe) and c.dtype == torch.bfloat16
-            and k_pe.dtype == torch.bfloat16 and supported(q_latent, q_pe)):
+            and k_pe.dtype == torch.bfloat16 and supported(q_latent, q_pe)
+            and fits_device(c.device, q_latent.shape[-1], q_pe.shape[-1])):
         return mla_decode_reference(q_latent, q_pe, c, k_pe, starts, ends, scale)
     if validate:
         _validate_ranges(starts, ends, q_latent.shape[1], c.shape[1])
