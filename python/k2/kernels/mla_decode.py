@@ -16,7 +16,8 @@ seeing itself and what precedes it. The model's :class:`~k2.model.mla.KVCache` i
 
 * :func:`mla_decode_reference` — the absorbed attention in PyTorch, the same math as
   :meth:`k2.model.mla.MLA._absorbed` (scores of ``q * scale`` against ``[c, k_pe]``, softmax,
-  ``probs.to(c.dtype) @ c``): the CPU path and the oracle of the GPU tests;
+  ``probs.to(c.dtype) @ c``) with the heads folded into the rows of one product per sequence:
+  the CPU path and the oracle of the GPU tests;
 * :func:`mla_decode` — the kernel for bf16 CUDA tensors of supported shapes, the reference
   everywhere else;
 * :func:`absorbed_decode` — the whole absorbed step from ``q_nope`` (folding ``W_uk`` in and
@@ -111,18 +112,22 @@ def mla_decode_reference(q_latent: torch.Tensor, q_pe: torch.Tensor, c: torch.Te
         inputs): the natural log-sum-exp of each row's scaled scores).
     """
     _check(q_latent, q_pe, c, k_pe, starts, ends)
-    T, S = q_latent.shape[1], c.shape[1]
+    B, T, H, R = q_latent.shape
+    S = c.shape[1]
     _validate_ranges(starts.cpu(), ends.cpu(), T, S)
     acc = torch.float64 if c.dtype == torch.float64 else torch.float32
-    q = torch.cat((q_latent, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, R+P]
-    k = torch.cat((c, k_pe), dim=-1)[:, None]                # [B, 1, S, R+P]
-    scores = torch.matmul(q * scale, k.transpose(-1, -2)).to(acc)  # [B, H, T, S]
-    allowed = decode_allowed(starts.to(c.device), ends.to(c.device), T, S)[:, None]  # [B, 1, T, S]
+    # Heads fold into the rows of one product per sequence: [B, T H, R+P] x [B, R+P, S]. (A
+    # broadcast matmul over [B, H, T, .] x [B, 1, S, .] would copy the cache once per head.)
+    q = torch.cat((q_latent, q_pe), dim=-1).reshape(B, T * H, -1)
+    k = torch.cat((c, k_pe), dim=-1)                              # [B, S, R+P]
+    scores = torch.bmm(q * scale, k.transpose(1, 2)).to(acc)      # [B, T H, S]
+    allowed = decode_allowed(starts.to(c.device), ends.to(c.device), T, S)  # [B, T, S]
+    allowed = allowed[:, :, None, :].expand(B, T, H, S).reshape(B, T * H, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.to(c.dtype), c[:, None])  # [B, H, T, R]
-    lse = torch.logsumexp(scores, dim=-1)               # [B, H, T]
-    return out.transpose(1, 2), lse.transpose(1, 2)
+    out = torch.bmm(probs.to(c.dtype), c)                         # [B, T H, R]
+    lse = torch.logsumexp(scores, dim=-1)
+    return out.view(B, T, H, R), lse.view(B, T, H)
 
 
 def supported(q_latent: torch.Tensor, q_pe: torch.Tensor) -> bool:
