@@ -21,7 +21,9 @@
 // Requirements (checked by the launcher): Dk % 16 == 0, Dk <= 192, Dv % 8 == 0, Dv <= 128,
 // strides multiples of 8 elements and 16-byte aligned bases.
 
+#ifndef K2_HOST_EMULATION  // tests/test_kernels_mla_host.h runs this file on the CPU
 #include <cuda_bf16.h>
+#endif
 
 namespace {
 
@@ -56,11 +58,15 @@ __device__ __forceinline__ unsigned pack_floats(float lo, float hi) {
 }
 
 __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef K2_HOST_EMULATION
+  k2emu::mma_16816(d, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // rows [key0, key0 + KTILE) x cols [0, dim) of a [T, dim] matrix with row stride `stride` into

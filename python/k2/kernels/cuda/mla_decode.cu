@@ -27,7 +27,9 @@
 // reference (probs.to(bf16) @ c). Requirements (checked by the launcher): R % 64 == 0,
 // R <= 512, P % 16 == 0, 16-byte aligned rows.
 
+#ifndef K2_HOST_EMULATION  // tests/test_kernels_mla_host.h runs this file on the CPU
 #include <cuda_bf16.h>
+#endif
 
 namespace {
 
@@ -58,27 +60,41 @@ __device__ __forceinline__ unsigned pack_two(bf16 lo, bf16 hi) {
 
 // D = A(16x16, row) * B(16x8, col) + D, bf16 inputs, fp32 accumulators.
 __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef K2_HOST_EMULATION
+  k2emu::mma_16816(d, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // 16 bytes global -> shared, asynchronously; with valid == false the destination is zeroed and
 // nothing is read.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#ifdef K2_HOST_EMULATION  // a synchronous copy
+  if (valid) std::memcpy(smem, gmem, 16); else std::memset(smem, 0, 16);
+#else
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                "r"(bytes));
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef K2_HOST_EMULATION
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifndef K2_HOST_EMULATION
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // Keys [key0, key0 + KEYS) of one sequence into ks[KEYS][D + PAD]: c in columns [0, R), k_pe in
@@ -110,7 +126,11 @@ mla_decode_partial(const bf16* __restrict__ q, long long q_bstride, int M, int h
                    const int* __restrict__ starts, const int* __restrict__ ends, int R, int P,
                    float scale, int splits, float* __restrict__ o_part,
                    float* __restrict__ lse_part) {
+#ifdef K2_HOST_EMULATION
+  unsigned char* smem = k2emu::dynamic_shared;
+#else
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
   const int D = R + P, LD = D + PAD;
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Ks = Qs + ROWS * LD;
