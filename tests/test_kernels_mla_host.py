@@ -122,8 +122,10 @@ DECODE_CASES = [  # (B, T, H, R, P, S, starts, splits)
     pytest.param((3, 1, 4, 64, 16, 45, [0, 13, 44], 1), id="tiny-ragged"),
     pytest.param((3, 1, 4, 64, 16, 45, [0, 13, 44], 3), id="tiny-ragged-3splits"),
     pytest.param((2, 2, 4, 64, 16, 70, [0, 30], 2), id="tiny-two-tokens"),
-    pytest.param((1, 2, 40, 128, 32, 50, [5], 2), id="two-row-groups", marks=pytest.mark.slow),
-    pytest.param((1, 1, 64, 512, 64, 40, [3], 2), id="k2-dims", marks=pytest.mark.slow),
+    pytest.param((1, 2, 40, 128, 32, 50, [5], 2), id="two-row-groups"),
+    pytest.param((1, 1, 64, 512, 64, 40, [3], 2), id="k2-dims"),
+    pytest.param((2, 2, 64, 512, 64, 300, [0, 250], 5), id="k2-dims-two-tokens-5splits"),
+    pytest.param((1, 1, 128, 512, 64, 100, [1], 1), id="128-heads"),
 ]
 
 
@@ -170,7 +172,8 @@ def host_attention(lib, q, k, v, doc_start, scale):
 
 ATTENTION_CASES = [  # (B, H, T, Dk, Dv, document lengths)
     pytest.param((2, 2, 70, 48, 32, [3, 40, 27]), id="tiny-docs"),
-    pytest.param((1, 1, 80, 192, 128, [70, 10]), id="k2-dims", marks=pytest.mark.slow),
+    pytest.param((1, 1, 80, 192, 128, [70, 10]), id="k2-dims"),
+    pytest.param((1, 2, 200, 192, 128, [1, 64, 100, 35]), id="k2-dims-docs-across-tiles"),
 ]
 
 
