@@ -7,7 +7,10 @@
 // of the block (or warp) has arrived. Warp shuffles and mma.sync m16n8k16 exchange registers
 // through per-warp buffers; the mma's operand and accumulator layouts follow the PTX ISA's
 // description of the bf16 m16n8k16 fragments, written here independently of the kernels, so a
-// kernel that loads a fragment wrongly computes the wrong product. cp.async is a synchronous copy.
+// kernel that loads a fragment wrongly computes the wrong product. cp.async copies are queued per
+// thread in commit groups and performed only when cp.async.wait_group retires their group, so a
+// kernel that reads shared memory before waiting (or before the barrier after the wait, when
+// another thread's copies land later) reads stale data.
 #pragma once
 
 #include <ucontext.h>
@@ -79,10 +82,17 @@ namespace k2emu {
 inline k2dim3 thread_idx, block_idx, grid_dim, block_dim;
 alignas(16) inline unsigned char dynamic_shared[256 * 1024];
 
+struct Copy {
+  void* dst;
+  const void* src;  // null: zero-fill
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   bool done = false;
+  std::vector<Copy> open;                 // issued, not yet committed
+  std::vector<std::vector<Copy>> groups;  // committed, oldest first
 };
 
 inline ucontext_t scheduler_ctx;
@@ -163,6 +173,27 @@ inline void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
     d[i] = acc;
   }
   warp_barrier();
+}
+
+inline void cp_async(void* dst, const void* src, bool valid) {
+  fibers[current].open.push_back({dst, valid ? src : nullptr});
+}
+
+inline void cp_commit() {
+  Fiber& f = fibers[current];
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+// Complete all but the newest `pending` committed groups of this thread.
+inline void cp_wait(int pending) {
+  Fiber& f = fibers[current];
+  while (static_cast<int>(f.groups.size()) > pending) {
+    for (const Copy& c : f.groups.front()) {
+      if (c.src) std::memcpy(c.dst, c.src, 16); else std::memset(c.dst, 0, 16);
+    }
+    f.groups.erase(f.groups.begin());
+  }
 }
 
 inline void trampoline() {

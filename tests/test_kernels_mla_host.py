@@ -2,11 +2,12 @@
 
 cuda/mla_decode.cu and cuda/mla_attention.cu are compiled with the host C++ compiler against
 tests/test_kernels_mla_host.h, which runs every CUDA thread of a block as a fiber and emulates
-``__syncthreads``, warp shuffles, ``cp.async`` (synchronously) and ``mma.sync`` m16n8k16 with the
-PTX ISA's fragment layouts. So the kernels' index arithmetic — fragment loads, tile masks, split
-ranges, the online softmax, the combine, the max logit — is exercised as written, and judged by
-the GPU tests' criterion against the fp64 references. What this cannot show: timing, the real
-asynchrony of ``cp.async``, memory-model races, and the hardware's own mma summation order.
+``__syncthreads``, warp shuffles, ``cp.async`` commit groups (copies land only when a wait retires
+them) and ``mma.sync`` m16n8k16 with the PTX ISA's fragment layouts. So the kernels' index
+arithmetic — fragment loads, tile masks, split ranges, the double-buffered key pipeline, the
+online softmax, the combine, the max logit — is exercised as written, and judged by the GPU
+tests' criterion against the fp64 references. What this cannot show: timing, memory-model races
+beyond the barrier order one schedule exercises, and the hardware's own mma summation order.
 Skipped without a C++ compiler (g++ or c++).
 """
 

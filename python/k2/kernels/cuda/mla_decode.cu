@@ -74,8 +74,8 @@ __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const
 // 16 bytes global -> shared, asynchronously; with valid == false the destination is zeroed and
 // nothing is read.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-#ifdef K2_HOST_EMULATION  // a synchronous copy
-  if (valid) std::memcpy(smem, gmem, 16); else std::memset(smem, 0, 16);
+#ifdef K2_HOST_EMULATION
+  k2emu::cp_async(smem, gmem, valid);
 #else
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int bytes = valid ? 16 : 0;
@@ -85,14 +85,18 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef K2_HOST_EMULATION
+#ifdef K2_HOST_EMULATION
+  k2emu::cp_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef K2_HOST_EMULATION
+#ifdef K2_HOST_EMULATION
+  k2emu::cp_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
