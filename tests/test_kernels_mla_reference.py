@@ -211,3 +211,22 @@ def test_attention_rejects_mismatched_shapes() -> None:
         ma.mla_attention_forward(q, q[:, :1], q, torch.zeros(1, 5, dtype=torch.long), 1.0)
     with pytest.raises(KernelError, match="doc_start"):
         ma.mla_attention_forward(q, q, q, torch.zeros(1, 4, dtype=torch.long), 1.0)
+
+
+def test_launch_planning_of_the_decode_kernel() -> None:
+    """Splits give about two waves of blocks and never a split shorter than one 32-key tile;
+    shared memory follows the kernel's layout; the supported dimensions are the presets'."""
+    assert md.choose_splits(batch=64, row_groups=1, keys=4096, sms=132) == 5    # ceil(264 / 64)
+    assert md.choose_splits(batch=1, row_groups=1, keys=4096, sms=132) == 64    # capped at 64
+    assert md.choose_splits(batch=1, row_groups=1, keys=40, sms=132) == 2       # 2 tiles of keys
+    assert md.choose_splits(batch=512, row_groups=2, keys=4096, sms=132) == 1
+    # Q tile + two key tiles (bf16, rows padded by 8) + fp32 scores + bf16 P + alpha and l.
+    assert md.partial_smem_bytes(512, 64) == (64 * 584 + 2 * 32 * 584) * 2 + 64 * 36 * 4 + 64 * 40 * 2 + 512
+    for preset in ("kimi-k2", "small", "tiny"):
+        config = K2Config.from_preset(preset)
+        q = torch.empty(1, 1, 1, config.kv_lora_rank)
+        assert md.supported(q, torch.empty(1, 1, 1, config.qk_rope_head_dim)), preset
+        qk = torch.empty(1, 1, 1, config.qk_nope_head_dim + config.qk_rope_head_dim)
+        assert ma.supported(qk, torch.empty(1, 1, 1, config.v_head_dim)), preset
+    assert not md.supported(torch.empty(1, 1, 1, 96), torch.empty(1, 1, 1, 16))
+    assert not ma.supported(torch.empty(1, 1, 1, 256), torch.empty(1, 1, 1, 128))
