@@ -230,3 +230,11 @@ def test_launch_planning_of_the_decode_kernel() -> None:
         assert ma.supported(qk, torch.empty(1, 1, 1, config.v_head_dim)), preset
     assert not md.supported(torch.empty(1, 1, 1, 96), torch.empty(1, 1, 1, 16))
     assert not ma.supported(torch.empty(1, 1, 1, 256), torch.empty(1, 1, 1, 128))
+
+
+def test_attention_rejects_doc_starts_that_are_not_documents() -> None:
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(KernelError, match=r"doc_start\[0, 3\] = 0 .*not decrease"):
+        ma.mla_attention_forward(q, q, q, torch.tensor([[0, 0, 2, 0]]), 1.0)
+    with pytest.raises(KernelError, match=r"doc_start\[0, 1\] = 2"):
+        ma.mla_attention_forward(q, q, q, torch.tensor([[0, 2, 2, 2]]), 1.0)

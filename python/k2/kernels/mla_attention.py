@@ -61,6 +61,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.T
     if doc_start.shape != (q.shape[0], q.shape[2]):
         raise KernelError(f"mla_attention: doc_start must be [B, T] = {(q.shape[0], q.shape[2])}, "
                           f"got {tuple(doc_start.shape)}")
+    # Documents are contiguous runs: starts never decrease and never pass the token itself (the
+    # kernel skips every key before its block's first document start).
+    index = torch.arange(doc_start.shape[1], device=doc_start.device)
+    bad = (doc_start < 0) | (doc_start > index)
+    bad[:, 1:] |= doc_start[:, 1:] < doc_start[:, :-1]
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise KernelError(f"mla_attention: doc_start[{b}, {t}] = {int(doc_start[b, t])} is not a "
+                          "document start (starts must not decrease and must not pass the token)")
 
 
 def mla_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
