@@ -20,6 +20,9 @@
 // logit is taken from the fp32 scores before the softmax, over allowed pairs only.
 // Requirements (checked by the launcher): Dk % 16 == 0, Dk <= 192, Dv % 8 == 0, Dv <= 128,
 // strides multiples of 8 elements and 16-byte aligned bases.
+//
+// The K2_HOST_EMULATION branches (inline PTX and the shared-memory declaration only) let
+// tests/test_kernels_mla_host.py compile and run this file on the CPU; NVRTC never defines it.
 
 #ifndef K2_HOST_EMULATION  // tests/test_kernels_mla_host.h runs this file on the CPU
 #include <cuda_bf16.h>

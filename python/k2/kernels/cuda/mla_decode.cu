@@ -26,6 +26,9 @@
 // bf16 operands, fp32 accumulation (mma.sync m16n8k16), bf16 probabilities as in PyTorch's
 // reference (probs.to(bf16) @ c). Requirements (checked by the launcher): R % 64 == 0,
 // R <= 512, P % 16 == 0, 16-byte aligned rows.
+//
+// The K2_HOST_EMULATION branches (inline PTX and the shared-memory declaration only) let
+// tests/test_kernels_mla_host.py compile and run this file on the CPU; NVRTC never defines it.
 
 #ifndef K2_HOST_EMULATION  // tests/test_kernels_mla_host.h runs this file on the CPU
 #include <cuda_bf16.h>
