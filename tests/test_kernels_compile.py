@@ -86,3 +86,57 @@ def test_kernels_switch(monkeypatch) -> None:
     assert not nvrtc.kernels_enabled()
     monkeypatch.setenv("K2_KERNELS", "1")
     assert nvrtc.kernels_enabled()
+
+
+# --- MLA kernels (issue 24): entry points, registers and shared memory -------------------------
+
+MLA_ENTRY_POINTS = {
+    "mla_decode.cu": ("mla_decode_partial", "mla_decode_combine"),
+    "mla_attention.cu": ("mla_attention_forward",),
+}
+
+
+def _ptxas_report(name: str, arch: str) -> str:
+    """NVRTC's log of compiling cuda/<name> with ptxas' verbose resource report."""
+    from k2.kernels.nvrtc import _OPTIONS, _log, _nvrtc, cuda_include_dirs
+
+    lib = _nvrtc()
+    source = (cuda_source_dir() / name).read_text()
+    options = [*_OPTIONS, f"--gpu-architecture={arch}", *(f"-I{d}" for d in cuda_include_dirs()),
+               "--ptxas-options=-v"]
+    status, prog = lib.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
+    try:
+        (status,) = lib.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
+        assert status == lib.nvrtcResult.NVRTC_SUCCESS, _log(lib, prog)
+        return _log(lib, prog)
+    finally:
+        lib.nvrtcDestroyProgram(prog)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("name", sorted(MLA_ENTRY_POINTS))
+def test_mla_kernels_keep_their_accumulators_in_registers(name: str, arch: str) -> None:
+    """Every MLA entry point is in the cubin, and ptxas spills nothing: the decode kernel's
+    64 x R output tile and the attention kernel's query fragments live in registers by design
+    (docs/kernels.md, "MLA"); a spill would mean the tiling no longer fits."""
+    cubin = compile_source(name, arch, use_cache=False)
+    for entry in MLA_ENTRY_POINTS[name]:
+        assert entry.encode() in cubin, entry
+    report = _ptxas_report(name, arch)
+    functions = report.count("Compiling entry function")
+    assert functions == len(MLA_ENTRY_POINTS[name]), report
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == functions, report
+    assert "bytes stack frame" in report
+
+
+def test_mla_shared_memory_fits_ampere_and_hopper() -> None:
+    """The decode kernel's dynamic shared memory at K2's dims (R 512, P 64) fits the sm_80 opt-in
+    limit (163 KiB; Hopper allows 227 KiB); the attention kernel's static tile fits 48 KiB."""
+    from k2.kernels.mla_decode import partial_smem_bytes
+
+    assert partial_smem_bytes(512, 64) <= 163 * 1024
+    assert partial_smem_bytes(64, 16) < partial_smem_bytes(512, 64)
+    report = _ptxas_report("mla_attention.cu", "sm_80")
+    smem = [int(part.split()[0]) for line in report.splitlines() if "bytes smem" in line
+            for part in line.split(",") if "bytes smem" in part]
+    assert smem and max(smem) <= 48 * 1024, report

@@ -3,6 +3,11 @@
 * ``newton_schulz`` — Muon's batched Newton–Schulz iteration (``cuda/newton_schulz.cu``);
 * ``moe_dispatch`` — MoE routing: expert histogram/offsets, permute and combine with their
   backward passes (``cuda/moe_dispatch.cu``);
+* ``mla_decode`` — MLA's absorbed decode over the latent cache, split over the context with a
+  combine step (``cuda/mla_decode.cu``);
+* ``mla_attention`` — MLA's causal document-masked training forward that also returns each
+  head's max logit for QK-Clip (``cuda/mla_attention.cu``; backward in PyTorch);
+* ``mla_emulation`` — NumPy replays of the two MLA kernels' block algorithms, for CPU tests;
 * ``nvrtc`` — the one compile path: NVRTC through cuda-python, cached on disk;
 * ``launch`` — loading the compiled code with CuPy and launching on torch's current stream.
 

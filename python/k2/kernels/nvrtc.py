@@ -18,7 +18,7 @@ from pathlib import Path
 
 from k2.errors import KernelError
 
-KERNEL_SOURCES = ("newton_schulz.cu", "moe_dispatch.cu")
+KERNEL_SOURCES = ("newton_schulz.cu", "moe_dispatch.cu", "mla_decode.cu", "mla_attention.cu")
 """The kernel files k2 ships, relative to the CUDA source directory."""
 
 _OPTIONS = ("--std=c++17", "-default-device", "--use_fast_math")
