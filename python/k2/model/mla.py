@@ -247,12 +247,18 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, N, R], [H, V, R]
         q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, R+P]
-        k = torch.cat((c, k_pe), dim=-1)[:, None]  # [B, 1, S, R+P]: one key for every head
-        scores = torch.matmul(q * self.softmax_scale, k.transpose(-1, -2)).float()  # [B, H, T, S]
+        batch, _, length, width = q.shape
+        keys = c.shape[1]
+        k = torch.cat((c, k_pe), dim=-1)  # [B, S, R+P]: one key for every head
+        # Every head reads the same keys, so the heads are rows of one batched product: a
+        # broadcast matmul over a head axis would copy the whole cache once per head.
+        scores = torch.bmm((q * self.softmax_scale).reshape(batch, heads * length, width), k.transpose(1, 2))
+        scores = scores.view(batch, heads, length, keys).float()  # [B, H, T, S]
         if self.training and self.record_max_logits:
             self._record_max_logits(scores.detach().clone(), mask)
         probs = torch.softmax(scores.masked_fill(~mask.allowed, float("-inf")), dim=-1)
-        out_latent = torch.matmul(probs.to(c.dtype), c[:, None])  # [B, H, T, R]
+        out_latent = torch.bmm(probs.to(c.dtype).reshape(batch, heads * length, keys), c)
+        out_latent = out_latent.view(batch, heads, length, rank)  # [B, H, T, R]
         return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)
 
     def _attend(
