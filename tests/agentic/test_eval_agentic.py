@@ -148,7 +148,7 @@ def test_eval_bad_input_is_named(setup, tmp_path, capsys):
     empty.mkdir()
     (empty / "validation.jsonl").write_text("")
     for run, folder, message in ((ckpt, tmp_path, "validation.jsonl does not exist"),
-                                 (tmp_path / "nope", data, "nope does not exist"),
+                                 (tmp_path / "nope", data, f"model {tmp_path / 'nope'} does not exist"),
                                  (ckpt, empty, "holds no records")):
         assert main(["eval", "agentic", str(run), "--data", str(folder), "--quiet"]) != 0
         assert message in capsys.readouterr().err

@@ -402,7 +402,7 @@ def load_model(path: str | Path) -> tuple[Any, Any, Path]:
     from k2.model import K2Config, K2ForCausalLM
     from k2.train.sft import resolve_init
 
-    init = resolve_init(path)
+    init = resolve_init(path, what="model")
     model = K2ForCausalLM(K2Config.from_hf_dict(init.hf_config))
     checkpoint.load(init.checkpoint, model, restore_rng=False)
     model.eval()

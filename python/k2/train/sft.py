@@ -111,8 +111,9 @@ class InitModel:
     preset: str
 
 
-def resolve_init(path: str | Path) -> InitModel:
-    """The checkpoint, model configuration and tokenizer behind ``--init``.
+def resolve_init(path: str | Path, what: str = "--init") -> InitModel:
+    """The checkpoint, model configuration and tokenizer behind ``--init`` (``what`` names the
+    option or argument in errors).
 
     Accepts a k2 run directory (``config.json`` with a ``preset`` and ``checkpoints/``: the newest
     checkpoint, the tokenizer saved with it or else the run's ``data_dir``), a checkpoint root
@@ -140,20 +141,20 @@ def resolve_init(path: str | Path) -> InitModel:
     elif path.exists():
         checkpoint = resolve(path)
     else:
-        raise CheckpointError(f"--init {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     tokenizer_dir = tokenizer_dir or checkpoint
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"--init {path}: no tokenizer.json in {tokenizer_dir} (fine-tuning "
-                              "needs the model's tokenizer)")
+        raise CheckpointError(f"{what} {path}: no tokenizer.json in {tokenizer_dir} (the model's "
+                              "tokenizer is needed)")
     config_file = checkpoint / "config.json"
     try:
         hf_config = json.loads(config_file.read_text())
         model_config = K2Config.from_hf_dict(hf_config)
     except FileNotFoundError:
-        raise CheckpointError(f"--init {path}: {config_file} is missing (not a k2 model "
+        raise CheckpointError(f"{what} {path}: {config_file} is missing (not a k2 model "
                               "checkpoint)") from None
     except (ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"--init {path}: {config_file} is not a K2 model config: {err}") from None
+        raise CheckpointError(f"{what} {path}: {config_file} is not a K2 model config: {err}") from None
     preset = next((p for p in PRESETS if K2Config.from_preset(p) == model_config), CUSTOM_PRESET)
     return InitModel(checkpoint, hf_config, tokenizer_dir, preset)
 
