@@ -34,6 +34,7 @@ OPTIMIZERS = ("muonclip", "adamw")
 # comparison in `compare_with_report` recomputes each from our own formulas.
 REPORT = {
     "gpu": "NVIDIA H800 (80 GB), 8 per node over NVLink/NVSwitch, 8 x 400 Gbps RoCE between nodes",
+    "host_memory_per_node_bytes": 2e12,
     "pp": 16,
     "ep": 16,
     "data_parallel": "ZeRO-1",
@@ -403,8 +404,11 @@ class Memory:
         activations: activations kept for the backward pass under the chosen recomputation,
             for every micro-batch in flight (what stays on the GPU after offload).
         activations_no_recompute: the same without recomputation and offload, for reference.
-        transient: the largest short-lived buffer (FSDP's unsharded layer, recomputation,
-            k2's QK-Clip score matrix, a Newton-Schulz batch); ``transient_parts`` lists each.
+        transient: short-lived buffers on top of the activations at the peak of forward and
+            backward: FSDP's unsharded layers plus the larger of k2's QK-Clip score matrix and
+            a recomputed layer; ``transient_parts`` lists each part.
+        optimizer_transient: the optimizer step's work buffers (a Newton-Schulz batch); the
+            activations are gone by then, so this competes with them rather than adding.
         host_states: state bytes offload moved to host memory.
         host_activations: activation bytes offload moved to host memory.
     """
@@ -419,6 +423,7 @@ class Memory:
     activations_no_recompute: int
     transient: int
     transient_parts: dict[str, int]
+    optimizer_transient: int = 0
     host_states: int = 0
     host_activations: int = 0
 
@@ -434,8 +439,10 @@ class Memory:
 
     @property
     def on_gpu(self) -> int:
-        """What must fit on the GPU: states not offloaded, activations, the largest transient."""
-        return self.states - self.host_states + self.activations + self.transient
+        """What must fit on the GPU: the states not offloaded, plus the larger of the forward and
+        backward peak (activations and their transients) and the optimizer step's buffers."""
+        return (self.states - self.host_states
+                + max(self.activations + self.transient, self.optimizer_transient))
 
 
 @dataclass(frozen=True)
@@ -501,6 +508,7 @@ class Plan:
                 "muon_states": m.muon_states, "adamw_states": m.adamw_states,
                 "activations": m.activations, "activations_no_recompute": m.activations_no_recompute,
                 "transient": m.transient, "transient_parts": dict(m.transient_parts),
+                "optimizer_transient": m.optimizer_transient,
                 "host": m.host, "states": m.states, "on_gpu": m.on_gpu,
                 "budget": self.budget, "fits": self.fits,
             },
@@ -680,7 +688,9 @@ def _plan_stage(name: str, config: K2Config, counts: ParamCounts, layout: Layout
         local_matrix = max((layer.muon for layer in layers), default=0) / tp
         gathered = min(NS_MAX_BATCH_NUMEL, max(local_matrix, expert / max(len(layers), 1)))
         transient["newton-schulz batch"] = int(gathered * NS_BUFFERS * b)
-    transient_bytes = max(transient.values(), default=0)
+    optimizer_transient = transient.get("newton-schulz batch", 0)
+    transient_bytes = transient.get("fsdp unsharded layers", 0) + max(
+        transient.get("qk-clip score matrix", 0), transient.get("recomputed layer", 0))
 
     host_states = 0.0
     if settings.offload in ("optimizer", "all"):
@@ -698,7 +708,8 @@ def _plan_stage(name: str, config: K2Config, counts: ParamCounts, layout: Layout
         optimizer_states=int(muon_states + adamw_states), muon_states=int(muon_states),
         adamw_states=int(adamw_states), activations=int(activations_on_gpu),
         activations_no_recompute=int(activations_none), transient=transient_bytes,
-        transient_parts=transient, host_states=int(host_states), host_activations=int(act_host))
+        transient_parts=transient, optimizer_transient=optimizer_transient,
+        host_states=int(host_states), host_activations=int(act_host))
     traffic = _traffic(config, counts, layout, settings, micro_batches, stage, layers,
                        dense, expert, dense_muon if settings.optimizer == "muonclip" else 0.0,
                        dense_shard, expert_shard, state_dense, state_expert)
@@ -883,6 +894,9 @@ def compare_with_report(gpus: int = REPORT_ASSUMED["gpus"], gpu_memory_gib: floa
                     "and CPU offload", f"{m.activations_no_recompute / GIB:.1f} GiB per GPU without any of them; "
                     f"{plan.memory.activations / GIB:.1f} GiB left on the GPU with them "
                     f"({m.host / GIB:.1f} GiB to host)"),
+        ReportCheck("host memory per node (8 GPUs)", "2 TB of RAM per node",
+                    f"{8 * m.host / 1e12:.2f} TB of offloaded activations on the node of pipeline rank "
+                    f"{plan.stage.rank}"),
         ReportCheck("sequence length, global batch", "4096 tokens, 67M tokens",
                     f"{settings.seq_len} tokens, {settings.global_batch_tokens:,} tokens "
                     f"= {plan.micro_batches} micro-batches per data-parallel rank"),
@@ -941,8 +955,11 @@ def format_plan(plan: Plan) -> str:
         (f"  optimizer states ({s.optimizer_dtype})", m.optimizer_states, optimizer + offloaded),
         (f"  activations (recompute {s.recompute})", m.activations,
          "on the GPU" + (f"; {_gib(m.host_activations)} GiB offloaded" if m.host_activations else "")),
-        (f"  transient (largest)", m.transient,
-         ", ".join(f"{k} {_gib(v)}" for k, v in sorted(m.transient_parts.items(), key=lambda kv: -kv[1]))),
+        (f"  transient (forward/backward peak)", m.transient,
+         ", ".join(f"{k} {_gib(v)}" for k, v in sorted(m.transient_parts.items(), key=lambda kv: -kv[1])
+                   if k != "newton-schulz batch") + "; the largest of the last two counts"),
+        (f"  optimizer step buffers", m.optimizer_transient,
+         "a Newton-Schulz batch (activations are freed by then)" if m.optimizer_transient else ""),
     ]
     for label, value, note in rows:
         lines.append(f"{label:<44}{_gib(value):>10}  {note}")
