@@ -26,7 +26,7 @@ from k2.model import K2Config, K2ForCausalLM
 from k2.optim import MuonClip
 from k2.optim.split import split_parameters
 from k2.parallel.plan import (REPORT, Layout, Settings, activation_bytes, compare_with_report,
-                              count_parameters, make_plan, stages)
+                              count_parameters, make_plan, predicted_bytes_per_rank, stages)
 
 FP32 = dict(param_dtype="fp32", grad_dtype="fp32", optimizer_dtype="fp32")
 
@@ -72,8 +72,8 @@ def test_kimi_k2_counts_match_the_report() -> None:
     assert counts.total == 1_026_408_209_408 and counts.active == 32_861_477_888  # docs/model.md
     # the report rounds to 1.04T total and 32.6B active (it also counts a multi-token-prediction
     # layer k2 does not build; its active count leaves part of the embedding out)
-    assert abs(counts.total / REPORT["total_params"] - 1) < 0.02
-    assert abs(counts.active / REPORT["active_params"] - 1) < 0.02
+    assert abs(counts.total / REPORT.total_params - 1) < 0.02
+    assert abs(counts.active / REPORT.active_params - 1) < 0.02
 
 
 # ---------------------------------------------------------------------------- one process
@@ -167,13 +167,13 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
 def test_fsdp2_bytes_per_rank_match_the_plan(tmp_path: Path) -> None:
     mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    plan = make_plan("tiny", Layout.resolve(2, sharding="fsdp"), Settings(seq_len=16, optimizer="adamw", **FP32))
-    single = make_plan("tiny", Layout.resolve(1), Settings(seq_len=16, optimizer="adamw", **FP32))
+    predicted = predicted_bytes_per_rank("tiny", 2, optimizer="adamw")
+    single = predicted_bytes_per_rank("tiny", 1, optimizer="adamw")
     for measured in ranks:
         for key in ("parameters", "gradients", "optimizer_states"):
-            assert within(measured[key], getattr(plan.memory, key)), (key, measured, plan.memory)
-    # half of the one-process state on each rank
-    assert within(ranks[0]["parameters"] * 2, single.memory.parameters, 0.01)
+            assert within(measured[key], predicted[key]), (key, measured, predicted)
+            # half of the one-process bytes on each rank
+            assert within(measured[key] * 2, single[key], 0.01), (key, measured, single)
 
 
 # ---------------------------------------------------------------------------- hand-computed
@@ -250,6 +250,8 @@ def test_more_shards_hold_less_state() -> None:
      "--global-batch-tokens"),
     (lambda: make_plan("tiny", Layout.resolve(1), Settings(recompute="some")), "--recompute"),
     (lambda: Layout.resolve(8, vpp=2), "--vpp"),
+    (lambda: Layout(2048, pp=16, ep=16), "--gpus"),
+    (lambda: Layout.resolve(8, sharding="zero3"), "--sharding"),
 ])
 def test_bad_input_is_a_config_error_naming_the_option(build, option: str) -> None:
     with pytest.raises(ConfigError, match=option):
@@ -287,9 +289,9 @@ def test_the_k2_report_comparison(capsys: pytest.CaptureFixture[str]) -> None:
     assert (plan.layout.pp, plan.layout.ep, plan.layout.sharding) == (16, 16, "zero1")
     # bf16 parameters + fp32 gradients of the whole model: the report's "about 6 TB"
     counts = plan.counts
-    assert abs(counts.total * 6 / REPORT["params_bf16_grads_fp32_bytes"] - 1) < 0.05
+    assert abs(counts.total * 6 / REPORT.params_bf16_grads_fp32_bytes - 1) < 0.05
     # the report: about 30 GB of states per GPU; ours for its layout is within a fifth of that
-    assert abs(plan.memory.states / REPORT["states_per_gpu_bytes"] - 1) < 0.2
+    assert abs(plan.memory.states / REPORT.states_per_gpu_bytes - 1) < 0.2
     assert plan.fits
     assert main(["plan", "--k2-report"]) == 0
     text = capsys.readouterr().out

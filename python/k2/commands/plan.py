@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.preset is None:
         args.preset = "kimi-k2" if args.k2_report else "tiny"
     if args.gpus is None:
-        args.gpus = planning.REPORT_ASSUMED["gpus"] if args.k2_report else 1
+        args.gpus = planning.REPORT_ASSUMED.gpus if args.k2_report else 1
     if args.k2_report:
         if args.preset != "kimi-k2":
             raise ConfigError(f"--k2-report plans the kimi-k2 preset, not --preset {args.preset}")

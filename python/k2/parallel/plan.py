@@ -30,26 +30,39 @@ RECOMPUTE = ("none", "selective", "full")
 OFFLOAD = ("none", "optimizer", "activations", "all")
 OPTIMIZERS = ("muonclip", "adamw")
 
-# What the K2 report (arXiv 2507.20534, §2.4) states about its training layout. Facts only; the
-# comparison in `compare_with_report` recomputes each from our own formulas.
-REPORT = {
-    "gpu": "NVIDIA H800 (80 GB), 8 per node over NVLink/NVSwitch, 8 x 400 Gbps RoCE between nodes",
-    "host_memory_per_node_bytes": 2e12,
-    "pp": 16,
-    "ep": 16,
-    "data_parallel": "ZeRO-1",
-    "model_parallel_group": 256,
-    "nodes_multiple": 32,
-    "params_bf16_grads_fp32_bytes": 6e12,
-    "states_per_gpu_bytes": 30e9,
-    "seq_len": 4096,
-    "global_batch_tokens": 67e6,
-    "total_params": 1.04e12,
-    "active_params": 32.6e9,
-}
-# Our choices where the report gives no number: it does not say how many GPUs trained K2, how
-# many virtual stages each pipeline rank holds, or the micro-batch size.
-REPORT_ASSUMED = {"gpus": 2048, "vpp": 2, "micro_batch": 1, "global_batch_tokens": 1 << 26}
+@dataclass(frozen=True)
+class ReportFacts:
+    """What the K2 report (arXiv 2507.20534, §2.4) states about its training system. Facts only;
+    :func:`compare_with_report` recomputes each from our own formulas."""
+
+    gpu: str = "NVIDIA H800 (80 GB), 8 per node over NVLink/NVSwitch, 8 x 400 Gbps RoCE between nodes"
+    host_memory_per_node_bytes: float = 2e12
+    pp: int = 16
+    ep: int = 16
+    data_parallel: str = "ZeRO-1"
+    model_parallel_group: int = 256
+    nodes_multiple: int = 32
+    params_bf16_grads_fp32_bytes: float = 6e12
+    states_per_gpu_bytes: float = 30e9
+    seq_len: int = 4096
+    global_batch_tokens: float = 67e6
+    total_params: float = 1.04e12
+    active_params: float = 32.6e9
+
+
+@dataclass(frozen=True)
+class ReportAssumptions:
+    """Our choices where the report gives no number: how many GPUs trained K2, how many virtual
+    stages each pipeline rank holds, the micro-batch size, and the batch as a power of two."""
+
+    gpus: int = 2048
+    vpp: int = 2
+    micro_batch: int = 1
+    global_batch_tokens: int = 1 << 26
+
+
+REPORT = ReportFacts()
+REPORT_ASSUMED = ReportAssumptions()
 
 # Newton-Schulz batches hold at most this many numbers (k2.optim.muon.muon_step's max_batch_numel).
 NS_MAX_BATCH_NUMEL = 1 << 27
@@ -264,6 +277,16 @@ class Layout:
     dp_replicate: int = 1
     sharding: str = "fsdp"
     dense_shard_over_ep: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise ConfigError(f"--sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
+        product = self.pp * self.tp * self.dp_replicate * self.dp_shard * self.ep
+        if product != self.gpus:
+            raise ConfigError(
+                f"--gpus {self.gpus} is not the product of the dimensions pp × tp × ep × "
+                f"dp_replicate × dp_shard = {self.pp} × {self.tp} × {self.ep} × {self.dp_replicate} × "
+                f"{self.dp_shard} = {product} (--pp, --tp, --ep, --dp-replicate, --dp-shard)")
 
     @classmethod
     def resolve(cls, gpus: int, *, pp: int = 1, vpp: int = 1, tp: int = 1, ep: int = 1,
@@ -586,6 +609,24 @@ def make_plan(config: K2Config | str, layout: Layout, settings: Settings | None 
     return max(plans, key=lambda p: (p.memory.on_gpu, -p.stage.rank))
 
 
+def predicted_bytes_per_rank(config: K2Config | str, world: int, *, ep: int = 1,
+                             optimizer: str = "muonclip", dtype: str = "fp32",
+                             dense_shard_over_ep: bool = True) -> dict[str, int]:
+    """What one rank of an FSDP2 run (``world = dp_shard × ep``) holds, by the plan.
+
+    For comparing with bytes measured on the ranks of a CPU run (fp32 everywhere by default).
+
+    Returns:
+        ``{"parameters", "gradients", "optimizer_states"}`` in bytes.
+    """
+    layout = Layout.resolve(world, ep=ep, sharding="fsdp", dense_shard_over_ep=dense_shard_over_ep)
+    settings = Settings(seq_len=1, optimizer=optimizer, param_dtype=dtype, grad_dtype=dtype,
+                        optimizer_dtype=dtype)
+    memory = make_plan(config, layout, settings).memory
+    return {"parameters": memory.parameters, "gradients": memory.gradients,
+            "optimizer_states": memory.optimizer_states}
+
+
 def _check_layout(config: K2Config, layout: Layout) -> None:
     if config.num_moe_layers == 0 and layout.ep > 1:
         raise ConfigError(f"--ep {layout.ep}: the model has no MoE layer to split")
@@ -600,7 +641,7 @@ def _in_flight(layout: Layout, micro_batches: int, rank: int) -> float:
     interleaved schedule's warm-up adds (pp - 1) / (pp × vpp) of that)."""
     if layout.pp == 1:
         return 1.0
-    held = min(micro_batches, layout.pp - rank)
+    held = float(min(micro_batches, layout.pp - rank))
     if layout.vpp > 1:
         held *= 1 + (layout.pp - 1) / (layout.pp * layout.vpp)
     return held
@@ -829,20 +870,20 @@ class ReportCheck:
 
 def report_settings(gpu_memory_gib: float = 80.0, headroom: float = 0.10) -> Settings:
     """The K2 report's training settings as we read them (§2.4; assumptions in REPORT_ASSUMED)."""
-    return Settings(seq_len=REPORT["seq_len"], micro_batch=REPORT_ASSUMED["micro_batch"],
-                    global_batch_tokens=REPORT_ASSUMED["global_batch_tokens"], param_dtype="bf16",
+    return Settings(seq_len=REPORT.seq_len, micro_batch=REPORT_ASSUMED.micro_batch,
+                    global_batch_tokens=REPORT_ASSUMED.global_batch_tokens, param_dtype="bf16",
                     grad_dtype="fp32", optimizer_dtype="fp32", optimizer="muonclip",
                     recompute="selective", fp8_moe_inputs=True, offload="activations",
                     gpu_memory_gib=gpu_memory_gib, headroom=headroom)
 
 
-def report_layout(gpus: int = REPORT_ASSUMED["gpus"]) -> Layout:
+def report_layout(gpus: int = REPORT_ASSUMED.gpus) -> Layout:
     """PP 16 with virtual stages, EP 16, ZeRO-1 over the remaining data-parallel ranks."""
-    return Layout.resolve(gpus, pp=REPORT["pp"], vpp=REPORT_ASSUMED["vpp"], ep=REPORT["ep"],
+    return Layout.resolve(gpus, pp=REPORT.pp, vpp=REPORT_ASSUMED.vpp, ep=REPORT.ep,
                           sharding="zero1")
 
 
-def compare_with_report(gpus: int = REPORT_ASSUMED["gpus"], gpu_memory_gib: float = 80.0,
+def compare_with_report(gpus: int = REPORT_ASSUMED.gpus, gpu_memory_gib: float = 80.0,
                         headroom: float = 0.10) -> tuple[Plan, list[ReportCheck]]:
     """Plan the K2 report's layout on ``gpus`` GPUs and set its stated numbers beside ours.
 
@@ -852,7 +893,7 @@ def compare_with_report(gpus: int = REPORT_ASSUMED["gpus"], gpu_memory_gib: floa
     Raises:
         ConfigError: ``gpus`` is not a multiple of the 256-GPU model-parallel group.
     """
-    group = REPORT["model_parallel_group"]
+    group = REPORT.model_parallel_group
     if gpus % group:
         raise ConfigError(f"--gpus {gpus}: the K2 report's layout needs a multiple of its "
                           f"{group}-GPU model-parallel group (pp 16 × ep 16)")
@@ -863,19 +904,19 @@ def compare_with_report(gpus: int = REPORT_ASSUMED["gpus"], gpu_memory_gib: floa
     smallest = make_plan(config, report_layout(group), settings)
     smallest_off = make_plan(config, report_layout(group), dataclasses.replace(settings, offload="all"))
     whole = counts.total * (2 + 4)
-    held_by_group = 0
+    held_by_group = 0.0
     for rank_stage in stages(config, plan.layout):
         layers = [counts.layers[i] for i in rank_stage.layers]
         edge = (counts.embedding if rank_stage.embedding else 0) + (
             counts.head + counts.final_norm if rank_stage.head else 0)
         dense = sum(layer.dense for layer in layers) + edge
-        expert = sum(layer.experts for layer in layers) / REPORT["ep"]
-        held_by_group += REPORT["ep"] * (dense + expert) * 6
+        expert = sum(layer.experts for layer in layers) / REPORT.ep
+        held_by_group += REPORT.ep * (dense + expert) * 6
     m = plan.memory
     rows = [
-        ReportCheck("total parameters", f"{REPORT['total_params'] / 1e12:.2f}T",
+        ReportCheck("total parameters", f"{REPORT.total_params / 1e12:.2f}T",
                     f"{counts.total:,} ({counts.total / 1e12:.3f}T; no multi-token-prediction layer)"),
-        ReportCheck("active parameters per token", f"{REPORT['active_params'] / 1e9:.1f}B",
+        ReportCheck("active parameters per token", f"{REPORT.active_params / 1e9:.1f}B",
                     f"{counts.active:,} ({counts.active / 1e9:.2f}B, embedding and head included)"),
         ReportCheck("bf16 parameters + fp32 gradient buffer", "about 6 TB over a 256-GPU model-parallel group",
                     f"{whole / 1e12:.2f} TB for the model once; {held_by_group / 1e12:.2f} TB held by the "
@@ -916,7 +957,7 @@ DIFFERENCES = (
     "per-head max logit (6 GiB per sequence at 4096 tokens in bf16 plus its fp32 copy); an "
     "attention kernel that returns the max would not need it",
     "GPU count, virtual stages and micro-batch size are not in the report; we assume "
-    f"{REPORT_ASSUMED['gpus']} GPUs, vpp {REPORT_ASSUMED['vpp']} and one sequence per micro-batch",
+    f"{REPORT_ASSUMED.gpus} GPUs, vpp {REPORT_ASSUMED.vpp} and one sequence per micro-batch",
 )
 
 
