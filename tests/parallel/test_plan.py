@@ -296,5 +296,11 @@ def test_the_k2_report_comparison(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--k2-report"]) == 0
     text = capsys.readouterr().out
     assert "the K2 report" in text and "no pipeline-parallel implementation" in text
+    assert main(["plan", "--k2-report", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["layout"]["sharding"] == "zero1" and len(data["report"]) == len(rows)
+    assert any("FSDP2" in d for d in data["differences"])
+    assert main(["plan", "--k2-report", "--preset", "tiny"]) == 1
+    assert "--k2-report plans the kimi-k2 preset" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--gpus"):
         compare_with_report(1000)
