@@ -208,6 +208,7 @@ def test_expert_parallelism_splits_experts_and_moves_tokens() -> None:
     k, h = config.num_experts_per_tok, config.hidden_size
     # dispatch + combine, forward + backward, per MoE layer: (ep-1)/ep of the k copies of each token
     assert a2a.bytes == pytest.approx(4 * 0.75 * k * 64 * h * 4 * config.num_moe_layers, abs=8)
+    assert a2a.count == 4 * config.num_moe_layers and a2a.per_call == int(0.75 * k * 64 * h * 4)
 
 
 def test_pipeline_stages_cover_every_layer_once() -> None:

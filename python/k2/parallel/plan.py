@@ -478,6 +478,8 @@ class Traffic:
         group: ranks in the group.
         bytes: bytes sent per GPU per step (ring algorithms: (n-1)/n of the buffer each).
         what: what travels.
+        count: how many such operations per step (``bytes / count`` each: for ``ep``, one
+            dispatch or combine of one MoE layer and micro-batch).
     """
 
     dim: str
@@ -485,6 +487,11 @@ class Traffic:
     group: int
     bytes: int
     what: str
+    count: int = 1
+
+    @property
+    def per_call(self) -> int:
+        return self.bytes // max(self.count, 1)
 
 
 @dataclass(frozen=True)
@@ -537,7 +544,8 @@ class Plan:
             },
             "activation_bytes_per_token": dataclasses.asdict(self.activation_per_token),
             "activation_bytes_per_token_no_recompute": dataclasses.asdict(self.activation_per_token_no_recompute),
-            "communication_per_gpu_per_step": [dataclasses.asdict(t) for t in self.traffic],
+            "communication_per_gpu_per_step": [dataclasses.asdict(t) | {"per_call": t.per_call}
+                                               for t in self.traffic],
             "notes": list(self.notes),
         }
 
@@ -780,9 +788,10 @@ def _traffic(config: K2Config, counts: ParamCounts, layout: Layout, settings: Se
             continue
         if layout.sharding == "fsdp":
             out.append(Traffic("dp", "all-gather", group, int(2 * n * _ring(group) * numbers * b),
-                               f"{kind} parameters, gathered for forward and again for backward, every micro-batch"))
+                               f"{kind} parameters, gathered for forward and again for backward, every micro-batch",
+                               2 * n))
             out.append(Traffic("dp", "reduce-scatter", group, int(n * _ring(group) * numbers * g),
-                               f"{kind} gradients, every micro-batch"))
+                               f"{kind} gradients, every micro-batch", n))
             if layout.dp_replicate > 1:
                 r = layout.dp_replicate
                 out.append(Traffic("dp", "all-reduce", r, int(2 * _ring(r) * numbers / group * g),
@@ -815,17 +824,19 @@ def _traffic(config: K2Config, counts: ParamCounts, layout: Layout, settings: Se
         out.append(Traffic("ep", "all-to-all", layout.ep, int(passes * per * moe_layers * n),
                            f"top-{config.num_experts_per_tok} token copies to their experts' ranks and back "
                            f"({'forward, recomputed forward' if passes == 6 else 'forward'} and backward), "
-                           f"{moe_layers} MoE layers × {_n(n, 'micro-batch')}"))
+                           f"{moe_layers} MoE layers × {_n(n, 'micro-batch')}", passes * moe_layers * n))
     # pipeline parallelism: hidden states forward, their gradients backward, at each chunk edge
     if layout.pp > 1:
         per = tokens_mb * config.hidden_size * b / layout.tp
         out.append(Traffic("pp", "send/recv", 2, int(2 * layout.vpp * per * n),
-                           f"hidden states and their gradients at {layout.vpp} chunk boundaries × {_n(n, 'micro-batch')}"))
+                           f"hidden states and their gradients at {layout.vpp} chunk boundaries × {_n(n, 'micro-batch')}",
+                           2 * layout.vpp * n))
     if layout.tp > 1 and layers:
         passes = 12 if settings.recompute == "full" else 8
         per = _ring(layout.tp) * tokens_mb * config.hidden_size * b
         out.append(Traffic("tp", "all-gather + reduce-scatter", layout.tp, int(passes * per * len(layers) * n),
-                           "sequence-parallel activations, 2 of each per layer forward and backward"))
+                           "sequence-parallel activations, 2 of each per layer forward and backward",
+                           passes * len(layers) * n))
     return tuple(out)
 
 
