@@ -113,9 +113,12 @@ def test_state_bytes_after_a_real_step_match_the_plan(optimizer: str) -> None:
         assert states < 0.75 * 2 * params
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_activation_bytes_match_what_autograd_saves(dtype: torch.dtype) -> None:
-    model = tiny_model(dtype)
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.float32), ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),  # fused attention, CUDA dispatch
+])
+def test_activation_bytes_match_what_autograd_saves(device: str, dtype: torch.dtype) -> None:
+    model = tiny_model(dtype).to(device)
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -126,7 +129,7 @@ def test_activation_bytes_match_what_autograd_saves(dtype: torch.dtype) -> None:
         return t
 
     seq_len = 128
-    ids = torch.randint(0, 8192, (1, seq_len), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 8192, (1, seq_len), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(ids, labels=ids).loss
     loss.backward()
