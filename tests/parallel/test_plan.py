@@ -200,6 +200,25 @@ def test_sharding_formulas_on_hand_computed_cases() -> None:
     assert sum(t.bytes for t in two.traffic) == pytest.approx(2 * 0.5 * n * 4, abs=8)
 
 
+def test_replicated_shards_are_all_reduced() -> None:
+    counts = count_parameters(K2Config.from_preset("tiny"))
+    fp32 = Settings(seq_len=16, optimizer="adamw", **FP32)
+    hsdp = make_plan("tiny", Layout.resolve(4, dp_replicate=2, sharding="fsdp"), fp32)
+    assert hsdp.memory.parameters == pytest.approx(counts.total * 4 / 2, abs=4)
+    reduce: dict[tuple[str, int], int] = {}
+    for t in hsdp.traffic:  # dense and expert rows
+        reduce[t.collective, t.group] = reduce.get((t.collective, t.group), 0) + t.bytes
+    # the gradient shard (half of the model) all-reduced between the 2 replicas: 2 · 1/2 · N/2
+    assert reduce[("all-reduce", 2)] == pytest.approx(counts.total * 4 / 2, rel=1e-6)
+    assert reduce[("reduce-scatter", 2)] == pytest.approx(counts.total * 4 / 2, rel=1e-6)
+    # dense layers replicated on the ep ranks instead of sharded over them
+    plain = make_plan("tiny", Layout.resolve(4, ep=4, sharding="fsdp"), fp32)
+    copies = make_plan("tiny", Layout.resolve(4, ep=4, sharding="fsdp", dense_shard_over_ep=False), fp32)
+    assert copies.memory.parameters - plain.memory.parameters == pytest.approx(counts.dense * 4 * 3 / 4, abs=8)
+    assert any(t.collective == "all-reduce" and t.group == 4 for t in copies.traffic)
+    assert not any(t.collective == "all-reduce" for t in plain.traffic)
+
+
 def test_expert_parallelism_splits_experts_and_moves_tokens() -> None:
     config = K2Config.from_preset("tiny")
     counts = count_parameters(config)

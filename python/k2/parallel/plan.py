@@ -781,21 +781,25 @@ def _traffic(config: K2Config, counts: ParamCounts, layout: Layout, settings: Se
     n = micro_batches
     out: list[Traffic] = []
     # data parallelism
+    ep_copies = 1 if layout.dense_shard_over_ep else layout.ep
     groups = ((dense, "dense", dense_shard if layout.sharding == "fsdp" else state_dense),
               (expert, "expert", expert_shard if layout.sharding == "fsdp" else state_expert))
     for numbers, kind, group in groups:
-        if numbers == 0 or group == 1 and layout.sharding != "ddp":
+        if numbers == 0 or group == 1 and layout.sharding == "zero1":
             continue
         if layout.sharding == "fsdp":
-            out.append(Traffic("dp", "all-gather", group, int(2 * n * _ring(group) * numbers * b),
-                               f"{kind} parameters, gathered for forward and again for backward, every micro-batch",
-                               2 * n))
-            out.append(Traffic("dp", "reduce-scatter", group, int(n * _ring(group) * numbers * g),
-                               f"{kind} gradients, every micro-batch", n))
-            if layout.dp_replicate > 1:
-                r = layout.dp_replicate
-                out.append(Traffic("dp", "all-reduce", r, int(2 * _ring(r) * numbers / group * g),
-                                   f"{kind} gradient shards across replicas, once per step"))
+            if group > 1:
+                out.append(Traffic("dp", "all-gather", group, int(2 * n * _ring(group) * numbers * b),
+                                   f"{kind} parameters, gathered for forward and again for backward, "
+                                   "every micro-batch", 2 * n))
+                out.append(Traffic("dp", "reduce-scatter", group, int(n * _ring(group) * numbers * g),
+                                   f"{kind} gradients, every micro-batch", n))
+            # replicas of the shards (HSDP; and the ep ranks when dense layers are not sharded
+            # over them) all-reduce the reduced shard after every reduce-scatter
+            r = layout.dp_replicate * (ep_copies if kind == "dense" else 1)
+            if r > 1:
+                out.append(Traffic("dp", "all-reduce", r, int(2 * n * _ring(r) * numbers / group * g),
+                                   f"{kind} gradient shards across {r} replicas, every micro-batch", n))
         elif layout.sharding == "zero1":
             out.append(Traffic("dp", "reduce-scatter", group, int(_ring(group) * numbers * g),
                                f"{kind} gradients, once per step"))
