@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpus", type=int, default=None,
                         help="number of GPUs (default: 1; 2048 with --k2-report)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
-                        help="memory per GPU in GiB (default: 80; an 80 GB H100 shows CUDA about 79.2 GiB)")
+                        help="memory per GPU in GiB (default: 80; an \"80 GB\" H100 or H800 has about 79.6 GiB)")
     parser.add_argument("--headroom", type=float, default=0.10,
                         help="fraction of GPU memory kept free for fragmentation, the CUDA context "
                         "and communication buffers (default: 0.10)")
