@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from k2.parallel.plan import Plan, ReportCheck
+
+GIB = 1 << 30
 
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202 - k2.parallel.plan.Settings
@@ -45,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(plan.to_dict() | {"report": [vars(r) for r in rows],
                                                "differences": list(planning.DIFFERENCES)}))
         else:
-            print(planning.format_plan(plan))
+            print(format_plan(plan))
             print()
-            print(planning.format_comparison(rows))
+            print(format_comparison(rows))
         return 0
     try:
         K2Config.from_preset(args.preset)
@@ -58,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         dp_replicate=args.dp_replicate, sharding=args.sharding,
         dense_shard_over_ep=not args.dense_replicated_over_ep)
     plan = planning.make_plan(args.preset, layout, _settings(args))
-    print(json.dumps(plan.to_dict()) if args.json else planning.format_plan(plan))
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
     return 0
 
 
@@ -133,3 +139,106 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default there: 2048) and compare with the numbers the report states")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.set_defaults(handler=run, parser=parser)
+
+
+# ---------------------------------------------------------------------------- text output
+def _gib(n: float) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a readable table."""
+    c, s, lay, m = plan.counts, plan.settings, plan.layout, plan.memory
+    stage = plan.stage
+    moe = sum(1 for i in stage.layers if c.layers[i].moe)
+    held = ", ".join(part for part, on in (("embedding", stage.embedding), ("head", stage.head)) if on)
+    layer_text = _ranges(stage.layers)
+    lines = [
+        f"k2 plan: {plan.name} ({c.total:,} parameters, {c.active / 1e9:.2f}B active) on "
+        f"{_n(lay.gpus, 'GPU')} of {s.gpu_memory_gib:g} GiB",
+        f"layout   {lay.dims}; sharding {lay.sharding}",
+        f"batch    {s.seq_len} tokens × {_n(s.micro_batch, 'sequence')} per micro-batch; "
+        f"{_n(plan.micro_batches, 'micro-batch')} per data-parallel rank per step "
+        f"({plan.micro_batches * s.seq_len * s.micro_batch * lay.data_parallel:,} tokens per step)",
+        f"stage    pipeline rank {stage.rank} (the heaviest): layers {layer_text} "
+        f"({moe} MoE, {len(stage.layers) - moe} dense){'; ' + held if held else ''}",
+        "",
+        f"{'memory per GPU':<44}{'GiB':>10}  notes",
+    ]
+    master = f"fp32 master weights" if m.master_weights else "none (fp32 compute, or FSDP's fp32 shards)"
+    optimizer = (f"Muon momentum {_gib(m.muon_states)} + AdamW moments {_gib(m.adamw_states)}"
+                 if s.optimizer == "muonclip" else "AdamW moments")
+    offloaded = " (offloaded to host)" if m.host_states else ""
+    param_note = "fp32 shards (FSDP2 master)" if lay.sharding == "fsdp" and s.param_dtype != "fp32" else s.param_dtype
+    rows = [
+        (f"  parameters", m.parameters, param_note + offloaded if lay.sharding == "fsdp" else param_note),
+        (f"  gradients", m.gradients, s.grad_dtype + (offloaded if lay.sharding == "fsdp" else "")),
+        (f"  master weights", m.master_weights, master + (offloaded if lay.sharding != "fsdp" and m.master_weights else "")),
+        (f"  optimizer states ({s.optimizer_dtype})", m.optimizer_states, optimizer + offloaded),
+        (f"  activations (recompute {s.recompute})", m.activations,
+         "on the GPU" + (f"; {_gib(m.host_activations)} GiB offloaded" if m.host_activations else "")),
+        (f"  transient (forward/backward peak)", m.transient, _transient_note(m.transient_parts)),
+        (f"  optimizer step buffers", m.optimizer_transient,
+         "a Newton-Schulz batch (activations are freed by then)" if m.optimizer_transient else ""),
+    ]
+    for label, value, note in rows:
+        lines.append(f"{label:<44}{_gib(value):>10}  {note}")
+    verdict = "yes" if plan.fits else "NO"
+    lines += [
+        f"{'  total on the GPU':<44}{_gib(m.on_gpu):>10}",
+        f"{'  budget (memory less ' + format(s.headroom, '.0%') + ' headroom)':<44}{_gib(plan.budget):>10}  "
+        f"fits: {verdict} ({_gib(plan.budget - m.on_gpu)} GiB left)",
+        f"{'  activations with no recomputation':<44}{_gib(m.activations_no_recompute):>10}  for reference",
+        f"{'  host memory (offload)':<44}{_gib(m.host):>10}",
+        "",
+        f"{'communication per GPU per step':<44}{'GiB':>10}  {'collective':<28}{'group':>6}  what",
+    ]
+    if not plan.traffic:
+        lines.append("  (none: one rank holds everything)")
+    for t in plan.traffic:
+        lines.append(f"  {t.dim:<42}{_gib(t.bytes):>10}  {t.collective:<28}{t.group:>6}  {t.what}")
+    if plan.notes:
+        lines.append("")
+        lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
+def format_comparison(rows: list[ReportCheck]) -> str:
+    """The comparison with the K2 report as a table, then where k2's layout differs."""
+    width = max(len(r.what) for r in rows)
+    lines = ["the K2 report (§2.4) against our formulas:"]
+    for r in rows:
+        lines.append(f"  {r.what:<{width}}  report: {r.report}")
+        lines.append(f"  {'':<{width}}  ours:   {r.ours}")
+    lines.append("where k2 differs from the report's layout:")
+    from k2.parallel.plan import DIFFERENCES
+
+    lines += [f"  - {d}" for d in DIFFERENCES]
+    return "\n".join(lines)
+
+
+def _transient_note(parts: dict[str, int]) -> str:
+    fsdp = parts.get("fsdp unsharded layers")
+    either = [f"{k} {_gib(parts[k])}" for k in ("qk-clip score matrix", "recomputed layer") if k in parts]
+    text = f"fsdp unsharded layers {_gib(fsdp)}" if fsdp else ""
+    if either:
+        text += (" + " if text else "") + (f"max({', '.join(either)})" if len(either) > 1 else either[0])
+    return text
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else ("es" if noun.endswith("ch") else "s"))
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    if not indices:
+        return "none"
+    parts, start, prev = [], indices[0], indices[0]
+    for i in indices[1:] + (None,):  # type: ignore[operator]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)
