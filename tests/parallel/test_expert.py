@@ -144,3 +144,18 @@ def test_sharding_needs_torch_distributed() -> None:
     with pytest.raises(ConfigError, match="torchrun"):
         shard_experts(moe_model())
     assert ExpertShard.__doc__
+
+
+def test_k2_train_ep_settings_fail_before_any_work(tmp_path: Path, capsys) -> None:
+    from k2.cli import main
+    from k2.parallel.expert import check_ep
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    assert main(["train", "--run-dir", str(run), "--data-dir", str(data), "--ep", "2"]) == 1
+    assert "ep = 2 needs 2 ranks" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(run), "--data-dir", str(data), "--ep", "0"]) == 1
+    assert "ep must be positive" in capsys.readouterr().err
+    assert not run.exists() and not data.exists()
+    with pytest.raises(ConfigError, match=r"16 routed experts .* ep = 3"):
+        check_ep(3, 3, 16)  # the tiny preset on three ranks
+    check_ep(4, 4, 16)

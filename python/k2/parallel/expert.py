@@ -61,6 +61,27 @@ def expert_range(num_experts: int, ep: int, rank: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
+def check_ep(ep: int, world: int, num_experts: int) -> None:
+    """Check ``k2 train --ep`` against the launch before any work.
+
+    Raises:
+        ConfigError: ``ep`` differs from the number of ranks (expert parallelism alone spans all
+            of them; combining it with sharded data parallelism is the device mesh's work) or
+            does not divide the experts.
+    """
+    if ep > 1 and ep != world:
+        raise ConfigError(f"ep = {ep} needs {ep} ranks (torchrun --nproc_per_node {ep}), but "
+                          f"{world} were launched; expert parallelism alone spans every rank")
+    expert_range(num_experts, ep, 0)
+
+
+def expert_group(ep: int) -> dist.ProcessGroup:
+    """A process group of all ``ep`` ranks for the token exchange, separate from the default
+    group that DDP's gradient all-reduces use (so the two never queue behind each other)."""
+    check_ep(ep, dist.get_world_size(), ep)
+    return dist.new_group(list(range(ep)))
+
+
 def _exchange(x: Tensor, send_splits: list[int], recv_splits: list[int],
               group: dist.ProcessGroup) -> Tensor:
     """Rows of ``x`` (``send_splits[r]`` of them to rank r, in rank order) exchanged for the rows

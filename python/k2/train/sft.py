@@ -96,7 +96,7 @@ SFT_HELP: dict[str, str] = {
 }
 SFT_FLAGS = [name for name in SFTConfig.fields()
              if name not in ("corpus", "vocab_size", "preset", "sample_prompt", "sample_tokens",
-                             "num_samples")]
+                             "num_samples", "ep")]
 """The settings ``k2 sft`` takes as flags (the rest follow from --init and --data)."""
 
 
