@@ -124,35 +124,35 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_k2_train_ep2_matches_one_process_and_resumes_across_layouts(data_dir, tmp_path) -> None:
-    """`k2 train --ep 2` on two torchrun ranks (each with 8 of the tiny preset's 16 experts per
-    layer, 2 of the 4 sequences) against one process with all 4; its checkpoints hold every
-    expert; and the one-process run's step-3 checkpoint resumed at ep 2 continues the same
-    curve."""
-    steps = 6
+def test_k2_train_ep2_resumes_a_one_process_run_on_its_curve(data_dir, tmp_path) -> None:
+    """`k2 train` on one process (4 sequences per step) saves at step 2; `k2 train --ep 2` on two
+    torchrun ranks (each with 8 of the tiny preset's 16 experts per layer and 2 of the 4
+    sequences) resumes that checkpoint and must continue the one-process curve: steps 3-4 losses
+    within 1e-3 and final weights within 1e-4 relative, read back from the ep run's checkpoint,
+    which holds every expert in the single-process layout. (--allow-changes: resume compares the
+    per-rank batch size, 4 vs 2, though the global batch is the same.)"""
+    steps = 4
     common = ["--data-dir", str(data_dir), "--steps", str(steps), "--eval-every", str(steps),
-              "--save-every", "3", "--seq-len", "64", "--warmup-steps", "2", "--eval-batches", "2",
+              "--save-every", "2", "--seq-len", "64", "--warmup-steps", "1", "--eval-batches", "1",
               "--log-every", "1", "--no-progress", "--num-samples", "1", "--sample-tokens", "4"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     k2_train(*common, "--batch-size", "4", "--run-dir", str(one))
-    # Resume source: the one-process run cut back to its step-3 checkpoint.
-    cut = tmp_path / "cut"
+    cut = tmp_path / "cut"  # the one-process run cut back to its step-2 checkpoint
     shutil.copytree(one, cut, symlinks=True)
     shutil.rmtree(cut / "checkpoints" / f"step-{steps:08d}")
     (cut / "checkpoints" / "latest").unlink(missing_ok=True)
-    k2_train(*common, "--batch-size", "2", "--run-dir", str(two), "--ep", "2", ranks=2)
-    k2_train(*common, "--batch-size", "2", "--run-dir", str(cut), "--ep", "2", "--resume", "--allow-changes", ranks=2)
+    k2_train(*common, "--batch-size", "2", "--run-dir", str(cut), "--ep", "2", "--resume",
+             "--allow-changes", ranks=2)
 
-    a, b, c = losses(one), losses(two), losses(cut)
-    assert a.keys() == b.keys() == c.keys() == set(range(1, steps + 1))
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-3), step
+    a, c = losses(one), losses(cut)
+    assert a.keys() == c.keys() == set(range(1, steps + 1))
+    for step in (3, 4):
         assert c[step] == pytest.approx(a[step], abs=1e-3), step
-    assert [c[s] for s in (1, 2, 3)] == [a[s] for s in (1, 2, 3)]  # kept from the one-process run
-    assert (two / "samples.txt").read_text().startswith("--- sample 0 ---")  # generated on rank 0
+    assert (cut / "samples.txt").read_text().startswith("--- sample 0 ---")  # drawn on rank 0
     want = checkpoint_weights(one / "checkpoints")
-    for run in (two, cut):
-        got = checkpoint_weights(run / "checkpoints")  # whole expert stacks, Hub names
-        for name, value in want.items():
-            error = float((got[name] - value).norm() / value.norm().clamp_min(1e-12))
-            assert error <= 1e-4, f"{run.name} {name}: relative error {error:.2e}"
+    got = checkpoint_weights(cut / "checkpoints")  # whole expert stacks
+    assert sorted(p.name for p in (cut / "checkpoints").glob("step-*")) == ["step-00000002",
+                                                                          "step-00000004"]
+    for name, value in want.items():
+        error = float((got[name] - value).norm() / value.norm().clamp_min(1e-12))
+        assert error <= 1e-4, f"{name}: relative error {error:.2e}"
