@@ -10,6 +10,7 @@ error of each tensor), the 20 losses within 1e-3.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -148,6 +149,8 @@ def test_k2_train_ep2_resumes_a_one_process_run_on_its_curve(data_dir, tmp_path)
     assert a.keys() == c.keys() == set(range(1, steps + 1))
     for step in (3, 4):
         assert c[step] == pytest.approx(a[step], abs=1e-3), step
+    assert json.loads((cut / "config.json").read_text())["ep"] == 2
+    assert json.loads((cut / "environment.json").read_text())["world_size"] == 2
     assert (cut / "samples.txt").read_text().startswith("--- sample 0 ---")  # drawn on rank 0
     want = checkpoint_weights(one / "checkpoints")
     got = checkpoint_weights(cut / "checkpoints")  # whole expert stacks
