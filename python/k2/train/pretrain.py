@@ -321,6 +321,7 @@ class Trainer:
                           bigram_nats=baseline.bigram_nats)
 
         cadence = Cadence(cfg.steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last)
+
         def save(step: int) -> None:
             with job.full_view():
                 harness.save(job, step, keep_last=cfg.keep_last, config=cfg.to_dict(),
@@ -334,7 +335,7 @@ class Trainer:
             whole = job.unsharded_model()  # every rank takes part under expert parallelism
             if d.main:
                 samples = self.sample(whole, manifest)
-            self._summary(val_loss, baseline, samples)
+                self._summary(val_loss, baseline, samples)
         harness.finish()
         return RunResult(self.run_dir, result.step, val_loss, baseline, result.interrupted, samples)
 
