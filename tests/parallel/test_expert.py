@@ -159,3 +159,16 @@ def test_k2_train_ep_settings_fail_before_any_work(tmp_path: Path, capsys) -> No
     with pytest.raises(ConfigError, match=r"16 routed experts .* ep = 3"):
         check_ep(3, 3, 16)  # the tiny preset on three ranks
     check_ep(4, 4, 16)
+
+
+def test_sft_and_rl_refuse_ep_from_a_config_file(tmp_path: Path) -> None:
+    from k2.rl.config import RL_FLAGS, RLConfig
+    from k2.train.sft import SFT_FLAGS, SFTConfig
+
+    assert "ep" not in SFT_FLAGS and "ep" not in RL_FLAGS
+    toml = tmp_path / "run.toml"
+    toml.write_text("ep = 2\n")
+    with pytest.raises(ConfigError, match="ep must be 1 in k2 sft"):
+        SFTConfig.resolve(toml, init=str(tmp_path), data=[str(tmp_path)])
+    with pytest.raises(ConfigError, match="ep must be 1 in k2 rl"):
+        RLConfig.resolve(toml, init=str(tmp_path))

@@ -70,6 +70,9 @@ class SFTConfig(TrainConfig):
         # The shared checks, with a custom model shape standing in as any preset.
         base = dataclasses.replace(self, preset="tiny") if self.preset == CUSTOM_PRESET else self
         TrainConfig.validate(base)
+        if self.ep != 1:
+            raise ConfigError(f"ep must be 1 in k2 sft (expert parallelism is built for k2 train "
+                              f"only), got {self.ep}")
         if not self.init:
             raise ConfigError("init is missing: give --init RUN_DIR or --init CHECKPOINT_DIR (the "
                               "model to fine-tune)")
