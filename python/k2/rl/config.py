@@ -80,6 +80,9 @@ class RLConfig(TrainConfig):
         if self.grad_accum != 1:
             raise ConfigError(f"grad_accum must be 1 in k2 rl (a step is one batch of P x K "
                               f"samples; raise prompts_per_step instead), got {self.grad_accum}")
+        if self.ep != 1:
+            raise ConfigError(f"ep must be 1 in k2 rl (expert parallelism is built for k2 train "
+                              f"only), got {self.ep}")
         if not self.init:
             raise ConfigError("init is missing: give --init RUN_DIR or --init CHECKPOINT_DIR (the "
                               "policy to start from)")
@@ -154,5 +157,5 @@ RL_HELP: dict[str, str] = {
 }
 RL_FLAGS = [name for name in RLConfig.fields()
             if name not in ("corpus", "vocab_size", "preset", "sample_prompt", "sample_tokens",
-                            "num_samples", "data_dir", "eval_batches", "grad_accum")]
+                            "num_samples", "data_dir", "eval_batches", "grad_accum", "ep")]
 """The settings ``k2 rl`` takes as flags."""

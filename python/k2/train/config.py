@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = True
+    ep: int = 1
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
     num_samples: int = 3
@@ -143,7 +144,7 @@ class TrainConfig:
             if f.type == "int" and value < -MAX_INT:
                 raise ConfigError(f"{name} must be at least -2**63, got {value}")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches",
-                    "save_every", "keep_last", "log_every", "vocab_size")
+                    "save_every", "keep_last", "log_every", "vocab_size", "ep")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -200,6 +201,8 @@ HELP: dict[str, str] = {
     "seed": 'seeds init, data order and sampling',
     "device": 'auto | cpu | cuda | cuda:N',
     "bf16": 'bf16 autocast on GPU (ignored on CPU)',
+    "ep": 'expert parallelism: split each MoE layer\'s experts over this many ranks (torchrun; '
+          'must equal the number of ranks and divide the experts)',
     "sample_prompt": 'prompt for the end-of-run samples',
     "sample_tokens": 'tokens generated per sample',
     "num_samples": 'samples drawn at the end',

@@ -106,7 +106,17 @@ class PretrainJob:
         from k2.train.optimizers import build_optimizer, logit_watch
 
         self.config, self.d, self.model, self.log = config, d, model, log
-        self.wrapped = parallelize(model, d.world)
+        self.ep_group = None
+        if config.ep > 1:  # expert parallelism (docs/parallel.md): experts split, the rest DDP
+            from k2.parallel.expert import expert_group, parallelize_experts
+
+            if type(self) is not PretrainJob:
+                raise ConfigError(f"ep: expert parallelism is built for k2 train only, not for "
+                                  f"{type(self).__name__}; run with ep = 1")
+            self.ep_group = expert_group(config.ep)
+            self.wrapped = parallelize_experts(model, self.ep_group)
+        else:
+            self.wrapped = parallelize(model, d.world)
         self.optimizer = build_optimizer(config, self.wrapped)
         self.watch = logit_watch(self.optimizer, model)  # None when MuonClip reports max logits
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -125,8 +135,7 @@ class PretrainJob:
             group["lr"] = base * factor
         self.model.train()
         step_loss = self.accumulate()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.config.grad_clip if self.config.grad_clip > 0 else math.inf)
+        grad_norm = self.clip_gradients(self.config.grad_clip if self.config.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         report = self.optimizer.last_report
@@ -163,6 +172,38 @@ class PretrainJob:
             loss_sum += loss.detach()
             self.tokens_since += ids.numel() * d.world
         return lambda: mean_over_ranks(loss_sum / cfg.grad_accum)
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients to ``max_norm`` by their global norm (counting every rank's experts
+        under expert parallelism); returns that norm."""
+        if self.ep_group is not None:
+            from k2.parallel.expert import clip_grad_norm_
+
+            return clip_grad_norm_(self.model, max_norm, self.ep_group)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def full_view(self):  # noqa: ANN201 - a context manager
+        """A context in which the model and optimizer hold every expert (gathered from their
+        owners), for checkpoints; a no-op without expert parallelism. Every rank enters it."""
+        if self.ep_group is None:
+            return nullcontext()
+        from k2.parallel.expert import gathered_experts
+
+        return gathered_experts(self.model, self.optimizer)
+
+    def unsharded_model(self) -> torch.nn.Module | None:
+        """The model with every expert, for generation on rank 0 (None on the other ranks under
+        expert parallelism). Every rank calls it."""
+        if self.ep_group is None:
+            return self.model
+        from k2.parallel.expert import full_state_dict
+
+        state = full_state_dict(self.model)
+        if not self.d.main:
+            return None
+        full = type(self.model)(self.model.config).to(self.d.device)
+        full.load_state_dict(state)
+        return full
 
     def throughput(self, elapsed: float) -> dict[str, float]:
         """Extra per-log-interval rates of a job (none for pretraining); ``elapsed`` seconds
@@ -234,6 +275,10 @@ class Trainer:
         self.config = config
         self.d = init_distributed(config.device)
         self.model_config = K2Config.from_preset(config.preset)
+        if config.ep > 1:
+            from k2.parallel.expert import check_ep
+
+            check_ep(config.ep, self.d.world, self.model_config.n_routed_experts)
         if config.seq_len > self.model_config.max_position_embeddings:
             raise ConfigError(
                 f"seq_len {config.seq_len} is longer than the {config.preset} model allows "
@@ -266,7 +311,8 @@ class Trainer:
         total, active = model.parameter_counts()
         self.log(f"model: {cfg.preset}, {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active)")
         job = PretrainJob(cfg, d, model, self.log)
-        start = harness.restore(job)
+        with job.full_view():  # a checkpoint holds every expert, whatever the ep it was saved at
+            start = harness.restore(job)
 
         baseline = self._baselines(manifest) if d.main else None
         metrics = harness.open_metrics()
@@ -275,14 +321,21 @@ class Trainer:
                           bigram_nats=baseline.bigram_nats)
 
         cadence = Cadence(cfg.steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last)
-        result = harness.loop(job, cadence, start, save=lambda step: harness.save(
-            job, step, keep_last=cfg.keep_last, config=cfg.to_dict(), tokenizer_dir=cfg.data_dir))
+
+        def save(step: int) -> None:
+            with job.full_view():
+                harness.save(job, step, keep_last=cfg.keep_last, config=cfg.to_dict(),
+                             tokenizer_dir=cfg.data_dir)
+
+        result = harness.loop(job, cadence, start, save=save)
         val_loss = result.last_eval["val_loss"] if result.last_eval else None
 
         samples: list[str] = []
-        if d.main and not result.interrupted:
-            samples = self.sample(model, manifest)
-            self._summary(val_loss, baseline, samples)
+        if not result.interrupted:
+            whole = job.unsharded_model()  # every rank takes part under expert parallelism
+            if d.main:
+                samples = self.sample(whole, manifest)
+                self._summary(val_loss, baseline, samples)
         harness.finish()
         return RunResult(self.run_dir, result.step, val_loss, baseline, result.interrupted, samples)
 

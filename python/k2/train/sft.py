@@ -70,6 +70,9 @@ class SFTConfig(TrainConfig):
         # The shared checks, with a custom model shape standing in as any preset.
         base = dataclasses.replace(self, preset="tiny") if self.preset == CUSTOM_PRESET else self
         TrainConfig.validate(base)
+        if self.ep != 1:
+            raise ConfigError(f"ep must be 1 in k2 sft (expert parallelism is built for k2 train "
+                              f"only), got {self.ep}")
         if not self.init:
             raise ConfigError("init is missing: give --init RUN_DIR or --init CHECKPOINT_DIR (the "
                               "model to fine-tune)")
@@ -96,7 +99,7 @@ SFT_HELP: dict[str, str] = {
 }
 SFT_FLAGS = [name for name in SFTConfig.fields()
              if name not in ("corpus", "vocab_size", "preset", "sample_prompt", "sample_tokens",
-                             "num_samples")]
+                             "num_samples", "ep")]
 """The settings ``k2 sft`` takes as flags (the rest follow from --init and --data)."""
 
 
