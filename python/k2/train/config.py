@@ -53,6 +53,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = True
+    dp_shard: int = 1
+    fsdp_cpu_offload: bool = False
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
     num_samples: int = 3
@@ -143,7 +145,7 @@ class TrainConfig:
             if f.type == "int" and value < -MAX_INT:
                 raise ConfigError(f"{name} must be at least -2**63, got {value}")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches",
-                    "save_every", "keep_last", "log_every", "vocab_size")
+                    "save_every", "keep_last", "log_every", "vocab_size", "dp_shard")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -200,6 +202,9 @@ HELP: dict[str, str] = {
     "seed": 'seeds init, data order and sampling',
     "device": 'auto | cpu | cuda | cuda:N',
     "bf16": 'bf16 autocast on GPU (ignored on CPU)',
+    "dp_shard": 'ranks to shard parameters, gradients and optimizer states over with FSDP2 '
+                '(1: DDP replicas; otherwise the number of torchrun processes)',
+    "fsdp_cpu_offload": 'with --dp-shard: keep the shards and the optimizer step in CPU memory',
     "sample_prompt": 'prompt for the end-of-run samples',
     "sample_tokens": 'tokens generated per sample',
     "num_samples": 'samples drawn at the end',

@@ -32,9 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from k2.errors import ConfigError
 from k2.parallel import init_distributed, mean_over_ranks, parallelize
+from k2.parallel.fsdp import is_sharded, shard_model, unsharded_copy
+from k2.parallel.mesh import build_mesh, mesh_sizes
 from k2.parallel.setup import Dist
 from k2.train.baseline import BaselineReport, fit_baselines
 from k2.train.config import TrainConfig
@@ -106,7 +109,12 @@ class PretrainJob:
         from k2.train.optimizers import build_optimizer, logit_watch
 
         self.config, self.d, self.model, self.log = config, d, model, log
-        self.wrapped = parallelize(model, d.world)
+        # The mesh, built once: None for one process or DDP (--dp-shard 1); else FSDP2 shards
+        # the model in place over its dp_shard ranks (docs/parallel.md).
+        self.mesh = build_mesh(mesh_sizes(config), d.world, d.device)
+        self.wrapped = (parallelize(model, d.world) if self.mesh is None else
+                        shard_model(model, self.mesh, mixed_precision=d.device.type == "cuda" and config.bf16,
+                                    cpu_offload=config.fsdp_cpu_offload))
         self.optimizer = build_optimizer(config, self.wrapped)
         self.watch = logit_watch(self.optimizer, model)  # None when MuonClip reports max logits
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -127,6 +135,8 @@ class PretrainJob:
         step_loss = self.accumulate()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.config.grad_clip if self.config.grad_clip > 0 else math.inf)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         report = self.optimizer.last_report
@@ -280,8 +290,10 @@ class Trainer:
         val_loss = result.last_eval["val_loss"] if result.last_eval else None
 
         samples: list[str] = []
+        if is_sharded(model) and not result.interrupted:  # every rank gathers; rank 0 samples
+            model = unsharded_copy(model, on_rank=0)
         if d.main and not result.interrupted:
-            samples = self.sample(model, manifest)
+            samples = self.sample(model.to(d.device), manifest)
             self._summary(val_loss, baseline, samples)
         harness.finish()
         return RunResult(self.run_dir, result.step, val_loss, baseline, result.interrupted, samples)
