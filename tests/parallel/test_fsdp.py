@@ -145,4 +145,17 @@ def test_bytes_per_rank_counts_what_one_process_holds() -> None:
     assert bytes_per_rank(model, opt) == {
         "parameters": 4 * numel, "gradients": 4 * numel,
         "optimizer": 4 * muon + 8 * adamw + 4 * len(opt.split.adamw)}
-    assert bytes_per_rank(model) ["optimizer"] == 0
+    assert bytes_per_rank(model)["optimizer"] == 0
+
+
+@pytest.mark.slow
+def test_four_ranks_hold_a_quarter_each_and_take_the_same_step(tmp_path: Path) -> None:
+    ranks = run_ranks(tmp_path, 4, 1)
+    single = reference(1)
+    for kind in ("parameters", "gradients", "optimizer"):
+        for rank in ranks:
+            assert abs(rank["bytes"][kind] * 4 - single["bytes"][kind]) <= 0.1 * single["bytes"][kind], kind
+    for rank in ranks:
+        for name, value in single["first"].items():
+            torch.testing.assert_close(rank["first"][name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert set(ranks[0]["owners"].values()) == {0, 1, 2, 3}

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from k2.errors import ConfigError
 from k2.parallel import init_distributed, mean_over_ranks, parallelize
 from k2.parallel.fsdp import is_sharded, shard_model, unsharded_copy
-from k2.parallel.mesh import build_mesh, mesh_sizes
+from k2.parallel.mesh import build_mesh, check_sizes, mesh_sizes
 from k2.parallel.setup import Dist
 from k2.train.baseline import BaselineReport, fit_baselines
 from k2.train.config import TrainConfig
@@ -243,6 +243,7 @@ class Trainer:
 
         self.config = config
         self.d = init_distributed(config.device)
+        check_sizes(mesh_sizes(config), self.d.world)  # --dp-shard against the world, before any work
         self.model_config = K2Config.from_preset(config.preset)
         if config.seq_len > self.model_config.max_position_embeddings:
             raise ConfigError(
