@@ -253,14 +253,23 @@ def _optimizer_view(state: dict[str, Any], name: str) -> Any:
 
 def save_checkpoint(directory: str | os.PathLike[str], model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, train_state: dict[str, Any] | None,
-                    **kwargs: Any) -> Path | None:
+                    *, per_rank: bool = False, **kwargs: Any) -> Path | None:
     """Save a checkpoint of a sharded model and its optimizer as whole tensors (collective: every
     rank gathers, rank 0 writes through :func:`k2.checkpoint.save` with ``kwargs``).
+
+    Args:
+        per_rank: each rank writes its own rows (not built: raises NotImplementedError).
 
     Returns:
         The checkpoint directory on rank 0, None elsewhere.
     """
     from k2 import checkpoint
+
+    if per_rank:
+        raise NotImplementedError(
+            "per-rank sharded checkpoint writes (each rank writing its own rows through the Rust "
+            "writer, one manifest, one atomic commit; slice reads of only a rank's rows on load) "
+            "are not built; save_checkpoint gathers whole tensors to rank 0 (docs/parallel.md)")
 
     bare = unsharded_copy(model, on_rank=0)
     opt_state = full_optimizer_state(optimizer) if optimizer is not None else None
