@@ -81,3 +81,44 @@ def test_rank_killed_mid_step_is_named_and_the_checkpoint_reshards_to_one_proces
         ref_opt.zero_grad()
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from k2.optim.distributed import DistributedMuonClip
+        from k2.parallel.fsdp import full_model_state, load_checkpoint, shard_model
+        from k2.parallel.mesh import build_mesh
+
+        model = shard_model(small_model(), build_mesh({"dp_shard": world}, world, torch.device("cpu")))
+        opt = DistributedMuonClip(model, **OPT)
+        result = load_checkpoint(Path(out) / "ckpt", model, opt, restore_rng=False)
+        ids = global_batch(1).chunk(world)[rank]
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        torch.save({"step": result.train_state["step"], "state": full_model_state(model)},
+                   Path(out) / f"resumed{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_process_resumes_on_three_ranks(tmp_path: Path) -> None:
+    """1 -> 3 ranks: uneven rows, a rank without experts; weights and optimizer state resharded."""
+    model = small_model()
+    opt = MuonClip(model, **OPT)
+    ids = global_batch(0)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    checkpoint.save(tmp_path / "ckpt", model, opt, {"step": 1})
+    model(global_batch(1), labels=global_batch(1)).loss.backward()
+    opt.step()  # the uninterrupted single-process run's step 2
+
+    mp.spawn(_resume_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    for rank in range(3):
+        resumed = torch.load(tmp_path / f"resumed{rank}.pt", weights_only=False)
+        assert resumed["step"] == 1
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(resumed["state"][name], value, rtol=1e-5, atol=1e-5, msg=name)
