@@ -21,6 +21,7 @@ rank 0's CPU memory. Design: ``docs/parallel.md``.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | N
     }
     if ignored_params:
         kwargs["ignored_params"] = set(ignored_params)
+    # FSDP2 warns when a unit returns a view (the logits can be one), since an in-place change of
+    # it would skip a pre-backward hook; k2's loops never change model outputs in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                            category=UserWarning)
     for layer in layers:
         fully_shard(layer, **kwargs)
     embed = getattr(decoder, "embed_tokens", None)
