@@ -69,3 +69,12 @@ def test_dp_shard_must_match_the_world_size() -> None:
     with pytest.raises(ConfigError, match=r"--dp-shard must be at least 1"):
         build_mesh({"dp_shard": 0}, 1, torch.device("cpu"))
     assert build_mesh({"dp_shard": 1}, 4, torch.device("cpu")) is None  # DDP
+
+
+def test_cpu_offload_needs_sharding() -> None:
+    from k2.errors import ConfigError
+    from k2.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="fsdp_cpu_offload .* needs dp_shard > 1"):
+        TrainConfig.resolve(fsdp_cpu_offload=True)
+    assert TrainConfig.resolve(fsdp_cpu_offload=True, dp_shard=2).dp_shard == 2

@@ -73,6 +73,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | N
     if layers is None:
         raise ConfigError(f"FSDP2: {type(model).__name__} has no .model.layers (k2's causal LM layout)")
     device = next(model.parameters()).device
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError("FSDP2 CPU offload is for GPU runs: on the CPU the shards already live in "
+                          "CPU memory (drop --fsdp-cpu-offload)")
     if mixed_precision is None:
         mixed_precision = device.type == "cuda"
     kwargs: dict[str, Any] = {

@@ -157,6 +157,8 @@ class TrainConfig:
                      "sample_tokens", "num_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.fsdp_cpu_offload and self.dp_shard == 1:
+            raise ConfigError("fsdp_cpu_offload offloads FSDP2's shards: it needs dp_shard > 1")
         if self.warmup_steps > self.steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
         for name in ("decay_fraction", "min_lr_ratio"):
