@@ -54,9 +54,9 @@ def lost_ranks(wait_s: float = CHECK_IN_S, tag: str = "step") -> list[int] | Non
 
 
 def raise_if_rank_lost(err: BaseException, what: str, wait_s: float = CHECK_IN_S) -> None:
-    """If ``err`` is a failed collective of a distributed run, raise
-    :class:`~k2.errors.RankLostError` naming the ranks that are gone (every survivor does);
-    otherwise return, and the caller re-raises ``err``.
+    """If ``err`` is a failed collective of a distributed run and a rank is gone, raise
+    :class:`~k2.errors.RankLostError` naming it (every survivor does); otherwise return, and the
+    caller re-raises ``err``.
 
     Args:
         err: the exception caught.
@@ -71,8 +71,8 @@ def raise_if_rank_lost(err: BaseException, what: str, wait_s: float = CHECK_IN_S
         who = "the rendezvous store's host (rank 0 under a tcp:// init, or the torchrun agent)"
     elif lost:
         who = "rank " + ", ".join(map(str, lost))
-    else:
-        who = "a rank that recovered (every rank checked in afterwards)"
+    else:  # every rank is still there: not a lost rank, the original error stands
+        return
     raise RankLostError(f"rank {rank}: {what} failed: {who} stopped responding "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); the last "
                         "checkpoint is intact, continue with --resume") from err
