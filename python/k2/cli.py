@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except K2Error as err:
         print(f"k2 {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except NotImplementedError as err:  # a part that is not built says so, without a traceback
+        print(f"k2 {args.command}: not built yet: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"k2 {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -100,3 +100,11 @@ class ServeError(K2Error, ValueError):
 
 
 __all__ += ["ServeError"]
+
+
+class RankLostError(K2Error):
+    """A rank of a distributed run stopped (crashed, killed or hung) during a collective; the
+    message names it (``k2.parallel.failure``, docs/parallel.md)."""
+
+
+__all__ += ["RankLostError"]

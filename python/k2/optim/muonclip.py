@@ -219,13 +219,22 @@ class MuonClip(torch.optim.Optimizer):
                 self._muon_group(group)
             else:
                 self._adamw_group(group)
-        layers = qk_clip(self.clip_targets, max_over_ranks(S_max, self.process_group),
-                         self.qk_clip_tau) if S_max else []
+        layers = self._qk_clip(max_over_ranks(S_max, self.process_group)) if S_max else []
         expert_loads = update_router_biases(self.moe_layers, loads, self.router_bias_rate,
                                             self.process_group)
         self.last_report = StepReport(self.steps, False, (), self.skipped_steps, tuple(layers),
                                       tuple(expert_loads))
         return loss
+
+    def _qk_clip(self, S_max: list[Tensor]) -> list[LayerClip]:
+        """QK-Clip with the max logits agreed over the ranks (a subclass may clip sharded weights)."""
+        return qk_clip(self.clip_targets, S_max, self.qk_clip_tau)
+
+    @staticmethod
+    def _local(tensor: Tensor) -> Tensor:
+        """The part of ``tensor`` this process updates: the tensor itself here; a DTensor's local
+        shard in :class:`k2.optim.distributed.DistributedMuonClip`."""
+        return tensor
 
     def _muon_group(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -254,15 +263,17 @@ class MuonClip(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adamw_step(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                   [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
+        local = self._local
+        adamw_step([local(p) for p in params], [local(p.grad) for p in params],
+                   [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
+                   [s["step"] for s in states], lr=group["lr"],
                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
     # ---------------------------------------------------------------- finiteness
 
     def _nonfinite(self, S_max: list[Tensor]) -> list[str]:
         """Names of the local gradients and max logits holding a NaN or Inf."""
-        named = [(name, p.grad) for group in self.param_groups
+        named = [(name, self._local(p.grad)) for group in self.param_groups
                  for name, p in zip(group["names"], group["params"]) if p.grad is not None]
         named += [(f"{t.name}.max_logits", s) for t, s in zip(self.clip_targets, S_max)]
         if not named:

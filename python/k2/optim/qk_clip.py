@@ -149,6 +149,27 @@ class ClipTarget:
         """
         raise NotImplementedError
 
+    def row_scales(self, heads: Tensor, gamma: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """What :meth:`clip` does, as a factor per row of each weight it touches: for weights
+        whose rows are spread over ranks (FSDP2 shards dim 0), where each rank scales the rows it
+        holds (``k2.optim.distributed``).
+
+        Args:
+            heads: indices of the heads to clip, int64 [k].
+            gamma: τ / S_max of those heads, fp32 [k], each < 1.
+
+        Returns:
+            (weight or bias, fp32 factor per row [rows]) pairs; rows not clipped have factor 1.
+        """
+        raise NotImplementedError
+
+
+def _head_rows(num_heads: int, per_head: int, heads: Tensor, rows: slice, factor: Tensor) -> Tensor:
+    """fp32 [num_heads·per_head] of ones, with ``factor[i]`` on the ``rows`` of head ``heads[i]``."""
+    out_HR = torch.ones(num_heads, per_head)
+    out_HR[heads.cpu(), rows] = factor.float().cpu().view(-1, 1)
+    return out_HR.view(-1)
+
 
 class MLATarget(ClipTarget):
     """An MLA module laid out as the model contract describes (Hub names and row order)."""
@@ -166,6 +187,15 @@ class MLATarget(ClipTarget):
         _scale_rows(W_q, heads, slice(0, nope), gamma.sqrt())
         _scale_rows(W_q, heads, slice(nope, nope + rope), gamma)
         _scale_rows(W_kv, heads, slice(0, nope), gamma.sqrt())
+
+    def row_scales(self, heads: Tensor, gamma: Tensor) -> list[tuple[Tensor, Tensor]]:
+        mla = self.module
+        nope, rope, v, H = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim, mla.num_heads
+        q_proj = mla.q_b_proj if getattr(mla, "q_b_proj", None) is not None else mla.q_proj
+        q_rows = _head_rows(H, nope + rope, heads, slice(0, nope), gamma.sqrt())
+        q_rows *= _head_rows(H, nope + rope, heads, slice(nope, nope + rope), gamma)
+        return [(q_proj.weight, q_rows),
+                (mla.kv_b_proj.weight, _head_rows(H, nope + v, heads, slice(0, nope), gamma.sqrt()))]
 
 
 class MHATarget(ClipTarget):
@@ -193,6 +223,18 @@ class MHATarget(ClipTarget):
         for tensor in (k.weight, k.bias):
             if tensor is not None:
                 _scale_rows(tensor.view(spec.num_heads, spec.head_dim, -1), heads, slice(None), gamma.sqrt())
+
+    def row_scales(self, heads: Tensor, gamma: Tensor) -> list[tuple[Tensor, Tensor]]:
+        spec = self.spec
+        q = self.module.get_submodule(spec.q_proj)
+        k = self.module.get_submodule(spec.k_proj)
+        grouped = spec.num_kv_heads != spec.num_heads
+        q_rows = _head_rows(spec.num_heads, spec.head_dim, heads, slice(None), gamma if grouped else gamma.sqrt())
+        out = [(t, q_rows) for t in (q.weight, q.bias) if t is not None]
+        if not grouped:
+            k_rows = _head_rows(spec.num_heads, spec.head_dim, heads, slice(None), gamma.sqrt())
+            out += [(t, k_rows) for t in (k.weight, k.bias) if t is not None]
+        return out
 
 
 def _scale_rows(W_HRC: Tensor, heads: Tensor, rows: slice, factor: Tensor) -> None:

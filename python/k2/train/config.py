@@ -53,6 +53,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = True
+    dp_shard: int = 1
+    fsdp_cpu_offload: bool = False
     ep: int = 1
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
@@ -144,7 +146,7 @@ class TrainConfig:
             if f.type == "int" and value < -MAX_INT:
                 raise ConfigError(f"{name} must be at least -2**63, got {value}")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches",
-                    "save_every", "keep_last", "log_every", "vocab_size", "ep")
+                    "save_every", "keep_last", "log_every", "vocab_size", "dp_shard", "ep")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -156,6 +158,8 @@ class TrainConfig:
                      "sample_tokens", "num_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.fsdp_cpu_offload and self.dp_shard == 1:
+            raise ConfigError("fsdp_cpu_offload offloads FSDP2's shards: it needs dp_shard > 1")
         if self.warmup_steps > self.steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
         for name in ("decay_fraction", "min_lr_ratio"):
@@ -201,6 +205,9 @@ HELP: dict[str, str] = {
     "seed": 'seeds init, data order and sampling',
     "device": 'auto | cpu | cuda | cuda:N',
     "bf16": 'bf16 autocast on GPU (ignored on CPU)',
+    "dp_shard": 'ranks to shard parameters, gradients and optimizer states over with FSDP2 '
+                '(1: DDP replicas; otherwise the number of torchrun processes)',
+    "fsdp_cpu_offload": 'with --dp-shard: keep the shards and the optimizer step in CPU memory',
     "ep": 'expert parallelism: split each MoE layer\'s experts over this many ranks (torchrun; '
           'must equal the number of ranks and divide the experts)',
     "sample_prompt": 'prompt for the end-of-run samples',

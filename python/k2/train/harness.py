@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 
 from k2.parallel.agree import any_rank
+from k2.parallel.failure import raise_if_rank_lost
+from k2.parallel.fsdp import is_sharded, load_checkpoint, save_checkpoint
 from k2.parallel.setup import Dist
 from k2.train.metrics import MetricsLog, read_metrics
 from k2.train.resume import (CHECKPOINTS, ResumePoint, commit_resume, find_resume_point,
@@ -222,7 +224,10 @@ class Harness:
         point = self.resume_point
         assert point is not None
         settings = group_settings(job.optimizer)  # the configuration's, not the checkpoint's
-        result = checkpoint.load(point.path, job.model, job.optimizer, verify=False)  # verified
+        if is_sharded(job.model):  # FSDP2: whole tensors from the files, each rank keeps its rows
+            result = load_checkpoint(point.path, job.model, job.optimizer, verify=False)
+        else:
+            result = checkpoint.load(point.path, job.model, job.optimizer, verify=False)  # verified
         restore_group_settings(job.optimizer, settings)
         state = result.train_state
         start = int(state["step"])
@@ -241,7 +246,10 @@ class Harness:
         from k2 import checkpoint
 
         state = {"step": step, **job.state_dict(), "config": config}
-        if self.d.main:
+        if is_sharded(job.model):  # FSDP2: every rank gathers, rank 0 writes whole tensors
+            save_checkpoint(self.checkpoints, job.model, job.optimizer, state, keep_last=keep_last,
+                            tokenizer_dir=tokenizer_dir)
+        elif self.d.main:
             checkpoint.save(self.checkpoints, job.model, job.optimizer, state, keep_last=keep_last,
                             tokenizer_dir=tokenizer_dir)
         self.barrier()
@@ -289,6 +297,9 @@ class Harness:
                     self.log(f"interrupted: saved step {step}; continue with --resume --run-dir "
                              f"{self.run_dir}")
                     break
+        except Exception as err:  # a rank gone mid-step: name it on every survivor
+            raise_if_rank_lost(err, f"step {step + 1}")
+            raise
         finally:
             signal.signal(signal.SIGINT, previous_handler)
             if bar is not None:

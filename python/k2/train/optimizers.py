@@ -48,7 +48,11 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     """
     if config.optimizer == "adamw":
         return AdamWWithRouterBias(model, lr=config.adamw_lr, weight_decay=config.weight_decay)
-    return MuonClip(model, lr=config.lr, adamw_lr=config.adamw_lr, weight_decay=config.weight_decay,
+    from k2.optim.distributed import DistributedMuonClip
+    from k2.parallel.fsdp import is_sharded
+
+    muonclip = DistributedMuonClip if is_sharded(model) else MuonClip  # FSDP2: sharded matrices
+    return muonclip(model, lr=config.lr, adamw_lr=config.adamw_lr, weight_decay=config.weight_decay,
                     qk_clip_tau=config.qk_clip_tau, adamw_betas=ADAMW_BETAS,
                     adamw_eps=ADAMW_EPS, router_bias_rate=ROUTER_BIAS_RATE)
 

@@ -32,9 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from k2.errors import ConfigError
 from k2.parallel import init_distributed, mean_over_ranks, parallelize
+from k2.parallel.fsdp import is_sharded, shard_model, unsharded_copy
+from k2.parallel.mesh import build_mesh, check_sizes, mesh_sizes
 from k2.parallel.setup import Dist
 from k2.train.baseline import BaselineReport, fit_baselines
 from k2.train.config import TrainConfig
@@ -107,6 +110,7 @@ class PretrainJob:
 
         self.config, self.d, self.model, self.log = config, d, model, log
         self.ep_group = None
+        self.mesh = None
         if config.ep > 1:  # expert parallelism (docs/parallel.md): experts split, the rest DDP
             from k2.parallel.expert import expert_group, parallelize_experts
 
@@ -116,7 +120,12 @@ class PretrainJob:
             self.ep_group = expert_group(config.ep)
             self.wrapped = parallelize_experts(model, self.ep_group)
         else:
-            self.wrapped = parallelize(model, d.world)
+            # The mesh, built once: None for one process or DDP (--dp-shard 1); else FSDP2
+            # shards the model in place over its dp_shard ranks (docs/parallel.md).
+            self.mesh = build_mesh(mesh_sizes(config), d.world, d.device)
+            self.wrapped = (parallelize(model, d.world) if self.mesh is None else
+                            shard_model(model, self.mesh, mixed_precision=d.device.type == "cuda" and config.bf16,
+                                        cpu_offload=config.fsdp_cpu_offload))
         self.optimizer = build_optimizer(config, self.wrapped)
         self.watch = logit_watch(self.optimizer, model)  # None when MuonClip reports max logits
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -180,7 +189,10 @@ class PretrainJob:
             from k2.parallel.expert import clip_grad_norm_
 
             return clip_grad_norm_(self.model, max_norm, self.ep_group)
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
+        return grad_norm
 
     def full_view(self):  # noqa: ANN201 - a context manager
         """A context in which the model and optimizer hold every expert (gathered from their
@@ -192,8 +204,10 @@ class PretrainJob:
         return gathered_experts(self.model, self.optimizer)
 
     def unsharded_model(self) -> torch.nn.Module | None:
-        """The model with every expert, for generation on rank 0 (None on the other ranks under
-        expert parallelism). Every rank calls it."""
+        """The model with every weight whole, for generation on rank 0 (None on the other ranks
+        under expert parallelism or FSDP2). Every rank calls it."""
+        if is_sharded(self.model):  # FSDP2: every rank gathers, rank 0 keeps the copy
+            return unsharded_copy(self.model, on_rank=0)
         if self.ep_group is None:
             return self.model
         from k2.parallel.expert import full_state_dict
@@ -274,6 +288,12 @@ class Trainer:
 
         self.config = config
         self.d = init_distributed(config.device)
+        if config.ep > 1 and config.dp_shard > 1:
+            raise NotImplementedError(
+                f"--dp-shard {config.dp_shard} with --ep {config.ep}: FSDP2 and expert parallelism "
+                "on one device mesh (issue 23) are not combined yet; use one of them")
+        if config.ep == 1:
+            check_sizes(mesh_sizes(config), self.d.world)  # --dp-shard against the world, before any work
         self.model_config = K2Config.from_preset(config.preset)
         if config.ep > 1:
             from k2.parallel.expert import check_ep
@@ -332,9 +352,9 @@ class Trainer:
 
         samples: list[str] = []
         if not result.interrupted:
-            whole = job.unsharded_model()  # every rank takes part under expert parallelism
+            whole = job.unsharded_model()  # every rank takes part under EP and FSDP2
             if d.main:
-                samples = self.sample(whole, manifest)
+                samples = self.sample(whole.to(d.device), manifest)
                 self._summary(val_loss, baseline, samples)
         harness.finish()
         return RunResult(self.run_dir, result.step, val_loss, baseline, result.interrupted, samples)
