@@ -100,3 +100,11 @@ class ServeError(K2Error, ValueError):
 
 
 __all__ += ["ServeError"]
+
+
+class CriticError(RLError):
+    """The self-critique reward (``k2.rl.critic``) got bad input: a rubric file or field, a critic
+    checkpoint, a prompt too long for the critic; the message names the file, field or prompt."""
+
+
+__all__ += ["CriticError"]
