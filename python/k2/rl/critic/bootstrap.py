@@ -46,8 +46,8 @@ def _good_arithmetic(rng: random.Random, expression: str, answer: int) -> str:
 
 
 def _bad(rng: random.Random, good: str, flaw: str, answer: int | None, expression: str | None) -> str:
-    if flaw == "praise":
-        return rng.choice(PRAISE_OPENINGS) + good
+    if flaw == "praise":  # on a line of its own before an arithmetic reply, so 'Answer:' still starts one
+        return rng.choice(PRAISE_OPENINGS) + good if answer is None else rng.choice(PRAISE_OPENINGS).strip() + "\n" + good
     if flaw == "justification":
         return good + "\n" + rng.choice(JUSTIFICATIONS).strip()
     assert answer is not None and expression is not None
