@@ -16,8 +16,9 @@ the same letter in both orders (its verdict followed the position, not the reply
 
 No generation: one forward per sequence (right-padded micro-batches of ``batch_size``, the
 language-model head applied to the last position only). The critic's training loss
-(:meth:`Critic.loss`) is the cross-entropy of the right answer token over the whole vocabulary
-at that position, both orders — the loss ``k2 sft`` would put on the answer turn.
+(:meth:`Critic.loss`) is the cross-entropy of the right answer token at that position, both
+orders, over the two answer tokens (default) or the whole vocabulary (the loss ``k2 sft`` puts
+on the answer turn).
 """
 
 from __future__ import annotations
@@ -180,17 +181,25 @@ class Critic:
         return [Judgement(0.5 * (float(ab) + 1.0 - float(ba)), float(ab), float(ba)) for ab, ba in p_a]
 
     # ------------------------------------------------------------------ training
-    def loss(self, comparisons: Sequence[Comparison]) -> tuple[torch.Tensor, float]:
+    def loss(self, comparisons: Sequence[Comparison], over: str = "pair") -> tuple[torch.Tensor, float]:
         """Cross-entropy of the right answer token (the first reply is the better one: ``A`` when
-        it is shown first, ``B`` when shown second), over the vocabulary, mean over both orders
-        of every comparison; with gradients. Also returns the share of sequences where the right
-        letter had the higher logit of the two."""
+        it is shown first, ``B`` when shown second), mean over both orders of every comparison;
+        with gradients. ``over="pair"`` (the default) normalizes over the two answer tokens only —
+        the distribution the judgement reads, so a critic that always says one letter sits at
+        log 2 and only telling the replies apart lowers it; ``over="vocab"`` normalizes over the
+        whole vocabulary, the loss ``k2 sft`` puts on the answer turn. Also returns the share of
+        sequences where the right letter had the higher logit of the two."""
+        if over not in ("pair", "vocab"):
+            raise CriticError(f"critic loss over {over!r}: choose pair or vocab")
         seqs = self.encode_both(comparisons)
         device = next(self.model.parameters()).device
-        targets = torch.tensor([self.answer_ids[0], self.answer_ids[1]] * len(comparisons), device=device)
         logits = self.model.lm_head(self._last_hidden(seqs)).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets)
-        pair = logits[:, list(self.answer_ids)].detach()
+        pair = logits[:, list(self.answer_ids)]
         right = torch.tensor([0, 1] * len(comparisons), device=device)
-        accuracy = float((pair.argmax(-1) == right).float().mean())
+        if over == "pair":
+            loss = torch.nn.functional.cross_entropy(pair, right)
+        else:
+            targets = torch.tensor([self.answer_ids[0], self.answer_ids[1]] * len(comparisons), device=device)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+        accuracy = float((pair.detach().argmax(-1) == right).float().mean())
         return loss, accuracy
