@@ -138,18 +138,23 @@ def pairs_of(n: int, seed: int) -> list[Preference]:
     return [p for p in synthesize_pairs(n, seed=seed) if task_of(p) == "arithmetic"]
 
 
-@pytest.mark.slow  # about 5 s of CPU: a dozen critic training steps
-def test_training_on_pairs_raises_agreement_on_them(tokenizer) -> None:  # noqa: ANN001
+def test_a_critic_update_moves_its_judgement_toward_the_winners(tokenizer) -> None:  # noqa: ANN001
     critic = Critic(critic_model(4), tokenizer, batch_size=16)
-    learner = CriticLearner(critic, RUBRICS, lr=5e-3, batch=6, capacity=64)
-    pairs = pairs_of(6, seed=5)
+    learner = CriticLearner(critic, RUBRICS, lr=1e-4, batch=8, capacity=64)
+    pairs = pairs_of(8, seed=5)
+    comparisons = [p.comparison(RUBRICS) for p in pairs]
+    with torch.no_grad():
+        loss_before = float(critic.loss(comparisons)[0])
     before = agreement(critic, pairs, RUBRICS)
     learner.buffer.add(pairs)
-    losses = [learner.update(1, seed=s)["critic_loss"] for s in range(12)]
+    fields = learner.update(1, seed=0)  # one small AdamW step on all the pairs: a descent step
+    with torch.no_grad():
+        loss_after = float(critic.loss(comparisons)[0])
     after = agreement(critic, pairs, RUBRICS)
-    assert losses[-1] < losses[0]
-    assert after.mean_p_winner > before.mean_p_winner + 0.1 and after.agreement == 1.0
-    assert learner.updates == 12
+    assert fields["critic_loss"] == pytest.approx(loss_before, rel=1e-5)
+    assert loss_after < loss_before
+    assert after.mean_p_winner > before.mean_p_winner
+    assert learner.updates == 1
 
 
 def test_the_learner_state_round_trips_through_a_checkpoint(tokenizer, tmp_path) -> None:  # noqa: ANN001

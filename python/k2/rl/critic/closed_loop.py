@@ -66,10 +66,11 @@ def held_out(task: Any, prompt: Prompt, held_out_ids: Collection[str] = ()) -> b
 
 def preference_pairs(task: Any, prompts: Sequence[Prompt], texts: Sequence[str], scores: Sequence[float],
                      k: int, *, held_out_ids: Collection[str] = (), per_prompt: int = 0,
-                     seed: int = 0) -> list[Preference]:
+                     seed: int = 0, evaluation: bool = False) -> list[Preference]:
     """The preference pairs of one step's samples (prompt-major, ``k`` per prompt): every two
     samples of a prompt with different ``scores``, the higher one winning; at most ``per_prompt``
-    of them per prompt (0: all), chosen by ``seed``; none from a held-out prompt."""
+    of them per prompt (0: all), chosen by ``seed``; none from a held-out prompt — unless
+    ``evaluation``, for the held-out pairs that measure agreement (never training data)."""
     if not len(prompts) == len(texts) == len(scores) or len(prompts) % k:
         raise CriticError(f"{len(prompts)} prompts, {len(texts)} texts and {len(scores)} scores do not "
                           f"make groups of {k}")
@@ -77,7 +78,7 @@ def preference_pairs(task: Any, prompts: Sequence[Prompt], texts: Sequence[str],
     out: list[Preference] = []
     for g in range(0, len(prompts), k):
         prompt = prompts[g]
-        if held_out(task, prompt, held_out_ids):
+        if not evaluation and held_out(task, prompt, held_out_ids):
             continue
         found = []
         for i in range(g, g + k):

@@ -259,7 +259,7 @@ class CriticRLJob(RLJob):
         repeated = [p for p in self.eval_prompts for _ in range(k)]
         scores = [v.score for v in self.task.verify_many(repeated, texts)]
         pairs = preference_pairs(self.task, repeated, texts, scores, k, per_prompt=cfg.critic_pairs_per_prompt,
-                                 seed=version)
+                                 seed=version, evaluation=True)
         result = agreement(self.critic, pairs, self.loop_rubrics)
         return {"critic_agreement": result.agreement, "critic_agreement_pairs": result.pairs,
                 "critic_p_winner": result.mean_p_winner, "critic_eval_position_bias": result.position_bias_rate}
