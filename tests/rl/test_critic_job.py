@@ -171,19 +171,22 @@ def init_run(tokenizer_dir: Path, tmp_path_factory) -> Path:
 def test_k2_rl_with_a_critic_share_runs_and_logs_the_critic(init_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "rl"
     assert main(["rl", *FLAGS, "--init", str(init_run), "--run-dir", str(run), "--steps", "2",
-                 "--critic-aggregation", "bradley_terry", "--critic-pairs", "ring"]) == 0
+                 "--critic-aggregation", "bradley_terry", "--critic-pairs", "ring", "--critic-bootstrap-steps", "2",
+                 "--critic-bootstrap-pairs", "8"]) == 0
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 2]
     for r in train:
         for key in ("critic_reward", "position_bias_rate", "opening_praise_rate", "critic_response_len",
-                    "critic_agreement", "critic_judgements_per_s", "critic_updates"):
+                    "critic_agreement_pairs", "critic_judgements_per_s", "critic_updates", "critic_buffer"):
             assert key in r, key
         assert r["critic_judgements"] == 3  # ring of 3 samples, one critic prompt
-    assert "critic_agreement" in evals[0] and "critic_agreement_pairs" in evals[0]
+    assert "critic_agreement_pairs" in evals[0]
     state = checkpoint.load(run / "checkpoints", tiny_model()).train_state
-    assert state["critic"]["updates"] == 2 and "model" in state["critic"]
+    assert state["critic"]["bootstrapped"] and "model" in state["critic"]
+    assert state["critic"]["updates"] == train[-1]["critic_updates"]
+    assert len(state["critic"]["buffer"]["pairs"]) == train[-1]["critic_buffer"]
     config = json.loads((run / "config.json").read_text())
     assert config["critic_share"] == 0.5 and config["critic_aggregation"] == "bradley_terry"
 

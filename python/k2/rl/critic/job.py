@@ -25,7 +25,6 @@ exactly.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any, Callable
 
@@ -261,13 +260,15 @@ class CriticRLJob(RLJob):
         pairs = preference_pairs(self.task, repeated, texts, scores, k, per_prompt=cfg.critic_pairs_per_prompt,
                                  seed=version, evaluation=True)
         result = agreement(self.critic, pairs, self.loop_rubrics)
+        if not result.pairs:  # the policy's samples all scored alike: nothing to measure
+            return {"critic_agreement_pairs": 0}
         return {"critic_agreement": result.agreement, "critic_agreement_pairs": result.pairs,
                 "critic_p_winner": result.mean_p_winner, "critic_eval_position_bias": result.position_bias_rate}
 
     def evaluate(self, step: int, final: bool) -> dict[str, float]:
         out = super().evaluate(step, final)
         found = self.critic_agreement(step)
-        if found:
+        if found.get("critic_agreement_pairs"):
             self.log(f"step {step}: critic-verifier agreement {found['critic_agreement']:.3f} on "
                      f"{found['critic_agreement_pairs']} held-out pairs")
         return {**out, **found}
@@ -277,7 +278,7 @@ class CriticRLJob(RLJob):
         if "critic_reward" in fields:
             out["critic_r"] = f"{fields['critic_reward']:.3f}"
             out["praise"] = f"{fields['opening_praise_rate']:.2f}"
-        if "critic_agreement" in fields and not math.isnan(fields["critic_agreement"]):
+        if "critic_agreement" in fields:
             out["agree"] = f"{fields['critic_agreement']:.2f}"
         return out
 
