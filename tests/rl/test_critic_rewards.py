@@ -242,3 +242,23 @@ def test_bootstrap_conversations_show_both_orders_with_the_right_letter() -> Non
             shown_a = user.split("Response A:\n", 1)[1].split("\n\nResponse B:\n", 1)[0]
             assert shown_a == (p.winner if letter == "A" else p.loser)
         assert "[must] no-opening-praise" in first["messages"][0]["content"]
+
+
+def test_k2_critic_bootstrap_writes_sft_conversations(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from k2.cli import main
+    from k2.data.sft import check_conversation
+
+    out = tmp_path / "boot.jsonl"
+    assert main(["critic", "bootstrap", "--out", str(out), "--n", "12", "--seed", "4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 24 and "wrote 24 conversations" in capsys.readouterr().out
+    for row in rows:
+        messages, tools = check_conversation(row)  # what k2 sft --data accepts
+        assert tools is None and messages[-1] == {"role": "assistant", "content": messages[-1]["content"]}
+    assert sorted({r["messages"][-1]["content"] for r in rows}) == ["A", "B"]
+    assert rows == critic_conversations(synthesize_pairs(12, seed=4))
+    assert main(["critic", "rubrics", "--task", "bait"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[3] == PRESCRIPTIVE_RUBRICS[0].line() + " (checked: opening_praise)"
+    assert printed[-1].startswith("- [weight 2] answers-the-question:")
+    assert main(["critic", "bootstrap", "--out", str(out), "--n", "0"]) == 1
