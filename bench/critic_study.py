@@ -57,6 +57,7 @@ def make_init(out: Path, vocab: int, preset: str) -> Path:
     texts += [render_chat(r["messages"]) for r in critic_conversations(synthesize_pairs(400, seed=0))]
     texts += [render_chat(p.messages) for p in BaitPrompts().prompts("train", 40)]
     tok_dir = out / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(train_tokenizer(texts, vocab), tok_dir)
     torch.manual_seed(0)
     model = K2ForCausalLM(K2Config.from_preset(preset))

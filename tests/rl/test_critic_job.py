@@ -144,10 +144,14 @@ def test_the_critic_state_round_trips_and_the_run_goes_on_exactly(tokenizer_dir:
         assert torch.equal(x, y), name
 
 
-def test_the_policy_itself_as_critic(tokenizer_dir: Path) -> None:
-    job = make_job(tokenizer_dir, critic_source="policy")
+def test_the_policy_itself_as_critic_on_the_task_prompts(tokenizer_dir: Path) -> None:
+    job = make_job(tokenizer_dir, critic_source="policy", critic_prompts="task")
     assert job.critic.model is job.model
-    job.train_step(0, log=True)
+    fields = job.train_step(0, log=True)
+    r = job.last
+    assert all(p.id.startswith("arithmetic/") for p in r.prompts)
+    assert [v.reason.startswith("critic") for v in r.verdicts] == [False] * 3 + [True] * 3
+    assert "critic_prompt_accuracy" in fields and set(fields["reward_by_task"]) == {"arithmetic", "critic:arithmetic"}
     state = job.state_dict()["critic"]
     assert "model" not in state and state["updates"] == 1 and state["optimizer"]["state"]
 

@@ -123,15 +123,24 @@ def test_the_loss_is_the_answer_token_cross_entropy_of_both_orders(tokenizer) ->
     model = critic_model(3)
     critic = Critic(model, tokenizer)
     c = Comparison(MESSAGES, RUBRICS, "Answer: 22", "Answer: 3")
-    loss, _ = critic.loss([c])
+    pair_loss, _ = critic.loss([c])
+    vocab_loss, _ = critic.loss([c], over="vocab")
+    a_id, b_id = tokenizer.token_to_id("A"), tokenizer.token_to_id("B")
     with torch.no_grad():
-        expected = 0.0
+        pair_expected = vocab_expected = 0.0
         for a, b, letter in (("Answer: 22", "Answer: 3", "A"), ("Answer: 3", "Answer: 22", "B")):
             text = render_chat(critic_messages(MESSAGES, RUBRICS, a, b), add_generation_prompt=True)
             ids = tokenizer.encode(text, add_special_tokens=False).ids
-            logp = model(input_ids=torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
-            expected -= float(logp[tokenizer.token_to_id(letter)]) / 2
-    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+            target = tokenizer.token_to_id(letter)
+            vocab_expected -= float(logits.log_softmax(-1)[target]) / 2
+            two = logits[[a_id, b_id]].log_softmax(-1)
+            pair_expected -= float(two[0 if letter == "A" else 1]) / 2
+    assert float(pair_loss.detach()) == pytest.approx(pair_expected, rel=1e-5)
+    assert float(vocab_loss.detach()) == pytest.approx(vocab_expected, rel=1e-5)
+    assert vocab_expected > pair_expected
+    with pytest.raises(CriticError, match="choose pair or vocab"):
+        critic.loss([c], over="letters")
 
 
 def pairs_of(n: int, seed: int) -> list[Preference]:
