@@ -173,6 +173,7 @@ class CriticLearner:
         if not self.buffer.pairs or steps < 1:
             return {}
         model = self.critic.model
+        was_training = model.training
         model.train()
         losses, accs = [], []
         for s in range(steps):
@@ -186,7 +187,7 @@ class CriticLearner:
             losses.append(float(loss.detach()))
             accs.append(acc)
             self.updates += 1
-        model.eval()
+        model.train(was_training)
         return {"critic_loss": sum(losses) / len(losses), "critic_train_accuracy": sum(accs) / len(accs)}
 
     def state_dict(self) -> dict[str, Any]:

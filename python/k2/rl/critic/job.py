@@ -81,7 +81,7 @@ class CriticRLJob(RLJob):
         self.n_critic = round(cfg.critic_share * cfg.prompts_per_step)
         self.critic_budget = cfg.token_budget or self.critic_prompt_set.token_budget
         self.critic = Critic(build_critic_model(cfg, model, tokenizer), tokenizer, batch_size=cfg.critic_batch,
-                             max_reply_tokens=cfg.critic_max_reply_tokens or self.budget)
+                             max_reply_tokens=cfg.critic_max_reply_tokens or max(self.budget, self.critic_budget))
         self.judge_rubrics = rubrics_for(self.critic_prompt_set.name, file=cfg.critic_rubrics or None)
         self.loop_rubrics = rubrics_for(task.name, file=cfg.critic_rubrics or None)
         self.learner = CriticLearner(self.critic, self.loop_rubrics, lr=cfg.critic_lr, batch=cfg.critic_batch,
@@ -108,6 +108,7 @@ class CriticRLJob(RLJob):
         import random
 
         rng = random.Random(f"k2.rl.critic.bootstrap:{cfg.seed}")
+        was_training = model.training
         model.train()
         losses = []
         for _ in range(cfg.critic_bootstrap_steps):
@@ -119,7 +120,7 @@ class CriticRLJob(RLJob):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-        model.eval()
+        model.train(was_training)
         self.bootstrapped = True
         self.log(f"critic bootstrap: {len(losses)} steps on {len(pairs)} synthesized pairs, loss "
                  f"{losses[0]:.3f} -> {losses[-1]:.3f}")
@@ -178,12 +179,9 @@ class CriticRLJob(RLJob):
         judged = self.critic.judge(comparisons)
         judge_s = time.perf_counter() - started
         out: list[Reward] = []
-        praise = 0
-        raw_means = []
         for g in range(len(prompts)):
             probs = [j.p_first for j in judged[g * len(pairs): (g + 1) * len(pairs)]]
             rewards = aggregate(k, pairs, probs, cfg.critic_aggregation)
-            raw_means.append(sum(rewards) / k)
             group = texts[g * k: (g + 1) * k]
             broken = [violations(t, self.judge_rubrics) for t in group]
             capped = cap_rewards(rewards, broken, cfg.critic_cap)
