@@ -1,6 +1,7 @@
 """Critic speed: pairwise judgements per second against the rollout rate of the same model.
 
-One model (the tiny preset, random weights, float32) both samples and judges, as with
+One model (the tiny preset with the tokenizer's vocabulary, random weights, float32) both samples
+and judges, as with
 ``k2 rl --critic-source copy``: the rollout engine samples K replies to each of P bait prompts
 (``RolloutEngine``, continuous batching, exactly ``--budget`` tokens each: no stop token, so
 every round does the same work), then :class:`k2.rl.critic.critic.Critic` judges every pair of
@@ -22,6 +23,7 @@ Run:  python bench/critic.py                 (tiny preset, P=4, K=4, budget 32, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -70,7 +72,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = build_tokenizer(args.vocab)
-    model = K2ForCausalLM(K2Config.from_preset(args.preset)).eval()
+    # the model's vocabulary is the tokenizer's, so every sampled id decodes to text
+    config = dataclasses.replace(K2Config.from_preset(args.preset), vocab_size=tokenizer.get_vocab_size())
+    model = K2ForCausalLM(config).eval()
     pad = tokenizer.token_to_id("<|pad|>") or 0
     engine = RolloutEngine(model, max_batch=args.rollout_batch, pad_token_id=pad)
     critic = Critic(model, tokenizer, batch_size=args.critic_batch, max_reply_tokens=args.budget)

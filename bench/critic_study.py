@@ -31,6 +31,7 @@ Smoke run (about 2 minutes):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -58,9 +59,10 @@ def make_init(out: Path, vocab: int, preset: str) -> Path:
     texts += [render_chat(p.messages) for p in BaitPrompts().prompts("train", 40)]
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(train_tokenizer(texts, vocab), tok_dir)
-    torch.manual_seed(0)
-    model = K2ForCausalLM(K2Config.from_preset(preset))
+    tokenizer = train_tokenizer(texts, vocab)
+    save_tokenizer(tokenizer, tok_dir)
+    torch.manual_seed(0)  # the model's vocabulary is the tokenizer's: every sampled id decodes
+    model = K2ForCausalLM(dataclasses.replace(K2Config.from_preset(preset), vocab_size=tokenizer.get_vocab_size()))
     checkpoint.save(run / "checkpoints", model, None, {"step": 0}, tokenizer_dir=tok_dir)
     (run / "config.json").write_text(json.dumps({"preset": preset, "data_dir": str(tok_dir)}))
     return run
