@@ -64,7 +64,7 @@ def make_init(out: Path, vocab: int, preset: str) -> Path:
     torch.manual_seed(0)  # the model's vocabulary is the tokenizer's: every sampled id decodes
     model = K2ForCausalLM(dataclasses.replace(K2Config.from_preset(preset), vocab_size=tokenizer.get_vocab_size()))
     checkpoint.save(run / "checkpoints", model, None, {"step": 0}, tokenizer_dir=tok_dir)
-    (run / "config.json").write_text(json.dumps({"preset": preset, "data_dir": str(tok_dir)}))
+    (run / "config.json").write_text(json.dumps({"preset": "custom", "data_dir": str(tok_dir)}))
     return run
 
 
