@@ -108,3 +108,11 @@ class RankLostError(K2Error):
 
 
 __all__ += ["RankLostError"]
+
+
+class CriticError(RLError):
+    """The self-critique reward (``k2.rl.critic``) got bad input: a rubric file or field, a critic
+    checkpoint, a prompt too long for the critic; the message names the file, field or prompt."""
+
+
+__all__ += ["CriticError"]

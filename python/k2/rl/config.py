@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k2.errors import ConfigError
+from k2.rl.critic.settings import CRITIC_HELP
 from k2.train.config import HELP, TrainConfig
 
 OBJECTIVES = ("k2", "grpo")
@@ -69,6 +70,26 @@ class RLConfig(TrainConfig):
     eval_prompts: int = 64
     rollout_batch: int = 64
     rollout_workers: int = 0
+    # The self-critique rubric reward (k2.rl.critic, docs/critic.md); critic_share 0 turns it off.
+    critic_share: float = 0.0
+    critic_prompts: str = "bait"
+    critic_source: str = "copy"
+    critic_init: str = ""
+    critic_rubrics: str = ""
+    critic_aggregation: str = "win_rate"
+    critic_pairs: str = "all"
+    critic_cap: float = 0.0
+    critic_update_every: int = 1
+    critic_update_steps: int = 1
+    critic_batch: int = 8
+    critic_lr: float = 1e-4
+    critic_buffer: int = 256
+    critic_pairs_per_prompt: int = 4
+    critic_eval_prompts: int = 8
+    critic_eval_every: int = 1
+    critic_max_reply_tokens: int = 0
+    critic_bootstrap_steps: int = 0
+    critic_bootstrap_pairs: int = 256
 
     def validate(self) -> None:
         base = dataclasses.replace(self, preset="tiny") if self.preset == CUSTOM_PRESET else self
@@ -116,6 +137,9 @@ class RLConfig(TrainConfig):
             if not (Path(self.ptx_data) / "manifest.json").is_file():
                 raise ConfigError(f"ptx_data {self.ptx_data}: no manifest.json there (prepare it "
                                   "with k2 data prepare or k2 sft)")
+        from k2.rl.critic.settings import validate_critic
+
+        validate_critic(self)
 
     def temperature(self, rl_step: int) -> float:
         """The sampling temperature of RL step ``rl_step`` (0-based): linear from
@@ -154,6 +178,7 @@ RL_HELP: dict[str, str] = {
     "eval_prompts": "held-out test prompts per evaluation (greedy)",
     "rollout_batch": "sequences the rollout engine decodes together",
     "rollout_workers": "rollout processes (0: sample in the trainer's process)",
+    **CRITIC_HELP,
 }
 RL_FLAGS = [name for name in RLConfig.fields()
             if name not in ("corpus", "vocab_size", "preset", "sample_prompt", "sample_tokens",

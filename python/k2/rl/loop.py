@@ -122,7 +122,12 @@ class RLTrainer:
         from k2.rl.job import RLJob
 
         cfg, d, harness = self.config, self.d, self.harness
-        job = RLJob(cfg, d, model, tokenizer, self.task, self.log, rollout=workers)
+        job_class = RLJob
+        if cfg.critic_share > 0:  # a share of critic-rewarded prompts (docs/critic.md)
+            from k2.rl.critic.job import CriticRLJob
+
+            job_class = CriticRLJob
+        job = job_class(cfg, d, model, tokenizer, self.task, self.log, rollout=workers)
         start = harness.restore(job)
         first_eval = None
         if start == 0:
