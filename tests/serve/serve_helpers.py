@@ -78,3 +78,31 @@ class Server:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(20)
+
+
+def slow_service(model, tokenizer, *, step_s: float, to_budget: bool = False, **kwargs):
+    """A ChatService on a copy of ``model`` whose forwards take ``step_s`` longer (so a test can act
+    mid-generation); with ``to_budget`` its requests ignore ``<|im_end|>`` and run to ``max_tokens``."""
+    import copy
+    import dataclasses
+
+    from k2.serve.app import ChatService
+
+    slow = copy.deepcopy(model)
+    forward = slow.forward
+
+    def slow_forward(*args, **kw):
+        time.sleep(step_s)
+        return forward(*args, **kw)
+
+    slow.forward = slow_forward
+    service = ChatService(slow, tokenizer, model_name="tiny", **kwargs)
+    if to_budget:
+        plain = service.engine_requests
+
+        def without_stop(req):
+            prompt, requests = plain(req)
+            return prompt, [dataclasses.replace(r, stop_ids=()) for r in requests]
+
+        service.engine_requests = without_stop
+    return service

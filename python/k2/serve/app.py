@@ -66,12 +66,9 @@ class _Choice:
     decode: Any
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    cancelled: bool = False
 
     def add(self, token: int) -> bool:
         self.tokens.append(token)
-        if self.cancelled:
-            return True
         if self.stop:
             self.text = self.decode(self.tokens)
             return cut_at_stop(self.text.split(IM_END, 1)[0], self.stop)[1]
@@ -113,8 +110,9 @@ class ChatService:
         max_queue: requests that may wait (more get 429).
         constrain: schema-constrained tool calls (needs the ``constrain`` extra); on by default.
         start: start the scheduler thread now.
-        subscriber: reserved for live weight updates (not implemented: raises
-            NotImplementedError).
+        subscriber: a joined :class:`~k2.broadcast.WeightSubscriber` on ``model``: published
+            versions are applied between decoding steps (:mod:`k2.serve.weights`), and every
+            response lists the versions that produced its tokens.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str = "k2", max_batch: int = 8,
@@ -128,11 +126,12 @@ class ChatService:
         if self.im_end is None:
             raise ServeError(f"the tokenizer has no {IM_END} token: it is not K2's")
         self.engine = RolloutEngine(model, max_batch=max_batch, pad_token_id=self.im_end)
+        self.follower = None
         if subscriber is not None:
-            raise NotImplementedError(
-                "live weight updates (a WeightSubscriber applied between decoding steps) are not "
-                "implemented in k2 serve yet (docs/serve.md, 'Not yet')")
-        self.scheduler = Scheduler(self.engine, max_queue=max_queue)
+            from k2.serve.weights import WeightFollower
+
+            self.follower = WeightFollower(subscriber, self.engine)
+        self.scheduler = Scheduler(self.engine, max_queue=max_queue, between_steps=self.follower)
         self.metrics = Metrics(self.scheduler, lambda: self.weight_version)
         self.constrainer = None
         if constrain:
@@ -286,15 +285,15 @@ async def _stream(service: ChatService, req: ChatRequest, rid: str, include_usag
             calls = message.get("tool_calls") or []
             if len(calls) > sent_calls[i]:
                 delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls) if k >= sent_calls[i]]
-            yield _chunk(rid, model, [{"index": i, "delta": delta, "finish_reason": c["finish_reason"]}])
+            yield _chunk(rid, model, [{"index": i, "delta": delta, "finish_reason": c["finish_reason"]}],
+                         weight_versions=final["weight_versions"])
         if include_usage:
             yield _chunk(rid, model, [], usage=final["usage"], weight_versions=final["weight_versions"])
         yield "data: [DONE]\n\n"
         service.metrics.requests.labels("200").inc()
         service.metrics.latency.observe(time.perf_counter() - started)
-    finally:
-        for state in states:  # a client that went away frees its rows at the next token
-            state.cancelled = True
+    finally:  # a client that went away frees its rows at the next token (no-op once finished)
+        job.cancel()
 
 
 def create_app(service: ChatService) -> Any:
@@ -326,8 +325,8 @@ def create_app(service: ChatService) -> Any:
                 first = await anext(stream)  # submits: a full queue or a bad request answers here
                 return StreamingResponse(_prepend(first, stream), media_type="text/event-stream",
                                          headers={"x-k2-weight-version": str(service.weight_version)})  # at the start
-            prompt, job, states = await asyncio.to_thread(service.submit, req)
-            completions = await _wait_or_cancel(request, job, states)
+            prompt, job, _ = await asyncio.to_thread(service.submit, req)
+            completions = await _wait_or_cancel(request, job)
         except ServeError as err:
             return error(err)
         except Exception as err:  # noqa: BLE001 - an engine failure is this request's 500, not the server's end
@@ -363,7 +362,7 @@ def create_app(service: ChatService) -> Any:
     ])
 
 
-async def _wait_or_cancel(request: Any, job: Job, states: list[_Choice], poll_s: float = 0.1) -> list[Completion]:
+async def _wait_or_cancel(request: Any, job: Job, poll_s: float = 0.1) -> list[Completion]:
     """The job's completions; a client that disconnects meanwhile has its choices ended at the next token."""
     future = asyncio.wrap_future(job.future)
     while True:
@@ -371,8 +370,7 @@ async def _wait_or_cancel(request: Any, job: Job, states: list[_Choice], poll_s:
         if done:
             return future.result()
         if await request.is_disconnected():
-            for state in states:
-                state.cancelled = True
+            job.cancel()
             return await future
 
 
