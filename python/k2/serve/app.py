@@ -354,12 +354,14 @@ def create_app(service: ChatService) -> Any:
         yield
         service.stop()
 
-    return Starlette(lifespan=lifespan, routes=[
+    app = Starlette(lifespan=lifespan, routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ])
+    app.state.service = service
+    return app
 
 
 async def _wait_or_cancel(request: Any, job: Job, poll_s: float = 0.1) -> list[Completion]:
