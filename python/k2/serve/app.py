@@ -90,7 +90,7 @@ class Metrics:
                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         queue_length = prom.Gauge("k2_serve_queue_length", "Jobs waiting for the engine", registry=r)
         queue_length.set_function(lambda: scheduler.queued)
-        rows = prom.Gauge("k2_serve_running_sequences", "Sequences in the engine's current call", registry=r)
+        rows = prom.Gauge("k2_serve_running_sequences", "Sequences in the running batch", registry=r)
         rows.set_function(lambda: scheduler.running_rows)
         version = prom.Gauge("k2_serve_weight_version", "Weight version the engine holds", registry=r)
         version.set_function(lambda: weight_version())
