@@ -13,6 +13,7 @@ next token and is never started if it is still waiting.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 
 from k2.errors import ServeError
 from k2.rl.rollout import Completion, Request, RolloutEngine
+
+log = logging.getLogger("k2.serve")
 
 
 class QueueFull(Exception):
@@ -125,7 +128,10 @@ class Scheduler:
             job = self.queue.get(timeout=self.idle_poll) if block else self.queue.get_nowait()
         except queue.Empty:
             if block and self.between_steps is not None:
-                self.between_steps()  # idle: new weights still arrive
+                try:
+                    self.between_steps()  # idle: new weights still arrive
+                except Exception:  # noqa: BLE001 - the thread must outlive a failed hook
+                    log.exception("k2 serve: between_steps failed while idle")
             return False
         if not job.future.set_running_or_notify_cancel():
             return False
