@@ -15,6 +15,9 @@ the request kinds, starting at its own offset:
 * ``malformed`` — a body that is not JSON, an unknown role, a bad temperature, a tool schema
   that is not an object, an unknown model, no messages, ``n`` 0, a context overflow.
 
+A client that gets a 429 waits ``--backoff`` seconds (0.25) before its next request, as a
+well-behaved client does; ``--backoff 0`` floods the server with retries instead.
+
 Pass criteria: every valid request is answered 200 or 429 (queue full), every malformed one
 4xx; nothing is answered 5xx, no request hangs (each has a deadline), the server answers
 ``/health`` afterwards with no sequence left running, and its RSS grows at most 5 % from 10 s
@@ -129,7 +132,7 @@ def _tokens(raw: bytes, stream: bool) -> tuple[int, str | None]:
 
 
 async def _client(i: int, port: int, model: str, stop_at: float, deadline: float, bad: list[tuple[str, bytes]],
-                  tools: list, outcomes: list[Outcome], cap: int) -> None:
+                  tools: list, outcomes: list[Outcome], cap: int, backoff: float) -> None:
     n = i
     while time.monotonic() < stop_at:
         kind = KINDS[n % len(KINDS)]
@@ -165,6 +168,8 @@ async def _client(i: int, port: int, model: str, stop_at: float, deadline: float
             except (ValueError, KeyError) as err:
                 error = f"bad body: {err}"
         outcomes.append(Outcome(kind, status, seconds, tokens, error))
+        if status == 429 and backoff:
+            await asyncio.sleep(backoff)  # a well-behaved client waits before trying again
 
 
 def _rss_mib(pid: int) -> float:
@@ -247,7 +252,7 @@ def summarize(outcomes: list[Outcome], seconds: float) -> dict:
 
 
 async def _drive(port: int, model: str, clients: int, seconds: float, deadline: float, pid: int, context: int,
-                 rss: list[tuple[float, float]], cap: int) -> list[Outcome]:
+                 rss: list[tuple[float, float]], cap: int, backoff: float) -> list[Outcome]:
     from serve_helpers import TOOLS
 
     outcomes: list[Outcome] = []
@@ -261,7 +266,7 @@ async def _drive(port: int, model: str, clients: int, seconds: float, deadline: 
             await asyncio.sleep(1.0)
 
     sampler = asyncio.create_task(sample())
-    await asyncio.gather(*(_client(i, port, model, stop_at, deadline, bad, TOOLS, outcomes, cap) for i in range(clients)))
+    await asyncio.gather(*(_client(i, port, model, stop_at, deadline, bad, TOOLS, outcomes, cap, backoff) for i in range(clients)))
     sampler.cancel()
     rss.append((round(time.monotonic() - started, 2), _rss_mib(pid)))
     return outcomes
@@ -279,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", choices=("tiny", "test"), default="tiny",
                         help="the tiny preset, or the serve tests' smaller model (smoke test)")
     parser.add_argument("--max-tokens", type=int, default=64, help="cap on any request's max_tokens")
+    parser.add_argument("--backoff", type=float, default=0.25,
+                        help="seconds a client waits after a 429 before its next request (0: a flood)")
     args = parser.parse_args(argv)
     from serve_helpers import free_port
 
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             rss: list[tuple[float, float]] = []
             started = time.monotonic()
             outcomes = asyncio.run(_drive(port, "loadrun", args.clients, args.seconds, args.deadline, server.pid,
-                                          512, rss, args.max_tokens))
+                                          512, rss, args.max_tokens, args.backoff))
             elapsed = time.monotonic() - started
             # afterwards: healthy, nothing left running or queued
             settle = time.monotonic() + 30
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = summarize(outcomes, elapsed)
     base = next((mib for t, mib in rss if t >= args.rss_from), None)
     result.update(
-        bench="serve_load", model=args.model, clients=args.clients, seconds=round(elapsed, 1), max_batch=args.max_batch,
+        bench="serve_load", model=args.model, clients=args.clients, backoff=args.backoff, seconds=round(elapsed, 1), max_batch=args.max_batch,
         max_queue=args.max_queue, threads=args.threads, health=health["status"], idle_after=idle,
         rss_mib_start=rss[0][1] if rss else None, rss_mib_at_from=base, rss_mib_end=rss[-1][1] if rss else None,
         rss_growth=round(rss[-1][1] / base - 1, 4) if base else None,

@@ -204,6 +204,9 @@ class ChatService:
         return prompt, requests
 
     def submit(self, req: ChatRequest, on_event: Any = None) -> tuple[list[int], Job, list[_Choice]]:
+        if self.scheduler.full:  # answer 429 before templating, tokenizing and compiling grammars
+            raise ServeError(f"the request queue is full ({self.scheduler.queue.maxsize} waiting)", status=429,
+                             code="rate_limit_exceeded")
         prompt, requests = self.engine_requests(req)
         choices = [_Choice(req.stop, self.decode) for _ in requests]
 

@@ -109,6 +109,11 @@ class Scheduler:
         return self.queue.qsize()
 
     @property
+    def full(self) -> bool:
+        """Whether a job submitted now would be refused (a cheap check before preparing one)."""
+        return self.queue.full()
+
+    @property
     def running_rows(self) -> int:
         """Sequences admitted into the engine and not finished."""
         return len(self._owners)
