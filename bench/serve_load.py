@@ -19,7 +19,8 @@ A client that gets a 429 waits ``--backoff`` seconds (0.25) before its next requ
 well-behaved client does; ``--backoff 0`` floods the server with retries instead.
 
 Pass criteria: every valid request is answered 200 or 429 (queue full), every malformed one
-4xx; nothing is answered 5xx, no request hangs (each has a deadline), the server answers
+4xx (400 or 404, or 429 when it parses but meets a full queue: capacity is checked before the
+costly part of validation); nothing is answered 5xx, no request hangs (each has a deadline), the server answers
 ``/health`` afterwards with no sequence left running, and its RSS grows at most 5 % from 10 s
 to the end. Reported: requests/s, generated tokens/s, p50/p99 latency of answered requests.
 

@@ -24,7 +24,8 @@ def test_load_smoke():
     kinds = result["by_kind"]
     for kind in ("plain", "stream", "tools"):
         assert set(kinds[kind]) <= {"200", "429"} and kinds[kind].get("200", 0) > 0, kinds
-    assert set(kinds["malformed"]) == {"400", "404"}  # unknown model: 404, the rest 400
+    # unknown model: 404, the rest 400; those that parse may meet a full queue first (429)
+    assert {"400", "404"} <= set(kinds["malformed"]) <= {"400", "404", "429"}
     assert set(kinds["cancel"]) <= {"None", "200", "429"} and kinds["cancel"].get("None", 0) > 0
     assert result["answered_429"] > 0  # the queue did fill up
     assert result["health"] == "ok" and result["idle_after"]  # cancelled requests freed their rows
