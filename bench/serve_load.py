@@ -267,7 +267,8 @@ async def _drive(port: int, model: str, clients: int, seconds: float, deadline: 
             await asyncio.sleep(1.0)
 
     sampler = asyncio.create_task(sample())
-    await asyncio.gather(*(_client(i, port, model, stop_at, deadline, bad, TOOLS, outcomes, cap, backoff) for i in range(clients)))
+    await asyncio.gather(*(_client(i, port, model, stop_at, deadline, bad, TOOLS, outcomes, cap, backoff)
+                           for i in range(clients)))
     sampler.cancel()
     rss.append((round(time.monotonic() - started, 2), _rss_mib(pid)))
     return outcomes
@@ -293,16 +294,19 @@ def main(argv: list[str] | None = None) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="k2-serve-load-") as tmp:
         run = make_run(Path(tmp), args.model)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "python"), os.environ.get("PYTHONPATH")) if p)}
+        path = os.pathsep.join(p for p in (str(ROOT / "python"), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": path}
+        log = open(Path(tmp) / "server.log", "w")  # noqa: SIM115 - closed below
         server = subprocess.Popen(
-            [sys.executable, "-m", "k2", "serve", str(run / "checkpoints"), "--model-name", "loadrun", "--port", str(port), "--threads", str(args.threads),
+            [sys.executable, "-m", "k2", "serve", str(run / "checkpoints"), "--model-name", "loadrun",
+             "--port", str(port), "--threads", str(args.threads),
              "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)  # a file: a full pipe would block it
         try:
             ready = time.monotonic() + 180
             while True:
                 if server.poll() is not None:
-                    raise RuntimeError(f"k2 serve exited: {server.stdout.read()}")
+                    raise RuntimeError(f"k2 serve exited: {Path(log.name).read_text()}")
                 try:
                     if _get(port, "/health")[0] == 200:
                         break
@@ -333,10 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
+            log.close()
     result = summarize(outcomes, elapsed)
     base = next((mib for t, mib in rss if t >= args.rss_from), None)
     result.update(
-        bench="serve_load", model=args.model, clients=args.clients, backoff=args.backoff, seconds=round(elapsed, 1), max_batch=args.max_batch,
+        bench="serve_load", model=args.model, clients=args.clients, backoff=args.backoff,
+        seconds=round(elapsed, 1), max_batch=args.max_batch,
         max_queue=args.max_queue, threads=args.threads, health=health["status"], idle_after=idle,
         rss_mib_start=rss[0][1] if rss else None, rss_mib_at_from=base, rss_mib_end=rss[-1][1] if rss else None,
         rss_growth=round(rss[-1][1] / base - 1, 4) if base else None,

@@ -84,7 +84,8 @@ def test_subscribe_follows_the_broadcast(tmp_path, tiny, monkeypatch, capsys):
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     with WeightPublisher(trainer, name=name, timeout=30.0) as publisher:
-        assert main(["serve", str(root / "checkpoints"), "--subscribe", name, "--worker-name", "srv", "--port", "9124"]) == 0
+        argv = ["serve", str(root / "checkpoints"), "--subscribe", name, "--worker-name", "srv", "--port", "9124"]
+        assert main(argv) == 0
         assert [w.worker for w in publisher.workers() if w.state != "evicted" and w.alive] in ([], ["srv"])
     assert seen == {"joined": ["srv"], "published": 1, "version": 1, "equal": True}
     assert f"following weight broadcast {name!r}" in capsys.readouterr().out

@@ -14,7 +14,6 @@ subscriber's lock is never contended.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from k2.errors import BroadcastError
@@ -41,7 +40,6 @@ class WeightFollower:
         self.applied: list[int] = []
         """Versions applied so far, in order."""
         self.failures = 0
-        self.changed = threading.Condition()
         if subscriber.version:
             engine.weight_version = int(subscriber.version)
 
@@ -59,11 +57,4 @@ class WeightFollower:
             return
         if version is not None:
             self.engine.weight_version = int(version)
-            with self.changed:
-                self.applied.append(int(version))
-                self.changed.notify_all()
-
-    def wait_for(self, version: int, timeout: float) -> bool:
-        """Wait until ``version`` (or a later one) is applied; whether it was."""
-        with self.changed:
-            return self.changed.wait_for(lambda: self.engine.weight_version >= version, timeout)
+            self.applied.append(int(version))
