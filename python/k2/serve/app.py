@@ -249,7 +249,9 @@ async def _stream(service: ChatService, req: ChatRequest, rid: str, include_usag
                   started: float) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[int | None] = asyncio.Queue()
-    prompt, job, states = service.submit(req, lambda choice: loop.call_soon_threadsafe(events.put_nowait, choice))
+    # templating, tokenizing and compiling grammars off the event loop, as for plain requests
+    prompt, job, states = await asyncio.to_thread(
+        service.submit, req, lambda choice: loop.call_soon_threadsafe(events.put_nowait, choice))
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
     tools_on = bool(req.tools) and req.tool_choice != "none"
     hold = max((len(s) for s in req.stop), default=1) - 1
