@@ -78,3 +78,40 @@ class Server:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(20)
+
+
+def slow_copy(model, step_s: float):
+    """A copy of ``model`` whose forwards take ``step_s`` longer (so a test can act mid-generation)."""
+    import copy
+
+    slow = copy.deepcopy(model)
+    forward = slow.forward
+
+    def slow_forward(*args, **kw):
+        time.sleep(step_s)
+        return forward(*args, **kw)
+
+    slow.forward = slow_forward
+    return slow
+
+
+def run_to_budget(service):
+    """Make ``service``'s requests ignore ``<|im_end|>`` and run to ``max_tokens`` (a known length)."""
+    import dataclasses
+
+    plain = service.engine_requests
+
+    def without_stop(req):
+        prompt, requests = plain(req)
+        return prompt, [dataclasses.replace(r, stop_ids=()) for r in requests]
+
+    service.engine_requests = without_stop
+    return service
+
+
+def slow_service(model, tokenizer, *, step_s: float, to_budget: bool = False, **kwargs):
+    """A ChatService on :func:`slow_copy` of ``model``; with ``to_budget``, :func:`run_to_budget`."""
+    from k2.serve.app import ChatService
+
+    service = ChatService(slow_copy(model, step_s), tokenizer, model_name="tiny", **kwargs)
+    return run_to_budget(service) if to_budget else service

@@ -110,3 +110,43 @@ def test_between_steps_runs_before_every_forward_and_can_change_the_version(tiny
     versions = [v for c in out for v in c.versions]
     assert set(versions) == {0, 1}  # tokens sampled after the switch carry the new version
     assert all(c.versions == sorted(c.versions) for c in out)
+
+
+
+def test_admit_joins_late_requests_to_the_running_batch(tiny):
+    """Requests handed over by ``admit`` mid-call join free rows (the batch grows up to
+    max_batch) and sample exactly what they sample alone; each finished request reaches
+    ``on_finish`` once, and the call ends when nothing runs or waits."""
+    from collections import deque
+
+    model, _ = tiny
+    engine = RolloutEngine(model, max_batch=3)
+    first = Request([5, 6, 7], 12, seed=1)  # no stop ids: exactly 12 tokens
+    late = [Request([4, 9, 2, 7][: 2 + s % 3], 5 + s, seed=10 + s) for s in range(4)]
+    alone = {r.seed: engine.generate([r])[0].token_ids for r in [first, *late]}
+    arrivals, rooms, finished = deque(late), [], {}
+
+    def admit(room: int) -> list[Request]:
+        rooms.append(room)
+        if len(rooms) == 1:
+            return [first]
+        if len(rooms) < 4:  # three steps into the first request, the others arrive
+            return []
+        return [arrivals.popleft() for _ in range(min(room, len(arrivals)))]
+
+    def on_finish(completion):
+        assert completion.index not in finished
+        finished[completion.index] = completion
+
+    assert engine.generate([], admit=admit, on_finish=on_finish) == []  # only through on_finish
+    assert rooms[:4] == [3, 2, 2, 2]  # the first request holds one row of three
+    assert sorted(finished) == [0, 1, 2, 3, 4] and engine.last_stats.requests == 5
+    for completion in finished.values():
+        assert completion.token_ids == alone[completion.seed]
+    stats = engine.last_stats
+    assert stats.tokens == 12 + sum(5 + s for s in range(4))
+    assert stats.row_steps > stats.decode_steps  # rows decoded together
+    order = list(finished)  # insertion order: the order they finished in
+    assert order.index(1) < order.index(0)  # a late, short request did not wait for the first
+    with pytest.raises(Exception, match="max_steps"):
+        engine.generate([], admit=admit, max_steps=3)

@@ -3,7 +3,10 @@
 Loads a k2 run, checkpoint root or checkpoint directory (as ``k2 sft --init`` resolves it) and
 serves ``/v1/chat/completions`` (tool calls, streaming, ``n``, ``seed``, stop strings),
 ``/v1/models``, ``/health`` and ``/metrics`` on uvicorn; concurrent requests share the rollout
-engine's batches and a full queue answers 429. Needs the ``serve`` extra.
+engine's continuous batch and a full queue answers 429. With ``--subscribe NAME`` it follows a
+weight broadcast (``k2.broadcast``, same host): each version published under NAME is applied
+between decoding steps, and every response lists the weight versions that produced it. Needs
+the ``serve`` extra.
 """
 
 from __future__ import annotations
@@ -15,11 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from k2.optional import require
 
     uvicorn = require("uvicorn", extra="serve", purpose="k2 serve")
-    if args.subscribe:
-        raise NotImplementedError(
-            "k2 serve --subscribe (live weight updates from a WeightSubscriber) is not implemented yet; "
-            "serve a fixed checkpoint instead (docs/serve.md, 'Not yet')"
-        )
+    import os
+
     import torch
 
     from k2.agentic.evaluate import load_model
@@ -30,10 +30,26 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, checkpoint = load_model(args.init)
     name = args.model_name or (checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints"
                                else checkpoint.name)
-    service = ChatService(model, tokenizer, model_name=name, max_batch=args.max_batch,
-                          max_queue=args.max_queue, constrain=not args.no_constrain)
-    print(f"k2 serve: {checkpoint} as model {service.model_name!r} on http://{args.host}:{args.port}/v1")
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    subscriber = None
+    if args.subscribe:
+        from k2.broadcast import WeightSubscriber
+
+        # Checks the model against the published tensors (a mismatch lists every difference).
+        subscriber = WeightSubscriber(model, worker=args.worker_name or f"serve-{os.getpid()}",
+                                      name=args.subscribe, timeout=args.subscribe_timeout)
+    try:
+        service = ChatService(model, tokenizer, model_name=name, max_batch=args.max_batch,
+                              max_queue=args.max_queue, constrain=not args.no_constrain, subscriber=subscriber)
+        following = f", following weight broadcast {args.subscribe!r}" if subscriber is not None else ""
+        print(f"k2 serve: {checkpoint} as model {service.model_name!r} on http://{args.host}:{args.port}/v1"
+              f"{following}")
+        try:
+            uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+        finally:
+            service.stop()
+    finally:
+        if subscriber is not None:
+            subscriber.close()
     return 0
 
 
@@ -55,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="sample tool calls without schema constraints (default: constrained)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--subscribe", default=None, metavar="NAME",
-                        help="live weight updates from a broadcast (not implemented yet)")
+                        help="apply the weight versions published under NAME (k2.broadcast, same host) "
+                             "between decoding steps")
+    parser.add_argument("--worker-name", default=None,
+                        help="this server's name among the broadcast's workers (default: serve-PID)")
+    parser.add_argument("--subscribe-timeout", type=float, default=30.0,
+                        help="seconds to wait for the publisher: to appear, and per bucket (default: 30)")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     parser.set_defaults(handler=run)

@@ -257,6 +257,8 @@ class RolloutEngine:
         max_steps: int | None = None,
         on_token: Callable[[int, int], bool | None] | None = None,
         between_steps: Callable[[], None] | None = None,
+        admit: Callable[[int], Sequence[Request]] | None = None,
+        on_finish: Callable[[Completion], None] | None = None,
     ) -> list[Completion]:
         """Generate every request; returns their completions in request order.
 
@@ -273,6 +275,14 @@ class RolloutEngine:
             between_steps: called before every prefill and decode forward, where no forward is
                 running: a caller may load new weights there (and set ``weight_version``), which
                 the next step samples with (live weight updates, docs/serve.md).
+            admit: called as ``admit(room)`` before each step, where ``room`` is how many rows
+                are free and not promised to a waiting request; the requests it returns join the
+                running batch (prefilled into free rows, the batch growing up to ``max_batch``),
+                with indices continuing after ``requests``. The call then runs until nothing
+                runs or waits (a server's continuous batching across requests, docs/serve.md).
+                Requests admitted this way come back only through ``on_finish``, and the
+                engine keeps no reference to them once finished. Not with ``max_steps``.
+            on_finish: called as ``on_finish(completion)`` when a request finishes.
 
         Raises:
             RLError: for an invalid request (the message names its index and field).
@@ -284,9 +294,12 @@ class RolloutEngine:
         self.last_stats = stats
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
             raise RLError(f"max_steps must be None or an integer >= 0, got {max_steps!r}")
+        if admit is not None and max_steps is not None:
+            raise RLError("admit and max_steps cannot be combined (admitted requests are never paused)")
         running = [_Running(i, r, self._seed_of(r, seed, i)) for i, r in enumerate(requests)]
         waiting = deque(running)
         finished = 0
+        total = len(running)  # requests given or admitted so far
         model = self.model
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
@@ -295,15 +308,28 @@ class RolloutEngine:
         try:
             cache: SlotCache | None = None
             rows: list[_Running | None] = []
-            while waiting or rows:
+            while True:
+                if admit is not None:  # requests that arrived meanwhile join the batch
+                    room = self.max_batch - sum(r is not None for r in rows) - len(waiting)
+                    for request in admit(max(room, 0)):
+                        self.check_request(total, request)
+                        waiting.append(_Running(total, request, self._seed_of(request, seed, total)))
+                        total += 1
+                        stats.requests += 1
+                if not (waiting or rows):
+                    break
                 if max_steps is not None and stats.decode_steps >= max_steps:
                     break  # pause: whatever is running or waiting comes back unfinished
                 # Admit waiting requests into free rows (a prefill may finish some at once).
-                while waiting and (None in rows or (cache is None and len(rows) < self.max_batch)):
+                while waiting and (None in rows or len(rows) < self.max_batch):
                     if cache is None:
                         rows = [None] * min(self.max_batch, len(waiting))
                         width = max(len(r.request.prompt_ids) for r in list(waiting)[: len(rows)])
                         cache = SlotCache(model.config, len(rows), width + CACHE_ROOM, dtype, device)
+                    elif None not in rows:  # only with admit: the batch grows for late arrivals
+                        grow = min(self.max_batch - len(rows), len(waiting))
+                        cache.add_rows(grow)
+                        rows.extend([None] * grow)
                     free = [i for i, r in enumerate(rows) if r is None]
                     group = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
                     if between_steps is not None:
@@ -316,8 +342,10 @@ class RolloutEngine:
                         stats.tokens += 1
                         if self._record(seq, token, logprob, version, on_token):
                             finished += 1
+                            if on_finish is not None:
+                                on_finish(seq.completion)
                             if progress is not None:
-                                progress(finished, len(running))
+                                progress(finished, total)
                             continue
                         cached = seq.position  # the prompt and all tokens but the newest
                         cache.reserve(cached)
@@ -329,7 +357,10 @@ class RolloutEngine:
                 if not waiting and None in rows:
                     keep = [i for i, r in enumerate(rows) if r is not None]
                     if not keep:
-                        break
+                        if admit is None:
+                            break
+                        cache, rows = None, []  # idle: admit may still bring requests
+                        continue
                     cache.keep_rows(keep)
                     rows = [rows[i] for i in keep]
                 # One decode step for every row.
@@ -351,8 +382,10 @@ class RolloutEngine:
                         finished += 1
                         rows[row] = None
                         cache.free(row)
+                        if on_finish is not None:
+                            on_finish(seq.completion)
                         if progress is not None:
-                            progress(finished, len(running))
+                            progress(finished, total)
         finally:
             model.train(was_training)
         stats.seconds = time.perf_counter() - started

@@ -95,6 +95,14 @@ class SlotCache:
         """Mark ``row`` empty."""
         self.valid[row] = False
 
+    def add_rows(self, count: int) -> None:
+        """Append ``count`` empty rows (a batch that grows for requests arriving mid-call)."""
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(count, self.capacity)])
+        for layer in self.kv.layers:
+            for name in ("latent", "k_pe"):
+                old = getattr(layer, name)
+                setattr(layer, name, torch.cat([old, old.new_zeros(count, *old.shape[1:])]))
+
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order), dropping unused columns."""
         index = torch.tensor(rows, dtype=torch.long, device=self.valid.device)

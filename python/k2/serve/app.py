@@ -66,12 +66,9 @@ class _Choice:
     decode: Any
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    cancelled: bool = False
 
     def add(self, token: int) -> bool:
         self.tokens.append(token)
-        if self.cancelled:
-            return True
         if self.stop:
             self.text = self.decode(self.tokens)
             return cut_at_stop(self.text.split(IM_END, 1)[0], self.stop)[1]
@@ -93,7 +90,7 @@ class Metrics:
                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         queue_length = prom.Gauge("k2_serve_queue_length", "Jobs waiting for the engine", registry=r)
         queue_length.set_function(lambda: scheduler.queued)
-        rows = prom.Gauge("k2_serve_running_sequences", "Sequences in the engine's current call", registry=r)
+        rows = prom.Gauge("k2_serve_running_sequences", "Sequences in the running batch", registry=r)
         rows.set_function(lambda: scheduler.running_rows)
         version = prom.Gauge("k2_serve_weight_version", "Weight version the engine holds", registry=r)
         version.set_function(lambda: weight_version())
@@ -113,8 +110,9 @@ class ChatService:
         max_queue: requests that may wait (more get 429).
         constrain: schema-constrained tool calls (needs the ``constrain`` extra); on by default.
         start: start the scheduler thread now.
-        subscriber: reserved for live weight updates (not implemented: raises
-            NotImplementedError).
+        subscriber: a joined :class:`~k2.broadcast.WeightSubscriber` on ``model``: published
+            versions are applied between decoding steps (:mod:`k2.serve.weights`), and every
+            response lists the versions that produced its tokens.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str = "k2", max_batch: int = 8,
@@ -128,11 +126,12 @@ class ChatService:
         if self.im_end is None:
             raise ServeError(f"the tokenizer has no {IM_END} token: it is not K2's")
         self.engine = RolloutEngine(model, max_batch=max_batch, pad_token_id=self.im_end)
+        self.follower = None
         if subscriber is not None:
-            raise NotImplementedError(
-                "live weight updates (a WeightSubscriber applied between decoding steps) are not "
-                "implemented in k2 serve yet (docs/serve.md, 'Not yet')")
-        self.scheduler = Scheduler(self.engine, max_queue=max_queue)
+            from k2.serve.weights import WeightFollower
+
+            self.follower = WeightFollower(subscriber, self.engine)
+        self.scheduler = Scheduler(self.engine, max_queue=max_queue, between_steps=self.follower)
         self.metrics = Metrics(self.scheduler, lambda: self.weight_version)
         self.constrainer = None
         if constrain:
@@ -205,6 +204,9 @@ class ChatService:
         return prompt, requests
 
     def submit(self, req: ChatRequest, on_event: Any = None) -> tuple[list[int], Job, list[_Choice]]:
+        if self.scheduler.full:  # answer 429 before templating, tokenizing and compiling grammars
+            raise ServeError(f"the request queue is full ({self.scheduler.queue.maxsize} waiting)", status=429,
+                             code="rate_limit_exceeded")
         prompt, requests = self.engine_requests(req)
         choices = [_Choice(req.stop, self.decode) for _ in requests]
 
@@ -247,7 +249,9 @@ async def _stream(service: ChatService, req: ChatRequest, rid: str, include_usag
                   started: float) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[int | None] = asyncio.Queue()
-    prompt, job, states = service.submit(req, lambda choice: loop.call_soon_threadsafe(events.put_nowait, choice))
+    # templating, tokenizing and compiling grammars off the event loop, as for plain requests
+    prompt, job, states = await asyncio.to_thread(
+        service.submit, req, lambda choice: loop.call_soon_threadsafe(events.put_nowait, choice))
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
     tools_on = bool(req.tools) and req.tool_choice != "none"
     hold = max((len(s) for s in req.stop), default=1) - 1
@@ -286,15 +290,15 @@ async def _stream(service: ChatService, req: ChatRequest, rid: str, include_usag
             calls = message.get("tool_calls") or []
             if len(calls) > sent_calls[i]:
                 delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls) if k >= sent_calls[i]]
-            yield _chunk(rid, model, [{"index": i, "delta": delta, "finish_reason": c["finish_reason"]}])
+            yield _chunk(rid, model, [{"index": i, "delta": delta, "finish_reason": c["finish_reason"]}],
+                         weight_versions=final["weight_versions"])
         if include_usage:
             yield _chunk(rid, model, [], usage=final["usage"], weight_versions=final["weight_versions"])
         yield "data: [DONE]\n\n"
         service.metrics.requests.labels("200").inc()
         service.metrics.latency.observe(time.perf_counter() - started)
-    finally:
-        for state in states:  # a client that went away frees its rows at the next token
-            state.cancelled = True
+    finally:  # a client that went away frees its rows at the next token (no-op once finished)
+        job.cancel()
 
 
 def create_app(service: ChatService) -> Any:
@@ -326,8 +330,8 @@ def create_app(service: ChatService) -> Any:
                 first = await anext(stream)  # submits: a full queue or a bad request answers here
                 return StreamingResponse(_prepend(first, stream), media_type="text/event-stream",
                                          headers={"x-k2-weight-version": str(service.weight_version)})  # at the start
-            prompt, job, states = await asyncio.to_thread(service.submit, req)
-            completions = await _wait_or_cancel(request, job, states)
+            prompt, job, _ = await asyncio.to_thread(service.submit, req)
+            completions = await _wait_or_cancel(request, job)
         except ServeError as err:
             return error(err)
         except Exception as err:  # noqa: BLE001 - an engine failure is this request's 500, not the server's end
@@ -355,15 +359,17 @@ def create_app(service: ChatService) -> Any:
         yield
         service.stop()
 
-    return Starlette(lifespan=lifespan, routes=[
+    app = Starlette(lifespan=lifespan, routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ])
+    app.state.service = service
+    return app
 
 
-async def _wait_or_cancel(request: Any, job: Job, states: list[_Choice], poll_s: float = 0.1) -> list[Completion]:
+async def _wait_or_cancel(request: Any, job: Job, poll_s: float = 0.1) -> list[Completion]:
     """The job's completions; a client that disconnects meanwhile has its choices ended at the next token."""
     future = asyncio.wrap_future(job.future)
     while True:
@@ -371,8 +377,7 @@ async def _wait_or_cancel(request: Any, job: Job, states: list[_Choice], poll_s:
         if done:
             return future.result()
         if await request.is_disconnected():
-            for state in states:
-                state.cancelled = True
+            job.cancel()
             return await future
 
 
