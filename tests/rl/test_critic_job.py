@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_helpers import small_config
+from rl_helpers import LengthTask
 
 from k2 import checkpoint
 from k2.cli import main
@@ -27,20 +28,13 @@ from k2.rl.critic.closed_loop import preference_pairs
 from k2.rl.critic.critic import Comparison
 from k2.rl.critic.job import CriticRLJob
 from k2.rl.tasks import get_task
-from k2.rl.tasks.arithmetic import ArithmeticTask
-from k2.rl.tasks.base import Reward, split_of
+from k2.rl.tasks.base import split_of
 from k2.train.metrics import read_metrics
 
 VOCAB = 600
 BUDGET = 8
 
 
-class LengthTask(ArithmeticTask):
-    """Arithmetic prompts whose reward varies between a random policy's samples: the response's
-    length in characters over 40, capped at 1."""
-
-    def verify(self, prompt, response_text):  # noqa: ANN001, ANN201
-        return Reward(min(1.0, len(response_text) / 40), False, "length")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_helpers import small_config
+from rl_helpers import LengthTask
 
 from k2 import checkpoint
 from k2.cli import main
@@ -24,20 +25,12 @@ from k2.parallel.setup import Dist
 from k2.rl.config import RLConfig
 from k2.rl.job import RLJob
 from k2.rl.tasks import get_task
-from k2.rl.tasks.arithmetic import ArithmeticTask
-from k2.rl.tasks.base import Reward
 from k2.train.metrics import read_metrics
 
 VOCAB = 512
 BUDGET = 8
 
 
-class LengthTask(ArithmeticTask):
-    """Arithmetic prompts with a reward that varies between samples of a random policy: the
-    response's length in characters over 40, capped at 1."""
-
-    def verify(self, prompt, response_text):  # noqa: ANN001, ANN201
-        return Reward(min(1.0, len(response_text) / 40), False, "length")
 
 
 @pytest.fixture(scope="module")
