@@ -125,8 +125,11 @@ def test_eval_next_calls_constrained(setup, capsys):
     _check_figures(figures)
     assert "unconstrained" not in result and result["records"] == 1
     assert result["options"]["call_tokens"] == 48 and result["options"]["episodes"] is False
-    assert figures["next_calls"] >= 1 and figures["calls_finished"] >= 1
-    assert figures["schema_valid_calls"] == 1.0
+    # An untrained model may never close a JSON string, so a call may run out of its budget:
+    # every call is finished or cut off, and every finished one is valid (None: none finished).
+    assert figures["next_calls"] >= 1
+    assert figures["calls_finished"] + figures["calls_cut_off"] == figures["next_calls"]
+    assert figures["schema_valid_calls"] == (1.0 if figures["calls_finished"] else None)
 
 
 @pytest.mark.slow
@@ -137,7 +140,8 @@ def test_eval_agentic_end_to_end(setup, capsys):
     for mode in ("unconstrained", "constrained"):
         _check_figures(result[mode])
         assert result[mode]["episodes"] == 2 and result[mode]["next_calls"] >= 2
-    assert result["constrained"]["calls_finished"] >= 1 and result["constrained"]["schema_valid_calls"] == 1.0
+    constrained = result["constrained"]
+    assert constrained["schema_valid_calls"] == (1.0 if constrained["calls_finished"] else None)
     # the untrained model finishes no valid call on its own
     assert result["unconstrained"]["schema_valid_of_all_calls"] in (0.0, None)
 

@@ -285,8 +285,12 @@ def test_rollout_workers_train_exactly_as_colocated(init_run: Path, tmp_path: Pa
                   "--rollout-workers", workers) == 0
     here, there = ([r for r in read_metrics(tmp_path / w / "metrics.jsonl") if r["kind"] == "train"]
                    for w in ("0", "2"))
-    keys = ("entropy", "grad_norm", "reward", "response_len", "weight_version")  # entropy: of the samples
+    keys = ("entropy", "reward", "response_len", "weight_version")  # entropy: of the samples
     assert [r[k] for r in here for k in keys] == pytest.approx([r[k] for r in there for k in keys], rel=1e-4)
+    # When a step's rewards are (nearly) constant its gradient comes only from the log-ratio
+    # term, i.e. from the rounding differences between the workers' and the trainer's
+    # log-probabilities, so grad norms agree to an absolute 1e-3 rather than relatively.
+    assert [r["grad_norm"] for r in here] == pytest.approx([r["grad_norm"] for r in there], rel=1e-4, abs=1e-3)
     assert all(r["weight_sync_s"] == 0 for r in here)
     assert all(r["weight_sync_s"] > 0 and 0 < r["weight_sync_share"] < 1 for r in there)
     assert "rollout workers: rollout-0, rollout-1" in capsys.readouterr().out
