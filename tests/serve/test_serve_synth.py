@@ -76,3 +76,28 @@ def test_openai_expert_plays_an_episode_through_k2_serve(tiny):
     # the tool result went back to k2 serve in the next turn's request (and was accepted above)
     assert sent[1]["messages"][3]["role"] == "tool" and sent[1]["messages"][3]["content"] == result["content"]
     assert played.termination is not None or played.bail
+
+
+def test_rewriter_and_judge_roles_through_k2_serve(server):
+    """The other synthesis roles that speak the OpenAI API, against k2 serve: the rewriter's answer
+    comes back as text, and the judge's answer — model output, so untrusted — is parsed or refused
+    with a SynthError that quotes it (a random model does not write the JSON asked for)."""
+    from k2.agentic.synth.backends import OpenAIRewriter, OpenAIRubricJudge
+    from k2.errors import SynthError
+
+    before = _metric(http("GET", server.url + "/metrics")[1].decode())
+    rewriter = OpenAIRewriter("tiny", base_url=server.url + "/v1", api_key="none", seed=3)
+    text = "Look up an order by its id."
+    reworded = rewriter(text)
+    assert isinstance(reworded, str) and reworded  # the model's words, or the original if it wrote none
+    judge = OpenAIRubricJudge("tiny", base_url=server.url + "/v1", api_key="none", seed=3)
+    transcript = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]
+    try:
+        verdict = judge(transcript, [])
+    except SynthError as err:
+        assert "not the JSON asked for" in str(err)
+    else:
+        assert verdict in ([], ["judge_rejected"])
+    after = _metric(http("GET", server.url + "/metrics")[1].decode())
+    key = 'k2_serve_requests_total{status="200"}'
+    assert after[key] - before.get(key, 0.0) == 2  # both requests answered
