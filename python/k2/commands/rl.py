@@ -10,7 +10,6 @@ optional PTX loss, in a run directory like ``k2 train``'s (config, metrics, plot
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from k2.rl.config import RL_FLAGS, RL_HELP, RLConfig
+    from k2.train.resume import add_run_flags
 
     parser = subparsers.add_parser(
         "rl",
@@ -36,24 +36,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + "\n\nSettings come from the defaults, then --config FILE.toml, then the flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="FILE", help="a TOML file of settings")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --run-dir from its newest complete, verified "
-                        "checkpoint, with the settings stored there")
-    parser.add_argument("--allow-changes", action="store_true",
-                        help="with --resume: continue even though training settings differ")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    fields = {f.name: f for f in dataclasses.fields(RLConfig)}
-    for name in RL_FLAGS:
-        f = fields[name]
-        flag = "--" + name.replace("_", "-")
-        default = f.default
-        help_text = RL_HELP[name] + (f" (default: {default!r})" if default not in ([], "") else "")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, dest=name, type=kind, default=None,
-                                metavar=name.upper(), help=help_text)
+    add_run_flags(parser, RLConfig, RL_FLAGS, RL_HELP)
     parser.set_defaults(handler=run)

@@ -10,7 +10,6 @@ Ctrl-C). docs/sft.md describes it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from k2.train.resume import add_run_flags
     from k2.train.sft import SFT_FLAGS, SFT_HELP, SFTConfig
 
     parser = subparsers.add_parser(
@@ -37,27 +37,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "first line numbers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="FILE", help="a TOML file of settings")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --run-dir from its newest complete, verified "
-                        "checkpoint, with the settings stored there")
-    parser.add_argument("--allow-changes", action="store_true",
-                        help="with --resume: continue even though training settings differ")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
-    for name in SFT_FLAGS:
-        f = fields[name]
-        flag = "--" + name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = SFT_HELP[name] + (f" (default: {default!r})" if default not in ([], "") else "")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
-        elif f.type in ("list[str]",):
-            parser.add_argument(flag, dest=name, nargs="+", default=None, metavar="PATH",
-                                help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, dest=name, type=kind, default=None,
-                                metavar=name.upper(), help=help_text)
+    add_run_flags(parser, SFTConfig, SFT_FLAGS, SFT_HELP)
     parser.set_defaults(handler=run)

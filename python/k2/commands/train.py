@@ -10,10 +10,9 @@ NCCL on GPU).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from k2.train.config import HELP, TrainConfig
-from k2.train.resume import command_config
+from k2.train.resume import add_run_flags, command_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,26 +37,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stored settings and refuses changed training settings unless --allow-changes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="FILE", help="a TOML file of settings")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --run-dir from its newest complete, verified "
-                        "checkpoint, with the settings stored there (flags you give override them)")
-    parser.add_argument("--allow-changes", action="store_true",
-                        help="with --resume: continue even though training settings (lr, steps, "
-                        "batch, ...) differ from the checkpoint's; each difference is printed")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = HELP[f.name] + (f" (default: {default!r})" if default != [] else "")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
-        elif f.type in ("list[str]",):
-            parser.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="PATH",
-                                help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=None,
-                                metavar=f.name.upper(), help=help_text)
+    add_run_flags(parser, TrainConfig, TrainConfig.fields(), HELP)
     parser.set_defaults(handler=run)

@@ -264,3 +264,35 @@ def restore_group_settings(optimizer: Any, settings: list[dict[str, Any]]) -> No
     ``--allow-changes`` let them differ)."""
     for group, saved in zip(optimizer.param_groups, settings, strict=True):
         group.update(saved)
+
+
+def add_run_flags(parser: Any, config_cls: type[TrainConfig], names: Any, help_texts: dict[str, str]) -> None:
+    """The flags every training command (``k2 train``, ``k2 sft``, ``k2 rl``) takes: ``--config``,
+    ``--resume``, ``--allow-changes``, ``--no-progress``, and one flag per setting in ``names``
+    (a field of ``config_cls``; default None, so :func:`command_config` sees what was given)."""
+    import argparse
+    import dataclasses
+
+    parser.add_argument("--config", metavar="FILE", help="a TOML file of settings")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its newest complete, verified "
+                        "checkpoint, with the settings stored there (flags you give override them)")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue even though training settings (lr, steps, "
+                        "batch, ...) differ from the checkpoint's; each difference is printed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for name in names:
+        f = fields[name]
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = help_texts[name] + (f" (default: {default!r})" if default not in ([], "") else "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        elif f.type in ("list[str]",):
+            parser.add_argument(flag, dest=name, nargs="+", default=None, metavar="PATH", help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(),
+                                help=help_text)
