@@ -77,6 +77,9 @@ class Rollouts:
     temperature: float
     seconds: float
     sync_seconds: float = 0.0
+    temperatures: list[float] | None = None
+    """Per sample, the temperature it was sampled at when it differs between samples (partial
+    rollouts: each group keeps the temperature of the step that drew it); None: ``temperature``."""
 
     @property
     def prompt_ids(self) -> list[list[int]]:
@@ -157,6 +160,15 @@ class RLJob:
         if config.warm_start_steps > 0:
             self.warm = self._warm_examples()
         self.last: Rollouts | None = None
+        self.partial = None
+        if config.partial_rollout_steps > 0:  # trajectories carried across steps (docs/rl.md)
+            from k2.rl.partial import PartialRollouts
+
+            if task.multi_turn:
+                raise NotImplementedError("partial rollouts of multi-turn episodes (--partial-rollout-steps "
+                                          "with an agentic task): only single-turn tasks pause and resume")
+            self.partial = PartialRollouts(self)
+        self._partial_fields: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the Job protocol
     def train_step(self, step: int, log: bool) -> dict[str, Any] | None:
@@ -194,9 +206,17 @@ class RLJob:
         return {"accuracy": accuracy, "reward": reward, "truncation_rate": truncated}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ptx_loader": self.ptx.state_dict()} if self.ptx is not None else {}
+        state: dict[str, Any] = {"ptx_loader": self.ptx.state_dict()} if self.ptx is not None else {}
+        if self.partial is not None:
+            state["partial_rollouts"] = self.partial.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.partial is not None:
+            if "partial_rollouts" not in state:
+                raise RLError("the checkpoint has no partial-rollout buffer (its run had no "
+                              "--partial-rollout-steps)")
+            self.partial.load_state_dict(state["partial_rollouts"])
         if self.ptx is not None:
             if "ptx_loader" not in state:
                 raise RLError("the checkpoint has no PTX loader state (its run had no --ptx-data)")
@@ -214,6 +234,9 @@ class RLJob:
         """Sample and score the responses (or episodes) of (optimizer) step ``step``."""
         if self.task.multi_turn:
             return self._multi_turn_rollouts(step)
+        if self.partial is not None:
+            rollouts, self._partial_fields = self.partial.step(step)
+            return rollouts
         cfg = self.config
         rl_step = step - cfg.warm_start_steps
         temperature = cfg.temperature(rl_step)
@@ -284,14 +307,15 @@ class RLJob:
         """The step's RL loss from π_θ's log-probabilities of the samples (with gradients): a
         sample's log π is the sum over its segments (turns) of their tokens' log-probabilities."""
         cfg = self.config
-        p, k = cfg.prompts_per_step, cfg.samples_per_prompt
+        k = cfg.samples_per_prompt
+        p = len(rollouts.segments) // k  # groups trained (fewer or more than P with partial rollouts)
         device = self.d.device
         pairs = [(ids, c) for segments in rollouts.segments for ids, c in segments]
         # In the model's own precision, as the sampler ran (no bf16 autocast): at θ = θ_old the
         # log-ratio must be zero up to rounding.
         with nullcontext():
             flat = batch_logprobs(self.policy, [ids for ids, _ in pairs], [c.token_ids for _, c in pairs],
-                                  rollouts.temperature)
+                                  rollouts.temperatures or rollouts.temperature)
         new: list[torch.Tensor] = []  # per sample, its tokens' log-probabilities, turns joined
         at = 0
         for segments in rollouts.segments:
@@ -355,6 +379,8 @@ class RLJob:
             "clipped_heads": [c.clipped_heads for c in layers],
             "expert_balance": _balance(report), "skipped_steps": report.skipped_steps, **extra,
         }
+        if self.partial is not None:
+            fields.update(self._partial_fields)
         if ptx_loss is not None:
             fields["ptx_loss"] = float(ptx_loss.detach())
         return fields

@@ -74,7 +74,7 @@ def _worker_main(name: str, broadcast: str, hf_config: dict[str, Any], max_batch
             message = inbox.get()
             if message is None:
                 break
-            tag, step, version, items = message
+            tag, step, version, items, max_steps = message
             with applied:
                 if not applied.wait_for(lambda: subscriber.version >= version, timeout=60.0):
                     raise RLError(f"{name}: weight version {version} never arrived")
@@ -82,7 +82,7 @@ def _worker_main(name: str, broadcast: str, hf_config: dict[str, Any], max_batch
                 if subscriber.version != version:
                     raise RLError(f"{name}: holds weight version {subscriber.version}, asked for {version}")
                 engine.weight_version = step
-                completions = engine.generate([r for _, r in items])
+                completions = engine.generate([r for _, r in items], max_steps=max_steps)
             for (index, _), c in zip(items, completions):
                 c.index = index
             outbox.put((tag, name, completions))
@@ -164,10 +164,12 @@ class RolloutWorkers:
         self.last_sync_s = time.perf_counter() - started
         return self.last_sync_s
 
-    def generate(self, requests: Sequence[Request], *, seed: int = 0) -> list[Completion]:
+    def generate(self, requests: Sequence[Request], *, seed: int = 0,
+                 max_steps: int | None = None) -> list[Completion]:
         """The completions of ``requests`` in order, sampled by the workers with the weights of
         the last :meth:`sync` (the same samples as ``RolloutEngine.generate(requests, seed=seed)``
-        on those weights)."""
+        on those weights). With ``max_steps`` each worker stops after that many decode steps of
+        its share and the unfinished completions come back paused (partial rollouts)."""
         if self.synced_step is None or self.weight_version != self.synced_step:
             raise RLError("rollout workers: call sync(step) before generate (weights not published)")
         for index, request in enumerate(requests):
@@ -180,7 +182,7 @@ class RolloutWorkers:
         def assign(items: list[tuple[int, Request]]) -> None:
             alive = self.alive
             if not alive:  # nobody left: generate here
-                done = self.local.generate([r for _, r in items])
+                done = self.local.generate([r for _, r in items], max_steps=max_steps)
                 for (index, _), c in zip(items, done):
                     c.index = index
                     results[index] = c
@@ -190,7 +192,8 @@ class RolloutWorkers:
                 if share:
                     self._message += 1
                     owed[self._message] = (name, share)
-                    self.inboxes[name].put((self._message, self.weight_version, self.published, share))
+                    self.inboxes[name].put((self._message, self.weight_version, self.published, share,
+                                            max_steps))
 
         assign(list(enumerate(seeded)))
         while owed:
