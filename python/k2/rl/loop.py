@@ -109,9 +109,10 @@ class RLTrainer:
 
             pad = tokenizer.token_to_id("<|pad|>") or 0
             workers = RolloutWorkers(model, self.init.hf_config, cfg.rollout_workers,
-                                     max_batch=cfg.rollout_batch, pad_token_id=pad, log=self.log)
-            self.log(f"rollout workers: {', '.join(workers.alive)} (weights by shared-memory "
-                     f"broadcast {workers.broadcast})")
+                                     max_batch=cfg.rollout_batch, pad_token_id=pad, log=self.log,
+                                     transport=cfg.weight_transport)
+            self.log(f"rollout workers: {', '.join(workers.alive)} (weights by "
+                     f"{workers.transport.describe()})")
         try:
             return self._run(model, tokenizer, workers)
         finally:
