@@ -144,3 +144,15 @@ def test_partial_rollouts_refuse_what_they_cannot_do(init_run: Path, tmp_path: P
     assert "partial_max_age must be at least 1" in capsys.readouterr().err
     assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "b"), "--weight-transport", "carrier") == 1
     assert "unknown weight_transport 'carrier'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # spawns two rollout worker processes
+def test_partial_rollouts_on_gloo_rank_workers_train(init_run: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    run = tmp_path / "dist"
+    assert rl("--init", str(init_run), "--run-dir", str(run), "--steps", "3", "--rollout-workers", "2",
+              "--weight-transport", "dist", "--partial-rollout-steps", "2") == 0
+    records = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["weight_version"] for r in records] == [0, 1, 2]
+    assert all(math.isfinite(r["loss"]) and r["weight_sync_s"] > 0 for r in records)
+    assert max(r["version_lag"] for r in records) >= 1
+    assert "rollout workers: rollout-0, rollout-1 (weights by torch.distributed gloo group" in capsys.readouterr().out
