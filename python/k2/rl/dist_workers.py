@@ -137,9 +137,12 @@ def dist_worker_main(name: str, host: str, port: int) -> None:
             if name not in members:  # given up on by the trainer: leave
                 stop.set()
                 return
-            group = _gloo_group(store, host, generation, members.index(name) + 1, len(members) + 1)
-            subscriber = DistributedWeightSubscriber(model, src=0, worker=name, group=group)
             version, broken = 1, False
+            try:
+                group = _gloo_group(store, host, generation, members.index(name) + 1, len(members) + 1)
+                subscriber = DistributedWeightSubscriber(model, src=0, worker=name, group=group)
+            except (RuntimeError, dist.DistError, BroadcastError):
+                broken = True  # another member never joined: wait for the next generation
             while not stop.is_set():
                 if _has(store, f"generation/{generation + 1}"):
                     break  # the trainer regrouped: join the next generation
@@ -276,7 +279,15 @@ class DistTransport:
         alive = [n for n in alive if n in self.processes]
         while True:
             if alive != self.members:
-                self._regroup(alive)
+                try:
+                    self._regroup(alive)
+                except (RuntimeError, dist.DistError):  # a member died before joining the group
+                    dead = self._dead_within(HEARTBEAT_DEAD_S + 1)
+                    if not dead:
+                        raise
+                    failures.update(dead)
+                    alive = [n for n in alive if n not in dead]
+                    continue
             if self.publisher is None:
                 return step, failures
             version = self.publisher.version + 1

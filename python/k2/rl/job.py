@@ -212,11 +212,12 @@ class RLJob:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.partial is not None:
-            if "partial_rollouts" not in state:
-                raise RLError("the checkpoint has no partial-rollout buffer (its run had no "
-                              "--partial-rollout-steps)")
-            self.partial.load_state_dict(state["partial_rollouts"])
+        groups = state.get("partial_rollouts", {"groups": []})
+        if self.partial is not None:  # a run that had none starts with an empty buffer
+            self.partial.load_state_dict(groups)
+        elif groups["groups"]:
+            raise RLError(f"the checkpoint holds {len(groups['groups'])} groups of partial rollouts in "
+                          "flight; resume with partial_rollout_steps > 0 (they would be lost)")
         if self.ptx is not None:
             if "ptx_loader" not in state:
                 raise RLError("the checkpoint has no PTX loader state (its run had no --ptx-data)")
