@@ -87,3 +87,54 @@ def test_two_workers_sample_what_the_colocated_engine_samples_and_survive_a_deat
         assert all(set(c.versions) == {8} for c in got)
     finally:
         workers.close()
+
+
+@pytest.mark.slow  # spawns two worker processes
+def test_a_worker_from_elsewhere_joins_by_address_and_a_silent_one_is_given_up(monkeypatch) -> None:
+    import os
+    import signal
+    import socket
+
+    import k2.rl.dist_workers as dist_workers
+
+    monkeypatch.setattr(dist_workers, "HEARTBEAT_DEAD_S", 6.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # A worker started on its own, knowing only the store's address (as on another host).
+    remote = torch.multiprocessing.get_context("spawn").Process(
+        target=dist_workers.dist_worker_main, args=(None, "127.0.0.1", port), daemon=True)
+    remote.start()
+    model = tiny_policy(3)
+    lines: list[str] = []
+    workers = None
+    try:
+        workers = RolloutWorkers(model, model.config.to_hf_dict(), 1, max_batch=4, log=lines.append,
+                                 transport="dist", remote=1, address=f"127.0.0.1:{port}")
+        assert workers.alive == ["rollout-0", "remote-0"]
+        assert any(f"python -m k2.rl.dist_workers 127.0.0.1:{port}" in line for line in lines)
+        local = RolloutEngine(model, max_batch=8)
+        batch = requests(10)
+        workers.sync(1)
+        got = workers.generate(batch, seed=21)
+        same(got, local.generate(batch, seed=21))
+        assert all(set(c.versions) == {1} for c in got)
+
+        os.kill(remote.pid, signal.SIGSTOP)  # alive, but silent: only its heartbeat can tell
+        got = workers.generate(batch, seed=22)
+        same(got, local.generate(batch, seed=22))
+        assert workers.dead == ["remote-0"]
+        assert any("rollout worker remote-0 died (no heartbeat for" in line for line in lines)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.9)
+        workers.sync(2)
+        assert workers.transport.members == ["rollout-0"]
+        got = workers.generate(batch, seed=23)
+        same(got, local.generate(batch, seed=23))
+        assert all(set(c.versions) == {2} for c in got)
+    finally:
+        if workers is not None:
+            workers.close()
+        remote.kill()
+        remote.join(timeout=10)

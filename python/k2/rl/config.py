@@ -75,6 +75,8 @@ class RLConfig(TrainConfig):
     rollout_batch: int = 64
     rollout_workers: int = 0
     weight_transport: str = "shm"
+    rollout_remote_workers: int = 0
+    rollout_store: str = ""
     partial_rollout_steps: int = 0
     partial_max_age: int = 2
     # The self-critique rubric reward (k2.rl.critic, docs/critic.md); critic_share 0 turns it off.
@@ -139,6 +141,19 @@ class RLConfig(TrainConfig):
         if self.weight_transport not in WEIGHT_TRANSPORTS:
             raise ConfigError(f"unknown weight_transport {self.weight_transport!r}; choose one of "
                               f"{', '.join(WEIGHT_TRANSPORTS)}")
+        if self.rollout_remote_workers < 0:
+            raise ConfigError(f"rollout_remote_workers must be >= 0, got {self.rollout_remote_workers}")
+        if self.rollout_remote_workers > 0:
+            if self.weight_transport != "dist":
+                raise ConfigError("rollout_remote_workers needs weight_transport dist (workers on other "
+                                  "hosts are torch.distributed ranks)")
+            if not self.rollout_store:
+                raise ConfigError("rollout_remote_workers needs rollout_store HOST:PORT (an address the "
+                                  "other hosts reach)")
+        if self.rollout_store:
+            host, _, port = self.rollout_store.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"rollout_store {self.rollout_store!r} is not HOST:PORT")
         if self.partial_rollout_steps < 0:
             raise ConfigError(f"partial_rollout_steps must be >= 0 (0: off), got {self.partial_rollout_steps}")
         if self.partial_rollout_steps > 0:
@@ -199,6 +214,10 @@ RL_HELP: dict[str, str] = {
     "rollout_workers": "rollout processes (0: sample in the trainer's process)",
     "weight_transport": "how rollout workers get weights and requests: shm (shared memory, this host) | "
                         "dist (torch.distributed gloo ranks and a TCP store)",
+    "rollout_remote_workers": "rollout workers started on other hosts (dist transport): each runs "
+                              "`python -m k2.rl.dist_workers HOST:PORT` with the rollout_store address",
+    "rollout_store": "dist transport: HOST:PORT where the trainer hosts the workers' TCP store "
+                     "(default: a free port on 127.0.0.1)",
     "partial_rollout_steps": "partial rollouts: cap each step's sampling at this many decode steps, carrying "
                              "unfinished groups to the next step (0: off, sample every step to completion)",
     "partial_max_age": "partial rollouts: a group drawn at RL step s is finished at step s + this at the latest",

@@ -101,8 +101,9 @@ def _wait(store: dist.Store, key: str, seconds: float) -> bool:
     return True
 
 
-def dist_worker_main(name: str, host: str, port: int) -> None:
-    """A rollout worker: join the trainer's store at ``host:port`` as ``name``, build the replica
+def dist_worker_main(name: str | None, host: str, port: int) -> None:
+    """A rollout worker: join the trainer's store at ``host:port`` as ``name`` (None: as the next
+    ``remote-I`` the trainer expects, for a worker started on another host), build the replica
     the store's ``config`` describes, keep its weights current through the gloo groups of every
     generation that includes it, and answer the requests sent to it until told to stop (None)."""
     import signal
@@ -114,6 +115,8 @@ def dist_worker_main(name: str, host: str, port: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's
     store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S))
+    if name is None:
+        name = f"remote-{store.add('remote/joined', 1) - 1}"
     config = pickle.loads(store.get("config"))
     torch.set_num_threads(config["threads"])
     model = K2ForCausalLM(K2Config.from_hf_dict(config["hf_config"])).eval()
@@ -193,17 +196,32 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); raises :class:`RLError` naming the address otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RLError(f"rollout store address {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
 class DistTransport:
     """The trainer's side of rollout workers over ``torch.distributed`` (the module docs): spawns
-    ``count`` workers on this host (``rollout-0`` ..), hosts the store on ``host``, and offers
+    ``count`` workers on this host (``rollout-0`` ..), expects ``remote`` more started elsewhere
+    (``remote-0`` ..: ``python -m k2.rl.dist_workers HOST:PORT``), hosts the store at
+    ``address`` (``HOST:PORT``; default a free port on 127.0.0.1), and offers
     :class:`k2.rl.workers.RolloutWorkers` the same methods as the shared-memory transport."""
 
     kind = "dist"
 
     def __init__(self, model: K2ForCausalLM, hf_config: dict[str, Any], count: int, *, max_batch: int,
-                 pad_token_id: int, threads: int, host: str = "127.0.0.1") -> None:
-        self.model, self.host = model, host
-        self.port = _free_port(host)
+                 pad_token_id: int, threads: int, remote: int = 0, address: str = "",
+                 log: Any = print) -> None:
+        self.model = model
+        if address:
+            self.host, self.port = parse_address(address)
+        else:
+            self.host, self.port = "127.0.0.1", _free_port("127.0.0.1")
+        host = self.host
         self.store = dist.TCPStore(host, self.port, is_master=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S))
         self.store.set("config", pickle.dumps({"hf_config": hf_config, "max_batch": max_batch,
@@ -216,8 +234,12 @@ class DistTransport:
                                       args=(name, host, self.port))
             process.start()
             self.processes[name] = process
-        self.sent = {name: 0 for name in self.processes}
-        self.received = {name: 0 for name in self.processes}
+        self.names = [*self.processes, *(f"remote-{i}" for i in range(remote))]
+        if remote:
+            log(f"rollout workers: waiting for {remote} remote worker(s); start each with "
+                f"`python -m k2.rl.dist_workers {self.host}:{self.port}`")
+        self.sent = {name: 0 for name in self.names}
+        self.received = {name: 0 for name in self.names}
         self.beats: dict[str, tuple[int, float]] = {}
         self.generation = -1
         self.members: list[str] = []
@@ -235,14 +257,15 @@ class DistTransport:
         """Form generation 0 with every worker (blocks until all have built their replicas and
         joined; a worker that dies on the way is an error naming it)."""
         deadline = time.monotonic() + STORE_TIMEOUT_S
-        for name, process in self.processes.items():
+        for name in self.names:
+            process = self.processes.get(name)
             while not _has(self.store, f"ready/{name}"):
-                if not process.is_alive():
+                if process is not None and not process.is_alive():
                     raise RLError(f"rollout worker {name} exited (code {process.exitcode}) while starting")
                 if time.monotonic() > deadline:
                     raise RLError(f"rollout worker {name} did not start within {STORE_TIMEOUT_S:.0f} s")
                 time.sleep(0.05)
-        self._regroup(list(self.processes))
+        self._regroup(list(self.names))
 
     def _regroup(self, members: list[str]) -> None:
         from k2.broadcast import DistributedWeightPublisher
@@ -276,7 +299,7 @@ class DistTransport:
         the group has other members); returns ``step`` (the version workers wait for) and the
         workers that failed meanwhile, with why."""
         failures: dict[str, str] = {}
-        alive = [n for n in alive if n in self.processes]
+        alive = [n for n in alive if n in self.names]
         while True:
             if alive != self.members:
                 try:
@@ -333,7 +356,7 @@ class DistTransport:
     def receive(self, timeout: float) -> tuple | None:
         deadline = time.monotonic() + timeout
         while True:
-            for name in self.processes:
+            for name in self.names:
                 key = f"out/{name}/{self.received[name]}"
                 if _has(self.store, key):
                     reply = pickle.loads(self.store.get(key))
@@ -357,3 +380,11 @@ class DistTransport:
                 process.join(timeout=5)
         self.publisher = None
 
+
+
+if __name__ == "__main__":  # a worker on another host: python -m k2.rl.dist_workers HOST:PORT
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m k2.rl.dist_workers HOST:PORT (the trainer's rollout store)")
+    dist_worker_main(None, *parse_address(sys.argv[1]))

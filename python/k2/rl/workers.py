@@ -128,6 +128,7 @@ class ShmTransport:
                 args=(name, self.broadcast, hf_config, max_batch, pad_token_id, inbox, self.outbox, threads))
             process.start()
             self.inboxes[name], self.processes[name] = inbox, process
+        self.names = list(self.processes)
 
     def describe(self) -> str:
         return f"shared-memory broadcast {self.broadcast}"
@@ -184,13 +185,18 @@ class RolloutWorkers:
         transport: ``"shm"`` (shared memory and queues, this host: :class:`ShmTransport`) or
             ``"dist"`` (``torch.distributed`` gloo ranks and a TCP store:
             :class:`k2.rl.dist_workers.DistTransport`).
+        remote: (dist) workers started on other hosts, besides the ``count`` spawned here.
+        address: (dist) ``HOST:PORT`` of the store (default: a free port on 127.0.0.1).
     """
 
     def __init__(self, model: K2ForCausalLM, hf_config: dict[str, Any], count: int, *, max_batch: int = 64,
                  pad_token_id: int = 0, log: Callable[[str], None] = print, threads: int = 1,
-                 local: RolloutEngine | None = None, transport: str = "shm") -> None:
-        if count < 1:
-            raise RLError(f"rollout workers: count must be at least 1, got {count}")
+                 local: RolloutEngine | None = None, transport: str = "shm", remote: int = 0,
+                 address: str = "") -> None:
+        if count < 0 or remote < 0 or count + remote < 1:
+            raise RLError(f"rollout workers: need at least one, got {count} here and {remote} remote")
+        if remote and transport != "dist":
+            raise RLError("rollout workers on other hosts need the dist transport")
         self.log = log
         self.local = local or RolloutEngine(model, max_batch=max_batch, pad_token_id=pad_token_id)
         options = dict(max_batch=max_batch, pad_token_id=pad_token_id, threads=threads)
@@ -199,10 +205,12 @@ class RolloutWorkers:
         elif transport == "dist":
             from k2.rl.dist_workers import DistTransport
 
-            self.transport = DistTransport(model, hf_config, count, **options)
+            self.transport = DistTransport(model, hf_config, count, remote=remote, address=address,
+                                           log=log, **options)
         else:
             raise RLError(f"rollout workers: unknown transport {transport!r} (shm or dist)")
-        self.processes: dict[str, Any] = self.transport.processes
+        self.processes: dict[str, Any] = self.transport.processes  # those spawned here
+        self.names: list[str] = list(self.transport.names)
         self.dead: list[str] = []
         self.weight_version = 0
         self.published = 0  # the publisher's version number of the weights of self.weight_version
@@ -212,7 +220,7 @@ class RolloutWorkers:
 
     @property
     def alive(self) -> list[str]:
-        return [n for n in self.processes if n not in self.dead]
+        return [n for n in self.names if n not in self.dead]
 
     def _bury(self, name: str, why: str) -> None:
         if name not in self.dead:
