@@ -138,12 +138,20 @@ def test_a_partial_rollout_run_trains_and_resumes_exactly_with_a_full_buffer(ini
         partial_state(cut / "checkpoints" / "step-00000004"))
 
 
-def test_partial_rollouts_refuse_what_they_cannot_do(init_run: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_partial_rollouts_and_worker_options_refuse_what_they_cannot_do(init_run: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
     assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "a"), "--partial-rollout-steps", "2",
               "--partial-max-age", "0") == 1
     assert "partial_max_age must be at least 1" in capsys.readouterr().err
     assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "b"), "--weight-transport", "carrier") == 1
     assert "unknown weight_transport 'carrier'" in capsys.readouterr().err
+    assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "c"), "--rollout-remote-workers", "1") == 1
+    assert "rollout_remote_workers needs weight_transport dist" in capsys.readouterr().err
+    assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "d"), "--rollout-remote-workers", "1",
+              "--weight-transport", "dist") == 1
+    assert "rollout_remote_workers needs rollout_store HOST:PORT" in capsys.readouterr().err
+    assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "e"), "--weight-transport", "dist",
+              "--rollout-store", "nohost") == 1
+    assert "rollout_store 'nohost' is not HOST:PORT" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # spawns two rollout worker processes
