@@ -15,7 +15,10 @@ plots, checkpoints, exact resume and Ctrl-C; the job owns one optimizer step:
 Everything random in a step derives from ``(seed, step)`` — the prompts drawn, every response's
 sampling stream, the warm-start batch — so a run resumed from a checkpoint repeats the
 uninterrupted run exactly. The weight version of step ``s``'s samples is ``s`` (the number of
-optimizer steps taken before it); every sampled token is checked to carry it.
+optimizer steps taken before it); every sampled token is checked to carry it. With partial
+rollouts (``partial_rollout_steps > 0``, :mod:`k2.rl.partial`) a step samples for a capped number
+of decode steps, trains on the groups that finished and carries the rest to the next step, whose
+tokens then carry the next version.
 """
 
 from __future__ import annotations

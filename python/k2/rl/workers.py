@@ -13,6 +13,11 @@ after it has applied the published version, under the subscriber's lock, with it
 
 A worker that dies is named in the log and its outstanding requests go to the workers still
 alive, or to a colocated engine in the trainer's process when none is left.
+
+How weights, requests and deaths travel is the *transport*: :class:`ShmTransport` (this host:
+shared memory, queues, exit codes) or :class:`k2.rl.dist_workers.DistTransport`
+(``torch.distributed`` gloo ranks and a TCP store, workers on any host). The dealing, collecting
+and re-dealing above are :class:`RolloutWorkers`' own, the same for both.
 """
 
 from __future__ import annotations
