@@ -1,0 +1,175 @@
+"""FSDP2 × expert parallelism on one 2-D mesh: 4 gloo processes as dp_shard 2 × ep 2 equal one
+process running MuonClip on the same global batch, and their checkpoints move both ways.
+
+The reference is the plain, unsharded model with k2.optim.MuonClip and torch's own gradient
+clipping, on the whole global batch: an independent check of the 2-D layout (experts split over
+ep and sharded over dp_shard, the rest sharded over all four ranks), the expert gradient scaling,
+the global-norm clipping, DistributedMuonClip on both kinds of shards, QK-Clip on sharded rows and
+the router-bias update from global loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_helpers import free_port
+from k2 import checkpoint
+from k2.errors import ConfigError
+from k2.optim import MuonClip
+from test_expert import moe_model
+
+DP, EP = 2, 2
+WORLD = DP * EP
+STEPS, RESUME_AT, TAU, MAX_NORM = 20, 10, 0.05, 0.5
+OPT = dict(lr=1e-2, qk_clip_tau=TAU, router_bias_rate=0.01)
+
+
+def global_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2 * WORLD, 12), generator=torch.Generator().manual_seed(100 + step))
+
+
+def run_steps(model, opt, clip, rank: int, world: int, steps: range, record: dict, snapshot) -> None:  # noqa: ANN001
+    """Train ``steps`` on this rank's share of each global batch, recording the global losses,
+    gradient norms, clipped heads and expert loads."""
+    from k2.parallel.agree import mean_over_ranks
+
+    for step in steps:
+        ids = global_batch(step).chunk(world)[rank]
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        record.setdefault("norms", []).append(float(clip(model)))
+        opt.step()
+        opt.zero_grad()
+        record.setdefault("losses", []).append(mean_over_ranks(loss.detach()))
+        record.setdefault("clipped", []).append(opt.last_report.clipped_heads)
+        record["loads"] = [load.clone() for load in opt.last_report.expert_loads]
+        if step == 0:
+            record["after_one"] = snapshot()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        from k2.optim.distributed import DistributedMuonClip
+        from k2.parallel import fsdp
+        from k2.parallel.fsdp_ep import clip_grad_norm_, parallelize
+        from k2.parallel.mesh import build_mesh
+
+        mesh = build_mesh({"dp_shard": DP, "ep": EP}, WORLD, torch.device("cpu"))
+        out = Path(out)
+
+        def spread():  # noqa: ANN202
+            model = parallelize(moe_model(), mesh)
+            return model, DistributedMuonClip(model, **OPT)
+
+        clip = lambda m: clip_grad_norm_(m, MAX_NORM)  # noqa: E731
+        model, opt = spread()
+        record: dict = {"coords": mesh.get_coordinate(),
+                        "experts": model.model.layers[1].mlp.experts.gate_proj.to_local().shape[0]}
+        run_steps(model, opt, clip, rank, WORLD, range(STEPS), record, lambda: fsdp.full_model_state(model))
+        record["bytes"] = fsdp.bytes_per_rank(model, opt)
+        record["final"] = fsdp.full_model_state(model)
+        fsdp.save_checkpoint(out / "combined", model, opt, {"step": STEPS})
+
+        # A one-process run's step-10 checkpoint resumed on the 2-D mesh.
+        model, opt = spread()
+        fsdp.load_checkpoint(out / "single", model, opt, restore_rng=False)
+        resumed: dict = {}
+        run_steps(model, opt, clip, rank, WORLD, range(RESUME_AT, STEPS), resumed, lambda: None)
+        record["resumed_losses"] = resumed["losses"]
+        record["resumed_final"] = fsdp.full_model_state(model)
+        torch.save(record, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def reference(out: Path) -> dict:
+    """One process, the whole global batch: 20 steps (a checkpoint after 10), then one more."""
+    model = moe_model()
+    opt = MuonClip(model, **OPT)
+    clip = lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM)  # noqa: E731
+    snapshot = lambda: {k: v.clone() for k, v in model.state_dict().items()}  # noqa: E731
+    record: dict = {}
+    run_steps(model, opt, clip, 0, 1, range(RESUME_AT), record, snapshot)
+    checkpoint.save(out / "single", model, opt, {"step": RESUME_AT})
+    run_steps(model, opt, clip, 0, 1, range(RESUME_AT, STEPS), record, snapshot)
+    record["final"] = snapshot()
+    record["momentum"] = {name: opt.state[p]["momentum_buffer"].clone()
+                          for name, p in model.named_parameters() if "momentum_buffer" in opt.state[p]}
+    extra: dict = {}
+    run_steps(model, opt, clip, 0, 1, range(STEPS, STEPS + 1), extra, snapshot)
+    record["step21"] = snapshot()
+    return record
+
+
+def assert_weights(got: dict, want: dict, rel: float) -> None:
+    """Every tensor within ``rel`` relative (Frobenius) error of the reference."""
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        error = float((got[name] - value).norm() / value.norm().clamp_min(1e-12))
+        assert error <= rel, f"{name}: relative error {error:.2e} > {rel:.0e}"
+
+
+@pytest.mark.slow
+def test_dp_shard_2_x_ep_2_equals_one_process_and_checkpoints_move_both_ways(tmp_path: Path) -> None:
+    single = reference(tmp_path)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    # The layout: rank r at (r // ep, r % ep); each holds one of the 4 experts of each stack.
+    assert [tuple(r["coords"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["experts"] == 1 for r in ranks)
+    for rank in ranks:
+        assert rank["clipped"] == single["clipped"]
+        assert rank["norms"] == pytest.approx(single["norms"], rel=1e-5)
+        assert_weights(rank["after_one"], single["after_one"], rel=1e-5)
+        assert rank["losses"] == pytest.approx(single["losses"], rel=1e-4)
+        assert_weights(rank["final"], single["final"], rel=1e-4)
+        for mine, theirs in zip(rank["loads"], single["loads"]):
+            assert torch.equal(mine, theirs)  # the router bias saw the global loads
+        # One-process checkpoint at step 10, continued on the 2-D mesh: the same curve.
+        assert rank["resumed_losses"] == pytest.approx(single["losses"][RESUME_AT:], rel=1e-4)
+        assert_weights(rank["resumed_final"], single["final"], rel=1e-4)
+    # The run exercised what it claims to: global-norm clipping, QK-Clip, router-bias moves.
+    assert max(single["norms"]) > MAX_NORM and sum(single["clipped"]) > 0
+    biases = [v for n, v in single["final"].items() if n.endswith("e_score_correction_bias")]
+    assert biases and all(b.abs().sum() > 0 for b in biases)
+    # Each rank holds a quarter of the parameters (the shards add up to the whole model).
+    numel = sum(p.numel() for p in moe_model().parameters())
+    assert sum(r["bytes"]["parameters"] for r in ranks) == 4 * numel
+
+    # The 2-D run's checkpoint resumed on one process: weights and momentum are the single
+    # process's, and one more step lands where the uninterrupted single process does.
+    model = moe_model()
+    opt = MuonClip(model, **OPT)
+    result = checkpoint.load(tmp_path / "combined", model, opt, restore_rng=False)
+    assert result.train_state["step"] == STEPS
+    assert_weights({k: v for k, v in model.state_dict().items()}, single["final"], rel=1e-4)
+    momentum = {name: opt.state[p]["momentum_buffer"] for name, p in model.named_parameters()
+                if "momentum_buffer" in opt.state[p]}
+    assert_weights(momentum, single["momentum"], rel=1e-4)
+    extra: dict = {}
+    run_steps(model, opt, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM), 0, 1,
+              range(STEPS, STEPS + 1), extra, lambda: None)
+    assert_weights(dict(model.state_dict()), single["step21"], rel=1e-4)
+
+
+def test_mesh_and_expert_settings_fail_with_the_options_named() -> None:
+    from k2.parallel.expert import check_ep
+    from k2.parallel.mesh import build_mesh
+
+    with pytest.raises(ConfigError, match=r"--dp-shard 2 x --ep 2 = 4 ranks, but this run has 3"):
+        build_mesh({"dp_shard": 2, "ep": 2}, 3, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"--dp-shard 2 x --ep 2 = 4 ranks, but 6 were launched"):
+        check_ep(2, 6, 16, dp_shard=2)
+    with pytest.raises(ConfigError, match=r"--ep 3: 16 routed experts .* ep = 3"):
+        check_ep(3, 6, 16, dp_shard=2)
+    with pytest.raises(ConfigError, match=r"add --dp-shard 2"):  # ep alone on more ranks
+        check_ep(2, 4, 16)
+    check_ep(2, 4, 16, dp_shard=2)
