@@ -10,6 +10,8 @@ the router-bias update from global loads.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,7 @@ def run_steps(model, opt, clip, rank: int, world: int, steps: range, record: dic
         opt.zero_grad()
         record.setdefault("losses", []).append(mean_over_ranks(loss.detach()))
         record.setdefault("clipped", []).append(opt.last_report.clipped_heads)
-        record["loads"] = [load.clone() for load in opt.last_report.expert_loads]
+        record.setdefault("loads", []).append([load.clone() for load in opt.last_report.expert_loads])
         if step == 0:
             record["after_one"] = snapshot()
 
@@ -168,8 +170,55 @@ def test_mesh_and_expert_settings_fail_with_the_options_named() -> None:
         build_mesh({"dp_shard": 2, "ep": 2}, 3, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"--dp-shard 2 x --ep 2 = 4 ranks, but 6 were launched"):
         check_ep(2, 6, 16, dp_shard=2)
-    with pytest.raises(ConfigError, match=r"--ep 3: 16 routed experts .* ep = 3"):
+    with pytest.raises(ConfigError, match=r"--ep 3: .*16 routed experts .* ep = 3"):
         check_ep(3, 6, 16, dp_shard=2)
     with pytest.raises(ConfigError, match=r"add --dp-shard 2"):  # ep alone on more ranks
         check_ep(2, 4, 16)
     check_ep(2, 4, 16, dp_shard=2)
+
+
+def test_k2_train_refuses_a_mesh_that_does_not_fit_before_any_work(tmp_path: Path, capsys) -> None:
+    from k2.cli import main
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    args = ["train", "--run-dir", str(run), "--data-dir", str(data)]
+    assert main([*args, "--dp-shard", "2", "--ep", "2"]) == 1  # one process, 4 asked for
+    assert "--dp-shard 2 x --ep 2 = 4 ranks, but this run has 1" in capsys.readouterr().err
+    assert not run.exists() and not data.exists()
+
+
+@pytest.mark.slow
+def test_k2_train_dp_shard_2_ep_2_resumes_a_one_process_run_on_its_curve(data_dir, tmp_path) -> None:
+    """`k2 train` on one process (4 sequences per step) saves at step 2; `k2 train --dp-shard 2
+    --ep 2` on four torchrun ranks (each with 2 of the tiny preset's 16 experts per layer and one
+    sequence) resumes it and continues the one-process curve (losses within 1e-4 relative); its
+    own checkpoint, written through the whole-tensor path, holds the one-process run's final
+    weights within 1e-4."""
+    from test_expert_train import checkpoint_weights, k2_train, losses
+
+    steps = 4
+    common = ["--data-dir", str(data_dir), "--steps", str(steps), "--eval-every", str(steps),
+              "--save-every", "2", "--seq-len", "32", "--warmup-steps", "1", "--eval-batches", "1",
+              "--log-every", "1", "--no-progress", "--num-samples", "1", "--sample-tokens", "4"]
+    one = tmp_path / "one"
+    k2_train(*common, "--batch-size", "4", "--run-dir", str(one))
+    cut = tmp_path / "cut"  # the one-process run cut back to its step-2 checkpoint
+    shutil.copytree(one, cut, symlinks=True)
+    shutil.rmtree(cut / "checkpoints" / f"step-{steps:08d}")
+    (cut / "checkpoints" / "latest").unlink(missing_ok=True)
+    k2_train(*common, "--batch-size", "1", "--run-dir", str(cut), "--dp-shard", "2", "--ep", "2",
+             "--resume", "--allow-changes", ranks=4)
+
+    a, c = losses(one), losses(cut)
+    assert a.keys() == c.keys() == set(range(1, steps + 1))
+    for step in (3, 4):
+        assert c[step] == pytest.approx(a[step], rel=1e-4), step
+    config = json.loads((cut / "config.json").read_text())
+    assert (config["dp_shard"], config["ep"]) == (2, 2)
+    assert json.loads((cut / "environment.json").read_text())["world_size"] == 4
+    assert (cut / "samples.txt").read_text().startswith("--- sample 0 ---")  # drawn on rank 0
+    want = checkpoint_weights(one / "checkpoints")
+    got = checkpoint_weights(cut / "checkpoints")  # whole expert stacks, single-process layout
+    for name, value in want.items():
+        error = float((got[name] - value).norm() / value.norm().clamp_min(1e-12))
+        assert error <= 1e-4, f"{name}: relative error {error:.2e}"
