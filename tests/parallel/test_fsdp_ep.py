@@ -31,6 +31,14 @@ STEPS, RESUME_AT, TAU, MAX_NORM = 20, 10, 0.05, 0.5
 OPT = dict(lr=1e-2, qk_clip_tau=TAU, router_bias_rate=0.01)
 
 
+def fp64_model() -> torch.nn.Module:
+    """The test model in float64: sharded and single-process runs then differ only by float64
+    rounding, far below the 1e-4 bound. (In float32 both agree after one step within 1e-6 and in
+    the 20 losses within 2e-5, but from about step 10 on a few AdamW entries whose gradient is
+    near eps turn 1e-7 summation-order differences into 1e-4 in the weights: docs/parallel.md.)"""
+    return moe_model().double()
+
+
 def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, 256, (2 * WORLD, 12), generator=torch.Generator().manual_seed(100 + step))
 
@@ -67,7 +75,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         out = Path(out)
 
         def spread():  # noqa: ANN202
-            model = parallelize(moe_model(), mesh)
+            model = parallelize(fp64_model(), mesh)
             return model, DistributedMuonClip(model, **OPT)
 
         clip = lambda m: clip_grad_norm_(m, MAX_NORM)  # noqa: E731
@@ -93,7 +101,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def reference(out: Path) -> dict:
     """One process, the whole global batch: 20 steps (a checkpoint after 10), then one more."""
-    model = moe_model()
+    model = fp64_model()
     opt = MuonClip(model, **OPT)
     clip = lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM)  # noqa: E731
     snapshot = lambda: {k: v.clone() for k, v in model.state_dict().items()}  # noqa: E731
@@ -144,11 +152,11 @@ def test_dp_shard_2_x_ep_2_equals_one_process_and_checkpoints_move_both_ways(tmp
     assert biases and all(b.abs().sum() > 0 for b in biases)
     # Each rank holds a quarter of the parameters (the shards add up to the whole model).
     numel = sum(p.numel() for p in moe_model().parameters())
-    assert sum(r["bytes"]["parameters"] for r in ranks) == 4 * numel
+    assert sum(r["bytes"]["parameters"] for r in ranks) == 8 * numel  # float64
 
     # The 2-D run's checkpoint resumed on one process: weights and momentum are the single
     # process's, and one more step lands where the uninterrupted single process does.
-    model = moe_model()
+    model = fp64_model()
     opt = MuonClip(model, **OPT)
     result = checkpoint.load(tmp_path / "combined", model, opt, restore_rng=False)
     assert result.train_state["step"] == STEPS
