@@ -380,11 +380,9 @@ class DistTransport:
                 self.send(name, None)
             except (RuntimeError, dist.DistError):
                 pass
-        for process in self.processes.values():
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
+        from k2.rl.workers import stop_processes
+
+        stop_processes(self.processes.values())
         self.publisher = None
 
 

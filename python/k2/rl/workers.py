@@ -28,7 +28,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -167,12 +167,17 @@ class ShmTransport:
                 self.inboxes[name].put(None)
             except (OSError, ValueError):
                 pass
-        for process in self.processes.values():
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
+        stop_processes(self.processes.values())
         self.publisher.close()
+
+
+def stop_processes(processes: Iterable[Any]) -> None:
+    """Wait for worker processes told to stop; terminate those still alive after 10 s."""
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)
 
 
 class RolloutWorkers:
