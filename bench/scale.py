@@ -14,7 +14,9 @@ clipping, the optimizer step) on random tokens, its share of a fixed global batc
 (``--batch`` sequences of ``--seq-len`` tokens). After the first step, with the gradients still
 held, it counts the parameter, gradient and optimizer-state bytes it holds
 (:func:`k2.parallel.fsdp.bytes_per_rank`: local shards only) and the routed experts' share of
-them; step time is the median of the later steps (``--steps`` in all), each between barriers.
+them; step time is the median of the later steps (``--steps`` in all), each between barriers,
+and beside it the CPU seconds of the busiest rank's step (``time.process_time``: its own work,
+which a machine busy with other jobs disturbs less than the wall clock).
 
 Prediction: :func:`k2.parallel.plan.predicted_bytes_per_rank` for the same configuration in fp32
 (``fsdp``: ``dp_shard = N``; ``ep``: ``ep = N`` with the dense parameters replicated over the ep
@@ -107,12 +109,12 @@ def worker(args: argparse.Namespace) -> None:
                 norm.full_tensor()
         optimizer.step()
 
-    times = []
+    times, cpu = [], []
     held: dict[str, int] = {}
     experts: dict[str, int] = {}
     for index in range(args.steps):
         barrier()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         step()
         if index == 0:  # after a real step, gradients still held
             held = bytes_per_rank(model, optimizer)
@@ -122,10 +124,11 @@ def worker(args: argparse.Namespace) -> None:
                 routed = [p for n, p in model.named_parameters() if ".mlp.experts." in n]
             experts = _expert_bytes(routed, optimizer)
         optimizer.zero_grad(set_to_none=True)
+        cpu.append(time.process_time() - cpu_started)  # this rank's own work (and gloo's)
         barrier()
         times.append(time.perf_counter() - started)
     out = {"rank": rank, "world": world, "layout": args.layout, "bytes": held, "expert_bytes": experts,
-           "step_s": times, "parameters": sum(p.numel() for p in model.parameters())}
+           "step_s": times, "cpu_s": cpu, "parameters": sum(p.numel() for p in model.parameters())}
     Path(args.worker_out, f"rank{rank}.json").write_text(json.dumps(out))
     if world > 1:
         dist.destroy_process_group()
@@ -181,6 +184,7 @@ def summarize(args: argparse.Namespace, config, runs: dict[tuple[str, int], list
         base_experts = {k: max(r["expert_bytes"][k] for r in base_ranks) for k in KINDS}
         total = sum(measured.values())
         steps = [statistics.median(r["step_s"][1:] or r["step_s"]) for r in ranks]
+        cpus = [statistics.median(r["cpu_s"][1:] or r["cpu_s"]) for r in ranks if r.get("cpu_s")]
         row: dict[str, Any] = {
             "layout": layout, "ranks": n, "measured": measured, "predicted": predicted,
             "measured_total": total, "predicted_total": sum(predicted.values()),
@@ -188,6 +192,7 @@ def summarize(args: argparse.Namespace, config, runs: dict[tuple[str, int], list
             "plan_ratio_total": round(total / sum(predicted.values()), 4),
             "expert_bytes": experts, "step_s": round(max(steps), 4),
             "step_s_per_rank": [round(s, 4) for s in steps],
+            "cpu_s": round(max(cpus), 4) if cpus else None,
         }
         if layout == "fsdp":
             row["one_over_n"] = round(n * total / sum(base.values()), 4)  # 1.0 when bytes fall as 1/N
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         m = row["measured"]
         print(f"{row['layout']:<6} {row['ranks']:>2} {m['parameters'] / mib:>11.2f} {m['gradients'] / mib:>10.2f} "
               f"{m['optimizer'] / mib:>10.2f} {row['measured_total'] / mib:>10.2f} {row['plan_ratio_total']:>10.4f} "
-              f"{row['one_over_n']:>8.4f} {row['step_s']:>8.3f}")
+              f"{row['one_over_n']:>8.4f} {row['step_s']:>8.3f} {row['cpu_s'] or float('nan'):>7.3f}")
     ok_plan = all(within(r["plan_ratio_total"]) and all(within(v) for v in r["plan_ratio"].values() if v)
                   for r in rows)
     ok_scale = all(within(r["one_over_n"]) for r in rows)
