@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = summarize(args, config, runs)
     mib = 1 << 20
     print(f"\n{'layout':<6} {'N':>2} {'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'total MiB':>10} "
-          f"{'meas/plan':>10} {'N x / 1':>8} {'step s':>8}")
+          f"{'meas/plan':>10} {'N x / 1':>8} {'step s':>8} {'cpu s':>7}")
     for row in rows:
         m = row["measured"]
         print(f"{row['layout']:<6} {row['ranks']:>2} {m['parameters'] / mib:>11.2f} {m['gradients'] / mib:>10.2f} "
