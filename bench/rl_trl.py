@@ -28,16 +28,18 @@ The policy: ``--init`` (a k2 run or checkpoint with its tokenizer, e.g. a ``k2 r
 byte-level BPE tokenizer trained on the task's texts and ``--warm-start-steps`` supervised steps
 on the task's gold answers (k2 rl's warm start), so that rewards vary from the first step.
 
-Each side trains for ``--seconds`` of wall-clock (or ``--steps`` steps, whichever ends first;
-setting up is not counted). Reported: seconds per step (median over the steps after the first),
-the ratio TRL / k2 (goal: k2 at least 2x faster), the same in CPU seconds of the process per step
-(``time.process_time``: the work done, which other jobs on a busy machine disturb far less than
-the wall clock), and the mean shaped reward, verifier score and
-accuracy of the training samples of the steps that ended in the last ``--tail`` of the time
-budget (reward at equal wall-clock), plus each side's rollout/update split where it has one.
+Each side trains for ``--seconds`` (or ``--steps`` steps, whichever ends first; setting up is
+not counted) on ``--clock``: the wall clock, or ``cpu`` — this process's CPU seconds
+(``time.process_time``), the work done, which other jobs on a busy machine disturb far less than
+the wall clock (with ``--threads 1`` the two agree on an idle machine). Reported: seconds per
+step on that clock (median over the steps after the first) and on both clocks, the ratio TRL / k2
+(goal: k2 at least 2x faster), and the mean shaped reward, verifier score and accuracy of the
+training samples of the steps that ended in the last ``--tail`` of the time budget (reward at
+equal time), plus k2's rollout/update split (wall seconds).
 
 Run:  python bench/rl_trl.py --threads 1 --seconds 300     (tiny preset, P 8, K 8, budget 32)
       python bench/rl_trl.py --init runs/ws --seconds 600  (from a warm-started k2 run)
+      python bench/rl_trl.py --threads 1 --clock cpu --seconds 60   (a busy machine)
       python bench/rl_trl.py --quick                       (a few seconds: one step each)
 """
 
@@ -89,18 +91,29 @@ class Trace:
     rollout_s: list[float] = field(default_factory=list)
     train_s: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)
-    cpu_start: float = 0.0
+    wall_seconds: list[float] = field(default_factory=list)
+    clock: str = "wall"
+    origin: tuple[float, float] = (0.0, 0.0)
 
-    def start(self) -> float:
-        """Mark the start of training; returns the wall clock to measure ``elapsed`` from."""
-        self.cpu_start = time.process_time()
-        return time.perf_counter()
+    def start(self) -> None:
+        """Mark the start of training (both clocks)."""
+        self.origin = (time.perf_counter(), time.process_time())
 
-    def add_step(self, elapsed: float) -> None:
+    def add_step(self) -> None:
+        """Mark the end of a step: ``ends``/``seconds`` on the trace's clock (``wall``, or
+        ``cpu``: this process's CPU seconds), both clocks' step times kept."""
+        wall = time.perf_counter() - self.origin[0]
+        cpu = time.process_time() - self.origin[1]
+        self.wall_seconds.append(wall - sum(self.wall_seconds))
+        self.cpu_seconds.append(cpu - sum(self.cpu_seconds))
+        elapsed = cpu if self.clock == "cpu" else wall
         self.seconds.append(elapsed - (self.ends[-1] if self.ends else 0.0))
         self.ends.append(elapsed)
-        cpu = time.process_time() - self.cpu_start
-        self.cpu_seconds.append(cpu - sum(self.cpu_seconds))
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds on the trace's clock at the end of the last step."""
+        return self.ends[-1] if self.ends else 0.0
 
     def summary(self, budget: float, tail: float) -> dict[str, Any]:
         """Seconds per step (median after the first step) and the sample statistics of the
@@ -114,9 +127,11 @@ class Trace:
             return statistics.fmean(picked) if picked else float("nan")
 
         out: dict[str, Any] = {
-            "steps": len(self.ends), "wall_s": round(self.ends[-1], 3) if self.ends else 0.0,
-            "threads": self.threads,
+            "steps": len(self.ends), "clock": self.clock, "elapsed_s": round(self.elapsed, 3),
+            "wall_s": round(sum(self.wall_seconds), 3), "threads": self.threads,
             "s_per_step": round(statistics.median(steady), 4) if steady else float("nan"),
+            "wall_s_per_step": round(statistics.median(self.wall_seconds[1:] or self.wall_seconds), 4)
+            if self.wall_seconds else float("nan"),
             "first_step_s": round(self.seconds[0], 4) if self.seconds else float("nan"),
             # CPU seconds of this process per step: the work, less exposed to a busy machine's load
             "cpu_s_per_step": round(statistics.median(self.cpu_seconds[1:] or self.cpu_seconds), 4)
@@ -199,12 +214,12 @@ def run_k2(model: K2ForCausalLM, tokenizer, task, args: argparse.Namespace) -> T
     """``k2 rl``'s step (:meth:`RLJob.train_step`) until the time or step budget runs out."""
     job = RLJob(rl_config(args), Dist(0, 1, torch.device("cpu")), model, tokenizer, task,
                 log=lambda _line: None)
-    trace = Trace("k2", threads=torch.get_num_threads())
-    started = trace.start()
+    trace = Trace("k2", threads=torch.get_num_threads(), clock=args.clock)
+    trace.start()
     step = 0
-    while step < args.steps and (not trace.ends or trace.ends[-1] < args.seconds):
+    while step < args.steps and trace.elapsed < args.seconds:
         fields = job.train_step(step, log=True)
-        trace.add_step(time.perf_counter() - started)
+        trace.add_step()
         for name in ("reward", "score", "accuracy", "response_len", "rollout_s", "train_s"):
             getattr(trace, name).append(float(fields[name]))
         trace.truncation.append(float(fields["truncation_rate"]))
@@ -265,7 +280,7 @@ def run_trl(model: K2ForCausalLM, tokenizer, tokenizer_dir: Path, task, args: ar
         if hf_tok(text)["input_ids"] != render_prompt(tokenizer, prompt):
             raise RuntimeError(f"TRL would tokenize prompt {prompt.id} differently from k2 rl")
     dataset = Dataset.from_dict({"prompt": texts, "index": list(range(len(prompts)))})
-    trace = Trace("trl")
+    trace = Trace("trl", clock=args.clock)
     reward = make_reward(task, tokenizer, prompts, args.budget, args.truncation_penalty, trace)
     base = rl_config(args)
     settings = GRPOConfig(
@@ -286,11 +301,11 @@ def run_trl(model: K2ForCausalLM, tokenizer, tokenizer_dir: Path, task, args: ar
 
         def on_train_begin(self, _args, state, control, **kwargs):  # noqa: ANN001, ANN201
             trace.threads = torch.get_num_threads()
-            self.started = trace.start()
+            trace.start()
 
         def on_step_end(self, _args, state, control, **kwargs):  # noqa: ANN001, ANN201
-            trace.add_step(time.perf_counter() - self.started)
-            if trace.ends[-1] >= args.seconds:
+            trace.add_step()
+            if trace.elapsed >= args.seconds:
                 control.should_training_stop = True
             return control
 
@@ -321,7 +336,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3, help="k2's Muon learning rate")
     parser.add_argument("--adamw-lr", type=float, default=5e-4, help="k2's AdamW learning rate")
     parser.add_argument("--trl-lr", type=float, default=5e-4, help="TRL's AdamW learning rate")
-    parser.add_argument("--seconds", type=float, default=300.0, help="wall-clock budget of each side")
+    parser.add_argument("--seconds", type=float, default=300.0, help="time budget of each side (on --clock)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="what --seconds and s/step count: wall-clock, or this process's CPU seconds "
+                             "(for a machine busy with other jobs; use with --threads 1)")
     parser.add_argument("--steps", type=int, default=100_000, help="most steps of each side")
     parser.add_argument("--tail", type=float, default=1 / 3, help="share of the budget the reward is read over")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
@@ -362,28 +380,32 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only in (None, "trl"):
             traces["trl"] = run_trl(model, tokenizer, tokenizer_dir, task, args, directory, log)
             load.append(os.getloadavg()[0])
-    budget = min(args.seconds, min(t.ends[-1] for t in traces.values()))
+    budget = min(args.seconds, min(t.elapsed for t in traces.values()))
     summaries = {name: t.summary(budget, args.tail) for name, t in traces.items()}
     result.update({
         "task": f"arithmetic:{args.task_level}", "prompts": args.prompts, "samples": args.samples,
         "budget": args.budget, "temperature": args.temperature, "objective": args.objective,
         "init": args.init or f"{args.preset} + {args.warm_start_steps} warm-start steps",
-        "seconds": args.seconds, "tail": round(args.tail, 3), "threads": torch.get_num_threads(),
+        "seconds": args.seconds, "clock": args.clock, "tail": round(args.tail, 3), "threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in load], **summaries,
     })
-    print(f"{'side':<5} {'steps':>6} {'s/step':>8} {'cpu s':>7} {'rollout':>8} {'update':>8} {'reward (tail)':>14} "
-          f"{'score':>7} {'accuracy':>9} {'trunc':>6} {'len':>6}")
+    print(f"{'side':<5} {'steps':>6} {args.clock + ' s/step':>12} {'wall s':>8} {'cpu s':>7} {'rollout':>8} "
+          f"{'update':>8} {'reward (tail)':>14} {'score':>7} {'accuracy':>9} {'trunc':>6} {'len':>6}")
+    nan = float("nan")
     for name, s in summaries.items():
-        print(f"{name:<5} {s['steps']:>6} {s['s_per_step']:>8.3f} {s['cpu_s_per_step']:>7.3f} {s.get('rollout_s_per_step', float('nan')):>8.3f} "
-              f"{s.get('update_s_per_step', float('nan')):>8.3f} {s['tail_reward']:>14.3f} {s['tail_score']:>7.3f} "
-              f"{s['tail_accuracy']:>9.3f} {s['tail_truncation']:>6.2f} {s['tail_response_len']:>6.1f}")
+        print(f"{name:<5} {s['steps']:>6} {s['s_per_step']:>12.3f} {s['wall_s_per_step']:>8.3f} "
+              f"{s['cpu_s_per_step']:>7.3f} {s.get('rollout_s_per_step', nan):>8.3f} {s.get('update_s_per_step', nan):>8.3f} "
+              f"{s['tail_reward']:>14.3f} {s['tail_score']:>7.3f} {s['tail_accuracy']:>9.3f} "
+              f"{s['tail_truncation']:>6.2f} {s['tail_response_len']:>6.1f}")
     if len(summaries) == 2:
-        result["speedup_vs_trl"] = round(summaries["trl"]["s_per_step"] / summaries["k2"]["s_per_step"], 2)
-        result["cpu_speedup_vs_trl"] = round(summaries["trl"]["cpu_s_per_step"] / summaries["k2"]["cpu_s_per_step"], 2)
-        print(f"k2 is {result['speedup_vs_trl']:.2f}x TRL's steps per second (goal >= 2x; in CPU seconds per step "
-              f"{result['cpu_speedup_vs_trl']:.2f}x); reward over the last "
-              f"{100 * args.tail:.0f} % of {budget:.0f} s: k2 {summaries['k2']['tail_reward']:.3f}, "
-              f"TRL {summaries['trl']['tail_reward']:.3f}")
+        k2, peer = summaries["k2"], summaries["trl"]
+        result["speedup_vs_trl"] = round(peer["s_per_step"] / k2["s_per_step"], 2)
+        result["wall_speedup_vs_trl"] = round(peer["wall_s_per_step"] / k2["wall_s_per_step"], 2)
+        result["cpu_speedup_vs_trl"] = round(peer["cpu_s_per_step"] / k2["cpu_s_per_step"], 2)
+        print(f"k2 is {result['speedup_vs_trl']:.2f}x TRL's steps per {args.clock} second (goal >= 2x; wall "
+              f"{result['wall_speedup_vs_trl']:.2f}x, CPU {result['cpu_speedup_vs_trl']:.2f}x); reward over the "
+              f"last {100 * args.tail:.0f} % of {budget:.0f} {args.clock} s: k2 {k2['tail_reward']:.3f}, "
+              f"TRL {peer['tail_reward']:.3f}")
     print(json.dumps(result))
     return result
 
