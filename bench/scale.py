@@ -167,9 +167,8 @@ def launch(args: argparse.Namespace, layout: str, n: int, out: Path) -> list[dic
 
 def summarize(args: argparse.Namespace, config, runs: dict[tuple[str, int], list[dict]]) -> list[dict]:  # noqa: ANN001
     """One row per (layout, N): measured bytes (largest rank), the plan's, the ratios, step time."""
-    from k2.parallel.plan import count_parameters, predicted_bytes_per_rank
+    from k2.parallel.plan import predicted_bytes_per_rank
 
-    counts = count_parameters(config)
     rows = []
     for (layout, n), ranks in runs.items():
         measured = {k: max(r["bytes"][k] for r in ranks) for k in KINDS}
@@ -200,7 +199,6 @@ def summarize(args: argparse.Namespace, config, runs: dict[tuple[str, int], list
             row["one_over_n"] = round(n * sum(experts.values()) / sum(base_experts.values()), 4)
             dense = sum(base.values()) - sum(base_experts.values())
             row["dense_plus_experts_over_n"] = round(total / (dense + sum(base_experts.values()) / n), 4)
-        row["parameters_per_rank_by_plan"] = {"dense": counts.dense, "experts": counts.experts // (n if layout == "ep" else 1)}
         rows.append(row)
     return rows
 
