@@ -238,7 +238,7 @@ def hf_tokenizer(tokenizer_dir: Path):  # noqa: ANN201
     return tok
 
 
-def make_reward(task, tokenizer, prompts: list, budget: float, penalty: float, trace: Trace):  # noqa: ANN001, ANN201
+def make_reward(task, tokenizer, prompts: list, penalty: float, trace: Trace):  # noqa: ANN001, ANN201
     """TRL's reward function: the task's verifier on each completion decoded as k2 decodes it,
     minus ``penalty`` for a completion cut at the budget (no ``<|im_end|>``); records each
     call's statistics in ``trace`` (one call per optimizer step)."""
@@ -281,7 +281,7 @@ def run_trl(model: K2ForCausalLM, tokenizer, tokenizer_dir: Path, task, args: ar
             raise RuntimeError(f"TRL would tokenize prompt {prompt.id} differently from k2 rl")
     dataset = Dataset.from_dict({"prompt": texts, "index": list(range(len(prompts)))})
     trace = Trace("trl", clock=args.clock)
-    reward = make_reward(task, tokenizer, prompts, args.budget, args.truncation_penalty, trace)
+    reward = make_reward(task, tokenizer, prompts, args.truncation_penalty, trace)
     base = rl_config(args)
     settings = GRPOConfig(
         output_dir=str(directory / "trl"), report_to="none", logging_strategy="no", save_strategy="no",

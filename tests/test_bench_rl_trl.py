@@ -28,8 +28,7 @@ def test_the_trl_reward_is_the_verifier_score_less_the_truncation_penalty(task_t
     task, tokenizer, _ = task_tokenizer
     prompts = task.prompts("train", 4, seed=1)
     trace = rl_trl.Trace("trl")
-    reward = rl_trl.make_reward(task, tokenizer, prompts, budget=32, penalty=0.5, trace=trace)
-    value = [p.hidden for p in prompts]
+    reward = rl_trl.make_reward(task, tokenizer, prompts, penalty=0.5, trace=trace)
     gold = [task.gold_response(p) for p in prompts]
     wrong = f"Answer: {10**6 + 7}"  # an integer no level-1 expression reaches: format credit only
 
@@ -40,7 +39,7 @@ def test_the_trl_reward_is_the_verifier_score_less_the_truncation_penalty(task_t
     got = reward(completion_ids=completions, index=[0, 1, 2, 3], prompts=None, completions=None)
     # hand-computed: right and ended 1.0; right but cut at the budget 1.0 - 0.5; a wrong integer 0.1
     # (the format credit); no answer line and cut 0.0 - 0.5.
-    assert got == pytest.approx([1.0, 0.5, 0.1, -0.5]), value
+    assert got == pytest.approx([1.0, 0.5, 0.1, -0.5])
     assert trace.reward == [pytest.approx(sum(got) / 4)]
     assert trace.accuracy == [0.5] and trace.truncation == [0.5] and trace.score == [pytest.approx(2.1 / 4)]
 
