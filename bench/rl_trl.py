@@ -176,7 +176,8 @@ def rl_config(args: argparse.Namespace, **overrides: Any) -> RLConfig:
     return config
 
 
-def build_policy(args: argparse.Namespace, task, directory: Path, log) -> tuple[K2ForCausalLM, Any, Path]:  # noqa: ANN001
+def build_policy(args: argparse.Namespace, task, directory: Path,  # noqa: ANN001
+                 log) -> tuple[K2ForCausalLM, Any, Path]:  # noqa: ANN001
     """The starting policy (in eval mode), its ``tokenizers.Tokenizer`` and tokenizer directory."""
     from k2.data import load_tokenizer
 
@@ -394,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
     nan = float("nan")
     for name, s in summaries.items():
         print(f"{name:<5} {s['steps']:>6} {s['s_per_step']:>12.3f} {s['wall_s_per_step']:>8.3f} "
-              f"{s['cpu_s_per_step']:>7.3f} {s.get('rollout_s_per_step', nan):>8.3f} {s.get('update_s_per_step', nan):>8.3f} "
+              f"{s['cpu_s_per_step']:>7.3f} {s.get('rollout_s_per_step', nan):>8.3f} "
+              f"{s.get('update_s_per_step', nan):>8.3f} "
               f"{s['tail_reward']:>14.3f} {s['tail_score']:>7.3f} {s['tail_accuracy']:>9.3f} "
               f"{s['tail_truncation']:>6.2f} {s['tail_response_len']:>6.1f}")
     if len(summaries) == 2:

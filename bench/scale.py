@@ -161,7 +161,8 @@ def launch(args: argparse.Namespace, layout: str, n: int, out: Path) -> list[dic
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"{layout} N={n} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{layout} N={n} failed (exit {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
