@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3, help="steps per configuration (the first untimed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("scale.json"), help="the JSON written (default scale.json)")
-    parser.add_argument("--quick", action="store_true", help="N = 1 2, 2 steps, 2 layers, 16-token sequences")
+    parser.add_argument("--quick", action="store_true", help="N = 1 2, at most 2 steps, 2 layers, 16-token sequences")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", choices=LAYOUTS, default="fsdp", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         worker(args)
         return {}
     if args.quick:
-        args.ranks, args.steps, args.layers, args.seq_len = [1, 2], 2, 2, 16
+        args.ranks, args.steps, args.layers, args.seq_len = [1, 2], min(args.steps, 2), 2, 16
     if 1 not in args.ranks:
         args.ranks = [1, *args.ranks]  # the 1/N check divides by the one-process bytes
 
