@@ -324,7 +324,7 @@ def write_report(out: Path, plan: list[Any], markers: dict[str, dict[str, Any]],
             "<h1>k2 recipe</h1>",
             f'<p class="sub">{done} of {len(rows)} stages finished in {_e(out)}; stage time '
             f'{_e(record.get("total_seconds"))} s on {_e(machine.get("platform", "?"))} '
-            f'({_e(machine.get("cpu", machine.get("processor", "?")))}, {_e(machine.get("cpu_count", "?"))} CPUs).'
+            f'({_e(machine.get("cpu_model") or "?")}, {_e(machine.get("cpu_count", "?"))} CPUs).'
             f'{" Interrupted during " + _e(record["interrupted"]) + "." if record.get("interrupted") else ""}</p>']
     body = ["<h2>What each stage changed</h2>", "<table><tr>" + "".join(f"<th>{_e(label)}</th>" for _, label in COLUMNS) + "</tr>"]
     for row in rows:

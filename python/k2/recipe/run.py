@@ -34,6 +34,7 @@ def run(config: RecipeConfig, out: str | Path, log: Callable[[str], None] = prin
 
     out = Path(out)
     plan = stages.plan(config, out)  # every setting checked before anything runs
+    _require_extras(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.toml.used").write_bytes(config.source.read_bytes())  # what this run was asked
     result = RecipeResult(out)
@@ -66,7 +67,7 @@ def run(config: RecipeConfig, out: str | Path, log: Callable[[str], None] = prin
                     evaluate.evaluate_stage(model_stage, out, markers, config.eval, rl_settings, log)
     finally:
         figures = {name: _cached_eval(out, name) for name in MODEL_STAGES if name in markers}
-        record = {"machine": environment(), "out": str(out), "stages": {n: _timing(m) for n, m in markers.items()},
+        record = {"machine": {**environment(), "cpu_model": cpu_model()}, "out": str(out), "stages": {n: _timing(m) for n, m in markers.items()},
                   "total_seconds": round(sum(m["seconds"] for m in markers.values()), 1),
                   "this_run_seconds": round(time.monotonic() - started, 1),
                   "complete": len(markers) == len(plan), "interrupted": result.interrupted}
@@ -78,6 +79,29 @@ def run(config: RecipeConfig, out: str | Path, log: Callable[[str], None] = prin
         log(f"recipe: {len(markers)}/{len(plan)} stages finished, {record['total_seconds']:.0f} s of stage time "
             f"in all; report: {result.report}")
     return result
+
+
+def _require_extras(config: RecipeConfig) -> None:
+    """The evaluation plays tool-use episodes (and constrains their calls): fail now, not after
+    an hour of training, when the extras it needs are missing."""
+    from k2.optional import require
+
+    require("jsonschema", extra="agentic", purpose="k2 recipe's tool-use evaluation")
+    if config.eval.agentic_constraints != "off":
+        require("llguidance", extra="constrain", purpose="k2 recipe's schema-constrained tool calls")
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux), for the record of where the times were measured."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None
 
 
 def _timing(marker: dict[str, Any]) -> dict[str, Any]:
