@@ -97,8 +97,6 @@ def _check_training(config: RecipeConfig, name: str, values: dict[str, Any]) -> 
     trial = dict(values)
     if name == "sft":  # the data exist only once k2 synth has run: check the rest now
         trial["data"] = [str(config.source)]
-    if name == "rl" and values.get("ptx_weight", 0) and values.get("ptx_data"):
-        pass  # checked by RLConfig (the path must exist already)
     try:
         config_cls.resolve(None, **trial)
     except ConfigError as err:
