@@ -166,7 +166,7 @@ def evaluate_stage(stage: str, out: Path, markers: dict[str, dict[str, Any]], se
     out = Path(out)
     path = out / "eval" / f"{stage}.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    model_key = markers[stage]["finished"]
+    model_key = markers[stage].get("id", markers[stage]["finished"])
     common = {"model": model_key, "settings": asdict(settings)}
     wanted: dict[str, dict[str, Any]] = {
         "val_loss": common,
@@ -174,7 +174,7 @@ def evaluate_stage(stage: str, out: Path, markers: dict[str, dict[str, Any]], se
                        "seed": int(rl_settings.get("seed", 0)), "budget": _arithmetic_budget(settings, rl_settings)},
     }
     if "synth" in markers:
-        wanted["agentic"] = {**common, "synth": markers["synth"]["finished"]}
+        wanted["agentic"] = {**common, "synth": markers["synth"].get("id", markers["synth"]["finished"])}
     if stage == "rl":
         wanted["critic"] = common
     result = {k: v for k, v in cached.items() if k in wanted and v.get("inputs") == _jsonable(wanted[k])}

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +236,8 @@ def run_stage(stage: Stage, out: Path, log: Callable[[str], None]) -> dict[str, 
         raise StageInterrupted(stage.name)
     if code != 0:
         raise RecipeError(f"stage {stage.name} exited with status {code} ({command})")
-    marker = {"stage": stage.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    marker = {"stage": stage.name, "id": uuid.uuid4().hex,  # what evaluations of its output cite
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "seconds": round(sum(a["seconds"] for a in attempts), 3),
               "last_attempt_seconds": attempts[-1]["seconds"], "attempts": len(attempts),
               "command": stage.command(), "settings": _jsonable(stage.settings)}
