@@ -111,14 +111,27 @@ impl Manifest {
             let mut previous: Option<&Piece> = None;
             for piece in order {
                 let [start, stop] = piece.rows;
-                let what = format!("piece {:?} (rows {start}..{stop}) in {}", piece.tensor, piece.file);
+                let what = format!(
+                    "piece {:?} (rows {start}..{stop}) in {}",
+                    piece.tensor, piece.file
+                );
                 let stored = self
                     .files
                     .get(&piece.file)
-                    .ok_or_else(|| bad(format!("{what}: the manifest lists no shard {:?}", piece.file)))?
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{what}: the manifest lists no shard {:?}",
+                            piece.file
+                        ))
+                    })?
                     .tensors
                     .get(&piece.tensor)
-                    .ok_or_else(|| bad(format!("{what}: {} holds no tensor {:?}", piece.file, piece.tensor)))?;
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{what}: {} holds no tensor {:?}",
+                            piece.file, piece.tensor
+                        ))
+                    })?;
                 if start >= stop || stop > rows {
                     return Err(bad(format!("{what}: not a row range of its {rows} rows")));
                 }

@@ -20,9 +20,7 @@ use safetensors::Dtype;
 
 use super::error::{CkptError, Result};
 use super::format::{dtype_name, parse_header, HeaderTensor};
-use super::manifest::{
-    chunk_ranges, parse_hex, FileEntry, Manifest, PiecedTensor, MANIFEST_FILE,
-};
+use super::manifest::{chunk_ranges, parse_hex, FileEntry, Manifest, PiecedTensor, MANIFEST_FILE};
 use crate::checksum::xxh3_64;
 use crate::interrupt::Cancel;
 

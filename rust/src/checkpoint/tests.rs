@@ -287,9 +287,18 @@ fn save_in_two_pieces(root: &Path, pieces: &[(&str, &str, usize, usize)]) -> Res
     };
     let a: &'static [u8] = Box::leak(rows[..16].to_vec().into_boxed_slice());
     let b: &'static [u8] = Box::leak(rows[16..].to_vec().into_boxed_slice());
-    first.write_shards(&[spec("model-00001-of-00002.safetensors", "w#rows=0:2", a)], &Cancel::never())?;
-    second.write_shards(&[spec("model-00002-of-00002.safetensors", "w#rows=2:4", b)], &Cancel::never())?;
-    assert!(second.write_file("x.json", b"{}").is_err(), "a joined writer writes shards only");
+    first.write_shards(
+        &[spec("model-00001-of-00002.safetensors", "w#rows=0:2", a)],
+        &Cancel::never(),
+    )?;
+    second.write_shards(
+        &[spec("model-00002-of-00002.safetensors", "w#rows=2:4", b)],
+        &Cancel::never(),
+    )?;
+    assert!(
+        second.write_file("x.json", b"{}").is_err(),
+        "a joined writer writes shards only"
+    );
     let part = second.into_part()?;
     first.merge_part(part)?;
     first.add_pieces(
@@ -337,7 +346,10 @@ fn joined_writers_commit_one_checkpoint_whose_pieces_cover_the_rows() {
 #[test]
 fn pieces_with_a_gap_an_overlap_or_a_wrong_shard_are_refused_naming_file_and_tensor() {
     let cases: [(&[(&str, &str, usize, usize)], &str); 4] = [
-        (&[("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2)], "rows 2..4 are in no piece"),
+        (
+            &[("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2)],
+            "rows 2..4 are in no piece",
+        ),
         (
             &[
                 ("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2),
@@ -363,7 +375,10 @@ fn pieces_with_a_gap_an_overlap_or_a_wrong_shard_are_refused_naming_file_and_ten
     for (pieces, expected) in cases {
         let root = TempDir::new();
         let err = save_in_two_pieces(&root.0, pieces).unwrap_err().to_string();
-        assert!(err.contains("tensor \"w\"") && err.contains(expected), "{err}");
+        assert!(
+            err.contains("tensor \"w\"") && err.contains(expected),
+            "{err}"
+        );
         assert!(err.contains("manifest.json"), "{err}");
         // Nothing was committed: no checkpoint, no `latest`.
         assert!(list_checkpoints(&root.0).unwrap().is_empty());
@@ -384,23 +399,43 @@ fn a_reader_refuses_a_manifest_whose_pieces_leave_a_gap_and_names_a_missing_shar
     .unwrap();
     let dir = root.0.join("step-1");
     // A shard gone from the directory: the error names the file and the whole tensor.
-    fs::rename(dir.join("model-00002-of-00002.safetensors"), root.0.join("moved")).unwrap();
+    fs::rename(
+        dir.join("model-00002-of-00002.safetensors"),
+        root.0.join("moved"),
+    )
+    .unwrap();
     let err = Checkpoint::open(&dir).err().unwrap().to_string();
-    assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("rows of \"w\""), "{err}");
-    fs::rename(root.0.join("moved"), dir.join("model-00002-of-00002.safetensors")).unwrap();
+    assert!(
+        err.contains("model-00002-of-00002.safetensors") && err.contains("rows of \"w\""),
+        "{err}"
+    );
+    fs::rename(
+        root.0.join("moved"),
+        dir.join("model-00002-of-00002.safetensors"),
+    )
+    .unwrap();
     // A manifest edited to drop a piece.
     let path = dir.join(manifest::MANIFEST_FILE);
-    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-    manifest["pieces"]["w"]["pieces"].as_array_mut().unwrap().pop();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    manifest["pieces"]["w"]["pieces"]
+        .as_array_mut()
+        .unwrap()
+        .pop();
     fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
     let err = Checkpoint::open(&dir).err().unwrap().to_string();
-    assert!(err.contains("tensor \"w\"") && err.contains("are in no piece"), "{err}");
+    assert!(
+        err.contains("tensor \"w\"") && err.contains("are in no piece"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_joined_writer_needs_the_staging_directory_and_cannot_commit() {
     let root = TempDir::new();
-    let err = CheckpointWriter::join(&root.0.join("step-1"), SMALL_CHUNK).err().unwrap();
+    let err = CheckpointWriter::join(&root.0.join("step-1"), SMALL_CHUNK)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("does not exist"), "{err}");
     let _first = CheckpointWriter::create(&root.0.join("step-1"), SMALL_CHUNK).unwrap();
     let joined = CheckpointWriter::join(&root.0.join("step-1"), SMALL_CHUNK).unwrap();

@@ -15,12 +15,12 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::closable::Closable;
-use super::record::record;
 use super::errors::{CheckpointError, K2IOError};
+use super::record::record;
 use super::runtime::detached;
 use crate::checkpoint::format::{dtype_name, parse_dtype};
-use crate::checkpoint::trace::{Event, FAULT_PHASES};
 use crate::checkpoint::manifest::{Piece, PiecedTensor};
+use crate::checkpoint::trace::{Event, FAULT_PHASES};
 use crate::checkpoint::{
     plan, publish, writer, Checkpoint, CkptError, Publish, ShardSpec, TensorRef, WriteOptions,
 };
@@ -282,11 +282,11 @@ impl PyCheckpointWriter {
 
     /// Take over the shards a joined writer wrote (its `part()` bytes).
     fn merge_part(&self, py: Python<'_>, part: Vec<u8>) -> PyResult<()> {
-        let part: writer::Part = serde_json::from_slice(&part)
-            .map_err(|e| CheckpointError::new_err(format!("not a checkpoint writer's part: {e}")))?;
-        self.inner.with(|w| {
-            detached(py, "CheckpointWriter.merge_part", |_| w.merge_part(part))
-        })
+        let part: writer::Part = serde_json::from_slice(&part).map_err(|e| {
+            CheckpointError::new_err(format!("not a checkpoint writer's part: {e}"))
+        })?;
+        self.inner
+            .with(|w| detached(py, "CheckpointWriter.merge_part", |_| w.merge_part(part)))
     }
 
     /// Record a tensor stored in row pieces: its dtype name and whole shape, and its pieces as
@@ -310,7 +310,8 @@ impl PyCheckpointWriter {
                 })
                 .collect(),
         };
-        self.inner.with(|w| Ok::<_, PyErr>(w.add_pieces(&name, pieced)?))
+        self.inner
+            .with(|w| Ok::<_, PyErr>(w.add_pieces(&name, pieced)?))
     }
 
     /// Write a small non-tensor file (JSON, tokenizer files) into the checkpoint.
