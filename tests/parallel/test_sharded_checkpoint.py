@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from dist_helpers import free_port
 from k2 import _native, checkpoint
 from k2.checkpoint.tensors import TORCH_DTYPES
+from k2.cli import main
 from k2.errors import CheckpointError, K2Error
 from k2.optim import MuonClip
 from test_fsdp import OPT, global_batch, small_model
@@ -101,7 +103,7 @@ def _reference(steps: int) -> tuple[torch.nn.Module, list[float]]:
 
 
 @pytest.mark.slow
-def test_fsdp_two_to_three_to_one_rank_continues_the_single_process_run(tmp_path: Path) -> None:
+def test_fsdp_two_to_three_to_one_rank_continues_the_single_process_run(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     mp.spawn(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     mp.spawn(_three_ranks, args=(free_port(), str(tmp_path)), nprocs=3, join=True)
     reference, ref_losses = _reference(4)
@@ -140,8 +142,13 @@ def test_fsdp_two_to_three_to_one_rank_continues_the_single_process_run(tmp_path
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
+    # `k2 ckpt` reads it as any checkpoint: every byte verifies, inspect lists whole tensors.
+    assert main(["ckpt", "verify", str(tmp_path / "two")]) == 0
+    assert main(["ckpt", "inspect", str(tmp_path / "two"), "--tensors"]) == 0
+    listing = capsys.readouterr().out
+    assert f"{q} " in listing and "#rows=" not in listing
     # The Hub export of the sharded checkpoint holds exactly the tensors of the gathered one.
-    checkpoint.export_hf(tmp_path / "two", tmp_path / "hub-sharded", log=lambda _: None)
+    assert main(["ckpt", "export-hf", str(tmp_path / "two"), str(tmp_path / "hub-sharded")]) == 0
     checkpoint.export_hf(tmp_path / "gathered", tmp_path / "hub-gathered", log=lambda _: None)
     sharded, gathered = _hub_tensors(tmp_path / "hub-sharded"), _hub_tensors(tmp_path / "hub-gathered")
     assert sharded.keys() == gathered.keys() and len(sharded) > 20
@@ -278,7 +285,7 @@ GOOD = [("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2),
         ("model-00002-of-00002.safetensors", "w#rows=2:4", 2, 4)]
 
 
-def test_a_pieced_tensor_reads_whole_and_by_rows_across_pieces(tmp_path: Path) -> None:
+def test_a_pieced_tensor_reads_whole_and_by_rows_across_pieces(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     rows = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     _write_pieced(tmp_path / "step-1", GOOD, rows)
     reader = checkpoint.CheckpointReader(tmp_path)
@@ -292,6 +299,10 @@ def test_a_pieced_tensor_reads_whole_and_by_rows_across_pieces(tmp_path: Path) -
     assert reader.bytes_read - before == 16  # its first 16-byte chunk, nothing of the first piece
     with pytest.raises(CheckpointError, match="out of range"):
         reader.rows("w", 3, 5)
+    assert main(["ckpt", "inspect", str(tmp_path), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "2 shard file(s)" in out and "1 tensors stored in row pieces" in out
+    assert re.search(r"\n    w +F32 +\[4, 3\] +2 row pieces\n", out), out
 
 
 @pytest.mark.parametrize("pieces, message", [

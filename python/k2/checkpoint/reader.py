@@ -135,6 +135,10 @@ class CheckpointReader:
             return torch.empty([0, *shape[1:]], dtype=TORCH_DTYPES[dtype])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def shard_files(self) -> list[str]:
+        """The safetensors files of the checkpoint, in name order."""
+        return sorted({t.file for t in self._native.tensors()})
+
     def pieces(self, name: str) -> list[tuple[str, int, int]]:
         """How a tensor is stored: ``[(stored name, first row, end row), ...]`` in row order (one
         entry covering every row for a tensor stored whole)."""
