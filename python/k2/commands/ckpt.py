@@ -23,7 +23,8 @@ def inspect(args: argparse.Namespace) -> int:
         groups[group_of(file)][1] += nbytes
     for group, (count, nbytes) in sorted(groups.items()):
         print(f"  {group:<12} {count:6d} tensors  {_human(nbytes):>10}")
-    print(f"  {len(reader.shard_files())} shard file(s); checksums: {'yes' if reader.has_manifest else 'no (not a k2 checkpoint)'}")
+    checksums = "yes" if reader.has_manifest else "no (not a k2 checkpoint)"
+    print(f"  {len(reader.shard_files())} shard file(s); checksums: {checksums}")
     pieced = [name for name in reader.names() if len(reader.pieces(name)) > 1]
     if pieced:
         print(f"  {len(pieced)} tensors stored in row pieces (written rank by rank)")

@@ -104,6 +104,10 @@ def row_span(name: str, tensor: Tensor, experts: _Experts | None = None) -> tupl
         rank = mesh.get_local_rank()
         start = sum(sizes[:rank])
         stop = start + sizes[rank]
+        if tensor.to_local().shape[0] != sizes[rank]:
+            raise NotImplementedError(
+                f"sharded checkpoints: {name} holds {tensor.to_local().shape[0]} rows on mesh rank "
+                f"{rank}, not the {sizes[rank]} of torch.chunk's layout (FSDP2's)")
     elif tensor.dim() == 0:
         return None
     else:
