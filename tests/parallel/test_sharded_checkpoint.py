@@ -233,6 +233,11 @@ def _killed_before_commit(rank: int, port: int, out: str) -> None:
 
     model, opt = _fsdp(2)
     _step(model, opt, 0, rank, 2)
+    # A value rank 0 cannot save fails the save on every rank (none waits in a collective).
+    try:
+        save_checkpoint(Path(out) / "ckpt", model, opt, {"step": 1, "bad": {1, 2}}, per_rank=True)
+    except CheckpointError as err:
+        (Path(out) / f"refused{rank}.txt").write_text(str(err))
     save_checkpoint(Path(out) / "ckpt", model, opt, {"step": 1}, per_rank=True)
     _step(model, opt, 1, rank, 2)
     if rank == 1:
@@ -251,6 +256,9 @@ def test_a_rank_killed_between_its_writes_and_the_commit_leaves_the_last_checkpo
     assert ctx.processes[1].exitcode == -9  # SIGKILL
     assert ctx.processes[0].exitcode == 0 and (tmp_path / "error0.txt").exists()
 
+    for rank in range(2):
+        refused = (tmp_path / f"refused{rank}.txt").read_text()
+        assert "rank 0 cannot save: CheckpointError: cannot save 'train_state/user/bad'" in refused, refused
     root = tmp_path / "ckpt"
     assert _native.read_latest(root) == "step-00000001"
     assert _native.list_checkpoints(root) == ["step-00000001"]

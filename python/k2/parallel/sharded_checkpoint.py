@@ -308,24 +308,34 @@ def save_sharded(directory: str | os.PathLike[str], model: nn.Module,
     if step is None and isinstance(train_state, dict) and isinstance(train_state.get("step"), int):
         step = train_state["step"]
 
-    items, naming = _model_items(model)
-    structure = None
-    if optimizer is not None:
-        opt_items, structure = _optimizer_items(model, optimizer)
-        items += opt_items
-    groups = ["model", "optimizer"] if optimizer is not None else ["model"]
+    # What this rank holds; a failure here (a value that cannot be saved) must reach every rank
+    # through the exchange below, or the others would wait in it for the group's timeout.
+    items: list[_Item] = []
     files: dict[str, bytes] = {}
-    if rank == 0:
-        state_tensors: dict[str, Tensor] = {}
-        state_structure = encode({"user": train_state, "rng": rng_state()}, "train_state", state_tensors)
-        items += [_item("train_state", n, t, None if t.dim() == 0 else (0, t.shape[0], t.shape[0]))
-                  for n, t in state_tensors.items()]
-        files = _json_files(model, naming, optimizer, structure, state_structure, tokenizer_dir, world)
-    groups.append("train_state")
-
-    # What every rank holds (no tensor data), and the final directory's name (rank 0's choice).
-    meta = ([it.meta() for it in items], root / _next_name(root, step) if rank == 0 else None)
+    groups = ["model", "optimizer", "train_state"] if optimizer is not None else ["model", "train_state"]
+    meta: tuple[Any, Any] | str
+    try:
+        items, naming = _model_items(model)
+        structure = None
+        if optimizer is not None:
+            opt_items, structure = _optimizer_items(model, optimizer)
+            items += opt_items
+        final_name = None
+        if rank == 0:
+            state_tensors: dict[str, Tensor] = {}
+            state_structure = encode({"user": train_state, "rng": rng_state()}, "train_state", state_tensors)
+            items += [_item("train_state", n, t, None if t.dim() == 0 else (0, t.shape[0], t.shape[0]))
+                      for n, t in state_tensors.items()]
+            files = _json_files(model, naming, optimizer, structure, state_structure, tokenizer_dir, world)
+            final_name = root / _next_name(root, step)
+        meta = ([it.meta() for it in items], final_name)  # no tensor data; rank 0's directory
+    except (CheckpointError, NotImplementedError, OSError, ValueError, TypeError) as err:
+        meta = f"rank {rank} cannot save: {type(err).__name__}: {err}"
     metas = _all_gather(meta, world, group)
+    failed = [m for m in metas if isinstance(m, str)]
+    if failed:
+        message = "; ".join(failed)
+        raise NotImplementedError(message) if "NotImplementedError" in message else CheckpointError(message)
     final = metas[0][1]
     per_rank, tensors = _assign_writers([m[0] for m in metas])
     shard_files, file_of = _shard_files(per_rank, groups, max_shard_bytes)
