@@ -125,11 +125,13 @@ def test_fsdp_two_to_three_to_one_rank_continues_the_single_process_run(tmp_path
     assert len({files[p[0]] for p in pieces}) == 2  # one shard file per rank
     assert _native.read_latest(tmp_path / "two") == "step-00000002"
 
-    # Each of the 3 ranks read about a third of the tensor bytes (slice reads of its rows only).
+    # Each of the 3 ranks read (and hashed) what it holds — its rows of the parameters and optimizer
+    # states, torch.chunk's uneven thirds — plus what every rank reads whole (training state, JSON):
+    # slice reads of its rows only. Measured: 0.39, 0.39 and 0.29 of the tensor bytes.
     total = sum(_nbytes(reader, n) for n in reader.names())
     read = [t["bytes_read"] for t in threes]
-    for rank, got in enumerate(read):
-        assert 0.25 * total < got < 0.42 * total, (rank, got, total)
+    for rank, three in enumerate(threes):
+        assert three["held"] <= three["bytes_read"] <= three["held"] + 0.1 * total / 3, (rank, three, total)
     assert sum(read) < 1.1 * total
 
     # 3 -> 1: the 3-rank checkpoint loads in one plain process (k2.checkpoint.load) and continues.
