@@ -337,3 +337,67 @@ def test_a_missing_piece_file_is_named_with_its_tensor(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r'model-00002-of-00002.safetensors: the shard is missing: .*'
                                               r'"w#rows=2:4" \(rows of "w"\)'):
         checkpoint.CheckpointReader(tmp_path)
+
+
+def _mesh_ranks(rank: int, port: int, out: str) -> None:
+    """dp_shard 2 x ep 2: two steps, then the same state saved per rank and gathered; the per-rank
+    checkpoint read back on a fresh mesh must hold exactly the state that was saved."""
+    _init(rank, 4, port)
+    try:
+        from test_expert import moe_model
+
+        from k2.optim.distributed import DistributedMuonClip
+        from k2.parallel import fsdp
+        from k2.parallel.fsdp_ep import parallelize
+        from k2.parallel.mesh import build_mesh
+        from k2.parallel.sharded_checkpoint import load_sharded, save_sharded
+
+        mesh = build_mesh({"dp_shard": 2, "ep": 2}, 4, torch.device("cpu"))
+        model = parallelize(moe_model(), mesh)
+        opt = DistributedMuonClip(model, **OPT)
+        for step in range(2):
+            ids = torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(step)).chunk(4)[rank]
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        saved = (fsdp.full_model_state(model), fsdp.full_optimizer_state(opt)["state"])
+        save_sharded(Path(out) / "per-rank", model, opt, {"step": 2}, chunk_bytes=CHUNK)
+        fsdp.save_checkpoint(Path(out) / "gathered", model, opt, {"step": 2})
+
+        again = parallelize(moe_model(), mesh)
+        opt_again = DistributedMuonClip(again, **OPT)
+        load_sharded(Path(out) / "per-rank", again, opt_again, restore_rng=False)
+        model_same = all(torch.equal(saved[0][k], v) for k, v in fsdp.full_model_state(again).items())
+        state = fsdp.full_optimizer_state(opt_again)["state"]
+        opt_same = all(torch.equal(saved[1][i][k], v) for i, s in state.items() for k, v in s.items()
+                       if isinstance(v, torch.Tensor))
+        torch.save({"model_same": model_same, "opt_same": opt_same}, Path(out) / f"mesh{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_x_ep_mesh_per_rank_checkpoint_equals_the_gathered_one(tmp_path: Path) -> None:
+    from test_expert import moe_model
+
+    mp.spawn(_mesh_ranks, args=(free_port(), str(tmp_path)), nprocs=4, join=True)
+    for rank in range(4):
+        assert torch.load(tmp_path / f"mesh{rank}.pt", weights_only=False) == {"model_same": True,
+                                                                                "opt_same": True}, rank
+    # In one plain process both checkpoints give exactly the same model and optimizer state.
+    loaded = []
+    for name in ("per-rank", "gathered"):
+        model = moe_model()
+        opt = MuonClip(model, **OPT)
+        checkpoint.load(tmp_path / name, model, opt, restore_rng=False)
+        loaded.append((model.state_dict(), opt.state_dict()["state"]))
+    (m1, s1), (m2, s2) = loaded
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert s1.keys() == s2.keys()
+    for i in s1:
+        for k, v in s1[i].items():
+            assert torch.equal(v, s2[i][k]), (i, k)
+    # Every expert is a whole tensor written by one of the 4 ranks; dense rows come in 4 pieces.
+    reader = checkpoint.CheckpointReader(tmp_path / "per-rank")
+    assert len(reader.shard_files()) >= 4
+    assert max(len(reader.pieces(n)) for n in reader.names()) == 4

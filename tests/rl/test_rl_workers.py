@@ -1,8 +1,12 @@
 """Rollout workers (``k2 rl --rollout-workers N``): with two workers fed by the weight broadcast
-the samples are the colocated engine's under the same seeds, tagged with the trainer's step; a
-killed worker is named and its prompts finished by the other (docs/rl.md, "Rollout workers")."""
+(shared memory, or gloo ranks with ``--weight-transport dist``) the samples are the colocated
+engine's under the same seeds, tagged with the trainer's step; paused samples resume on the
+workers; a killed worker is named and its prompts finished by the other (docs/rl.md, "Rollout
+workers")."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -26,10 +30,12 @@ def same(a, b) -> None:  # noqa: ANN001
 
 
 @pytest.mark.slow  # spawns two worker processes (each imports torch and builds a model)
-def test_two_workers_sample_what_the_colocated_engine_samples_and_survive_a_death() -> None:
+@pytest.mark.parametrize("transport", ["shm", "dist"])
+def test_two_workers_sample_what_the_colocated_engine_samples_and_survive_a_death(transport: str) -> None:
     model = tiny_policy(3)
     lines: list[str] = []
-    workers = RolloutWorkers(model, model.config.to_hf_dict(), 2, max_batch=4, log=lines.append)
+    workers = RolloutWorkers(model, model.config.to_hf_dict(), 2, max_batch=4, log=lines.append,
+                             transport=transport)
     try:
         local = RolloutEngine(model, max_batch=8)
         batch = requests(10)
@@ -38,6 +44,17 @@ def test_two_workers_sample_what_the_colocated_engine_samples_and_survive_a_deat
         same(got, local.generate(batch, seed=11))
         assert all(c.versions == [5] * len(c.token_ids) for c in got)
         assert [c.index for c in got] == list(range(10))
+
+        # Partial rollouts: paused after 2 decode steps on the workers, resumed on them with
+        # the same weights, the samples are the uninterrupted ones.
+        paused = workers.generate(batch, seed=11, max_steps=2)
+        assert any(c.finish_reason is None for c in paused)
+        todo = [i for i, c in enumerate(paused) if c.finish_reason is None]
+        more = workers.generate([dataclasses.replace(batch[i], prefix=paused[i]) for i in todo], seed=99)
+        whole = list(paused)
+        for i, c in zip(todo, more):
+            whole[i] = c
+        same(whole, got)
 
         # New weights: the workers sample with them, tagged with the new step.
         with torch.no_grad():
@@ -55,6 +72,8 @@ def test_two_workers_sample_what_the_colocated_engine_samples_and_survive_a_deat
         assert workers.dead == ["rollout-1"]
         assert any("rollout worker rollout-1 died" in line for line in lines)
         workers.sync(7)  # training goes on: the survivor still gets new weights
+        if transport == "dist":  # the gloo group was rebuilt without the dead rank
+            assert workers.transport.generation == 1 and workers.transport.members == ["rollout-0"]
         got = workers.generate(batch, seed=14)
         same(got, local.generate(batch, seed=14))
         assert all(set(c.versions) == {7} for c in got)
@@ -68,3 +87,54 @@ def test_two_workers_sample_what_the_colocated_engine_samples_and_survive_a_deat
         assert all(set(c.versions) == {8} for c in got)
     finally:
         workers.close()
+
+
+@pytest.mark.slow  # spawns two worker processes
+def test_a_worker_from_elsewhere_joins_by_address_and_a_silent_one_is_given_up(monkeypatch) -> None:
+    import os
+    import signal
+    import socket
+
+    import k2.rl.dist_workers as dist_workers
+
+    monkeypatch.setattr(dist_workers, "HEARTBEAT_DEAD_S", 6.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # A worker started on its own, knowing only the store's address (as on another host).
+    remote = torch.multiprocessing.get_context("spawn").Process(
+        target=dist_workers.dist_worker_main, args=(None, "127.0.0.1", port), daemon=True)
+    remote.start()
+    model = tiny_policy(3)
+    lines: list[str] = []
+    workers = None
+    try:
+        workers = RolloutWorkers(model, model.config.to_hf_dict(), 1, max_batch=4, log=lines.append,
+                                 transport="dist", remote=1, address=f"127.0.0.1:{port}")
+        assert workers.alive == ["rollout-0", "remote-0"]
+        assert any(f"python -m k2.rl.dist_workers 127.0.0.1:{port}" in line for line in lines)
+        local = RolloutEngine(model, max_batch=8)
+        batch = requests(10)
+        workers.sync(1)
+        got = workers.generate(batch, seed=21)
+        same(got, local.generate(batch, seed=21))
+        assert all(set(c.versions) == {1} for c in got)
+
+        os.kill(remote.pid, signal.SIGSTOP)  # alive, but silent: only its heartbeat can tell
+        got = workers.generate(batch, seed=22)
+        same(got, local.generate(batch, seed=22))
+        assert workers.dead == ["remote-0"]
+        assert any("rollout worker remote-0 died (no heartbeat for" in line for line in lines)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.9)
+        workers.sync(2)
+        assert workers.transport.members == ["rollout-0"]
+        got = workers.generate(batch, seed=23)
+        same(got, local.generate(batch, seed=23))
+        assert all(set(c.versions) == {2} for c in got)
+    finally:
+        if workers is not None:
+            workers.close()
+        remote.kill()
+        remote.join(timeout=10)

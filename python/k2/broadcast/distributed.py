@@ -20,11 +20,13 @@ every worker to the current weights.
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as _RawBackend
 
 from k2 import _native
 from k2.broadcast.layout import (
@@ -40,8 +42,17 @@ from k2.broadcast.shm import DEFAULT_BUCKET_BYTES
 from k2.errors import BroadcastError
 
 
+def _is_raw(group) -> bool:
+    """Whether ``group`` is a process-group backend built directly (``dist.ProcessGroupGloo(store,
+    rank, size, ...)``), outside ``init_process_group``'s registry: a process that trains alone
+    (whose default group must stay uninitialized) can still be a member of a broadcast group."""
+    return isinstance(group, _RawBackend)
+
+
 def _device(group) -> torch.device:
     """Where buffers live: the current CUDA device for NCCL, the CPU otherwise."""
+    if _is_raw(group):
+        return torch.device("cuda", torch.cuda.current_device()) if group.name().lower() == "nccl" else torch.device("cpu")
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -66,16 +77,44 @@ class _Member:
         self.device = _device(group)
         self.worker = worker
 
+    def _broadcast_object(self, announced: list) -> None:
+        """``dist.broadcast_object_list`` from ``src``, also on a raw backend (pickled bytes)."""
+        if not _is_raw(self.group):
+            dist.broadcast_object_list(announced, src=self.src, group=self.group)
+            return
+        data = torch.frombuffer(bytearray(pickle.dumps(announced)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        self._broadcast([size])[0].wait()
+        buffer = data if self.group.rank() == self.src else torch.empty(int(size), dtype=torch.uint8)
+        self._broadcast([buffer])[0].wait()
+        announced[:] = pickle.loads(buffer.numpy().tobytes())
+
+    def _gather_objects(self, value) -> list:
+        """``dist.all_gather_object``, also on a raw backend (padded pickled bytes)."""
+        if not _is_raw(self.group):
+            reports: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(reports, value, group=self.group)
+            return reports
+        world = self.group.size()
+        data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+        sizes = [[torch.zeros(1, dtype=torch.int64) for _ in range(world)]]
+        self.group.allgather(sizes, [torch.tensor([data.numel()], dtype=torch.int64)]).wait()
+        width = max(int(t) for t in sizes[0])
+        padded = torch.zeros(width, dtype=torch.uint8)
+        padded[: data.numel()] = data
+        out = [[torch.empty(width, dtype=torch.uint8) for _ in range(world)]]
+        self.group.allgather(out, [padded]).wait()
+        return [pickle.loads(t[: int(n)].numpy().tobytes()) for t, n in zip(out[0], sizes[0])]
+
     def _join(self, announced: list, check) -> None:
         """Collective: share the publisher's announcement ``[specs, bucket_bytes,
         direct_bytes]``, run
         ``check(specs)`` (a model check returning a problem or None) everywhere, gather the
         results, and raise on every rank if any member's model does not fit."""
-        dist.broadcast_object_list(announced, src=self.src, group=self.group)
+        self._broadcast_object(announced)
         specs, bucket_bytes, direct_bytes = announced
         problem = check(specs)
-        reports: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(reports, (self.worker, problem), group=self.group)
+        reports = self._gather_objects((self.worker, problem))
         self.roster = [w for w, _ in reports]
         problems = [p for _, p in reports if p]
         if problems:
@@ -98,6 +137,10 @@ class _Member:
             " and create new publisher/subscribers on it")
 
     def _broadcast(self, tensors: list[torch.Tensor]) -> list:
+        if _is_raw(self.group):
+            options = dist.BroadcastOptions()
+            options.rootRank = self.src
+            return [self.group.broadcast([t], options) for t in tensors]
         return [dist.broadcast(t, src=self.src, group=self.group, async_op=True) for t in tensors]
 
 
@@ -106,7 +149,8 @@ class DistributedWeightPublisher(_Member):
 
     Args:
         tensors: the trainer's tensors or module.
-        group: the process group (default: the world).
+        group: the process group (default: the world), or a backend built directly
+            (``dist.ProcessGroupGloo(store, rank, size, ...)``; ranks are then the group's own).
         bucket_bytes: bucket size (a multiple of 256).
         direct_bytes: pieces of at least this size are sent straight from the tensors (no
             packing copy); smaller ones are packed together per bucket.
@@ -115,7 +159,7 @@ class DistributedWeightPublisher(_Member):
     def __init__(self, tensors: TensorSource, *, group=None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  direct_bytes: int = DIRECT_BYTES) -> None:
-        super().__init__(group, dist.get_rank(), worker="publisher")
+        super().__init__(group, group.rank() if _is_raw(group) else dist.get_rank(), worker="publisher")
         self._tensors = named_tensors(tensors)
         self._join([tensor_specs(self._tensors()), bucket_bytes, direct_bytes],
                    check=lambda specs: None)
@@ -137,7 +181,7 @@ class DistributedWeightPublisher(_Member):
         in_flight: list[list] = [[], []]
         b: int | str = "header"
         try:
-            dist.broadcast(header, src=self.src, group=self.group)
+            self._broadcast([header])[0].wait()
             for b in range(self.plan.num_buckets):
                 for work in in_flight[b % 2]:  # bucket b - 2 used these buffers
                     work.wait()
@@ -167,7 +211,8 @@ class DistributedWeightSubscriber(_Member):
         tensors: the worker's tensors or module; a sliced tensor has the slice's shape.
         src: the publisher's global rank.
         worker: this worker's name (default ``rank-N``).
-        group: the process group (default: the world).
+        group: the process group (default: the world), or a backend built directly (see
+            :class:`DistributedWeightPublisher`; ``src`` is then a rank of that group).
         slices: rows (dim 0) wanted per tensor, as for ``WeightSubscriber``.
         strict: whether a published tensor missing from the model is an error.
         swap: apply by swapping storage instead of copying (as for ``WeightSubscriber``).
@@ -176,7 +221,8 @@ class DistributedWeightSubscriber(_Member):
     def __init__(self, tensors: TensorSource, *, src: int = 0, worker: str | None = None,
                  group=None, slices: Mapping[str, Rows] | None = None, strict: bool = True,
                  swap: bool = False) -> None:
-        super().__init__(group, src, worker=worker or f"rank-{dist.get_rank()}")
+        rank = group.rank() if _is_raw(group) else dist.get_rank()
+        super().__init__(group, src, worker=worker or f"rank-{rank}")
         model = named_tensors(tensors)()
         slices = dict(slices or {})
 
@@ -238,7 +284,7 @@ class DistributedWeightSubscriber(_Member):
         b: int | str = "header"
         version = self.version + 1
         try:
-            dist.broadcast(header, src=self.src, group=self.group)
+            self._broadcast([header])[0].wait()
             version = int(header.item())
             posted = {0: self._post(0)} if n else {}
             for b in range(n):

@@ -20,7 +20,9 @@ heads that it holds. The result equals :class:`k2.optim.MuonClip` on one process
 global batch (``tests/parallel/test_fsdp.py``).
 
 Only the layout FSDP2 gives (``Shard(0)`` over one mesh dimension) is supported; any other
-DTensor layout is a ``NotImplementedError`` naming the parameter.
+DTensor layout is a ``NotImplementedError`` naming the parameter. Parameters may live on different
+1-D meshes (under ``k2.parallel.fsdp_ep`` the dense ones span every rank, the expert blocks their
+``dp_shard`` ranks): each mesh's matrices are exchanged within that mesh.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@
 * :mod:`k2.parallel.fsdp`   — FSDP2 (``fully_shard``) over each decoder layer, the embeddings and
   the head; whole-tensor checkpoints and copies of a sharded model; :func:`bytes_per_rank`.
 * :mod:`k2.parallel.failure` — a collective that fails because a rank is gone names that rank.
+* :mod:`k2.parallel.fsdp_ep` — FSDP2 × expert parallelism on the 2-D ``dp_shard`` × ``ep`` mesh.
 
 The model is plain single-device PyTorch and the optimizers reach other ranks only through
 :mod:`k2.parallel.agree`, so a new dimension changes neither. Design: ``docs/parallel.md``.

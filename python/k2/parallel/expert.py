@@ -61,18 +61,36 @@ def expert_range(num_experts: int, ep: int, rank: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
-def check_ep(ep: int, world: int, num_experts: int) -> None:
-    """Check ``k2 train --ep`` against the launch before any work.
+def check_ep(ep: int, world: int, num_experts: int, dp_shard: int = 1) -> None:
+    """Check ``k2 train --ep`` (and ``--dp-shard``) against the launch before any work.
+
+    Args:
+        ep: ranks the experts are split over.
+        world: ranks launched.
+        num_experts: routed experts per MoE layer.
+        dp_shard: FSDP2 ranks each expert block is sharded over (``k2.parallel.fsdp_ep``); 1 for
+            expert parallelism alone.
 
     Raises:
-        ConfigError: ``ep`` differs from the number of ranks (expert parallelism alone spans all
-            of them; combining it with sharded data parallelism is the device mesh's work) or
-            does not divide the experts.
+        ConfigError: ``ep × dp_shard`` differs from the number of ranks (expert parallelism
+            alone spans all of them; replicating experts over several expert-parallel groups is
+            not built, sharding them with ``--dp-shard`` is), or ``ep`` does not divide the experts.
     """
-    if ep > 1 and ep != world:
+    if ep > 1 and ep * dp_shard != world:
+        if dp_shard > 1:
+            raise ConfigError(f"--dp-shard {dp_shard} x --ep {ep} = {dp_shard * ep} ranks, but "
+                              f"{world} were launched (the product of the mesh sizes must be the "
+                              f"world size: torchrun --nproc_per_node {dp_shard * ep})")
+        hint = (f"; to spread the experts over all {world} ranks add --dp-shard {world // ep} "
+                f"(expert blocks sharded by FSDP2; replicated expert groups are not built)"
+                if world > ep and world % ep == 0 else "")
         raise ConfigError(f"ep = {ep} needs {ep} ranks (torchrun --nproc_per_node {ep}), but "
-                          f"{world} were launched; expert parallelism alone spans every rank")
-    expert_range(num_experts, ep, 0)
+                          f"{world} were launched; expert parallelism alone (--ep without "
+                          f"--dp-shard) spans every rank{hint}")
+    try:
+        expert_range(num_experts, ep, 0)
+    except ConfigError as err:
+        raise ConfigError(f"--ep {ep}: {err}") from None
 
 
 def expert_group(ep: int) -> dist.ProcessGroup:
@@ -154,6 +172,28 @@ class ExpertShard(nn.Module):
             full = getattr(experts, name)
             block = full.detach()[owned.start:owned.stop].clone()
             setattr(self, name, nn.Parameter(block, requires_grad=full.requires_grad))
+        self.mark_parameters()
+
+    def mark_parameters(self) -> None:
+        """Tag this shard's (current) parameters with it, so that code holding only a parameter
+        (an optimizer's state, a checkpoint) finds its expert block (:func:`shard_of`). Call it
+        again after something replaces the parameters (FSDP2's ``fully_shard``)."""
+        for param in self.parameters():
+            setattr(param, _SHARD_ATTR, self)
+
+    def whole(self, block: Tensor) -> Tensor:
+        """The whole stack [E, ...] from this rank's block [E / ep, ...] (a collective over the
+        expert-parallel group; a tensor that is not a block is returned as it is)."""
+        if self.ep == 1 or block.ndim == 0 or block.shape[0] != self.num_local:
+            return block
+        return _gather_rows(block, self.group)
+
+    def block(self, whole: Tensor) -> Tensor:
+        """This rank's block [E / ep, ...] of a whole stack [E, ...] (no communication; a tensor
+        that is not a whole stack is returned as it is)."""
+        if self.ep == 1 or whole.ndim == 0 or whole.shape[0] != self.num_experts:
+            return whole
+        return whole[self.first:self.first + self.num_local]
 
     def forward(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
         """Args: x_sorted [N*K, H] rows sorted by global expert; counts: rows per expert (E).
@@ -185,6 +225,14 @@ class ExpertShard(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts {self.first}..{self.first + self.num_local - 1} of {self.num_experts} "
                 f"(ep rank {self.rank} of {self.ep})")
+
+
+_SHARD_ATTR = "_k2_expert_shard"
+
+
+def shard_of(param: Tensor) -> ExpertShard | None:
+    """The :class:`ExpertShard` whose block ``param`` is (None for any other tensor)."""
+    return getattr(param, _SHARD_ATTR, None)
 
 
 def _moe_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

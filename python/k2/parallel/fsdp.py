@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ def dp_shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | None = None,
-                cpu_offload: bool = False, ignored_params: set[nn.Parameter] | None = None) -> nn.Module:
+                cpu_offload: bool = False, ignored_params: set[nn.Parameter] | None = None,
+                extra_units: Sequence[tuple[nn.Module, DeviceMesh]] = ()) -> nn.Module:
     """Apply FSDP2 to a k2 causal LM in place: one unit per decoder layer, one for the input
     embeddings (when not tied to the head), and the root (head, final norm) for the rest.
 
@@ -61,6 +62,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | N
             (``CPUOffloadPolicy``; the optimizer step then runs on the CPU).
         ignored_params: parameters FSDP2 must leave alone (for example experts spread by
             another dimension).
+        extra_units: (module, mesh) pairs sharded first, each as its own unit over its own 1-D
+            mesh (the expert blocks of ``k2.parallel.fsdp_ep``, sharded over ``dp_shard`` while
+            the rest spans every rank); the units that contain them leave their parameters alone.
 
     Returns:
         ``model`` itself, now sharded; it also gets a DDP-style ``no_sync()`` context.
@@ -89,6 +93,8 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | N
     # it would skip a pre-backward hook; k2's loops never change model outputs in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
                             category=UserWarning)
+    for module, unit_mesh in extra_units:
+        fully_shard(module, **{**kwargs, "mesh": unit_mesh})
     for layer in layers:
         fully_shard(layer, **kwargs)
     embed = getattr(decoder, "embed_tokens", None)
@@ -169,8 +175,32 @@ def full_tensor(tensor: Tensor) -> Tensor:
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` with every tensor whole, on the CPU (collective, same order on every
-    rank)."""
-    return {name: full_tensor(t) for name, t in model.state_dict().items()}
+    rank); expert blocks split by expert parallelism are gathered whole too."""
+    return {name: _whole(full_tensor(t), _param(model, name)) for name, t in model.state_dict().items()}
+
+
+def _param(model: nn.Module, name: str) -> Tensor | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def _whole(value: Tensor, param: Tensor | None) -> Tensor:
+    """``value`` (already whole over FSDP2's ranks) with the whole expert stack when ``param`` is
+    an expert block of expert parallelism (``k2.parallel.fsdp_ep``; a collective then)."""
+    from k2.parallel.expert import shard_of
+
+    shard = shard_of(param) if param is not None else None
+    return shard.whole(value).cpu() if shard is not None else value
+
+
+def _block(value: Tensor, param: Tensor | None) -> Tensor:
+    """The inverse of :func:`_whole`: this rank's expert block of a whole stack."""
+    from k2.parallel.expert import shard_of
+
+    shard = shard_of(param) if param is not None else None
+    return shard.block(value) if shard is not None else value
 
 
 def _bare_class(model: nn.Module) -> type[nn.Module]:
@@ -221,7 +251,7 @@ def load_full_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
             target = model.get_parameter(name)
         except AttributeError:
             target = model.get_buffer(name)
-        src = state[name].to(target.dtype)
+        src = _block(state[name], target).to(target.dtype)
         if isinstance(target, DTensor):
             src = distribute_tensor(src.to(target.device), target.device_mesh, target.placements,
                                     src_data_rank=None).to_local()
@@ -231,7 +261,9 @@ def load_full_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` with every DTensor made whole on the CPU (collective)."""
     sd = optimizer.state_dict()
-    sd["state"] = {key: {k: full_tensor(v) if isinstance(v, DTensor) else v for k, v in s.items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's indices
+    sd["state"] = {key: {k: _whole(full_tensor(v), params[key]) if isinstance(v, DTensor) else v
+                         for k, v in s.items()}
                    for key, s in sorted(sd["state"].items())}
     return sd
 
@@ -247,6 +279,8 @@ def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 continue
             state = optimizer.state[p]
             for key, value in state.items():
+                if isinstance(value, Tensor) and not isinstance(value, DTensor):
+                    value = _block(value, p)  # an expert stack saved whole: this rank's block
                 if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.shape == p.shape:
                     state[key] = distribute_tensor(value.to(local(p).device), p.device_mesh, p.placements,
                                                    src_data_rank=None)

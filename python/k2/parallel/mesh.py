@@ -6,9 +6,12 @@ optimizer. Its dimensions are named:
 
 * ``"dp_shard"``: sharded data parallelism (FSDP2): each rank of the dimension holds 1/N of every
   parameter, gradient and optimizer state and reads its own share of the global batch.
+* ``"ep"``: expert parallelism: the routed experts of each MoE layer are split over the ranks of
+  this dimension (innermost, so an expert-parallel group is a block of consecutive ranks).
 
-Further dimensions (the expert-parallel ``"ep"``) join :data:`MESH_DIMS`, outermost first; the
-product of all sizes is the world size. When every dimension has size 1 there is no mesh and a
+The product of all sizes is the world size. Only dimensions larger than 1 enter the mesh. With
+both, the dense parameters are sharded over every rank (:func:`flat_mesh`) and each expert block
+over ``dp_shard`` (``k2.parallel.fsdp_ep``). When every dimension has size 1 there is no mesh and a
 multi-rank run is plain data parallelism (DDP over the default group), as before.
 Design: ``docs/parallel.md``.
 """
@@ -23,10 +26,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from k2.errors import ConfigError
 
-MESH_DIMS: tuple[str, ...] = ("dp_shard",)
+MESH_DIMS: tuple[str, ...] = ("dp_shard", "ep")
 """The mesh dimensions k2 knows, outermost first."""
 
-FLAGS = {"dp_shard": "--dp-shard"}
+FLAGS = {"dp_shard": "--dp-shard", "ep": "--ep"}
 """The ``k2 train`` option that sets each dimension (for error messages)."""
 
 
@@ -65,6 +68,8 @@ def check_sizes(sizes: Mapping[str, int], world: int) -> None:
 def build_mesh(sizes: Mapping[str, int], world: int, device: torch.device) -> DeviceMesh | None:
     """The run's device mesh, or None when no dimension is larger than 1 (one process, or DDP).
 
+    Its dimensions are those of ``sizes`` larger than 1, in :data:`MESH_DIMS` order.
+
     Args:
         sizes: size per dimension, as :func:`mesh_sizes` gives them.
         world: the number of ranks (``torch.distributed`` must be initialized when the mesh has
@@ -77,7 +82,7 @@ def build_mesh(sizes: Mapping[str, int], world: int, device: torch.device) -> De
     check_sizes(sizes, world)
     if all(size == 1 for size in sizes.values()):
         return None
-    dims = [d for d in MESH_DIMS if d in sizes]
+    dims = [d for d in MESH_DIMS if sizes.get(d, 1) > 1]
     return init_device_mesh(device.type, tuple(sizes[d] for d in dims), mesh_dim_names=tuple(dims))
 
 
@@ -86,3 +91,15 @@ def dim_size(mesh: DeviceMesh | None, dim: str) -> int:
     if mesh is None or not mesh.mesh_dim_names or dim not in mesh.mesh_dim_names:
         return 1
     return mesh.size(mesh.mesh_dim_names.index(dim))
+
+
+FLAT = "all"
+"""The name of :func:`flat_mesh`'s one dimension."""
+
+
+def flat_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """``mesh`` as one dimension over all its ranks, in rank order (``mesh`` itself when it is
+    1-D): what the dense parameters are sharded over when every rank is data-parallel for them."""
+    if mesh.ndim == 1:
+        return mesh
+    return mesh._flatten(FLAT)

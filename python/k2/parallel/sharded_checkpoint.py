@@ -192,7 +192,7 @@ def _optimizer_items(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
         match = _OPT_STATE.match(name)
         param = params[int(match.group(1))] if match else None
         experts = by_id.get(id(param)) if param is not None else None
-        if experts is not None and tuple(value.shape) != tuple(_local_rows(param).shape):
+        if experts is not None and tuple(value.shape) != tuple(param.shape):
             experts = None  # not of the stack's shape (a step counter, a reduced statistic)
         items.append(_item("optimizer", name, value, row_span(name, value, experts)))
     return items, structure

@@ -8,6 +8,9 @@ Defaults the K2 report leaves open, and what we chose:
   ``temperature_decay_steps`` RL steps (0: the whole run), then constant;
 * a truncated response (the task's token budget ran out before ``<|im_end|>``) scores its
   verifier reward minus ``truncation_penalty`` (0.5), so it may go negative;
+* partial rollouts: off (``partial_rollout_steps`` 0); when on, a group of samples is carried
+  over at most ``partial_max_age`` (2) steps, then decoded to the end (docs/rl.md, "Partial
+  rollouts");
 * PTX: off (``ptx_weight`` 0); with ``--ptx-data DIR --ptx-weight γ`` each step adds γ times
   the language-modelling loss of one ``batch_size × seq_len`` batch of DIR's token shards.
 """
@@ -23,6 +26,7 @@ from k2.rl.critic.settings import CRITIC_HELP
 from k2.train.config import HELP, TrainConfig
 
 OBJECTIVES = ("k2", "grpo")
+WEIGHT_TRANSPORTS = ("shm", "dist")
 CUSTOM_PRESET = "custom"
 
 
@@ -70,6 +74,11 @@ class RLConfig(TrainConfig):
     eval_prompts: int = 64
     rollout_batch: int = 64
     rollout_workers: int = 0
+    weight_transport: str = "shm"
+    rollout_remote_workers: int = 0
+    rollout_store: str = ""
+    partial_rollout_steps: int = 0
+    partial_max_age: int = 2
     # The self-critique rubric reward (k2.rl.critic, docs/critic.md); critic_share 0 turns it off.
     critic_share: float = 0.0
     critic_prompts: str = "bait"
@@ -129,6 +138,31 @@ class RLConfig(TrainConfig):
                      "ptx_weight", "warm_start_steps", "rollout_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.weight_transport not in WEIGHT_TRANSPORTS:
+            raise ConfigError(f"unknown weight_transport {self.weight_transport!r}; choose one of "
+                              f"{', '.join(WEIGHT_TRANSPORTS)}")
+        if self.rollout_remote_workers < 0:
+            raise ConfigError(f"rollout_remote_workers must be >= 0, got {self.rollout_remote_workers}")
+        if self.rollout_remote_workers > 0:
+            if self.weight_transport != "dist":
+                raise ConfigError("rollout_remote_workers needs weight_transport dist (workers on other "
+                                  "hosts are torch.distributed ranks)")
+            if not self.rollout_store:
+                raise ConfigError("rollout_remote_workers needs rollout_store HOST:PORT (an address the "
+                                  "other hosts reach)")
+        if self.rollout_store:
+            host, _, port = self.rollout_store.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"rollout_store {self.rollout_store!r} is not HOST:PORT")
+        if self.partial_rollout_steps < 0:
+            raise ConfigError(f"partial_rollout_steps must be >= 0 (0: off), got {self.partial_rollout_steps}")
+        if self.partial_rollout_steps > 0:
+            if self.partial_max_age < 1:
+                raise ConfigError(f"partial_max_age must be at least 1 with partial rollouts, got "
+                                  f"{self.partial_max_age}")
+            if self.critic_share > 0:
+                raise ConfigError("partial rollouts (partial_rollout_steps > 0) cannot be combined with "
+                                  "critic_share > 0: critic-rewarded prompts sample to completion")
         if self.warm_start_steps > 0 and self.warm_start_examples < 1:
             raise ConfigError("warm_start_examples must be at least 1 when warm_start_steps > 0")
         if self.ptx_weight > 0:
@@ -178,6 +212,15 @@ RL_HELP: dict[str, str] = {
     "eval_prompts": "held-out test prompts per evaluation (greedy)",
     "rollout_batch": "sequences the rollout engine decodes together",
     "rollout_workers": "rollout processes (0: sample in the trainer's process)",
+    "weight_transport": "how rollout workers get weights and requests: shm (shared memory, this host) | "
+                        "dist (torch.distributed gloo ranks and a TCP store)",
+    "rollout_remote_workers": "rollout workers started on other hosts (dist transport): each runs "
+                              "`python -m k2.rl.dist_workers HOST:PORT` with the rollout_store address",
+    "rollout_store": "dist transport: HOST:PORT where the trainer hosts the workers' TCP store "
+                     "(default: a free port on 127.0.0.1)",
+    "partial_rollout_steps": "partial rollouts: cap each step's sampling at this many decode steps, carrying "
+                             "unfinished groups to the next step (0: off, sample every step to completion)",
+    "partial_max_age": "partial rollouts: a group drawn at RL step s is finished at step s + this at the latest",
     **CRITIC_HELP,
 }
 RL_FLAGS = [name for name in RLConfig.fields()

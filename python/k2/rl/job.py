@@ -15,7 +15,10 @@ plots, checkpoints, exact resume and Ctrl-C; the job owns one optimizer step:
 Everything random in a step derives from ``(seed, step)`` — the prompts drawn, every response's
 sampling stream, the warm-start batch — so a run resumed from a checkpoint repeats the
 uninterrupted run exactly. The weight version of step ``s``'s samples is ``s`` (the number of
-optimizer steps taken before it); every sampled token is checked to carry it.
+optimizer steps taken before it); every sampled token is checked to carry it. With partial
+rollouts (``partial_rollout_steps > 0``, :mod:`k2.rl.partial`) a step samples for a capped number
+of decode steps, trains on the groups that finished and carries the rest to the next step, whose
+tokens then carry the next version.
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ class Rollouts:
     temperature: float
     seconds: float
     sync_seconds: float = 0.0
+    temperatures: list[float] | None = None
+    """Per sample, the temperature it was sampled at when it differs between samples (partial
+    rollouts: each group keeps the temperature of the step that drew it); None: ``temperature``."""
 
     @property
     def prompt_ids(self) -> list[list[int]]:
@@ -157,6 +163,15 @@ class RLJob:
         if config.warm_start_steps > 0:
             self.warm = self._warm_examples()
         self.last: Rollouts | None = None
+        self.partial = None
+        if config.partial_rollout_steps > 0:  # trajectories carried across steps (docs/rl.md)
+            from k2.rl.partial import PartialRollouts
+
+            if task.multi_turn:
+                raise NotImplementedError("partial rollouts of multi-turn episodes (--partial-rollout-steps "
+                                          "with an agentic task): only single-turn tasks pause and resume")
+            self.partial = PartialRollouts(self)
+        self._partial_fields: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the Job protocol
     def train_step(self, step: int, log: bool) -> dict[str, Any] | None:
@@ -194,9 +209,18 @@ class RLJob:
         return {"accuracy": accuracy, "reward": reward, "truncation_rate": truncated}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ptx_loader": self.ptx.state_dict()} if self.ptx is not None else {}
+        state: dict[str, Any] = {"ptx_loader": self.ptx.state_dict()} if self.ptx is not None else {}
+        if self.partial is not None:
+            state["partial_rollouts"] = self.partial.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        groups = state.get("partial_rollouts", {"groups": []})
+        if self.partial is not None:  # a run that had none starts with an empty buffer
+            self.partial.load_state_dict(groups)
+        elif groups["groups"]:
+            raise RLError(f"the checkpoint holds {len(groups['groups'])} groups of partial rollouts in "
+                          "flight; resume with partial_rollout_steps > 0 (they would be lost)")
         if self.ptx is not None:
             if "ptx_loader" not in state:
                 raise RLError("the checkpoint has no PTX loader state (its run had no --ptx-data)")
@@ -214,6 +238,9 @@ class RLJob:
         """Sample and score the responses (or episodes) of (optimizer) step ``step``."""
         if self.task.multi_turn:
             return self._multi_turn_rollouts(step)
+        if self.partial is not None:
+            rollouts, self._partial_fields = self.partial.step(step)
+            return rollouts
         cfg = self.config
         rl_step = step - cfg.warm_start_steps
         temperature = cfg.temperature(rl_step)
@@ -284,14 +311,15 @@ class RLJob:
         """The step's RL loss from π_θ's log-probabilities of the samples (with gradients): a
         sample's log π is the sum over its segments (turns) of their tokens' log-probabilities."""
         cfg = self.config
-        p, k = cfg.prompts_per_step, cfg.samples_per_prompt
+        k = cfg.samples_per_prompt
+        p = len(rollouts.segments) // k  # groups trained (fewer or more than P with partial rollouts)
         device = self.d.device
         pairs = [(ids, c) for segments in rollouts.segments for ids, c in segments]
         # In the model's own precision, as the sampler ran (no bf16 autocast): at θ = θ_old the
         # log-ratio must be zero up to rounding.
         with nullcontext():
             flat = batch_logprobs(self.policy, [ids for ids, _ in pairs], [c.token_ids for _, c in pairs],
-                                  rollouts.temperature)
+                                  rollouts.temperatures or rollouts.temperature)
         new: list[torch.Tensor] = []  # per sample, its tokens' log-probabilities, turns joined
         at = 0
         for segments in rollouts.segments:
@@ -355,6 +383,8 @@ class RLJob:
             "clipped_heads": [c.clipped_heads for c in layers],
             "expert_balance": _balance(report), "skipped_steps": report.skipped_steps, **extra,
         }
+        if self.partial is not None:
+            fields.update(self._partial_fields)
         if ptx_loss is not None:
             fields["ptx_loss"] = float(ptx_loss.detach())
         return fields

@@ -104,14 +104,16 @@ class RLTrainer:
             checkpoint.load(self.init.checkpoint, model, restore_rng=False)
             self.log(f"init: {self.init.checkpoint} ({cfg.preset}); task {self.task!r}")
         workers = None
-        if cfg.rollout_workers > 0:
+        if cfg.rollout_workers > 0 or cfg.rollout_remote_workers > 0:
             from k2.rl.workers import RolloutWorkers
 
             pad = tokenizer.token_to_id("<|pad|>") or 0
             workers = RolloutWorkers(model, self.init.hf_config, cfg.rollout_workers,
-                                     max_batch=cfg.rollout_batch, pad_token_id=pad, log=self.log)
-            self.log(f"rollout workers: {', '.join(workers.alive)} (weights by shared-memory "
-                     f"broadcast {workers.broadcast})")
+                                     max_batch=cfg.rollout_batch, pad_token_id=pad, log=self.log,
+                                     transport=cfg.weight_transport, remote=cfg.rollout_remote_workers,
+                                     address=cfg.rollout_store)
+            self.log(f"rollout workers: {', '.join(workers.alive)} (weights by "
+                     f"{workers.transport.describe()})")
         try:
             return self._run(model, tokenizer, workers)
         finally:

@@ -207,10 +207,12 @@ HELP: dict[str, str] = {
     "device": 'auto | cpu | cuda | cuda:N',
     "bf16": 'bf16 autocast on GPU (ignored on CPU)',
     "dp_shard": 'ranks to shard parameters, gradients and optimizer states over with FSDP2 '
-                '(1: DDP replicas; otherwise the number of torchrun processes)',
+                '(1: DDP replicas; otherwise the number of torchrun processes, or with --ep the '
+                'number that --ep times it makes)',
     "fsdp_cpu_offload": 'with --dp-shard: keep the shards and the optimizer step in CPU memory',
     "ep": 'expert parallelism: split each MoE layer\'s experts over this many ranks (torchrun; '
-          'must equal the number of ranks and divide the experts)',
+          'must divide the experts and equal the number of ranks, or with --dp-shard, '
+          'dp_shard x ep must)',
     "checkpoint_per_rank": 'sharded runs (--dp-shard, --ep): each rank writes and reads only its own '
                            'rows of each checkpoint (one manifest; needs a file system every rank '
                            'sees); off: rank 0 gathers and writes whole tensors',

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from k2.optim import LayerClip, MuonClip, StepReport
 from k2.optim.contract import find_moe_layers, pop_expert_loads, update_router_biases
@@ -73,8 +74,12 @@ class AdamWWithRouterBias(torch.optim.AdamW):
     def __init__(self, model: nn.Module, lr: float, weight_decay: float,
                  betas: tuple[float, float] = ADAMW_BETAS, eps: float = ADAMW_EPS,
                  router_bias_rate: float = ROUTER_BIAS_RATE) -> None:
-        super().__init__([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
-                         eps=eps, weight_decay=weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # torch's foreach kernels take one DTensor mesh for a whole list: with FSDP2 x EP (dense
+        # and expert parameters on different meshes) the per-tensor loop is the correct one.
+        meshes = {tuple(p.device_mesh.mesh.flatten().tolist()) for p in params if isinstance(p, DTensor)}
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         foreach=False if len(meshes) > 1 else None)
         self.router_bias_rate = router_bias_rate
         self.moe_layers = find_moe_layers(model)
         self.last_report: StepReport | None = None

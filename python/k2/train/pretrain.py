@@ -111,12 +111,22 @@ class PretrainJob:
         self.config, self.d, self.model, self.log = config, d, model, log
         self.ep_group = None
         self.mesh = None
-        if config.ep > 1:  # expert parallelism (docs/parallel.md): experts split, the rest DDP
+        self.fsdp_ep = config.ep > 1 and config.dp_shard > 1
+        if config.ep > 1 and type(self) is not PretrainJob:
+            raise ConfigError(f"ep: expert parallelism is built for k2 train only, not for "
+                              f"{type(self).__name__}; run with ep = 1")
+        if self.fsdp_ep:
+            # One 2-D mesh (dp_shard x ep), built once: experts split over ep and sharded over
+            # dp_shard, the rest sharded over every rank (docs/parallel.md, k2/parallel/fsdp_ep.py).
+            from k2.parallel.fsdp_ep import parallelize as parallelize_fsdp_ep
+
+            self.mesh = build_mesh(mesh_sizes(config), d.world, d.device)
+            self.wrapped = parallelize_fsdp_ep(
+                model, self.mesh, mixed_precision=d.device.type == "cuda" and config.bf16,
+                cpu_offload=config.fsdp_cpu_offload)
+        elif config.ep > 1:  # expert parallelism (docs/parallel.md): experts split, the rest DDP
             from k2.parallel.expert import expert_group, parallelize_experts
 
-            if type(self) is not PretrainJob:
-                raise ConfigError(f"ep: expert parallelism is built for k2 train only, not for "
-                                  f"{type(self).__name__}; run with ep = 1")
             self.ep_group = expert_group(config.ep)
             self.wrapped = parallelize_experts(model, self.ep_group)
         else:
@@ -185,6 +195,10 @@ class PretrainJob:
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients to ``max_norm`` by their global norm (counting every rank's experts
         under expert parallelism); returns that norm."""
+        if self.fsdp_ep:  # every rank's local squares, each shard counted once
+            from k2.parallel.fsdp_ep import clip_grad_norm_ as clip_fsdp_ep
+
+            return clip_fsdp_ep(self.model, max_norm)
         if self.ep_group is not None:
             from k2.parallel.expert import clip_grad_norm_
 
@@ -288,17 +302,13 @@ class Trainer:
 
         self.config = config
         self.d = init_distributed(config.device)
-        if config.ep > 1 and config.dp_shard > 1:
-            raise NotImplementedError(
-                f"--dp-shard {config.dp_shard} with --ep {config.ep}: FSDP2 and expert parallelism "
-                "on one device mesh (issue 23) are not combined yet; use one of them")
-        if config.ep == 1:
-            check_sizes(mesh_sizes(config), self.d.world)  # --dp-shard against the world, before any work
+        if config.ep == 1 or config.dp_shard > 1:  # before any work: sizes against the world
+            check_sizes(mesh_sizes(config), self.d.world)
         self.model_config = K2Config.from_preset(config.preset)
-        if config.ep > 1:
+        if config.ep > 1:  # ep alone spans every rank; with --dp-shard the product does
             from k2.parallel.expert import check_ep
 
-            check_ep(config.ep, self.d.world, self.model_config.n_routed_experts)
+            check_ep(config.ep, self.d.world, self.model_config.n_routed_experts, config.dp_shard)
         if config.seq_len > self.model_config.max_position_embeddings:
             raise ConfigError(
                 f"seq_len {config.seq_len} is longer than the {config.preset} model allows "
