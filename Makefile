@@ -35,7 +35,7 @@ install-test: $(PYTHON) system-deps ## install k2 with its test dependencies
 	$(PIP) install -q -c $(CONSTRAINTS) "maturin>=1.7,<2"
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[test]"
 
-system-deps: ## install bubblewrap (k2.sandbox's isolation) with apt-get where it is missing and we may
+system-deps: ## install bubblewrap (k2.sandbox's isolation) and chromium (report screenshots) with apt-get where missing and we may
 	@command -v bwrap >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing bubblewrap (apt-get)"; \
@@ -43,6 +43,14 @@ system-deps: ## install bubblewrap (k2.sandbox's isolation) with apt-get where i
 	  else \
 	    echo "bubblewrap (bwrap) is missing and cannot be installed here (not root or no apt-get):"; \
 	    echo "install your system's bubblewrap package; the sandbox tests fail without it"; \
+	  fi; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get; the k2 recipe report's screenshot test)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "chromium is missing and cannot be installed here (not root or no apt-get):"; \
+	    echo "install your system's chromium package; the report screenshot test skips without it"; \
 	  fi; }
 
 run: install ## install k2 and run the main job: pretrain the tiny K2 on the built-in corpus

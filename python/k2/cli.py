@@ -21,7 +21,7 @@ from k2.errors import K2Error
 # Order is the order `k2 --help` lists them in.
 COMMAND_MODULES = (
     "version", "info", "train", "sample", "data", "ckpt", "plot", "env", "sandbox", "synth", "sft",
-    "eval", "rl", "serve", "plan", "critic",
+    "eval", "rl", "serve", "plan", "critic", "recipe",
 )
 
 DESCRIPTION = """\

@@ -116,3 +116,11 @@ class CriticError(RLError):
 
 
 __all__ += ["CriticError"]
+
+
+class RecipeError(K2Error):
+    """``k2 recipe``: a stage failed or its recorded state is unusable; names the stage
+    (docs/recipe.md)."""
+
+
+__all__ += ["RecipeError"]
