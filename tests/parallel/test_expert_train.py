@@ -154,6 +154,9 @@ def test_k2_train_ep2_resumes_a_one_process_run_on_its_curve(data_dir, tmp_path)
     assert (cut / "samples.txt").read_text().startswith("--- sample 0 ---")  # drawn on rank 0
     want = checkpoint_weights(one / "checkpoints")
     got = checkpoint_weights(cut / "checkpoints")  # whole expert stacks
+    # The ep run saved per rank (each rank its experts; docs/checkpoints.md, sharded checkpoints).
+    meta = json.loads((cut / "checkpoints" / f"step-{steps:08d}" / "checkpoint.json").read_text())
+    assert meta["written_by_ranks"] == 2
     assert sorted(p.name for p in (cut / "checkpoints").glob("step-*")) == ["step-00000002",
                                                                           "step-00000004"]
     for name, value in want.items():

@@ -3,6 +3,7 @@ batch, end-of-run samples from the gathered model, and a checkpoint that resumes
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ def test_dp_shard_two_ranks_match_one_process_and_resume_on_one(data_dir, tmp_pa
         assert a[step] == pytest.approx(b[step], rel=1e-4), step
     assert losses(two, "eval", "val_loss")[4] == pytest.approx(losses(one, "eval", "val_loss")[4], rel=1e-4)
     assert (two / "samples.txt").read_text().startswith("--- sample 0 ---")
+    # The sharded run wrote per-rank checkpoints (its default): one manifest, rows in pieces.
+    manifest = json.loads((two / "checkpoints" / "step-00000002" / "manifest.json").read_text())
+    assert manifest["pieces"] and all(len(p["pieces"]) == 2 for p in manifest["pieces"].values())
 
     # Resume the sharded run's step-2 checkpoint on one process (2 -> 1 ranks, same global batch).
     shutil.copytree(two, resumed)

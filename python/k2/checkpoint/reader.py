@@ -1,6 +1,8 @@
 """Reading checkpoint tensors: whole, by row range, or a subset of experts.
 
-Tensors come back as torch tensors over the checkpoint's memory maps (no copy). Each read
+Tensors come back as torch tensors over the checkpoint's memory maps (no copy), except tensors a
+sharded run stored in row pieces (one per rank; the manifest's ``pieces``, see
+docs/checkpoints.md), which a whole or a multi-piece read assembles into memory of its own. Each read
 verifies the chunks it touches unless ``verify=False``; :attr:`CheckpointReader.bytes_read`
 counts what the reader hashed or copied, so a slice read can be shown to touch only its rows.
 """
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from k2 import _native
-from k2.checkpoint.tensors import to_torch
+from k2.checkpoint.tensors import TORCH_DTYPES, to_torch
 from k2.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -63,7 +65,22 @@ class CheckpointReader:
         path = Path(directory)
         self.path = resolve(path) if (path / "latest").is_file() else path
         self._native = _native.CheckpointReader(self.path)
-        self._tensors = {t.name: (t.dtype, t.shape, t.file) for t in self._native.tensors()}
+        stored = {t.name: (t.dtype, t.shape, t.file) for t in self._native.tensors()}
+        # Tensors stored in row pieces: logical name -> [(stored name, start, stop)], row order.
+        self._pieces: dict[str, list[tuple[str, int, int]]] = {}
+        logical: dict[str, tuple[str, list[int], str]] = {}
+        whole_of: dict[str, str] = {}  # stored piece -> the tensor it is part of
+        for name, dtype, shape, pieces in self._native.pieces():
+            self._pieces[name] = [(tensor, start, stop) for _, tensor, start, stop in pieces]
+            logical[name] = (dtype, list(shape), pieces[0][0])  # a pieced tensor's file: its first piece's
+            whole_of.update((tensor, name) for _, tensor, _, _ in pieces)
+        self._tensors: dict[str, tuple[str, list[int], str]] = {}
+        for name, info in stored.items():  # file order; a pieced tensor where a piece first comes
+            whole = whole_of.get(name)
+            if whole is None:
+                self._tensors[name] = info
+            elif whole not in self._tensors:
+                self._tensors[whole] = logical[whole]
 
     @property
     def bytes_read(self) -> int:
@@ -91,14 +108,42 @@ class CheckpointReader:
         self._native.verify()
 
     def tensor(self, name: str, *, verify: bool = True) -> torch.Tensor:
-        """The whole tensor, over the memory map (writes to it stay private to this process)."""
+        """The whole tensor, over the memory map (writes to it stay private to this process); a
+        tensor stored in row pieces is assembled into memory of its own."""
         dtype, shape, _ = self.info(name)
+        if name in self._pieces:
+            return self.rows(name, 0, shape[0], verify=verify)
         return to_torch(self._native.array(name, verify=verify), dtype, shape)
 
     def rows(self, name: str, start: int, stop: int, *, verify: bool = True) -> torch.Tensor:
-        """Rows ``start:stop`` of a tensor's first dimension, reading only the chunks they overlap."""
+        """Rows ``start:stop`` of a tensor's first dimension, reading only the chunks they overlap
+        (of a tensor stored in row pieces: only the pieces they overlap; rows from one piece stay
+        over the memory map, rows from several are copied together)."""
         dtype, shape, _ = self.info(name)
-        return to_torch(self._native.rows(name, start, stop, verify=verify), dtype, [stop - start, *shape[1:]])
+        if name not in self._pieces:
+            return to_torch(self._native.rows(name, start, stop, verify=verify), dtype, [stop - start, *shape[1:]])
+        if not (0 <= start <= stop <= (shape[0] if shape else 0)):
+            raise CheckpointError(f"rows {start}..{stop} are out of range for tensor {name!r} with "
+                                  f"{shape[0] if shape else 0} rows in {self.path}")
+        parts = []
+        for stored, lo, hi in self._pieces[name]:
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                raw = self._native.rows(stored, a - lo, b - lo, verify=verify)
+                parts.append(to_torch(raw, dtype, [b - a, *shape[1:]]))
+        if not parts:  # no rows asked for
+            return torch.empty([0, *shape[1:]], dtype=TORCH_DTYPES[dtype])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def shard_files(self) -> list[str]:
+        """The safetensors files of the checkpoint, in name order."""
+        return sorted({t.file for t in self._native.tensors()})
+
+    def pieces(self, name: str) -> list[tuple[str, int, int]]:
+        """How a tensor is stored: ``[(stored name, first row, end row), ...]`` in row order (one
+        entry covering every row for a tensor stored whole)."""
+        dtype, shape, _ = self.info(name)
+        return self._pieces.get(name, [(name, 0, shape[0] if shape else 0)])
 
     def experts(self, layer: int, experts: Iterable[int], *, verify: bool = True) -> dict[str, torch.Tensor]:
         """The weights of some routed experts of one MoE layer (Hub naming), nothing else read.

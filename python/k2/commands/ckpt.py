@@ -16,16 +16,18 @@ def inspect(args: argparse.Namespace) -> int:
     reader = CheckpointReader(args.dir)
     print(f"checkpoint  {reader.path}")
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    files: dict[str, int] = defaultdict(int)
     for name in reader.names():
         dtype, shape, file = reader.info(name)
         nbytes = _bytes(dtype, shape)
         groups[group_of(file)][0] += 1
         groups[group_of(file)][1] += nbytes
-        files[file] += 1
     for group, (count, nbytes) in sorted(groups.items()):
         print(f"  {group:<12} {count:6d} tensors  {_human(nbytes):>10}")
-    print(f"  {len(files)} shard file(s); checksums: {'yes' if reader.has_manifest else 'no (not a k2 checkpoint)'}")
+    checksums = "yes" if reader.has_manifest else "no (not a k2 checkpoint)"
+    print(f"  {len(reader.shard_files())} shard file(s); checksums: {checksums}")
+    pieced = [name for name in reader.names() if len(reader.pieces(name)) > 1]
+    if pieced:
+        print(f"  {len(pieced)} tensors stored in row pieces (written rank by rank)")
     if reader.has_file("train_state.json") and reader.has_manifest:
         state = reader.read_json("train_state.json").get("user")
         if isinstance(state, dict) and "step" in state:
@@ -33,7 +35,9 @@ def inspect(args: argparse.Namespace) -> int:
     if args.tensors:
         for name in reader.names():
             dtype, shape, file = reader.info(name)
-            print(f"    {name:<64} {dtype:<8} {str(shape):<22} {file}")
+            pieces = reader.pieces(name)
+            where = file if len(pieces) == 1 else f"{len(pieces)} row pieces"
+            print(f"    {name:<64} {dtype:<8} {str(shape):<22} {where}")
     return 0
 
 

@@ -13,9 +13,8 @@ sharded one are the same object; what needs whole tensors gets them from here:
   checkpoint from 2 ranks loads into 1 or 3, or into an unsharded model, and back);
 * :func:`bytes_per_rank` — parameter, gradient and optimizer bytes this rank holds.
 
-Per-rank sharded checkpoint writes (each rank writing its own rows through the Rust writer, one
-manifest) are not built: :func:`save_checkpoint` gathers to rank 0, which needs the whole model in
-rank 0's CPU memory. Design: ``docs/parallel.md``.
+With ``per_rank=True`` :func:`save_checkpoint` has every rank write its own rows instead
+(:mod:`k2.parallel.sharded_checkpoint`, which also reads back only a rank's rows). Design: ``docs/parallel.md``.
 """
 
 from __future__ import annotations
@@ -300,18 +299,18 @@ def save_checkpoint(directory: str | os.PathLike[str], model: nn.Module,
     rank gathers, rank 0 writes through :func:`k2.checkpoint.save` with ``kwargs``).
 
     Args:
-        per_rank: each rank writes its own rows (not built: raises NotImplementedError).
+        per_rank: each rank writes its own rows instead
+            (:func:`k2.parallel.sharded_checkpoint.save_sharded`; no gathering).
 
     Returns:
-        The checkpoint directory on rank 0, None elsewhere.
+        The checkpoint directory on rank 0, None elsewhere (every rank, with ``per_rank``).
     """
     from k2 import checkpoint
 
-    if per_rank:
-        raise NotImplementedError(
-            "per-rank sharded checkpoint writes (each rank writing its own rows through the Rust "
-            "writer, one manifest, one atomic commit; slice reads of only a rank's rows on load) "
-            "are not built; save_checkpoint gathers whole tensors to rank 0 (docs/parallel.md)")
+    if per_rank:  # every rank writes its own rows; one manifest, one commit (docs/checkpoints.md)
+        from k2.parallel.sharded_checkpoint import save_sharded
+
+        return save_sharded(directory, model, optimizer, train_state, **kwargs)
 
     bare = unsharded_copy(model, on_rank=0)
     opt_state = full_optimizer_state(optimizer) if optimizer is not None else None

@@ -56,6 +56,7 @@ class TrainConfig:
     dp_shard: int = 1
     fsdp_cpu_offload: bool = False
     ep: int = 1
+    checkpoint_per_rank: bool = True
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
     num_samples: int = 3
@@ -212,6 +213,9 @@ HELP: dict[str, str] = {
     "ep": 'expert parallelism: split each MoE layer\'s experts over this many ranks (torchrun; '
           'must divide the experts and equal the number of ranks, or with --dp-shard, '
           'dp_shard x ep must)',
+    "checkpoint_per_rank": 'sharded runs (--dp-shard, --ep): each rank writes and reads only its own '
+                           'rows of each checkpoint (one manifest; needs a file system every rank '
+                           'sees); off: rank 0 gathers and writes whole tensors',
     "sample_prompt": 'prompt for the end-of-run samples',
     "sample_tokens": 'tokens generated per sample',
     "num_samples": 'samples drawn at the end',

@@ -176,6 +176,9 @@ class Harness:
         self.checkpoints = run_dir / CHECKPOINTS
         self.metrics: MetricsLog | None = None
         self.interrupted = False
+        self.per_rank_checkpoints = False
+        """Every rank saves and loads its own rows (k2.parallel.sharded_checkpoint); the command
+        turns it on for sharded runs."""
 
     def log(self, text: str) -> None:
         """Print a progress line (rank 0 only)."""
@@ -224,7 +227,11 @@ class Harness:
         point = self.resume_point
         assert point is not None
         settings = group_settings(job.optimizer)  # the configuration's, not the checkpoint's
-        if is_sharded(job.model):  # FSDP2: whole tensors from the files, each rank keeps its rows
+        if self.per_rank_checkpoints:  # each rank reads only its rows (docs/checkpoints.md)
+            from k2.parallel.sharded_checkpoint import load_sharded
+
+            result = load_sharded(point.path, job.model, job.optimizer, verify=False)
+        elif is_sharded(job.model):  # FSDP2: whole tensors from the files, each rank keeps its rows
             result = load_checkpoint(point.path, job.model, job.optimizer, verify=False)
         else:
             result = checkpoint.load(point.path, job.model, job.optimizer, verify=False)  # verified
@@ -242,11 +249,15 @@ class Harness:
 
     def save(self, job: Job, step: int, *, keep_last: int, config: dict[str, Any],
              tokenizer_dir: str | Path | None = None) -> None:
-        """A checkpoint of ``job`` after ``step`` steps (rank 0 writes; every rank waits)."""
+        """A checkpoint of ``job`` after ``step`` steps (rank 0 writes, or every rank its rows with
+        :attr:`per_rank_checkpoints`; every rank waits)."""
         from k2 import checkpoint
 
         state = {"step": step, **job.state_dict(), "config": config}
-        if is_sharded(job.model):  # FSDP2: every rank gathers, rank 0 writes whole tensors
+        if self.per_rank_checkpoints:  # every rank writes its rows; one manifest, one commit
+            save_checkpoint(self.checkpoints, job.model, job.optimizer, state, keep_last=keep_last,
+                            tokenizer_dir=tokenizer_dir, per_rank=True)
+        elif is_sharded(job.model):  # FSDP2: every rank gathers, rank 0 writes whole tensors
             save_checkpoint(self.checkpoints, job.model, job.optimizer, state, keep_last=keep_last,
                             tokenizer_dir=tokenizer_dir)
         elif self.d.main:

@@ -211,7 +211,7 @@ class PretrainJob:
     def full_view(self):  # noqa: ANN201 - a context manager
         """A context in which the model and optimizer hold every expert (gathered from their
         owners), for checkpoints; a no-op without expert parallelism. Every rank enters it."""
-        if self.ep_group is None:
+        if self.ep_group is None or self.config.checkpoint_per_rank:  # per-rank: each its experts
             return nullcontext()
         from k2.parallel.expert import gathered_experts
 
@@ -341,6 +341,8 @@ class Trainer:
         total, active = model.parameter_counts()
         self.log(f"model: {cfg.preset}, {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active)")
         job = PretrainJob(cfg, d, model, self.log)
+        # Sharded runs write and read per-rank checkpoints unless told not to (docs/checkpoints.md).
+        harness.per_rank_checkpoints = cfg.checkpoint_per_rank and (cfg.dp_shard > 1 or cfg.ep > 1)
         with job.full_view():  # a checkpoint holds every expert, whatever the ep it was saved at
             start = harness.restore(job)
 

@@ -28,6 +28,30 @@ pub struct Manifest {
     pub chunk_bytes: u64,
     /// Every file of the checkpoint except the manifest itself, by file name.
     pub files: BTreeMap<String, FileEntry>,
+    /// Tensors stored in row pieces (a sharded run's per-rank writes), by logical name; see
+    /// [`PiecedTensor`]. Absent when every tensor is stored whole.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pieces: BTreeMap<String, PiecedTensor>,
+}
+
+/// A tensor stored as row ranges in several stored tensors (each rank of a sharded run writes
+/// the rows it holds). The pieces, in row order, cover rows `0..shape[0]` exactly once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PiecedTensor {
+    /// safetensors dtype name of the whole tensor (every piece has it).
+    pub dtype: String,
+    /// The whole tensor's shape; a piece has `[stop - start, shape[1..]]`.
+    pub shape: Vec<usize>,
+    pub pieces: Vec<Piece>,
+}
+
+/// One row range of a [`PiecedTensor`]: rows `rows[0]..rows[1]`, stored as tensor `tensor` of
+/// shard `file`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Piece {
+    pub file: String,
+    pub tensor: String,
+    pub rows: [usize; 2],
 }
 
 /// One file of the checkpoint.
@@ -64,7 +88,83 @@ impl Manifest {
             version: VERSION,
             chunk_bytes,
             files: BTreeMap::new(),
+            pieces: BTreeMap::new(),
         }
+    }
+
+    /// Check the pieced tensors against the files: every piece is a stored tensor of the shard
+    /// it names, of the whole tensor's dtype and trailing shape, and the pieces, in row order,
+    /// cover the rows exactly (no gap, no overlap). Errors name the manifest `path`, the tensor
+    /// and the shard file at fault.
+    pub fn check_pieces(&self, path: &Path) -> Result<()> {
+        for (name, pieced) in &self.pieces {
+            let bad = |msg: String| CkptError::format(path, format!("tensor {name:?}: {msg}"));
+            let Some(&rows) = pieced.shape.first() else {
+                return Err(bad("a scalar cannot be stored in row pieces".into()));
+            };
+            if self.files.values().any(|f| f.tensors.contains_key(name)) {
+                return Err(bad("it is stored whole and in pieces".into()));
+            }
+            let mut order: Vec<&Piece> = pieced.pieces.iter().collect();
+            order.sort_by_key(|p| (p.rows[0], p.rows[1]));
+            let mut covered = 0usize;
+            let mut previous: Option<&Piece> = None;
+            for piece in order {
+                let [start, stop] = piece.rows;
+                let what = format!(
+                    "piece {:?} (rows {start}..{stop}) in {}",
+                    piece.tensor, piece.file
+                );
+                let stored = self
+                    .files
+                    .get(&piece.file)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{what}: the manifest lists no shard {:?}",
+                            piece.file
+                        ))
+                    })?
+                    .tensors
+                    .get(&piece.tensor)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{what}: {} holds no tensor {:?}",
+                            piece.file, piece.tensor
+                        ))
+                    })?;
+                if start >= stop || stop > rows {
+                    return Err(bad(format!("{what}: not a row range of its {rows} rows")));
+                }
+                let mut shape = pieced.shape.clone();
+                shape[0] = stop - start;
+                if stored.dtype != pieced.dtype || stored.shape != shape {
+                    return Err(bad(format!(
+                        "{what}: stored as {} {:?}, the rows need {} {:?}",
+                        stored.dtype, stored.shape, pieced.dtype, shape
+                    )));
+                }
+                if start < covered {
+                    let other = previous.expect("covered > 0 after a piece");
+                    return Err(bad(format!(
+                        "{what} overlaps piece {:?} (rows {}..{}) in {}",
+                        other.tensor, other.rows[0], other.rows[1], other.file
+                    )));
+                }
+                if start > covered {
+                    return Err(bad(format!(
+                        "rows {covered}..{start} are in no piece (a piece is missing before {what})"
+                    )));
+                }
+                covered = stop;
+                previous = Some(piece);
+            }
+            if covered != rows {
+                return Err(bad(format!(
+                    "rows {covered}..{rows} are in no piece (a piece is missing)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Parse a manifest read from `path`, checking its format and version.

@@ -9,7 +9,7 @@
 //! (torch tensors are writable) without changing the file; a later verification of that tensor
 //! then fails, as it should.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +20,7 @@ use safetensors::Dtype;
 
 use super::error::{CkptError, Result};
 use super::format::{dtype_name, parse_header, HeaderTensor};
-use super::manifest::{chunk_ranges, parse_hex, FileEntry, Manifest, MANIFEST_FILE};
+use super::manifest::{chunk_ranges, parse_hex, FileEntry, Manifest, PiecedTensor, MANIFEST_FILE};
 use crate::checksum::xxh3_64;
 use crate::interrupt::Cancel;
 
@@ -55,6 +55,8 @@ pub struct Checkpoint {
     other_files: Vec<(String, u64, u64)>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
+    /// Tensors stored in row pieces, by logical name (checked against the shards at open).
+    pieces: BTreeMap<String, PiecedTensor>,
     bytes_read: AtomicU64,
 }
 
@@ -81,10 +83,12 @@ impl Checkpoint {
             other_files: Vec::new(),
             tensors: Vec::new(),
             by_name: HashMap::new(),
+            pieces: BTreeMap::new(),
             bytes_read: AtomicU64::new(0),
         };
         match manifest {
             Some(manifest) => {
+                manifest.check_pieces(&manifest_path)?;
                 for (name, entry) in &manifest.files {
                     let path = dir.join(name);
                     let hash = parse_hex(&entry.xxh3, &manifest_path)?;
@@ -93,6 +97,9 @@ impl Checkpoint {
                             .other_files
                             .push((name.clone(), entry.bytes, hash));
                         continue;
+                    }
+                    if !path.exists() {
+                        return Err(missing_shard(&path, entry, &manifest));
                     }
                     let (shard, header_len, tensors) = map_shard(&path, Some(entry.bytes))?;
                     if xxh3_64(&shard.map[..header_len]) != hash {
@@ -103,6 +110,7 @@ impl Checkpoint {
                     }
                     checkpoint.add_shard(shard, tensors, Some(entry), &manifest_path)?;
                 }
+                checkpoint.pieces = manifest.pieces;
             }
             None => {
                 let mut names: Vec<String> = fs::read_dir(dir)
@@ -205,6 +213,12 @@ impl Checkpoint {
     /// Every tensor, in shard and file order.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
+    }
+
+    /// The tensors stored in row pieces, by logical name (their pieces are in
+    /// [`Checkpoint::tensors`] under the stored names the pieces give).
+    pub fn pieces(&self) -> &BTreeMap<String, PiecedTensor> {
+        &self.pieces
     }
 
     /// The file name of shard `file` (as in [`TensorInfo::file`]).
@@ -356,6 +370,41 @@ impl Checkpoint {
         }
         Ok(bytes)
     }
+}
+
+/// The error for a shard the manifest lists but the directory lacks, naming the tensors it held
+/// (for a piece, the whole tensor it is part of).
+fn missing_shard(path: &Path, entry: &FileEntry, manifest: &Manifest) -> CkptError {
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut held: Vec<String> = Vec::new();
+    for name in entry.tensors.keys() {
+        let whole = manifest.pieces.iter().find(|(_, p)| {
+            p.pieces
+                .iter()
+                .any(|piece| piece.file == file && &piece.tensor == name)
+        });
+        held.push(match whole {
+            Some((logical, _)) => format!("{name:?} (rows of {logical:?})"),
+            None => format!("{name:?}"),
+        });
+    }
+    let more = held.len().saturating_sub(5);
+    held.truncate(5);
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    CkptError::format(
+        path,
+        format!(
+            "the shard is missing: the manifest lists it with tensor(s) {}{tail}",
+            held.join(", ")
+        ),
+    )
 }
 
 /// Open and map one shard; check its size against the manifest first when known.

@@ -267,3 +267,177 @@ fn a_wrong_data_length_is_rejected_before_anything_is_written() {
         .to_string();
     assert!(err.contains("\"w\"") && err.contains("16"), "{err}");
 }
+
+/// Two writers of one checkpoint (ranks of a sharded save): rows 0..2 of `w` from the
+/// committing writer, rows 2..4 from a joined one, one manifest recording the pieces.
+fn save_in_two_pieces(root: &Path, pieces: &[(&str, &str, usize, usize)]) -> Result<Vec<Event>> {
+    let rows = pattern(4 * 8, 7); // [4, 2] f32
+    let final_dir = root.join("step-1");
+    let mut first = CheckpointWriter::create(&final_dir, SMALL_CHUNK)?;
+    let mut second = CheckpointWriter::join(&final_dir, SMALL_CHUNK)?;
+    let spec = |file: &str, name: &str, data: &'static [u8]| ShardSpec {
+        file_name: file.into(),
+        group: "model".into(),
+        tensors: vec![TensorRef {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: vec![2, 2],
+            data,
+        }],
+    };
+    let a: &'static [u8] = Box::leak(rows[..16].to_vec().into_boxed_slice());
+    let b: &'static [u8] = Box::leak(rows[16..].to_vec().into_boxed_slice());
+    first.write_shards(
+        &[spec("model-00001-of-00002.safetensors", "w#rows=0:2", a)],
+        &Cancel::never(),
+    )?;
+    second.write_shards(
+        &[spec("model-00002-of-00002.safetensors", "w#rows=2:4", b)],
+        &Cancel::never(),
+    )?;
+    assert!(
+        second.write_file("x.json", b"{}").is_err(),
+        "a joined writer writes shards only"
+    );
+    let part = second.into_part()?;
+    first.merge_part(part)?;
+    first.add_pieces(
+        "w",
+        manifest::PiecedTensor {
+            dtype: "F32".into(),
+            shape: vec![4, 2],
+            pieces: pieces
+                .iter()
+                .map(|&(file, tensor, s, e)| manifest::Piece {
+                    file: file.into(),
+                    tensor: tensor.into(),
+                    rows: [s, e],
+                })
+                .collect(),
+        },
+    )?;
+    first.commit(Publish::Latest { keep_last: None })
+}
+
+#[test]
+fn joined_writers_commit_one_checkpoint_whose_pieces_cover_the_rows() {
+    let root = TempDir::new();
+    save_in_two_pieces(
+        &root.0,
+        &[
+            ("model-00002-of-00002.safetensors", "w#rows=2:4", 2, 4),
+            ("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2),
+        ],
+    )
+    .unwrap();
+    assert_eq!(read_latest(&root.0).unwrap().as_deref(), Some("step-1"));
+    let ckpt = Checkpoint::open(&root.0.join("step-1")).unwrap();
+    ckpt.verify_all(&Cancel::never()).unwrap();
+    assert_eq!(ckpt.pieces()["w"].shape, vec![4, 2]);
+    let rows = pattern(4 * 8, 7);
+    assert_eq!(ckpt.tensor("w#rows=2:4", true).unwrap(), &rows[16..]);
+    let index: serde_json::Value = serde_json::from_slice(
+        &fs::read(root.0.join("step-1/model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(index["metadata"]["total_size"], 32);
+}
+
+#[test]
+fn pieces_with_a_gap_an_overlap_or_a_wrong_shard_are_refused_naming_file_and_tensor() {
+    let cases: [(&[(&str, &str, usize, usize)], &str); 4] = [
+        (
+            &[("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2)],
+            "rows 2..4 are in no piece",
+        ),
+        (
+            &[
+                ("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2),
+                ("model-00002-of-00002.safetensors", "w#rows=2:4", 1, 3),
+            ],
+            "overlaps piece \"w#rows=0:2\" (rows 0..2) in model-00001-of-00002.safetensors",
+        ),
+        (
+            &[
+                ("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2),
+                ("model-00009-of-00009.safetensors", "w#rows=2:4", 2, 4),
+            ],
+            "no shard \"model-00009-of-00009.safetensors\"",
+        ),
+        (
+            &[
+                ("model-00002-of-00002.safetensors", "w#rows=2:4", 2, 4),
+                ("model-00002-of-00002.safetensors", "w#rows=0:2", 0, 2),
+            ],
+            "model-00002-of-00002.safetensors holds no tensor \"w#rows=0:2\"",
+        ),
+    ];
+    for (pieces, expected) in cases {
+        let root = TempDir::new();
+        let err = save_in_two_pieces(&root.0, pieces).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor \"w\"") && err.contains(expected),
+            "{err}"
+        );
+        assert!(err.contains("manifest.json"), "{err}");
+        // Nothing was committed: no checkpoint, no `latest`.
+        assert!(list_checkpoints(&root.0).unwrap().is_empty());
+        assert_eq!(read_latest(&root.0).unwrap(), None);
+    }
+}
+
+#[test]
+fn a_reader_refuses_a_manifest_whose_pieces_leave_a_gap_and_names_a_missing_shard() {
+    let root = TempDir::new();
+    save_in_two_pieces(
+        &root.0,
+        &[
+            ("model-00001-of-00002.safetensors", "w#rows=0:2", 0, 2),
+            ("model-00002-of-00002.safetensors", "w#rows=2:4", 2, 4),
+        ],
+    )
+    .unwrap();
+    let dir = root.0.join("step-1");
+    // A shard gone from the directory: the error names the file and the whole tensor.
+    fs::rename(
+        dir.join("model-00002-of-00002.safetensors"),
+        root.0.join("moved"),
+    )
+    .unwrap();
+    let err = Checkpoint::open(&dir).err().unwrap().to_string();
+    assert!(
+        err.contains("model-00002-of-00002.safetensors") && err.contains("rows of \"w\""),
+        "{err}"
+    );
+    fs::rename(
+        root.0.join("moved"),
+        dir.join("model-00002-of-00002.safetensors"),
+    )
+    .unwrap();
+    // A manifest edited to drop a piece.
+    let path = dir.join(manifest::MANIFEST_FILE);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    manifest["pieces"]["w"]["pieces"]
+        .as_array_mut()
+        .unwrap()
+        .pop();
+    fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let err = Checkpoint::open(&dir).err().unwrap().to_string();
+    assert!(
+        err.contains("tensor \"w\"") && err.contains("are in no piece"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_joined_writer_needs_the_staging_directory_and_cannot_commit() {
+    let root = TempDir::new();
+    let err = CheckpointWriter::join(&root.0.join("step-1"), SMALL_CHUNK)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let _first = CheckpointWriter::create(&root.0.join("step-1"), SMALL_CHUNK).unwrap();
+    let joined = CheckpointWriter::join(&root.0.join("step-1"), SMALL_CHUNK).unwrap();
+    assert!(joined.commit(Publish::Directory).is_err());
+}

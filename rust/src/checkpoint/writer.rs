@@ -28,11 +28,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
 
 use super::durable;
 use super::error::{CkptError, Result};
 use super::format::{dtype_name, layout, tensor_bytes, Placed};
-use super::manifest::{chunk_ranges, hex, FileEntry, Manifest, TensorEntry, MANIFEST_FILE};
+use super::manifest::{
+    chunk_ranges, hex, FileEntry, Manifest, PiecedTensor, TensorEntry, MANIFEST_FILE,
+};
 use super::plan::index_file_name;
 use super::publish::{move_latest, prune, TMP_PREFIX};
 use super::trace::{fault_point, Event, Op, Trace};
@@ -102,7 +105,22 @@ pub struct CheckpointWriter {
     group_bytes: BTreeMap<String, u64>,
     /// Small files written but not yet fsynced (they are fsynced together at commit).
     unsynced: Vec<PathBuf>,
+    /// Writes into another writer's staging directory (a rank of a sharded save): it hands its
+    /// [`Part`] to that writer instead of committing.
+    joined: bool,
     trace: Trace,
+}
+
+/// What a joined writer wrote into the shared staging directory: its shards' manifest entries
+/// and index entries, for the committing writer to merge ([`CheckpointWriter::merge_part`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Part {
+    pub chunk_bytes: u64,
+    pub files: BTreeMap<String, FileEntry>,
+    /// group -> tensor name -> shard file.
+    pub weight_map: BTreeMap<String, BTreeMap<String, String>>,
+    /// group -> bytes of tensor data.
+    pub group_bytes: BTreeMap<String, u64>,
 }
 
 /// One `pwrite` of a work unit: consecutive pieces of one file.
@@ -157,8 +175,115 @@ impl CheckpointWriter {
             weight_map: BTreeMap::new(),
             group_bytes: BTreeMap::new(),
             unsynced: Vec::new(),
+            joined: false,
             trace,
         })
+    }
+
+    /// Write shards into the staging directory that the committing writer of `final_dir` has
+    /// created (another process, e.g. rank 0 of a sharded save, which must have returned from
+    /// [`CheckpointWriter::create`] first). The writer never commits: [`CheckpointWriter::into_part`]
+    /// hands what it wrote to the committing writer.
+    pub fn join(final_dir: &Path, options: WriteOptions) -> Result<Self> {
+        if options.chunk_bytes == 0 {
+            return Err(CkptError::Invalid("chunk_bytes must be positive".into()));
+        }
+        let name = final_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                CkptError::Invalid(format!("bad checkpoint path {}", final_dir.display()))
+            })?;
+        let tmp_dir = parent_of(final_dir).join(format!("{TMP_PREFIX}{name}"));
+        if !tmp_dir.is_dir() {
+            return Err(CkptError::Invalid(format!(
+                "the staging directory {} does not exist: the committing writer creates it before \
+                 other writers join",
+                tmp_dir.display()
+            )));
+        }
+        Ok(CheckpointWriter {
+            final_dir: final_dir.to_path_buf(),
+            tmp_dir,
+            options,
+            manifest: Manifest::new(options.chunk_bytes as u64),
+            weight_map: BTreeMap::new(),
+            group_bytes: BTreeMap::new(),
+            unsynced: Vec::new(),
+            joined: true,
+            trace: Trace::default(),
+        })
+    }
+
+    /// What this joined writer wrote (its shards are written and, when durable, fsynced).
+    pub fn into_part(self) -> Result<Part> {
+        if !self.joined {
+            return Err(CkptError::Invalid(
+                "only a joined writer hands over a part; this one commits".into(),
+            ));
+        }
+        Ok(Part {
+            chunk_bytes: self.manifest.chunk_bytes,
+            files: self.manifest.files,
+            weight_map: self.weight_map,
+            group_bytes: self.group_bytes,
+        })
+    }
+
+    /// Take over the shards a joined writer wrote into this writer's staging directory: they
+    /// enter the manifest and the group indexes as if written here. Each file must be in the
+    /// staging directory with the size the part gives; no file or tensor may come twice.
+    pub fn merge_part(&mut self, part: Part) -> Result<()> {
+        if part.chunk_bytes != self.manifest.chunk_bytes {
+            return Err(CkptError::Invalid(format!(
+                "a part written with chunk_bytes {} cannot join a checkpoint of chunk_bytes {}",
+                part.chunk_bytes, self.manifest.chunk_bytes
+            )));
+        }
+        for (file, entry) in &part.files {
+            if self.manifest.files.contains_key(file) {
+                return Err(CkptError::Invalid(format!("shard {file:?} written twice")));
+            }
+            let path = self.tmp_dir.join(file);
+            let size = fs::metadata(&path)
+                .map_err(CkptError::io("stat", &path))?
+                .len();
+            if size != entry.bytes {
+                return Err(CkptError::format(
+                    &path,
+                    format!("{size} bytes on disk, its writer reported {}", entry.bytes),
+                ));
+            }
+        }
+        for (group, map) in &part.weight_map {
+            let known = self.weight_map.get(group);
+            for (tensor, file) in map {
+                if known.is_some_and(|m| m.contains_key(tensor)) {
+                    return Err(CkptError::Invalid(format!(
+                        "tensor {tensor:?} appears twice in group {group:?} (again in {file})"
+                    )));
+                }
+            }
+        }
+        self.manifest.files.extend(part.files);
+        for (group, map) in part.weight_map {
+            self.weight_map.entry(group).or_default().extend(map);
+        }
+        for (group, bytes) in part.group_bytes {
+            *self.group_bytes.entry(group).or_default() += bytes;
+        }
+        Ok(())
+    }
+
+    /// Record a tensor stored in row pieces (checked against the shards at commit).
+    pub fn add_pieces(&mut self, name: &str, pieced: PiecedTensor) -> Result<()> {
+        if self.manifest.pieces.contains_key(name) {
+            return Err(CkptError::Invalid(format!(
+                "the pieces of tensor {name:?} are recorded twice"
+            )));
+        }
+        self.manifest.pieces.insert(name.to_string(), pieced);
+        Ok(())
     }
 
     /// The temporary directory the files go to until [`CheckpointWriter::commit`].
@@ -262,6 +387,12 @@ impl CheckpointWriter {
     /// Write a small non-tensor file (JSON) into the checkpoint; it is fsynced at commit, together
     /// with the others, so their fsyncs share journal commits.
     pub fn write_file(&mut self, file_name: &str, bytes: &[u8]) -> Result<()> {
+        if self.joined {
+            return Err(CkptError::Invalid(format!(
+                "file {file_name:?}: a joined writer writes shards only; the committing writer \
+                 writes the other files"
+            )));
+        }
         if self.manifest.files.contains_key(file_name) || file_name == MANIFEST_FILE {
             return Err(CkptError::Invalid(format!(
                 "file {file_name:?} written twice"
@@ -284,7 +415,14 @@ impl CheckpointWriter {
     /// Finish: write the group indexes and the manifest, make everything durable, rename the
     /// directory into place and publish it. Returns the recorded file-system operations.
     pub fn commit(mut self, publish: Publish) -> Result<Vec<Event>> {
+        if self.joined {
+            return Err(CkptError::Invalid(
+                "a joined writer does not commit: hand its part to the committing writer".into(),
+            ));
+        }
         let durable = self.options.durable;
+        self.manifest
+            .check_pieces(&self.tmp_dir.join(MANIFEST_FILE))?;
         for (group, map) in std::mem::take(&mut self.weight_map) {
             let index = serde_json::json!({
                 "metadata": {"total_size": self.group_bytes.get(&group).copied().unwrap_or(0)},

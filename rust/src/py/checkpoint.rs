@@ -15,14 +15,18 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::closable::Closable;
-use super::record::record;
 use super::errors::{CheckpointError, K2IOError};
+use super::record::record;
 use super::runtime::detached;
 use crate::checkpoint::format::{dtype_name, parse_dtype};
+use crate::checkpoint::manifest::{Piece, PiecedTensor};
 use crate::checkpoint::trace::{Event, FAULT_PHASES};
 use crate::checkpoint::{
     plan, publish, writer, Checkpoint, CkptError, Publish, ShardSpec, TensorRef, WriteOptions,
 };
+
+/// A row piece as Python passes and gets it: `(file, stored_tensor, start, stop)`.
+type PyPiece = (String, String, usize, usize);
 
 impl From<CkptError> for PyErr {
     fn from(err: CkptError) -> PyErr {
@@ -123,6 +127,9 @@ fn events_to_py(events: Vec<Event>) -> Vec<PyFsEvent> {
 ///     final_dir: the checkpoint directory to create (must not exist).
 ///     chunk_bytes: checksum granularity in bytes.
 ///     durable: fsync files and directories (turn off only for benchmarks).
+///     join: write shards into the staging directory another writer of `final_dir` has created
+///         (the other ranks of a sharded save); such a writer hands its `part()` to that one
+///         instead of committing.
 #[pyclass(frozen, module = "k2._native", name = "CheckpointWriter")]
 pub struct PyCheckpointWriter {
     inner: Closable<writer::CheckpointWriter>,
@@ -135,19 +142,24 @@ fn checkpoint_error(message: String) -> PyErr {
 #[pymethods]
 impl PyCheckpointWriter {
     #[new]
-    #[pyo3(signature = (final_dir, *, chunk_bytes = 4 << 20, durable = true))]
+    #[pyo3(signature = (final_dir, *, chunk_bytes = 4 << 20, durable = true, join = false))]
     fn new(
         py: Python<'_>,
         final_dir: PathBuf,
         chunk_bytes: usize,
         durable: bool,
+        join: bool,
     ) -> PyResult<Self> {
         let options = WriteOptions {
             chunk_bytes,
             durable,
         };
         let writer = detached(py, "CheckpointWriter", |_| {
-            writer::CheckpointWriter::create(&final_dir, options)
+            if join {
+                writer::CheckpointWriter::join(&final_dir, options)
+            } else {
+                writer::CheckpointWriter::create(&final_dir, options)
+            }
         })?;
         let what = format!("the CheckpointWriter of {}", final_dir.display());
         Ok(PyCheckpointWriter {
@@ -223,6 +235,83 @@ impl PyCheckpointWriter {
                 )
             })
         })
+    }
+
+    /// Write shard files, all in parallel: `[(file_name, group, [(name, dtype, shape, buffer),
+    /// ...]), ...]`, each listed under its group in that group's index.
+    fn write_shards(
+        &self,
+        py: Python<'_>,
+        shards: Vec<(String, String, Vec<PyTensor<'_>>)>,
+    ) -> PyResult<()> {
+        let shards: Vec<(String, String, Vec<Borrowed>)> = shards
+            .into_iter()
+            .map(|(f, g, ts)| {
+                Ok((
+                    f,
+                    g,
+                    ts.into_iter()
+                        .map(Borrowed::new)
+                        .collect::<PyResult<Vec<_>>>()?,
+                ))
+            })
+            .collect::<PyResult<_>>()?;
+        self.inner.with(|w| {
+            detached(py, "CheckpointWriter.write_shards", |cancel| {
+                let specs: Vec<ShardSpec<'_>> = shards
+                    .iter()
+                    .map(|(file_name, group, tensors)| ShardSpec {
+                        file_name: file_name.clone(),
+                        group: group.clone(),
+                        // SAFETY: `shards` outlives this closure and is only read.
+                        tensors: tensors.iter().map(|t| unsafe { t.tensor_ref() }).collect(),
+                    })
+                    .collect();
+                w.write_shards(&specs, cancel)
+            })
+        })
+    }
+
+    /// A joined writer's hand-over (JSON bytes) for the committing writer's `merge_part`; the
+    /// writer is finished afterwards.
+    fn part<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let part = self.inner.take()?.into_part()?;
+        let bytes = serde_json::to_vec(&part).expect("a part serializes");
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// Take over the shards a joined writer wrote (its `part()` bytes).
+    fn merge_part(&self, py: Python<'_>, part: Vec<u8>) -> PyResult<()> {
+        let part: writer::Part = serde_json::from_slice(&part).map_err(|e| {
+            CheckpointError::new_err(format!("not a checkpoint writer's part: {e}"))
+        })?;
+        self.inner
+            .with(|w| detached(py, "CheckpointWriter.merge_part", |_| w.merge_part(part)))
+    }
+
+    /// Record a tensor stored in row pieces: its dtype name and whole shape, and its pieces as
+    /// `(file, stored_tensor, start, stop)`; checked against the shards at commit.
+    fn add_pieces(
+        &self,
+        name: String,
+        dtype: String,
+        shape: Vec<usize>,
+        pieces: Vec<PyPiece>,
+    ) -> PyResult<()> {
+        let pieced = PiecedTensor {
+            dtype,
+            shape,
+            pieces: pieces
+                .into_iter()
+                .map(|(file, tensor, start, stop)| Piece {
+                    file,
+                    tensor,
+                    rows: [start, stop],
+                })
+                .collect(),
+        };
+        self.inner
+            .with(|w| Ok::<_, PyErr>(w.add_pieces(&name, pieced)?))
     }
 
     /// Write a small non-tensor file (JSON, tokenizer files) into the checkpoint.
@@ -309,6 +398,24 @@ impl PyCheckpointReader {
                 dtype: dtype_name(t.dtype),
                 shape: t.shape.clone(),
                 file: self.inner.file_name(t.file).to_string(),
+            })
+            .collect()
+    }
+
+    /// The tensors stored in row pieces: `[(name, dtype, shape, [(file, stored_tensor, start,
+    /// stop), ...]), ...]`, pieces in row order (checked when the reader opened).
+    fn pieces(&self) -> Vec<(String, String, Vec<usize>, Vec<PyPiece>)> {
+        self.inner
+            .pieces()
+            .iter()
+            .map(|(name, p)| {
+                let mut pieces: Vec<PyPiece> = p
+                    .pieces
+                    .iter()
+                    .map(|q| (q.file.clone(), q.tensor.clone(), q.rows[0], q.rows[1]))
+                    .collect();
+                pieces.sort_by_key(|q| q.2);
+                (name.clone(), p.dtype.clone(), p.shape.clone(), pieces)
             })
             .collect()
     }
