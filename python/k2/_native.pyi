@@ -477,6 +477,9 @@ environment, a save kills its process (SIGKILL) on reaching that phase."""
 _TensorEntry = tuple[str, str, list[int], Buffer]
 """A tensor to write: ``(name, safetensors dtype, shape, C-contiguous bytes)``."""
 
+_Piece = tuple[str, str, int, int]
+"""One row piece of a tensor: ``(shard file, stored tensor name, first row, end row)``."""
+
 @final
 class CheckpointWriter:
     """Writes one checkpoint directory: shards in parallel into ``.k2-tmp-NAME`` beside it, then
@@ -486,18 +489,32 @@ class CheckpointWriter:
         final_dir: the directory to create; it must not exist.
         chunk_bytes: checksum granularity (also the parallel write unit).
         durable: fsync files and directories (off only to measure page-cache writes).
+        join: write into the staging directory another writer of ``final_dir`` created (the
+            other ranks of a sharded save); such a writer hands its :meth:`part` to that one
+            (:meth:`merge_part`) instead of committing.
 
     Raises:
         k2.errors.CheckpointError: if ``final_dir`` exists.
     """
 
-    def __new__(cls, final_dir: str | PathLike[str], *, chunk_bytes: int = ..., durable: bool = True) -> Self: ...
+    def __new__(cls, final_dir: str | PathLike[str], *, chunk_bytes: int = ..., durable: bool = True,
+                join: bool = False) -> Self: ...
     def write_groups(self, groups: list[tuple[str, list[_TensorEntry]]], max_shard_bytes: int) -> list[str]:
         """Write each group as ``GROUP-0000i-of-0000N.safetensors`` shards (at most
         ``max_shard_bytes``, at least one per writer thread when large), all in parallel.
         Returns the shard file names."""
     def write_shard(self, file_name: str, group: str, tensors: list[_TensorEntry]) -> None:
         """Write one shard file listed under ``group`` (for streaming conversions)."""
+    def write_shards(self, shards: list[tuple[str, str, list[_TensorEntry]]]) -> None:
+        """Write shard files ``(file_name, group, tensors)`` all in parallel, each listed under
+        its group in that group's index."""
+    def part(self) -> bytes:
+        """A joined writer's hand-over (JSON bytes) for the committing writer's
+        :meth:`merge_part`; the writer is finished afterwards."""
+    def merge_part(self, part: bytes) -> None:
+        """Take over the shards a joined writer wrote (its :meth:`part` bytes)."""
+    def add_pieces(self, name: str, dtype: str, shape: list[int], pieces: list[_Piece]) -> None:
+        """Record a tensor stored in row pieces (checked against the shards at commit)."""
     def write_file(self, file_name: str, data: bytes) -> None:
         """Write a small non-tensor file (JSON, tokenizer files)."""
     def commit(self, *, publish_latest: bool, keep_last: int | None = None) -> list[FsEvent]:
@@ -557,6 +574,8 @@ class CheckpointReader:
         """Bytes hashed or copied so far (unverified zero-copy arrays are not counted)."""
     def tensors(self) -> list[StoredTensor]:
         """Every tensor, in file order."""
+    def pieces(self) -> list[tuple[str, str, list[int], list[_Piece]]]:
+        """The tensors stored in row pieces: ``(name, dtype, whole shape, pieces in row order)``."""
     def verify(self) -> None:
         """Check every chunk and file against the manifest, in parallel.
 
