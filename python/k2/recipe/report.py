@@ -127,6 +127,14 @@ def write_table(out: Path, plan: list[Any], markers: dict[str, dict[str, Any]],
 
 
 # ---------------------------------------------------------------------------- plots
+def _finish(ax, ran: bool) -> None:  # noqa: ANN001
+    """Mark a panel whose stage has not run yet, or give it a legend."""
+    if not ran:
+        ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
+    elif ax.lines:
+        ax.legend(fontsize=8)
+
+
 def _png(fig: Any) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
@@ -176,10 +184,7 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("nats/token")
-        if not records:
-            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
-        elif ax.lines:
-            ax.legend(fontsize=8)
+        _finish(ax, bool(records))
     images["loss"] = _png(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -192,10 +197,7 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
     axes[1].set_title("RL held-out evaluation")
     for ax in axes:
         ax.set_xlabel("optimizer step (warm start included)")
-        if not rl:
-            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
-        elif ax.lines:
-            ax.legend(fontsize=8)
+        _finish(ax, bool(rl))
     images["reward"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(9, 3.8))

@@ -140,18 +140,25 @@ thread_local! {
     static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The staging directory of the checkpoint that will become `final_dir` (beside it, hidden),
+/// after checking the options and the path.
+fn staging_dir(final_dir: &Path, options: WriteOptions) -> Result<PathBuf> {
+    if options.chunk_bytes == 0 {
+        return Err(CkptError::Invalid("chunk_bytes must be positive".into()));
+    }
+    let name = final_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            CkptError::Invalid(format!("bad checkpoint path {}", final_dir.display()))
+        })?;
+    Ok(parent_of(final_dir).join(format!("{TMP_PREFIX}{name}")))
+}
+
 impl CheckpointWriter {
     /// Start writing the checkpoint that will become `final_dir` (which must not exist).
     pub fn create(final_dir: &Path, options: WriteOptions) -> Result<Self> {
-        if options.chunk_bytes == 0 {
-            return Err(CkptError::Invalid("chunk_bytes must be positive".into()));
-        }
-        let name = final_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                CkptError::Invalid(format!("bad checkpoint path {}", final_dir.display()))
-            })?;
+        let tmp_dir = staging_dir(final_dir, options)?;
         if final_dir.exists() {
             return Err(CkptError::Invalid(format!(
                 "{} already exists; a checkpoint is never overwritten",
@@ -160,24 +167,13 @@ impl CheckpointWriter {
         }
         let parent = parent_of(final_dir);
         fs::create_dir_all(&parent).map_err(CkptError::io("create directory", &parent))?;
-        let tmp_dir = parent.join(format!("{TMP_PREFIX}{name}"));
         let trace = Trace::default();
         if tmp_dir.exists() {
             durable::remove_dir(&tmp_dir, &trace)?;
         }
         fs::create_dir(&tmp_dir).map_err(CkptError::io("create directory", &tmp_dir))?;
         fault_point("tmp_created");
-        Ok(CheckpointWriter {
-            final_dir: final_dir.to_path_buf(),
-            tmp_dir,
-            options,
-            manifest: Manifest::new(options.chunk_bytes as u64),
-            weight_map: BTreeMap::new(),
-            group_bytes: BTreeMap::new(),
-            unsynced: Vec::new(),
-            joined: false,
-            trace,
-        })
+        Ok(Self::fresh(final_dir, tmp_dir, options, false, trace))
     }
 
     /// Write shards into the staging directory that the committing writer of `final_dir` has
@@ -185,16 +181,7 @@ impl CheckpointWriter {
     /// [`CheckpointWriter::create`] first). The writer never commits: [`CheckpointWriter::into_part`]
     /// hands what it wrote to the committing writer.
     pub fn join(final_dir: &Path, options: WriteOptions) -> Result<Self> {
-        if options.chunk_bytes == 0 {
-            return Err(CkptError::Invalid("chunk_bytes must be positive".into()));
-        }
-        let name = final_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                CkptError::Invalid(format!("bad checkpoint path {}", final_dir.display()))
-            })?;
-        let tmp_dir = parent_of(final_dir).join(format!("{TMP_PREFIX}{name}"));
+        let tmp_dir = staging_dir(final_dir, options)?;
         if !tmp_dir.is_dir() {
             return Err(CkptError::Invalid(format!(
                 "the staging directory {} does not exist: the committing writer creates it before \
@@ -202,7 +189,24 @@ impl CheckpointWriter {
                 tmp_dir.display()
             )));
         }
-        Ok(CheckpointWriter {
+        Ok(Self::fresh(
+            final_dir,
+            tmp_dir,
+            options,
+            true,
+            Trace::default(),
+        ))
+    }
+
+    /// A writer that has written nothing yet into `tmp_dir`.
+    fn fresh(
+        final_dir: &Path,
+        tmp_dir: PathBuf,
+        options: WriteOptions,
+        joined: bool,
+        trace: Trace,
+    ) -> Self {
+        CheckpointWriter {
             final_dir: final_dir.to_path_buf(),
             tmp_dir,
             options,
@@ -210,9 +214,9 @@ impl CheckpointWriter {
             weight_map: BTreeMap::new(),
             group_bytes: BTreeMap::new(),
             unsynced: Vec::new(),
-            joined: true,
-            trace: Trace::default(),
-        })
+            joined,
+            trace,
+        }
     }
 
     /// What this joined writer wrote (its shards are written and, when durable, fsynced).

@@ -135,6 +135,11 @@ pub struct PyCheckpointWriter {
     inner: Closable<writer::CheckpointWriter>,
 }
 
+/// Borrow the buffers of tensors to write (checked shapes and dtypes).
+fn borrow_all(tensors: Vec<PyTensor<'_>>) -> PyResult<Vec<Borrowed>> {
+    tensors.into_iter().map(Borrowed::new).collect()
+}
+
 fn checkpoint_error(message: String) -> PyErr {
     CheckpointError::new_err(message)
 }
@@ -185,14 +190,7 @@ impl PyCheckpointWriter {
     ) -> PyResult<Vec<String>> {
         let groups: Vec<(String, Vec<Borrowed>)> = groups
             .into_iter()
-            .map(|(g, ts)| {
-                Ok((
-                    g,
-                    ts.into_iter()
-                        .map(Borrowed::new)
-                        .collect::<PyResult<Vec<_>>>()?,
-                ))
-            })
+            .map(|(g, ts)| Ok((g, borrow_all(ts)?)))
             .collect::<PyResult<_>>()?;
         self.inner.with(|w| {
             detached(py, "CheckpointWriter.write_groups", |cancel| {
@@ -246,15 +244,7 @@ impl PyCheckpointWriter {
     ) -> PyResult<()> {
         let shards: Vec<(String, String, Vec<Borrowed>)> = shards
             .into_iter()
-            .map(|(f, g, ts)| {
-                Ok((
-                    f,
-                    g,
-                    ts.into_iter()
-                        .map(Borrowed::new)
-                        .collect::<PyResult<Vec<_>>>()?,
-                ))
-            })
+            .map(|(f, g, ts)| Ok((f, g, borrow_all(ts)?)))
             .collect::<PyResult<_>>()?;
         self.inner.with(|w| {
             detached(py, "CheckpointWriter.write_shards", |cancel| {
