@@ -16,7 +16,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from k2.errors import K2Error
+from k2.errors import K2Error, RankLostError
 
 # Order is the order `k2 --help` lists them in.
 COMMAND_MODULES = (
@@ -53,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except K2Error as err:
         print(f"k2 {args.command}: error: {err}", file=sys.stderr)
+        if isinstance(err, RankLostError):  # a broken process group can abort at teardown
+            from k2.parallel.failure import exit_after_rank_lost
+
+            exit_after_rank_lost(1)
         return 1
     except NotImplementedError as err:  # a part that is not built says so, without a traceback
         print(f"k2 {args.command}: not built yet: {err}", file=sys.stderr)
