@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from k2.model.precision import upcast
+
 Step = tuple[float, float, float]
 """One Newton–Schulz step's (a, b, c)."""
 
@@ -75,8 +77,9 @@ def newton_schulz_reference(G_BMN: Tensor, coefficients: Sequence[Step], input_s
     # and A = Xᵀ X for tall ones, where the step reads X ← X (a·I + B). Both are the iteration
     # on the wide orientation, without transposing anything.
     tall = G_BMN.shape[-2] > G_BMN.shape[-1]
-    norm_B11 = torch.linalg.vector_norm(G_BMN.float(), dim=(-2, -1), keepdim=True)
-    X = (G_BMN.float() / (norm_B11 * input_scale + eps)).to(dtype).contiguous()
+    G_BMN = upcast(G_BMN)  # the norm in fp32 (fp64 for an fp64 run)
+    norm_B11 = torch.linalg.vector_norm(G_BMN, dim=(-2, -1), keepdim=True)
+    X = (G_BMN / (norm_B11 * input_scale + eps)).to(dtype).contiguous()
     r = min(X.shape[-2:])
     # Workspaces written with out=: fresh big tensors every step would cost page faults on CPUs.
     A_BRR, B_BRR, X_next = X.new_empty(X.shape[0], r, r), X.new_empty(X.shape[0], r, r), torch.empty_like(X)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from k2.errors import DataError
+from k2.model.precision import reduce_dtype, upcast
 from k2.model.speedups import reusable_empty
 
 IGNORE_INDEX = -100
@@ -74,11 +75,11 @@ def _softmax_terms(logits: torch.Tensor, targets: torch.Tensor, out: torch.Tenso
     sums, the targets made safe to index with, the valid-row mask and count."""
     valid = targets != IGNORE_INDEX  # [N]
     safe = targets.masked_fill(~valid, 0)
-    peak = logits.amax(dim=-1, keepdim=True).float()  # [N, 1]
+    peak = upcast(logits.amax(dim=-1, keepdim=True))  # [N, 1]
     unnormalized = torch.sub(logits, peak, out=out).exp_()  # fp32 [N, V]
     total = unnormalized.sum(dim=-1)  # [N]
     log_normalizer = peak.squeeze(1) + total.log()
-    picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+    picked = upcast(logits.gather(1, safe[:, None]).squeeze(1))
     count = valid.sum()
     loss = ((log_normalizer - picked) * valid).sum() / count
     return loss, (unnormalized, total, safe, valid, count)
@@ -129,7 +130,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):  # noqa: ANN001, ANN205
         shape = (hidden.shape[0], weight.shape[0])
         logits = torch.mm(hidden, weight.t(), out=reusable_empty("logits", shape, hidden.dtype, hidden.device))
-        scratch = reusable_empty("softmax", shape, torch.float32, hidden.device)
+        scratch = reusable_empty("softmax", shape, reduce_dtype(hidden.dtype), hidden.device)
         loss, saved = _softmax_terms(logits, targets, out=scratch)
         ctx.save_for_backward(hidden, weight, *saved)
         ctx.spent = False

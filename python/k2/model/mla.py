@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2.model.config import K2Config
+from k2.model.precision import upcast
 from k2.model.rope import apply_rope
 from k2.model.speedups import causal_bias, reusable_empty
 
@@ -49,7 +50,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = upcast(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -253,7 +254,7 @@ class MLA(nn.Module):
         # Every head reads the same keys, so the heads are rows of one batched product: a
         # broadcast matmul over a head axis would copy the whole cache once per head.
         scores = torch.bmm((q * self.softmax_scale).reshape(batch, heads * length, width), k.transpose(1, 2))
-        scores = scores.view(batch, heads, length, keys).float()  # [B, H, T, S]
+        scores = upcast(scores.view(batch, heads, length, keys))  # [B, H, T, S]
         if self.training and self.record_max_logits:
             self._record_max_logits(scores.detach().clone(), mask)
         probs = torch.softmax(scores.masked_fill(~mask.allowed, float("-inf")), dim=-1)
@@ -274,7 +275,7 @@ class MLA(nn.Module):
                 shape = (*q.shape[:-1], k.shape[-2])
                 scores = reusable_empty("mla.scores", shape, q.dtype, q.device)
                 torch.matmul(q, k.transpose(-1, -2), out=scores)  # scaled after the max
-                self._record_max_logits(scores.float(), mask, self.softmax_scale)
+                self._record_max_logits(upcast(scores), mask, self.softmax_scale)
         # Fused (flash) attention kernels want one head size for q, k and v: pad v with zeros.
         value_dim = v.shape[-1]
         if value_dim < q.shape[-1]:

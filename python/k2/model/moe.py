@@ -28,6 +28,7 @@ from torch import nn
 
 from k2.kernels.moe_dispatch import combine, permute, route
 from k2.model.config import K2Config
+from k2.model.precision import upcast
 
 
 class MLP(nn.Module):
@@ -74,7 +75,7 @@ class Router(nn.Module):
             scores [N, E] (fp32 sigmoid scores), weights [N, K] (fp32, normalized and scaled),
             experts [N, K] (int64 expert ids).
         """
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
+        scores = F.linear(upcast(x), upcast(self.weight)).sigmoid()  # [N, E]
         choice = scores.detach() + self.e_score_correction_bias  # [N, E]
         if self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
 from k2.errors import K2Error
+from k2.model.precision import reduce_dtype, upcast
 from k2.optim.muon import momentum_step, muon_step
 from k2.optim.muonclip import MuonClip
 from k2.optim.newton_schulz import NewtonSchulzSchedule, default_dtype, orthogonalize
@@ -207,7 +208,7 @@ class DistributedMuonClip(MuonClip):
                 pieces[i].append(segment[offset:offset + count].view(-1, n_cols[i]))
                 offset += count
         full = {i: torch.cat(pieces[i]) for i in mine}
-        out_dtype = hyper["dtype"] or default_dtype(device)
+        out_dtype = hyper["dtype"] or default_dtype(device, recv_U.dtype)
         O: dict[int, Tensor] = {}
         batches: dict[tuple, list[int]] = defaultdict(list)
         for i in mine:
@@ -279,4 +280,4 @@ class _ShardedClip:
                 factor_R = factor_R[start:start + rows[mesh.get_local_rank()]]
             W = local(weight)
             factor = factor_R.to(W.device).view(-1, *([1] * (W.ndim - 1)))
-            W.copy_((W.float() * factor).to(W.dtype))
+            W.copy_((upcast(W) * factor.to(reduce_dtype(W.dtype))).to(W.dtype))

@@ -131,8 +131,11 @@ def _coefficients(values: Sequence[float]) -> Coefficients:
 CPU_PIECE_NUMEL = 1 << 19
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The Newton–Schulz precision that is fast on ``device``: bf16 on GPUs, fp32 elsewhere."""
+def default_dtype(device: torch.device, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The Newton–Schulz precision that is fast on ``device``: bf16 on GPUs, fp32 elsewhere;
+    fp64 for fp64 gradients (``dtype``), which are for exact comparisons, not speed."""
+    if dtype == torch.float64:
+        return torch.float64
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -147,15 +150,15 @@ def orthogonalize(G_BMN: Tensor, schedule: NewtonSchulzSchedule, *, eps: float =
         G_BMN: the matrices, [B, m, n]; each is normalized by its own Frobenius norm.
         schedule: coefficients per step and input scale.
         eps: added to the norm so that a zero matrix stays zero.
-        dtype: precision of the iteration (default: :func:`default_dtype` of the device). The
-            norm is always taken in fp32.
+        dtype: precision of the iteration (default: :func:`default_dtype` of the device and
+            the gradients' dtype). The norm is taken in fp32 (fp64 for fp64 gradients).
 
     Returns:
         [B, m, n] in ``dtype``: each matrix's approximate polar factor.
     """
     if G_BMN.ndim != 3:
         raise ValueError(f"orthogonalize expects a batch [B, m, n], got shape {tuple(G_BMN.shape)}")
-    dtype = dtype or default_dtype(G_BMN.device)
+    dtype = dtype or default_dtype(G_BMN.device, G_BMN.dtype)
     if dtype == torch.bfloat16 and G_BMN.is_cuda and G_BMN.numel():
         from k2.kernels.launch import use_kernel
         from k2.kernels.newton_schulz import newton_schulz_cuda

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from k2.errors import ConfigError
+from k2.model.precision import reduce_dtype, upcast
 from k2.optim.split import canonical_name
 
 _REGISTRATION_ATTR = "k2_qk_clip"
@@ -138,7 +139,7 @@ class ClipTarget:
         if S_max_H.shape != (self.num_heads,):
             raise ConfigError(f"QK-Clip: {self.name}.pop_max_logits() returned shape {tuple(S_max_H.shape)}, "
                               f"expected [{self.num_heads}]")
-        return S_max_H.float()
+        return upcast(S_max_H)
 
     def clip(self, heads: Tensor, gamma: Tensor) -> None:
         """Rescale the chosen heads so that their logits shrink by ``gamma``.
@@ -165,9 +166,10 @@ class ClipTarget:
 
 
 def _head_rows(num_heads: int, per_head: int, heads: Tensor, rows: slice, factor: Tensor) -> Tensor:
-    """fp32 [num_heads·per_head] of ones, with ``factor[i]`` on the ``rows`` of head ``heads[i]``."""
-    out_HR = torch.ones(num_heads, per_head)
-    out_HR[heads.cpu(), rows] = factor.float().cpu().view(-1, 1)
+    """fp32 (fp64 for an fp64 ``factor``) [num_heads·per_head] of ones, with ``factor[i]`` on the
+    ``rows`` of head ``heads[i]``."""
+    out_HR = torch.ones(num_heads, per_head, dtype=reduce_dtype(factor.dtype))
+    out_HR[heads.cpu(), rows] = upcast(factor).cpu().view(-1, 1)
     return out_HR.view(-1)
 
 
@@ -244,12 +246,13 @@ def _scale_rows(W_HRC: Tensor, heads: Tensor, rows: slice, factor: Tensor) -> No
         W_HRC: a weight viewed as [heads, rows per head, columns].
         heads: int64 [k].
         rows: which rows of each head.
-        factor: fp32 [k]; the product is taken in fp32 and rounded once to W's dtype.
+        factor: fp32 [k]; the product is taken in fp32 (fp64 for an fp64 W) and rounded once
+            to W's dtype.
     """
     heads = heads.to(W_HRC.device)
     with torch.no_grad():
-        block_KRC = W_HRC[heads, rows].float()  # a copy: advanced indexing
-        block_KRC *= factor.to(W_HRC.device, torch.float32).view(-1, 1, 1)
+        block_KRC = upcast(W_HRC[heads, rows])  # a copy: advanced indexing
+        block_KRC *= factor.to(W_HRC.device, block_KRC.dtype).view(-1, 1, 1)
         W_HRC[heads, rows] = block_KRC.to(W_HRC.dtype)
 
 

@@ -51,12 +51,13 @@ def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
 
 def _reduce(tensors: list[Tensor], op: dist.ReduceOp, group: dist.ProcessGroup | None) -> list[Tensor]:
     """``tensors`` reduced element-wise with ``op`` over ``group`` in one collective, as fp32 on
-    the CPU, in their own shapes."""
+    the CPU (fp64 when one of them is fp64), in their own shapes."""
     if not tensors:
         return []
     group = active_group(group)
     device = collective_device(group)
-    flat = torch.cat([t.detach().reshape(-1).float().to(device) for t in tensors])
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    flat = torch.cat([t.detach().reshape(-1).to(device, dtype) for t in tensors])
     if group is not None:
         dist.all_reduce(flat, op=op, group=group)
     flat = flat.cpu()  # one device sync for all of them
@@ -64,18 +65,19 @@ def _reduce(tensors: list[Tensor], op: dist.ReduceOp, group: dist.ProcessGroup |
 
 
 def max_over_ranks(tensors: list[Tensor], group: dist.ProcessGroup | None = None) -> list[Tensor]:
-    """Each tensor's element-wise maximum over the ranks (fp32, on the CPU)."""
+    """Each tensor's element-wise maximum over the ranks (fp32 or fp64, on the CPU)."""
     return _reduce(tensors, dist.ReduceOp.MAX, group)
 
 
 def sum_over_ranks(tensors: list[Tensor], group: dist.ProcessGroup | None = None) -> list[Tensor]:
-    """Each tensor's element-wise sum over the ranks (fp32, on the CPU)."""
+    """Each tensor's element-wise sum over the ranks (fp32 or fp64, on the CPU)."""
     return _reduce(tensors, dist.ReduceOp.SUM, group)
 
 
 def mean_over_ranks(value: Tensor | float, group: dist.ProcessGroup | None = None) -> float:
     """The mean of a scalar over the ranks."""
-    value = torch.as_tensor(value, dtype=torch.float32)
+    value = torch.as_tensor(value)
+    value = value.double() if value.dtype == torch.float64 else value.float()
     group = active_group(group)
     if group is None:
         return float(value)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from k2.errors import ConfigError
 from k2.kernels.moe_dispatch import combine, permute, route
+from k2.model.precision import reduce_dtype, upcast
 from k2.parallel.agree import collective_device, sum_over_ranks
 
 _STACKS = ("gate_proj", "up_proj", "down_proj")
@@ -345,11 +346,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float,
     mine = [p.grad for p in params if id(p) in experts]
     shared = [p.grad for p in params if id(p) not in experts]
     device = params[0].grad.device if params else torch.device("cpu")
-    zero = torch.zeros((), device=device)
+    zero = torch.zeros((), device=device, dtype=reduce_dtype(params[0].dtype) if params else torch.float32)
     shared_norm = torch.nn.utils.get_total_norm(shared) if shared else zero
-    expert_sq = torch.nn.utils.get_total_norm(mine).float() ** 2 if mine else zero
+    expert_sq = upcast(torch.nn.utils.get_total_norm(mine)) ** 2 if mine else zero
     (expert_sq,) = sum_over_ranks([expert_sq], group)
-    total = (shared_norm.float() ** 2 + expert_sq.to(shared_norm.device)).sqrt()
+    total = (upcast(shared_norm) ** 2 + expert_sq.to(shared_norm.device)).sqrt()
     if params:
         torch.nn.utils.clip_grads_with_norm_([p for p in params], max_norm, total)
     return total

@@ -210,14 +210,18 @@ def _bare_class(model: nn.Module) -> type[nn.Module]:
 
 
 def empty_copy(model: nn.Module) -> nn.Module:
-    """A plain (unsharded) model of the same class and config on the CPU, its tensors not yet
-    filled (buffers that are not saved, such as rotary tables, are computed)."""
+    """A plain (unsharded) model of the same class and config on the CPU, in the dtype of its
+    parameters, its tensors not yet filled (buffers that are not saved, such as rotary tables,
+    are computed)."""
     config = getattr(model, "config", None)
     if config is None:
         raise ConfigError(f"{type(model).__name__} has no .config to build an unsharded copy from")
     with torch.device("meta"):
         bare = _bare_class(model)(config)
     bare.to_empty(device="cpu")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        bare.to(dtype)
     if hasattr(bare, "reset_buffers"):
         bare.reset_buffers()
     return bare.train(model.training)

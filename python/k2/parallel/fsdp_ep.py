@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from k2.errors import ConfigError
+from k2.model.precision import reduce_dtype
 from k2.parallel.agree import sum_over_ranks
 from k2.parallel.expert import expert_shards, shard_experts
 from k2.parallel.fsdp import local, shard_model
@@ -108,8 +109,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
         raise ConfigError(f"clip_grad_norm_: {plain[:3]} are not sharded; parallelize the model first")
     grads = [local(p.grad) for p in params]
     grads = [g for g in grads if g.numel()]
-    local_sq = (torch.nn.utils.get_total_norm(grads).float() ** 2 if grads
-                else torch.zeros((), dtype=torch.float32))
+    dtype = reduce_dtype(params[0].dtype) if params else torch.float32
+    local_sq = (torch.nn.utils.get_total_norm(grads).to(dtype) ** 2 if grads
+                else torch.zeros((), dtype=dtype))
     (total_sq,) = sum_over_ranks([local_sq])
     total = total_sq.sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
