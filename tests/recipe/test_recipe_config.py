@@ -88,6 +88,21 @@ def test_stage_command_lines_parse_back_to_the_settings(tmp_path: Path) -> None:
     assert sft.steps == 50 and sft.data == [str(tmp_path / "out" / "synth" / "train.jsonl")]
 
 
+def test_rl_ptx_defaults_to_the_sft_stage_shards(tmp_path: Path) -> None:
+    """With ptx_weight > 0 and no ptx_data, RL's PTX batches come from the SFT stage's shards
+    (which do not exist when the recipe is planned); a ptx_data that is missing still fails."""
+    from k2.cli import build_parser
+
+    path = write(tmp_path, "[rl]\nptx_weight = 0.5\nptx_seq_len = 1024\nptx_batch_size = 2\n")
+    stages = {s.name: s for s in plan(load(path), tmp_path / "out")}
+    rl = build_parser().parse_args(stages["rl"].argv)
+    assert rl.ptx_data == str(tmp_path / "out" / "sft" / "data") == stages["sft"].settings["run_dir"] + "/data"
+    assert (rl.ptx_weight, rl.ptx_seq_len, rl.ptx_batch_size) == (0.5, 1024, 2)
+    bad = write(tmp_path, f"[rl]\nptx_weight = 0.5\nptx_data = '{tmp_path / 'nowhere'}'\n")
+    with pytest.raises(ConfigError, match=r"recipe file .*\[rl\] ptx_data .*nowhere: no manifest.json"):
+        plan(load(bad), tmp_path / "out")
+
+
 def test_load_returns_each_table(tmp_path: Path) -> None:
     config = load(write(tmp_path, "[rl]\nsteps = 2\n[eval]\nagentic_limit = 3\n"))
     assert config.stage("rl") == {"steps": 2} and config.stage("train") == {}

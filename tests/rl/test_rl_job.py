@@ -192,6 +192,25 @@ def test_ptx_adds_gamma_times_the_language_model_loss(tokenizer_dir: Path, tmp_p
     assert job.state_dict()["ptx_loader"]
 
 
+def test_ptx_batches_take_their_own_length_and_size(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """SFT conversations as PTX data want their own context: ptx_seq_len / ptx_batch_size."""
+    from k2.data.sft import prepare_sft
+
+    chat = Path(__file__).resolve().parents[1] / "fixtures" / "sft" / "chat_good.jsonl"
+    prepare_sft([chat], tmp_path / "ptx", tokenizer_dir, 64, val_fraction=0.0)
+    job = make_job(tokenizer_dir, ptx_data=str(tmp_path / "ptx"), ptx_weight=0.5, seq_len=16, batch_size=4,
+                   ptx_seq_len=64, ptx_batch_size=2)
+    batch = job.ptx.next_batch()
+    assert batch.inputs.shape == (2, 64) and batch.loss_mask is not None
+    default = make_job(tokenizer_dir, ptx_data=str(tmp_path / "ptx"), ptx_weight=0.5, seq_len=16, batch_size=4)
+    assert default.ptx.next_batch().inputs.shape == (4, 16)
+    # The warm start (supervised steps on the task) mixes the PTX loss in as well.
+    warm = make_job(tokenizer_dir, task=get_task("arithmetic"), warm_start_steps=1, warm_start_examples=2,
+                    batch_size=2, ptx_data=str(tmp_path / "ptx"), ptx_weight=0.5, ptx_seq_len=64)
+    fields = warm.train_step(0, log=True)
+    assert fields["phase"] == "warm_start" and fields["ptx_loss"] > 0
+
+
 # ---------------------------------------------------------------------------- the command
 FLAGS = ["--prompts-per-step", "2", "--samples-per-prompt", "3", "--token-budget", str(BUDGET),
          "--eval-prompts", "3", "--log-every", "1", "--eval-every", "4", "--save-every", "2",

@@ -67,9 +67,11 @@ def plan(config: RecipeConfig, out: Path) -> list[Stage]:
     synth.update(out=str(out / "synth"), overwrite=True, quiet=True)
     rl = config.stage("rl")
     rl.update(run_dir=str(out / "rl"), init=str(out / "sft"))
+    if float(rl.get("ptx_weight", 0) or 0) > 0 and not rl.get("ptx_data"):
+        rl["ptx_data"] = str(out / "sft" / "data")  # the SFT stage's shards: keep its tool use
     settings = {"train": train, "synth": synth, "sft": sft, "rl": rl}
     for name in ("train", "sft", "rl"):
-        _check_training(config, name, settings[name])
+        _check_training(config, name, settings[name], str(out / "sft" / "data"))
     _check_synth(config, synth)
     progress = [] if sys.stderr.isatty() else ["--no-progress"]
     stages = []
@@ -89,8 +91,9 @@ def _default(stage: str, name: str) -> Any:
     return fields[name].default
 
 
-def _check_training(config: RecipeConfig, name: str, values: dict[str, Any]) -> None:
-    """The stage's own checks (its config class's ``validate``) on the file's values."""
+def _check_training(config: RecipeConfig, name: str, values: dict[str, Any], sft_shards: str) -> None:
+    """The stage's own checks (its config class's ``validate``) on the file's values
+    (``sft_shards``: where the SFT stage writes its token shards, RL's default PTX data)."""
     import importlib
 
     module, cls = CONFIG_CLASSES[name]
@@ -98,6 +101,8 @@ def _check_training(config: RecipeConfig, name: str, values: dict[str, Any]) -> 
     trial = dict(values)
     if name == "sft":  # the data exist only once k2 synth has run: check the rest now
         trial["data"] = [str(config.source)]
+    if name == "rl" and trial.get("ptx_data") == sft_shards and not Path(sft_shards, "manifest.json").is_file():
+        trial["ptx_weight"] = 0  # the SFT stage's shards do not exist yet: checked when RL starts
     try:
         config_cls.resolve(None, **trial)
     except ConfigError as err:

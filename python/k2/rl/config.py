@@ -12,7 +12,10 @@ Defaults the K2 report leaves open, and what we chose:
   over at most ``partial_max_age`` (2) steps, then decoded to the end (docs/rl.md, "Partial
   rollouts");
 * PTX: off (``ptx_weight`` 0); with ``--ptx-data DIR --ptx-weight γ`` each step adds γ times
-  the language-modelling loss of one ``batch_size × seq_len`` batch of DIR's token shards.
+  the language-modelling loss of one ``ptx_batch_size × ptx_seq_len`` batch of DIR's token shards
+  (loss mask honoured; both default to ``batch_size`` and ``seq_len``, which suit pretraining
+  text: SFT conversations want their own context length, or a tool call is cut from the tools
+  it must name).
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class RLConfig(TrainConfig):
     truncation_penalty: float = 0.5
     ptx_data: str = ""
     ptx_weight: float = 0.0
+    ptx_seq_len: int = 0
+    ptx_batch_size: int = 0
     warm_start_steps: int = 0
     warm_start_examples: int = 512
     eval_prompts: int = 64
@@ -135,7 +140,7 @@ class RLConfig(TrainConfig):
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
         for name in ("task_level", "token_budget", "temperature_decay_steps", "truncation_penalty",
-                     "ptx_weight", "warm_start_steps", "rollout_workers"):
+                     "ptx_weight", "ptx_seq_len", "ptx_batch_size", "warm_start_steps", "rollout_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.weight_transport not in WEIGHT_TRANSPORTS:
@@ -207,6 +212,8 @@ RL_HELP: dict[str, str] = {
     "truncation_penalty": "subtracted from the reward of a response cut at the token budget",
     "ptx_data": "prepared token shards for the PTX loss",
     "ptx_weight": "weight gamma of the PTX loss (0: off)",
+    "ptx_seq_len": "tokens per PTX sequence (0: seq_len)",
+    "ptx_batch_size": "sequences per PTX batch (0: batch_size)",
     "warm_start_steps": "SFT steps on the task's gold examples before RL (0: none)",
     "warm_start_examples": "how many gold examples the warm start cycles through",
     "eval_prompts": "held-out test prompts per evaluation (greedy)",

@@ -157,7 +157,8 @@ class RLJob:
         if config.ptx_weight > 0:
             from k2.data import TokenLoader
 
-            self.ptx = TokenLoader(config.ptx_data, config.seq_len, config.batch_size,
+            self.ptx = TokenLoader(config.ptx_data, config.ptx_seq_len or config.seq_len,
+                                   config.ptx_batch_size or config.batch_size,
                                    seed=config.seed, prefetch=1, threads=1)
         self.warm: list[tuple[np.ndarray, np.ndarray]] = []
         if config.warm_start_steps > 0:
@@ -447,9 +448,13 @@ class RLJob:
         inputs, targets, positions = self.warm_batch(step)
         with self.autocast:
             loss = self.model(input_ids=inputs, position_ids=positions, targets=targets).loss
-        loss.backward()
+        ptx_loss = self._ptx_loss() if self.ptx is not None else None  # the warm start forgets too
+        (loss if ptx_loss is None else loss + self.config.ptx_weight * ptx_loss).backward()
         grad_norm, report, layers = self._optimizer_step()
-        return {"phase": "warm_start", "loss": float(loss.detach()), "grad_norm": float(grad_norm),
-                "weight_version": step, "max_logit": [c.max_logit for c in layers],
-                "clipped_heads": [c.clipped_heads for c in layers],
-                "expert_balance": _balance(report), "skipped_steps": report.skipped_steps}
+        fields = {"phase": "warm_start", "loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                  "weight_version": step, "max_logit": [c.max_logit for c in layers],
+                  "clipped_heads": [c.clipped_heads for c in layers],
+                  "expert_balance": _balance(report), "skipped_steps": report.skipped_steps}
+        if ptx_loss is not None:
+            fields["ptx_loss"] = float(ptx_loss.detach())
+        return fields
