@@ -197,7 +197,7 @@ RL_HELP: dict[str, str] = {
     "steps": "RL steps (after the warm-start steps; 0 with --warm-start-steps: supervised steps only)",
     "init": "the policy to start from: a k2 run directory (its newest checkpoint) or a "
             "checkpoint directory (k2 or Hub layout, with tokenizer files)",
-    "task": "arithmetic | countdown | rg:NAME | code:humaneval (agentic:DOMAIN is not supported yet)",
+    "task": "arithmetic | countdown | rg:NAME | code:humaneval | agentic:DOMAIN (multi-turn episodes)",
     "task_level": "the task's difficulty level (0: the task's default)",
     "token_budget": "most response tokens (0: the task's budget)",
     "objective": "k2 (the K1.5/K2 loss) | grpo (TRL's clipped token-level loss)",
