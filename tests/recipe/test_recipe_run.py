@@ -109,6 +109,9 @@ batch_size = 2
 critic_share = 0.5
 critic_eval_prompts = 2
 critic_batch = 2
+ptx_weight = 0.5
+ptx_seq_len = 1024
+ptx_batch_size = 1
 
 [eval]
 val_batches = 0
@@ -194,6 +197,11 @@ def test_recipe_runs_resumes_after_ctrl_c_and_a_crash_and_reports(data_dir: Path
                 if r["kind"] == "eval"]
     for key in ("accuracy", "reward", "truncation_rate"):
         assert figures["rl"]["arithmetic"][key] == pytest.approx(rl_evals[-1][key]), key
+    # RL's PTX batches came from the SFT stage's shards, in warm-start and RL steps alike.
+    assert f"--ptx-data={out / 'sft' / 'data'}" in rl_marker["command"]
+    rl_steps = [r for r in map(json.loads, (out / "rl" / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    assert {r["phase"] for r in rl_steps} == {"warm_start", "rl"} and all(r["ptx_loss"] > 0 for r in rl_steps)
     assert "critic" in figures["rl"] and "critic" not in figures["sft"]
     for name in ("train", "sft", "rl"):
         agentic = figures[name]["agentic"]
