@@ -30,6 +30,8 @@ from k2.train.config import HELP, TrainConfig
 
 OBJECTIVES = ("k2", "grpo")
 WEIGHT_TRANSPORTS = ("shm", "dist")
+TASK_WORKINGS = ("none", "steps")
+"""What the task's gold replies show before the answer (``task_working``; arithmetic only)."""
 CUSTOM_PRESET = "custom"
 
 
@@ -59,6 +61,7 @@ class RLConfig(TrainConfig):
     init: str = ""
     task: str = "arithmetic"
     task_level: int = 0
+    task_working: str = "none"
     token_budget: int = 0
     objective: str = "k2"
     tau: float = 1.0
@@ -121,6 +124,8 @@ class RLConfig(TrainConfig):
         if not self.init:
             raise ConfigError("init is missing: give --init RUN_DIR or --init CHECKPOINT_DIR (the "
                               "policy to start from)")
+        if self.task_working not in TASK_WORKINGS:
+            raise ConfigError(f"unknown task_working {self.task_working!r}; choose one of {', '.join(TASK_WORKINGS)}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if not self.tau > 0:
@@ -199,6 +204,8 @@ RL_HELP: dict[str, str] = {
             "checkpoint directory (k2 or Hub layout, with tokenizer files)",
     "task": "arithmetic | countdown | rg:NAME | code:humaneval | agentic:DOMAIN (multi-turn episodes)",
     "task_level": "the task's difficulty level (0: the task's default)",
+    "task_working": "none | steps: what the gold replies show before the answer line: nothing, or "
+                    "worked column-by-column steps (arithmetic levels 1-4; docs/rl-tasks.md)",
     "token_budget": "most response tokens (0: the task's budget)",
     "objective": "k2 (the K1.5/K2 loss) | grpo (TRL's clipped token-level loss)",
     "tau": "the K2 loss's tau (weight of the log-ratio term)",

@@ -3,7 +3,8 @@
 
 1. check the settings and resolve the run directory;
 2. find the policy to start from (:func:`k2.train.sft.resolve_init`: a k2 run directory or a
-   checkpoint directory, with its tokenizer) and build the task (``--task``, ``--task-level``);
+   checkpoint directory, with its tokenizer) and build the task (``--task``, ``--task-level``,
+   ``--task-working``);
 3. evaluate the initial policy on the held-out prompts (an ``eval`` record at step 0);
 4. run ``warm_start_steps + steps`` optimizer steps with the harness's cadence, checkpoints
    (with the tokenizer), exact resume and Ctrl-C; draw the plots.
@@ -37,12 +38,18 @@ class RLResult:
 
 
 def build_task(config: RLConfig):  # noqa: ANN201
-    """The task ``config.task`` names, at ``task_level`` when set."""
+    """The task ``config.task`` names, at ``task_level`` when set, with ``task_working`` when not
+    ``none`` (only arithmetic takes it)."""
     from k2.rl.tasks import get_task
 
     options: dict[str, Any] = {}
     if config.task_level:
         options["level"] = config.task_level
+    if config.task_working != "none":
+        if config.task != "arithmetic":
+            raise ConfigError(f"task_working {config.task_working!r}: task {config.task!r} does not take it "
+                              "(only arithmetic shows worked steps)")
+        options["working"] = config.task_working
     return get_task(config.task, **options)
 
 
