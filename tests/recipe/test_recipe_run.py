@@ -96,6 +96,8 @@ log_every = 1
 
 [rl]
 task = "arithmetic"
+task_working = "steps"
+seq_len = 256
 steps = 2
 warm_start_steps = 1
 warm_start_examples = 8
@@ -197,6 +199,8 @@ def test_recipe_runs_resumes_after_ctrl_c_and_a_crash_and_reports(data_dir: Path
                 if r["kind"] == "eval"]
     for key in ("accuracy", "reward", "truncation_rate"):
         assert figures["rl"]["arithmetic"][key] == pytest.approx(rl_evals[-1][key]), key
+    # ... and asks for the worked steps the RL stage trained on, after every stage.
+    assert {figures[name]["arithmetic"]["working"] for name in figures} == {"steps"}
     # RL's PTX batches came from the SFT stage's shards, in warm-start and RL steps alike.
     assert f"--ptx-data={out / 'sft' / 'data'}" in rl_marker["command"]
     rl_steps = [r for r in map(json.loads, (out / "rl" / "metrics.jsonl").read_text().splitlines())
