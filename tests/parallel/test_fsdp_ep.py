@@ -10,6 +10,8 @@ the router-bias update from global loads.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import shutil
 from pathlib import Path
@@ -87,9 +89,11 @@ def _worker(rank: int, port: int, out: str, dtype: str) -> None:
                         "experts": model.model.layers[1].mlp.experts.gate_proj.to_local().shape[0]}
         run_steps(model, opt, clip, rank, WORLD, range(STEPS), record, lambda: fsdp.full_model_state(model))
         record["bytes"] = fsdp.bytes_per_rank(model, opt)
-        record["final"] = fsdp.full_model_state(model)
-        record["opt_state"] = fsdp.full_optimizer_state(opt)["state"]
+        record["final"] = copy.deepcopy(fsdp.full_model_state(model))  # before the extra step
+        record["opt_state"] = copy.deepcopy(fsdp.full_optimizer_state(opt)["state"])
         fsdp.save_checkpoint(out / "combined", model, opt, {"step": STEPS})
+        run_steps(model, opt, clip, rank, WORLD, range(STEPS, STEPS + 1), {}, lambda: None)
+        record["step21"] = fsdp.full_model_state(model)  # the 2-D run's own next step
 
         # A one-process run's step-10 checkpoint resumed on the 2-D mesh.
         model, opt = spread()
@@ -160,7 +164,10 @@ def test_dp_shard_2_x_ep_2_equals_one_process_and_checkpoints_move_both_ways(tmp
 
     # The 2-D run's checkpoint resumed on one process: exactly the 2-D run's weights and optimizer
     # state (whole expert stacks, every momentum and moment), and one more step lands where the
-    # uninterrupted single process does.
+    # 2-D run's own next step does (one step's rounding) and, in float64, where the uninterrupted
+    # single process does. (In float32 the 20-step gap, up to 1e-3, can grow past 1e-3 in the
+    # next step on a small tensor such as a router gate: measured 7.8e-3 once; docs/parallel.md,
+    # "How exact is a sharded run?".)
     model = moe_model_in(dtype)
     opt = MuonClip(model, **OPT)
     result = checkpoint.load(tmp_path / "combined", model, opt, restore_rng=False)
@@ -176,7 +183,9 @@ def test_dp_shard_2_x_ep_2_equals_one_process_and_checkpoints_move_both_ways(tmp
     extra: dict = {}
     run_steps(model, opt, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM), 0, 1,
               range(STEPS, STEPS + 1), extra, lambda: None)
-    assert_weights(dict(model.state_dict()), single["step21"], rel=tol["final"])
+    assert_weights(dict(model.state_dict()), ranks[0]["step21"], rel=tol["one"])
+    if dtype == "float64":
+        assert_weights(dict(model.state_dict()), single["step21"], rel=tol["final"])
 
 
 def test_mesh_and_expert_settings_fail_with_the_options_named() -> None:
