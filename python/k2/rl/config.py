@@ -26,12 +26,11 @@ from pathlib import Path
 
 from k2.errors import ConfigError
 from k2.rl.critic.settings import CRITIC_HELP
+from k2.rl.tasks.arithmetic import WORKINGS as TASK_WORKINGS  # task_working's values (arithmetic only)
 from k2.train.config import HELP, TrainConfig
 
 OBJECTIVES = ("k2", "grpo")
 WEIGHT_TRANSPORTS = ("shm", "dist")
-TASK_WORKINGS = ("none", "steps")
-"""What the task's gold replies show before the answer (``task_working``; arithmetic only)."""
 CUSTOM_PRESET = "custom"
 
 
