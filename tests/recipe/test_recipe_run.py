@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -97,6 +98,7 @@ log_every = 1
 [rl]
 task = "arithmetic"
 task_working = "steps"
+task_digits = 1
 seq_len = 256
 steps = 2
 warm_start_steps = 1
@@ -199,8 +201,12 @@ def test_recipe_runs_resumes_after_ctrl_c_and_a_crash_and_reports(data_dir: Path
                 if r["kind"] == "eval"]
     for key in ("accuracy", "reward", "truncation_rate"):
         assert figures["rl"]["arithmetic"][key] == pytest.approx(rl_evals[-1][key]), key
-    # ... and asks for the worked steps the RL stage trained on, after every stage.
+    # ... and asks for the worked steps and operand digits the RL stage trained on, after every stage.
     assert {figures[name]["arithmetic"]["working"] for name in figures} == {"steps"}
+    assert {figures[name]["arithmetic"]["digits"] for name in figures} == {1}
+    operands = [int(x) for name in figures for ex in figures[name]["arithmetic"]["examples"]
+                for x in re.findall(r"\d+", ex["prompt"])]
+    assert operands and max(operands) < 10
     # RL's PTX batches came from the SFT stage's shards, in warm-start and RL steps alike.
     assert f"--ptx-data={out / 'sft' / 'data'}" in rl_marker["command"]
     rl_steps = [r for r in map(json.loads, (out / "rl" / "metrics.jsonl").read_text().splitlines())

@@ -20,6 +20,7 @@ from k2.errors import RLError  # noqa: E402
 from k2.model import K2ForCausalLM  # noqa: E402
 from k2.rl import Request, RolloutEngine  # noqa: E402
 from k2.rl.agent_policy import EnginePolicy  # noqa: E402
+from k2.rl.logprobs import sequence_logprobs  # noqa: E402
 
 from model_helpers import small_config  # noqa: E402
 
@@ -70,9 +71,23 @@ def test_constrained_greedy_rows_equal_generate(setup):
         alone = model.generate([list(request.prompt_ids)], max_new_tokens=request.max_new_tokens,
                                stop_tokens=list(request.stop_ids), constraints=[constrainer.row(tools, request.prompt_ids)])
         assert completion.token_ids == alone[0]
-        # the first token is forced (only <|tool_call_begin|> may open a section): log-probability 0
+        # the first token is forced (only <|tool_call_begin|> may open a section), yet its reported
+        # log-probability is the model's own, as a full forward gives it, not the mask's 0
         assert completion.token_ids[0] == tokenizer.token_to_id("<|tool_call_begin|>")
-        assert completion.logprobs[0] == pytest.approx(0.0, abs=1e-6)
+        full = sequence_logprobs(model, request.prompt_ids, completion.token_ids, 1.0)
+        assert completion.logprobs == pytest.approx(full.tolist(), abs=1e-5)
+        assert completion.logprobs[0] < -1e-3
+
+
+def test_constrained_samples_report_the_policys_logprobs(setup):
+    """Sampled under the mask at T = 0.7, each token's reported log-probability equals an unmasked
+    full forward's at that temperature (the trainer's π_θ), so the RL log-ratio is 0 at θ_old."""
+    model, tokenizer, constrainer = setup
+    reqs = requests(tokenizer, constrainer, 0.7, count=4, budget=40)
+    completions = RolloutEngine(model, max_batch=2).generate([r for r, _ in reqs], seed=3)
+    for (request, _), completion in zip(reqs, completions):
+        full = sequence_logprobs(model, request.prompt_ids, completion.token_ids, 0.7)
+        assert completion.logprobs == pytest.approx(full.tolist(), abs=1e-5)
 
 
 def test_constrained_sampled_calls_are_valid(setup):

@@ -74,11 +74,12 @@ def validation_loss(model: Any, train_dir: Path, settings: EvalSettings) -> dict
 
 
 def arithmetic_accuracy(model: Any, tokenizer: Any, settings: EvalSettings, level: int, seed: int,
-                        budget: int = 0, working: str = "none") -> dict[str, Any]:
+                        budget: int = 0, working: str = "none", digits: int = 0) -> dict[str, Any]:
     """Held-out greedy accuracy on the arithmetic task, as ``k2 rl`` evaluates it
     (``RLJob.evaluate``: its test prompts drawn with ``seed``, rendered with the assistant turn
     open, decoded greedily up to ``<|im_end|>`` or the task's budget, scored by its verifier).
-    ``working``: the RL stage's ``task_working`` (its system prompt and budget)."""
+    ``working``: the RL stage's ``task_working`` (its system prompt and budget); ``digits``: its
+    ``task_digits`` (0: the level's)."""
     from k2.rl.job import IM_END, render_prompt
     from k2.rl.rollout import Request, RolloutEngine
     from k2.rl.tasks import get_task
@@ -86,6 +87,8 @@ def arithmetic_accuracy(model: Any, tokenizer: Any, settings: EvalSettings, leve
     options: dict[str, Any] = {"level": level} if level else {}
     if working != "none":
         options["working"] = working
+    if digits:
+        options["digits"] = digits
     task = get_task("arithmetic", **options)
     prompts = task.prompts("test", settings.arithmetic_prompts, seed=seed)
     im_end = tokenizer.token_to_id(IM_END)
@@ -100,6 +103,7 @@ def arithmetic_accuracy(model: Any, tokenizer: Any, settings: EvalSettings, leve
             "reward": sum(v.score for v in verdicts) / len(verdicts),
             "truncation_rate": sum(c.finish_reason == "length" for c in completions) / len(completions),
             "prompts": len(prompts), "level": level or "default", "working": working,
+            "digits": task.level.digits,
             "examples": [{"prompt": p.messages[-1]["content"], "reply": t} for p, t in list(zip(prompts, texts))[:3]]}
 
 
@@ -176,7 +180,7 @@ def evaluate_stage(stage: str, out: Path, markers: dict[str, dict[str, Any]], se
         "val_loss": common,
         "arithmetic": {**common, "level": _arithmetic_level(settings, rl_settings),
                        "seed": int(rl_settings.get("seed", 0)), "budget": _arithmetic_budget(settings, rl_settings),
-                       **_arithmetic_working(rl_settings)},
+                       **_arithmetic_variant(rl_settings)},
     }
     if "synth" in markers:
         wanted["agentic"] = {**common, "synth": markers["synth"].get("id", markers["synth"]["finished"])}
@@ -198,7 +202,8 @@ def evaluate_stage(stage: str, out: Path, markers: dict[str, dict[str, Any]], se
             figures = validation_loss(model, out / "train", settings)
         elif name == "arithmetic":
             figures = arithmetic_accuracy(model, tokenizer, settings, wanted[name]["level"], wanted[name]["seed"],
-                                          wanted[name]["budget"], wanted[name].get("working", "none"))
+                                          wanted[name]["budget"], wanted[name].get("working", "none"),
+                                          wanted[name].get("digits", 0))
         elif name == "agentic":
             figures = agentic(model, tokenizer, out / "synth", settings, lambda line: log(f"recipe:   {line}"))
         else:
@@ -225,13 +230,18 @@ def _arithmetic_budget(settings: EvalSettings, rl_settings: dict[str, Any]) -> i
     return 0
 
 
-def _arithmetic_working(rl_settings: dict[str, Any]) -> dict[str, str]:
-    """``{"working": ...}`` when the RL stage trains arithmetic with worked steps, else nothing (so
-    the inputs of evaluations cached before the option existed still match)."""
-    working = rl_settings.get("task_working", "none")
-    if rl_settings.get("task", "arithmetic") == "arithmetic" and working != "none":
-        return {"working": str(working)}
-    return {}
+def _arithmetic_variant(rl_settings: dict[str, Any]) -> dict[str, Any]:
+    """``working`` and ``digits`` when the RL stage trains arithmetic with worked steps or other
+    operand digits, else nothing (so the inputs of evaluations cached before the options existed
+    still match)."""
+    if rl_settings.get("task", "arithmetic") != "arithmetic":
+        return {}
+    variant: dict[str, Any] = {}
+    if rl_settings.get("task_working", "none") != "none":
+        variant["working"] = str(rl_settings["task_working"])
+    if int(rl_settings.get("task_digits", 0)):
+        variant["digits"] = int(rl_settings["task_digits"])
+    return variant
 
 
 def _jsonable(value: Any) -> Any:

@@ -61,6 +61,9 @@ class RLConfig(TrainConfig):
     task: str = "arithmetic"
     task_level: int = 0
     task_working: str = "none"
+    task_digits: int = 0
+    task_data: str = ""
+    agent_constraints: bool = True
     token_budget: int = 0
     objective: str = "k2"
     tau: float = 1.0
@@ -143,7 +146,7 @@ class RLConfig(TrainConfig):
                                   f"{getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
-        for name in ("task_level", "token_budget", "temperature_decay_steps", "truncation_penalty",
+        for name in ("task_level", "task_digits", "token_budget", "temperature_decay_steps", "truncation_penalty",
                      "ptx_weight", "ptx_seq_len", "ptx_batch_size", "warm_start_steps", "rollout_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -205,6 +208,13 @@ RL_HELP: dict[str, str] = {
     "task_level": "the task's difficulty level (0: the task's default)",
     "task_working": "none | steps: what the gold replies show before the answer line: nothing, or "
                     "worked column-by-column steps (arithmetic levels 1-4; docs/rl-tasks.md)",
+    "task_digits": "digits of each arithmetic operand, overriding the level's (0: the level's); e.g. "
+                   "3 with level 2 asks three-digit sums a level-2 warm start never saw",
+    "task_data": "with --task agentic:DOMAIN: a k2 synth output directory whose tasks of DOMAIN to play "
+                 "(train split for RL, validation split held out), each in its own tool variants "
+                 "(default: the domain's shipped example tasks)",
+    "agent_constraints": "schema-constrained tool calls in agentic episodes, rollouts and evaluation alike "
+                         "(docs/rl.md, \"Multi-turn tasks\")",
     "token_budget": "most response tokens (0: the task's budget)",
     "objective": "k2 (the K1.5/K2 loss) | grpo (TRL's clipped token-level loss)",
     "tau": "the K2 loss's tau (weight of the log-ratio term)",

@@ -44,8 +44,12 @@ class PlayedEpisode:
 
 def play_episodes(task: Any, prompts: Sequence[Prompt], engine: Any, tokenizer: Any, *,  # noqa: ANN401
                   budget: int, temperature: float, top_p: float, stop_id: int, seed: int,
-                  max_context: int) -> list[PlayedEpisode]:
+                  max_context: int, constrainer: Any = None) -> list[PlayedEpisode]:  # noqa: ANN401
     """Play one episode per prompt with ``engine`` (``generate(requests, seed=...)``).
+
+    With ``constrainer`` (a :class:`k2.agentic.constrain.ToolCallConstrainer`) every turn's tool
+    calls are held to the environment's declared tools and their schemas; the completions' log-
+    probabilities stay the model's own (docs/rl.md, "Constrained requests").
 
     Turn ``t`` of episode ``i`` samples with the seed ``request_seed(seed, t · len(prompts) + i)``,
     so an episode's samples depend on the seed and the weights only.
@@ -67,7 +71,10 @@ def play_episodes(task: Any, prompts: Sequence[Prompt], engine: Any, tokenizer: 
         if not fits:
             break  # the rest cannot take another turn: unfinished
         requests = [Request(contexts[i], budget, temperature=temperature, top_p=top_p, stop_ids=[stop_id],
-                            seed=request_seed(seed, turn * len(prompts) + i)) for i in fits]
+                            seed=request_seed(seed, turn * len(prompts) + i),
+                            constraint=None if constrainer is None or not envs[i].tools
+                            else constrainer.row(envs[i].tools, contexts[i]))
+                    for i in fits]
         completions = engine.generate(requests, seed=seed)
         still = []
         for i, completion in zip(fits, completions):

@@ -173,6 +173,10 @@ class RLJob:
                                           "with an agentic task): only single-turn tasks pause and resume")
             self.partial = PartialRollouts(self)
         self._partial_fields: dict[str, Any] = {}
+        if task.multi_turn and config.agent_constraints and config.rollout_workers > 0:
+            raise NotImplementedError("schema-constrained agentic episodes on rollout workers: the constraint "
+                                      "(llguidance's matcher) cannot be sent to a worker process; use "
+                                      "--rollout-workers 0, or --no-agent-constraints")
 
     # ------------------------------------------------------------------ the Job protocol
     def train_step(self, step: int, log: bool) -> dict[str, Any] | None:
@@ -287,7 +291,18 @@ class RLJob:
 
         return play_episodes(self.task, prompts, engine, self.tokenizer, budget=self.budget,
                              temperature=temperature, top_p=self.config.top_p, stop_id=self.im_end,
-                             seed=seed, max_context=self.policy.config.max_position_embeddings)
+                             seed=seed, max_context=self.policy.config.max_position_embeddings,
+                             constrainer=self._constrainer())
+
+    def _constrainer(self) -> Any:  # noqa: ANN401
+        """The tool-call constrainer of agentic episodes (None with ``agent_constraints`` off)."""
+        if not self.config.agent_constraints:
+            return None
+        if getattr(self, "_tool_constrainer", None) is None:
+            from k2.agentic.constrain import ToolCallConstrainer
+
+            self._tool_constrainer = ToolCallConstrainer(self.tokenizer)
+        return self._tool_constrainer
 
     def _multi_turn_rollouts(self, step: int) -> Rollouts:
         cfg = self.config

@@ -39,7 +39,8 @@ class RLResult:
 
 def build_task(config: RLConfig):  # noqa: ANN201
     """The task ``config.task`` names, at ``task_level`` when set, with ``task_working`` when not
-    ``none`` (only arithmetic takes it)."""
+    ``none`` and ``task_digits`` when set (only arithmetic takes those two), on ``task_data``'s
+    synthesized tasks when set (agentic tasks only)."""
     from k2.rl.tasks import get_task
 
     options: dict[str, Any] = {}
@@ -50,6 +51,16 @@ def build_task(config: RLConfig):  # noqa: ANN201
             raise ConfigError(f"task_working {config.task_working!r}: task {config.task!r} does not take it "
                               "(only arithmetic shows worked steps)")
         options["working"] = config.task_working
+    if config.task_digits:
+        if config.task != "arithmetic":
+            raise ConfigError(f"task_digits {config.task_digits}: task {config.task!r} does not take it "
+                              "(only arithmetic has operand digits)")
+        options["digits"] = config.task_digits
+    if config.task_data:
+        if not config.task.startswith("agentic:"):
+            raise ConfigError(f"task_data {config.task_data!r}: task {config.task!r} does not take it "
+                              "(only agentic:DOMAIN plays k2 synth tasks)")
+        options["synth"] = config.task_data
     return get_task(config.task, **options)
 
 

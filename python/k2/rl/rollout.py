@@ -8,7 +8,8 @@ batch. Every request samples with its own random numbers (:mod:`k2.rl.sampling`)
 result does not depend on ``max_batch`` or on the order requests run in.
 
 Each :class:`Completion` carries its tokens, their log-probabilities under the sampling policy
-(``log_softmax(logits / T)`` at the request's temperature, without top-p truncation; see
+(``log_softmax(logits / T)`` at the request's temperature, without top-p truncation or a
+constraint's mask; see
 :func:`k2.rl.logprobs.sequence_logprobs` for the same numbers from a full forward) and the
 weight version the engine held when each token was sampled. A call can stop after a number of
 decode steps and hand back paused completions, which a later call resumes on the same random
@@ -58,8 +59,9 @@ class Request:
         constraint: restricts which tokens may be sampled (e.g. schema-constrained tool calls,
             :class:`k2.agentic.constrain.ToolCallConstraint`; docs/constrained-decoding.md):
             before each token its ``allowed_mask(vocab)`` removes the others from the logits,
-            after it ``advance(token)`` is told the token. The reported log-probabilities are
-            then those of the constrained distribution. A resumed request needs a constraint
+            after it ``advance(token)`` is told the token. The reported log-probabilities stay
+            the policy's, before the mask (as they are before top-p): those a full forward of the
+            same tokens gives, which the RL trainer compares with. A resumed request needs a constraint
             that has seen the prefix's tokens (the same object, or one made from the prompt and
             the prefix's tokens).
     """
@@ -84,7 +86,8 @@ class Completion:
         token_ids: the generated tokens (ending with the stop token when ``finish_reason`` is
             ``"stop"``).
         logprobs: per generated token, ``log_softmax(logits / T)`` at it, where T is the
-            request's temperature (1 for greedy requests), without top-p truncation.
+            request's temperature (1 for greedy requests), without top-p truncation or a
+            constraint's mask.
         versions: per generated token, the engine's ``weight_version`` when it was sampled.
         finish_reason: ``"stop"`` (a stop token), ``"length"`` (the token budget), or None: paused
             by ``max_steps`` (resume it with ``Request(..., prefix=completion)``).
@@ -430,6 +433,13 @@ class RolloutEngine:
         top_p = torch.tensor([float(s.request.top_p) for s in sequences], dtype=torch.float64)
         uniforms = torch.stack([s.uniforms[len(s.completion.token_ids)] for s in sequences])
         device = logits.device
-        if any(s.request.constraint is not None for s in sequences):
-            logits = apply_constraints(logits, [s.request.constraint for s in sequences])
-        return sample_tokens(logits, temperature.to(device), top_p.to(device), uniforms.to(device))
+        temperature, top_p, uniforms = temperature.to(device), top_p.to(device), uniforms.to(device)
+        if not any(s.request.constraint is not None for s in sequences):
+            return sample_tokens(logits, temperature, top_p, uniforms)
+        masked = apply_constraints(logits, [s.request.constraint for s in sequences])
+        tokens, _ = sample_tokens(masked, temperature, top_p, uniforms)
+        # The log-probability is the policy's, before the mask (as it is before top-p): what a full
+        # forward of the same tokens gives, so the trainer's log-ratio is 0 at θ = θ_old.
+        scale = torch.where(temperature <= 0, torch.ones_like(temperature), temperature).to(logits.device)
+        logp = torch.log_softmax(logits.float() / scale[:, None].float(), dim=-1)
+        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)

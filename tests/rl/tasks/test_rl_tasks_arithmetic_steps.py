@@ -15,6 +15,7 @@ from k2.rl.tasks.arithmetic import (
     INSTRUCTION,
     LEVELS,
     STEPS_INSTRUCTION,
+    ArithmeticLevel,
     ArithmeticTask,
     steps_token_bound,
 )
@@ -259,3 +260,35 @@ def test_k2_rl_takes_task_working() -> None:
         build_task(parse("--task", "countdown", "--task-working", "steps"))
     with pytest.raises(RLTaskError, match="'arithmetic'.*steps"):
         build_task(parse("--task-level", "5", "--task-working", "steps"))
+
+
+def test_k2_rl_takes_task_digits() -> None:
+    """``--task-digits`` overrides the level's operand digits (a longer sum than the warm start
+    saw), with the steps budget recomputed; only arithmetic takes it."""
+    from k2.cli import build_parser
+    from k2.rl.config import RL_FLAGS, RLConfig
+    from k2.rl.loop import build_task
+    from k2.train.resume import command_config
+
+    def parse(*flags: str) -> RLConfig:
+        args = build_parser().parse_args(["rl", "--init", "x", *flags])
+        config, _ = command_config(args, {name: getattr(args, name) for name in RL_FLAGS}, RLConfig)
+        assert isinstance(config, RLConfig)
+        config.validate()
+        return config
+
+    assert parse().task_digits == 0 and build_task(parse()).level.digits == 2
+    task = build_task(parse("--task-level", "2", "--task-digits", "3", "--task-working", "steps"))
+    assert task.level == ArithmeticLevel(3, 2, "+-")
+    assert task.token_budget == -(-steps_token_bound(task.level) // 16) * 16 > 64
+    for p in task.prompts("test", 50, seed=1):
+        operands = [int(x) for x in p.hidden["expression"].split()[::2]]
+        assert all(0 <= x < 1000 for x in operands)
+        assert task.verify(p, task.gold_response(p)).correct
+    assert any(int(x) >= 100 for p in task.prompts("test", 50, seed=1) for x in p.hidden["expression"].split()[::2])
+    with pytest.raises(ConfigError, match="task_digits"):
+        parse("--task-digits", "-1")
+    with pytest.raises(ConfigError, match="task_digits.*'countdown'"):
+        build_task(parse("--task", "countdown", "--task-digits", "3"))
+    with pytest.raises(RLTaskError, match="'arithmetic'.*digits"):
+        build_task(parse("--task-digits", "12"))

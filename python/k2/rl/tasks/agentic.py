@@ -14,6 +14,11 @@ replay reproduces the episode and its reward exactly.
 Reward: the grade's reward (tau2: the product of the task's reward-basis components, each 0 or
 1); an episode that ends by a turn or step limit, does not end at all, or cannot be graded
 (``None``: an NL assertion no judge decided) scores 0.
+
+With ``synth=DIR`` (a ``k2 synth`` output; ``k2 rl --task-data DIR``) the tasks are the
+synthesized ones of the domain: training prompts from ``train.tasks.json``, held-out ones from
+``validation.tasks.json`` (held-out tool variants and templates), each played with its own agent's
+tool variants and system prompt, as ``k2 eval agentic`` plays them.
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class AgenticTask(Task):
         domain: a registered domain name (:func:`k2.agentic.domains`).
         tasks: tau2-format tasks (a JSON file's path or a list); default the domain's shipped
             example tasks.
+        synth: a ``k2 synth`` output directory instead of ``tasks``: its tasks of ``domain``,
+            split as it split them, each in its own tool variants.
         max_turns, max_steps: the environment's limits per episode (ended episodes score 0).
         user, judge, stochastic, failure_rate: as for :func:`k2.agentic.make_env`.
 
@@ -89,6 +96,7 @@ class AgenticTask(Task):
         domain: str,
         *,
         tasks: str | Path | Sequence[AgentTask] | None = None,
+        synth: str | Path | None = None,
         test_fraction: float = DEFAULT_TEST_FRACTION,
         token_budget: int | None = None,
         max_turns: int = 10,
@@ -100,7 +108,13 @@ class AgenticTask(Task):
             raise RLTaskError(f"task {self.name!r}: no agentic domain {domain!r}; there are: {', '.join(domains())}")
         self.domain = domain
         get_domain(domain)
-        if tasks is None:
+        self.variants: dict[str, Any] = {}
+        synth_splits: dict[str, list[str]] | None = None
+        if synth is not None:
+            if tasks is not None:
+                raise RLTaskError(f"task {self.name!r}: give tasks or synth, not both")
+            loaded, synth_splits = self._load_synth(Path(synth))
+        elif tasks is None:
             loaded = example_tasks(domain)
         elif isinstance(tasks, (str, Path)):
             loaded = load_tasks(tasks)
@@ -114,7 +128,52 @@ class AgenticTask(Task):
         self.test_fraction = check_fraction(self.name, test_fraction)
         self._init_budget(token_budget)
         self.env_options = dict(env_options, max_turns=max_turns, max_steps=max_steps)
-        self.splits = split_ids(self.name, sorted(self.tasks), self.test_fraction)
+        self.splits = synth_splits or split_ids(self.name, sorted(self.tasks), self.test_fraction)
+
+    def _load_synth(self, out: Path) -> tuple[list[AgentTask], dict[str, list[str]]]:
+        """The domain's tasks of a ``k2 synth`` output and its split of them."""
+        from k2.agentic.synth.output import load_variants
+
+        for name in ("train.tasks.json", "validation.tasks.json", "variants.jsonl"):
+            if not (out / name).is_file():
+                raise RLTaskError(f"task {self.name!r}: {out / name} does not exist: is {out} a k2 synth output "
+                                  "directory?")
+        self.variants = load_variants(out / "variants.jsonl")
+        loaded: list[AgentTask] = []
+        splits: dict[str, list[str]] = {}
+        for split, name in (("train", "train.tasks.json"), ("test", "validation.tasks.json")):
+            mine = []
+            for task in load_tasks(out / name):
+                synth = task.raw.get("k2_synth")
+                if not isinstance(synth, dict) or not isinstance(synth.get("variants"), list):
+                    raise RLTaskError(f"task {self.name!r}: {out / name}: task {task.id!r} has no k2_synth "
+                                      "variants (not written by k2 synth)")
+                if _task_domain(task) != self.domain:
+                    continue
+                missing = [v for v in synth["variants"] if v not in self.variants]
+                if missing:
+                    raise RLTaskError(f"task {self.name!r}: {out / name}: task {task.id!r} uses variants "
+                                      f"{missing} that {out / 'variants.jsonl'} lacks")
+                mine.append(task)
+            if not mine:
+                raise RLTaskError(f"task {self.name!r}: {out / name} holds no task of domain {self.domain!r}")
+            loaded += mine
+            splits[split] = sorted(t.id for t in mine)
+        return loaded, splits
+
+    def _env(self, task: AgentTask, seed: int, **options: Any) -> AgentEnv:
+        """A fresh environment of ``task``: in its synthesized agent's tool variants and system
+        prompt when it has them, else in the domain itself."""
+        synth = task.raw.get("k2_synth") if self.variants else None
+        if not synth:
+            return make_env(self.domain, task, seed=seed, **{**self.env_options, **options})
+        from k2.agentic.synth.agents import agent_policy
+        from k2.agentic.synth.variant_domain import VariantDomain
+
+        domain = VariantDomain(self.domain, [self.variants[v] for v in synth["variants"]],
+                               policy=agent_policy(self.domain))
+        return make_env(domain, task, seed=seed, system_prompt=str(synth.get("system_prompt", "")),
+                        **{**self.env_options, **options})
 
     # ---- prompts and environments ------------------------------------------------------------
     def make_env(self, prompt: Prompt, **options: Any) -> AgentEnv:
@@ -123,7 +182,7 @@ class AgenticTask(Task):
         task = self.tasks.get(str(prompt.hidden.get("task_id")))
         if task is None:
             raise RLTaskError(f"task {self.name!r}: prompt {prompt.id!r} names no task of this domain")
-        return make_env(self.domain, task, seed=prompt.hidden["env_seed"], **{**self.env_options, **options})
+        return self._env(task, prompt.hidden["env_seed"], **options)
 
     def prompts(self, split: str, n: int, seed: int = 0) -> list[Prompt]:
         ids = sample_pool(self.name, split, n, seed, self.splits.get(split, []))
@@ -131,7 +190,7 @@ class AgenticTask(Task):
         out = []
         for task_id in ids:
             env_seed = seeds.randrange(2**31)
-            env = make_env(self.domain, self.tasks[task_id], seed=env_seed, **self.env_options)
+            env = self._env(self.tasks[task_id], env_seed)
             obs = env.reset()
             out.append(Prompt(
                 id=f"{task_id}@{env_seed}",
@@ -230,3 +289,9 @@ class AgenticTask(Task):
                     break
             batch += 1
         return out[:n]
+
+
+def _task_domain(task: AgentTask) -> str:
+    """The domain a synthesized task names (``user_scenario.instructions.domain``)."""
+    instructions = (task.raw.get("user_scenario") or {}).get("instructions")
+    return str(instructions.get("domain", "")) if isinstance(instructions, dict) else ""
