@@ -22,7 +22,7 @@ class GoldAgent:
     def reset(self) -> None:
         ins = self.task.instructions
         facts = ins.get("facts") if isinstance(ins, dict) else None
-        keys = [k.split("|")[0] for k in (facts or {})]
+        keys = [k.split("|")[0].removeprefix("your ") for k in (facts or {})]  # synth keys say "your name"
         self.script: list[str] = []
         self.counter = sum(len(m.get("tool_calls") or ()) for m in self.task.message_history if m.get("role") == "assistant")
         if keys:
