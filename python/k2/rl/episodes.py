@@ -9,8 +9,9 @@ samples the next assistant turn of every unfinished episode in one engine call (
 continuous batching and, with ``--rollout-workers``, the workers serve them), then steps each
 environment with its turn.
 
-An episode is over when its environment says so, or — unfinished, scoring 0 — when the next
-turn would not fit the model's context. Its reward is the task's verdict on the transcript of
+An episode is over when its environment says so, or — unfinished, scoring 0 — when fewer than
+:data:`MIN_TURN_TOKENS` context positions remain for the next turn (a turn writes up to the
+task's per-turn budget or to the end of the context). Its reward is the task's verdict on the transcript of
 its turns (:meth:`AgenticTask.verify` replays them in a fresh environment with the same seed,
 which reproduces the episode). A sample is a list of *segments* (context ids, the turn's
 completion): the training loss takes log π of the episode as the sum over its turns, so only
@@ -42,6 +43,11 @@ class PlayedEpisode:
     reward: Reward | None = None
 
 
+MIN_TURN_TOKENS = 8
+"""A turn starts only when this many context positions remain (as in ``k2 eval agentic``); it may
+write up to the task's per-turn budget or to the end of the context, whichever comes first."""
+
+
 def play_episodes(task: Any, prompts: Sequence[Prompt], engine: Any, tokenizer: Any, *,  # noqa: ANN401
                   budget: int, temperature: float, top_p: float, stop_id: int, seed: int,
                   max_context: int, constrainer: Any = None) -> list[PlayedEpisode]:  # noqa: ANN401
@@ -59,18 +65,19 @@ def play_episodes(task: Any, prompts: Sequence[Prompt], engine: Any, tokenizer: 
     for p in prompts:
         env = task.make_env(p, tokenizer=tokenizer)
         obs = env.reset()
-        if len(obs.ids) + budget > max_context:
-            raise RLError(f"task {task.name!r}: prompt {p.id!r} is {len(obs.ids)} tokens; with the "
-                          f"turn budget of {budget} it exceeds the model's context of {max_context}")
+        if len(obs.ids) + MIN_TURN_TOKENS > max_context:
+            raise RLError(f"task {task.name!r}: prompt {p.id!r} is {len(obs.ids)} tokens; with a turn "
+                          f"of at least {MIN_TURN_TOKENS} it exceeds the model's context of {max_context}")
         envs.append(env)
         contexts.append(list(obs.ids))
     active = list(range(len(prompts)))
     turn = 0
     while active:
-        fits = [i for i in active if len(contexts[i]) + budget <= max_context]
+        fits = [i for i in active if len(contexts[i]) + MIN_TURN_TOKENS <= max_context]
         if not fits:
             break  # the rest cannot take another turn: unfinished
-        requests = [Request(contexts[i], budget, temperature=temperature, top_p=top_p, stop_ids=[stop_id],
+        requests = [Request(contexts[i], min(budget, max_context - len(contexts[i])), temperature=temperature,
+                            top_p=top_p, stop_ids=[stop_id],
                             seed=request_seed(seed, turn * len(prompts) + i),
                             constraint=None if constrainer is None or not envs[i].tools
                             else constrainer.row(envs[i].tools, contexts[i]))

@@ -36,7 +36,7 @@ import torch
 from k2.errors import RLError
 from k2.parallel.setup import Dist
 from k2.rl.config import RLConfig
-from k2.rl.logprobs import batch_logprobs, pad_logprobs
+from k2.rl.logprobs import batch_logprobs, episode_rows, pad_logprobs
 from k2.rl.objective import group_advantages, grpo_loss, k2_loss
 from k2.rl.rollout import Completion, Request, RolloutEngine
 from k2.rl.tasks.base import Prompt, Reward, Task
@@ -330,17 +330,22 @@ class RLJob:
         k = cfg.samples_per_prompt
         p = len(rollouts.segments) // k  # groups trained (fewer or more than P with partial rollouts)
         device = self.d.device
-        pairs = [(ids, c) for segments in rollouts.segments for ids, c in segments]
+        # A multi-turn sample is one row (its turns and the observations between them, only the
+        # turns scored), not one row per turn: the prompt and earlier turns run once.
+        rows = [episode_rows(segments) for segments in rollouts.segments]
+        flat_rows = [r for sample in rows for r in sample]
+        temperatures = [rollouts.temperatures[i] if rollouts.temperatures else rollouts.temperature
+                        for i, sample in enumerate(rows) for _ in sample]
         # In the model's own precision, as the sampler ran (no bf16 autocast): at θ = θ_old the
         # log-ratio must be zero up to rounding.
         with nullcontext():
-            flat = batch_logprobs(self.policy, [ids for ids, _ in pairs], [c.token_ids for _, c in pairs],
-                                  rollouts.temperatures or rollouts.temperature)
+            flat = batch_logprobs(self.policy, [p for p, _, _ in flat_rows], [t for _, t, _ in flat_rows],
+                                  temperatures, keep=[k for _, _, k in flat_rows])
         new: list[torch.Tensor] = []  # per sample, its tokens' log-probabilities, turns joined
         at = 0
-        for segments in rollouts.segments:
-            parts = flat[at: at + len(segments)]
-            at += len(segments)
+        for sample in rows:
+            parts = flat[at: at + len(sample)]
+            at += len(sample)
             new.append(torch.cat(parts) if parts else torch.zeros(0, device=device))
         old = [torch.tensor([lp for _, c in segments for lp in c.logprobs], dtype=torch.float32, device=device)
                for segments in rollouts.segments]
@@ -356,7 +361,7 @@ class RLJob:
             advantages = group_advantages(rewards).flatten()
             loss = grpo_loss(new_tok, old_tok, advantages, mask, epsilon=cfg.grpo_epsilon)
         log_ratio = float((new_seq.detach() - old_seq).mean())
-        return loss, {"log_ratio": log_ratio}
+        return loss, {"log_ratio": log_ratio, "forward_tokens": sum(len(p) + len(t) for p, t, _ in flat_rows)}
 
     def _rl_step(self, step: int) -> dict[str, Any]:
         cfg, d = self.config, self.d
@@ -376,7 +381,7 @@ class RLJob:
         completions = rollouts.all_completions
         samples = len(rollouts.segments)
         tokens = sum(rollouts.lengths())
-        trained = tokens + sum(len(ids) for s in rollouts.segments for ids, _ in s)
+        trained = extra.pop("forward_tokens")  # what the trainer's forward ran
         logprobs = [lp for c in completions for lp in c.logprobs]
         reward = sum(rollouts.rewards) / len(rollouts.rewards)
         fields: dict[str, Any] = {

@@ -9,7 +9,7 @@ sum over the completion's tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,7 @@ def batch_logprobs(
     prompts: Sequence[Sequence[int]],
     completions: Sequence[Sequence[int]],
     temperatures: float | Sequence[float],
+    keep: Sequence[Sequence[bool]] | None = None,
 ) -> list[torch.Tensor]:
     """Per-token log-probabilities of each completion after its prompt (teacher forcing).
 
@@ -35,9 +36,12 @@ def batch_logprobs(
         prompts: token ids, one list per pair (non-empty).
         completions: token ids, one list per pair (may be empty).
         temperatures: one temperature for all pairs or one per pair (0 counts as 1).
+        keep: per pair, one flag per completion token: only the flagged tokens' log-probabilities
+            are computed and returned (a whole episode in one row, its observations unflagged:
+            :func:`episode_rows`). None keeps every token.
 
     Returns:
-        One float32 tensor [len(completion)] per pair.
+        One float32 tensor per pair: [len(completion)], or [flags set] with ``keep``.
 
     Raises:
         RLError: for mismatched lengths or an empty prompt (naming the pair).
@@ -51,6 +55,13 @@ def batch_logprobs(
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise RLError(f"pair {index}: prompt_ids is empty")
+    if keep is None:
+        keep = [[True] * len(c) for c in completions]
+    if len(keep) != len(prompts):
+        raise RLError(f"{len(prompts)} prompts but {len(keep)} keep masks")
+    for index, (flags, completion) in enumerate(zip(keep, completions)):
+        if len(flags) != len(completion):
+            raise RLError(f"pair {index}: keep has {len(flags)} flags for {len(completion)} completion tokens")
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -70,20 +81,46 @@ def batch_logprobs(
     cols: list[int] = []
     targets: list[int] = []
     scale: list[float] = []
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    counts: list[int] = []
+    for row, (prompt, completion, flags) in enumerate(zip(prompts, completions, keep)):
         start = len(prompt) - 1
-        rows += [row] * len(completion)
-        cols += range(start, start + len(completion))
-        targets += list(completion)
+        kept = [i for i, flag in enumerate(flags) if flag]
+        counts.append(len(kept))
+        rows += [row] * len(kept)
+        cols += [start + i for i in kept]
+        targets += [completion[i] for i in kept]
         t = float(temperatures[row])
-        scale += [t if t > 0 else 1.0] * len(completion)
+        scale += [t if t > 0 else 1.0] * len(kept)
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     cols_t = torch.tensor(cols, dtype=torch.long, device=device)
     logits = model.lm_head(hidden[rows_t, cols_t]).float()  # [N, V]
     logits = logits / torch.tensor(scale, dtype=torch.float32, device=device)[:, None]
     target_t = torch.tensor(targets, dtype=torch.long, device=device)
     picked = torch.log_softmax(logits, dim=-1).gather(1, target_t[:, None]).squeeze(1)
-    return list(picked.split([len(c) for c in completions]))
+    return list(picked.split(counts))
+
+
+def episode_rows(segments: Sequence[tuple[Sequence[int], Any]]) -> list[tuple[list[int], list[int], list[bool]]]:
+    """A multi-turn sample's turns ``(context ids, completion)`` as few rows as teacher forcing
+    needs: ``(prompt, tokens, keep)`` for :func:`batch_logprobs`. When each turn's context is
+    the previous context, that turn's tokens and the observation after it — as
+    :func:`k2.rl.episodes.play_episodes` builds them — the whole episode is one row (the first
+    context as prompt; the turns and observations as tokens, only the turns kept), which gives
+    the same log-probabilities as one row per turn from a forward of the final context alone.
+    A turn whose context does not continue the one before starts a row of its own."""
+    rows: list[tuple[list[int], list[int], list[bool]]] = []
+    end: list[int] = []  # the current row's prompt + tokens, for the continuation check
+    for ids, completion in segments:
+        ids, tokens = list(ids), list(completion.token_ids)
+        if rows and len(ids) >= len(end) and ids[: len(end)] == end:
+            _, row_tokens, row_keep = rows[-1]
+            observation = ids[len(end):]
+            row_tokens += observation + tokens
+            row_keep += [False] * len(observation) + [True] * len(tokens)
+        else:
+            rows.append((ids, list(tokens), [True] * len(tokens)))
+        end = ids + tokens
+    return rows
 
 
 def sequence_logprobs(
