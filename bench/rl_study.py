@@ -6,9 +6,11 @@ Every arm starts from the same warm-start run (``--init``: a ``k2 rl --warm-star
 
 * ``k2-sS`` / ``grpo-sS``: ``--steps`` RL steps with that objective and seed;
 * ``sft-sS``: the continued-SFT baseline, ``--sft-steps`` more supervised steps on the task's gold
-  answers (``--warm-start-steps M --steps 0``). Pick M so that it takes about as long as an RL arm
-  (``--sft-steps 0``: M is taken from the first RL arm's wall time and the baseline's measured
-  step time);
+  answers (``--warm-start-steps M --steps 0``). Pick M so that it trains about as long as an RL
+  arm (``--sft-steps 0``: M is the RL arms' mean training seconds — rollouts and updates, not
+  start-up or evaluation — over the baseline's step time measured by a short probe). The baseline
+  is evaluated as often as an RL arm (its ``--eval-every`` scaled to its steps), so evaluations
+  cost both the same, which matters when they are whole agentic episodes;
 
 Runs are subprocesses (``python -m k2 rl ...``), ``--jobs`` at a time with ``--threads`` torch
 threads each; a finished run (its ``result.json``) is reused, so an interrupted study resumes.
@@ -90,6 +92,13 @@ def run_arm(arm: Arm, common: list[str], out: Path, threads: int, log) -> Arm:  
     arm.step_wall = {r["step"]: r["wall_s"] for r in read_records(run_dir)
                      if r.get("kind") == "train" and "wall_s" in r}
     return arm
+
+
+def training_seconds(run_dir: Path) -> float:
+    """An RL run's seconds of rollouts, weight syncs and updates (its wall time without start-up
+    and evaluations)."""
+    return sum(r.get("rollout_s", 0.0) + r.get("train_s", 0.0) + r.get("weight_sync_s", 0.0)
+               for r in read_records(run_dir) if r.get("kind") == "train")
 
 
 def summary(arms: list[Arm]) -> dict[str, dict]:
@@ -194,13 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                             common, args.out, threads, log)
             walls = [r["wall_s"] for r in read_records(args.out / "sft-probe") if r.get("kind") == "train"]
             per_step = (walls[-1] - walls[0]) / max(len(walls) - 1, 1)
-            overhead = max(probe.wall_s - len(walls) * per_step, 0.0)  # start-up, evaluation, exit
-            target = statistics.fmean(a.wall_s for a in done)
-            sft_steps = max(1, round((target - overhead) / per_step))
-            log(f"continued SFT: {sft_steps} steps to match the RL arms' mean {target:.0f} s "
-                f"({per_step:.2f} s a step + {overhead:.0f} s start-up)")
+            target = statistics.fmean(training_seconds(args.out / a.name) for a in done)
+            sft_steps = max(1, round(target / per_step))
+            log(f"continued SFT: {sft_steps} steps to match the RL arms' mean {target:.0f} s of rollouts and "
+                f"updates ({per_step:.2f} s a step)")
+        sft_every = max(1, round(sft_steps * args.eval_every / args.steps))  # as many evaluations as RL
         sft_arms = [Arm(f"sft-s{seed}", "sft", seed,
-                        ["--warm-start-steps", str(sft_steps), "--steps", "0", *args.sft_args.split()])
+                        ["--warm-start-steps", str(sft_steps), "--steps", "0", *args.sft_args.split(),
+                         "--eval-every", str(sft_every)])
                     for seed in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
             arms += list(pool.map(lambda a: run_arm(a, common, args.out, threads, log), sft_arms))
