@@ -8,14 +8,15 @@ if the runtime it works around (glibc, torch's CPU allocator) stops needing it.
 **Reused buffers.** glibc hands blocks of more than a few MiB back to the system when they are freed, so a
 training step that allocates a logits-sized tensor pays a page fault per 4 KiB to get it back
 (about 15 ms per 64 MiB on the 2-core VM these figures come from). :func:`reusable_empty`
-keeps one buffer per role, shape, dtype and thread, and hands it out again once nothing else
-references its memory. GPU memory is left to the device's caching allocator.
+keeps one buffer per role, shape, dtype and thread (the four most recently used shapes of each
+role), and hands it out again once nothing else references its memory. GPU memory is left to the device's caching allocator.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 
 import torch
 
@@ -24,9 +25,15 @@ import torch
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
+# At most this many shapes are pooled per role and thread (the most recently used): a run whose
+# batches change shape every step (right-padded to the longest example) would otherwise keep one
+# logits-sized buffer per width it ever saw — gigabytes after a few hundred steps.
+_MAX_SHAPES_PER_ROLE = 4
+
+
 class _Pool(threading.local):
     def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # least recently used first
 
 
 _POOL = _Pool()
@@ -48,9 +55,14 @@ def reusable_empty(role: str, shape: tuple[int, ...], dtype: torch.dtype,
     if device.type != "cpu" or _use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
     key = (role, tuple(shape), dtype, device)
-    buffer = _POOL.buffers.get(key)
+    buffers = _POOL.buffers
+    buffer = buffers.get(key)
     if buffer is None or not _only_pool_holds(buffer):
-        buffer = _POOL.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        buffer = buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        same_role = [k for k in buffers if k[0] == role]
+        for old in same_role[: max(len(same_role) - _MAX_SHAPES_PER_ROLE, 0)]:
+            del buffers[old]  # whoever still holds its memory keeps it; the pool lets go
+    buffers.move_to_end(key)
     return buffer.view(shape)  # a tensor of its own, so that whoever holds it is counted
 
 
