@@ -297,6 +297,14 @@ def test_an_agentic_prompt_longer_than_the_context_is_a_clear_error(init_run: Pa
     assert "exceeds the model's context of 256" in capsys.readouterr().err
 
 
+def test_constrained_agentic_episodes_on_rollout_workers_are_refused(init_run: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    assert rl("--init", str(init_run), "--run-dir", str(tmp_path / "r"), "--task", "agentic:bank",
+              "--rollout-workers", "1") == 1
+    err = capsys.readouterr().err
+    assert "cannot be sent to a worker process" in err and "--no-agent-constraints" in err
+
+
 @pytest.mark.slow  # spawns two rollout worker processes
 def test_rollout_workers_train_exactly_as_colocated(init_run: Path, tmp_path: Path, capsys) -> None:
     for workers in ("0", "2"):

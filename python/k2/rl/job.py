@@ -173,7 +173,7 @@ class RLJob:
                                           "with an agentic task): only single-turn tasks pause and resume")
             self.partial = PartialRollouts(self)
         self._partial_fields: dict[str, Any] = {}
-        if task.multi_turn and config.agent_constraints and config.rollout_workers > 0:
+        if task.multi_turn and config.agent_constraints and (config.rollout_workers or config.rollout_remote_workers):
             raise NotImplementedError("schema-constrained agentic episodes on rollout workers: the constraint "
                                       "(llguidance's matcher) cannot be sent to a worker process; use "
                                       "--rollout-workers 0, or --no-agent-constraints")
