@@ -173,10 +173,15 @@ class RLJob:
                                           "with an agentic task): only single-turn tasks pause and resume")
             self.partial = PartialRollouts(self)
         self._partial_fields: dict[str, Any] = {}
-        if task.multi_turn and config.agent_constraints and (config.rollout_workers or config.rollout_remote_workers):
-            raise NotImplementedError("schema-constrained agentic episodes on rollout workers: the constraint "
-                                      "(llguidance's matcher) cannot be sent to a worker process; use "
-                                      "--rollout-workers 0, or --no-agent-constraints")
+        self.constrainer = None  # the tool-call constrainer of agentic episodes
+        if task.multi_turn and config.agent_constraints:
+            if config.rollout_workers or config.rollout_remote_workers:
+                raise NotImplementedError("schema-constrained agentic episodes on rollout workers: the "
+                                          "constraint (llguidance's matcher) cannot be sent to a worker "
+                                          "process; use --rollout-workers 0, or --no-agent-constraints")
+            from k2.agentic.constrain import ToolCallConstrainer
+
+            self.constrainer = ToolCallConstrainer(tokenizer)
 
     # ------------------------------------------------------------------ the Job protocol
     def train_step(self, step: int, log: bool) -> dict[str, Any] | None:
@@ -292,17 +297,7 @@ class RLJob:
         return play_episodes(self.task, prompts, engine, self.tokenizer, budget=self.budget,
                              temperature=temperature, top_p=self.config.top_p, stop_id=self.im_end,
                              seed=seed, max_context=self.policy.config.max_position_embeddings,
-                             constrainer=self._constrainer())
-
-    def _constrainer(self) -> Any:  # noqa: ANN401
-        """The tool-call constrainer of agentic episodes (None with ``agent_constraints`` off)."""
-        if not self.config.agent_constraints:
-            return None
-        if getattr(self, "_tool_constrainer", None) is None:
-            from k2.agentic.constrain import ToolCallConstrainer
-
-            self._tool_constrainer = ToolCallConstrainer(self.tokenizer)
-        return self._tool_constrainer
+                             constrainer=self.constrainer)
 
     def _multi_turn_rollouts(self, step: int) -> Rollouts:
         cfg = self.config

@@ -31,7 +31,7 @@ import torch
 from k2.errors import RLError
 from k2.model.generate import TokenConstraint, apply_constraints, left_pad
 from k2.model.mla import KVCache
-from k2.rl.sampling import request_seed, request_uniforms, sample_tokens
+from k2.rl.sampling import request_seed, request_uniforms, sample_tokens, scaled_logprobs
 from k2.rl.slots import SlotCache
 
 if TYPE_CHECKING:
@@ -440,6 +440,4 @@ class RolloutEngine:
         tokens, _ = sample_tokens(masked, temperature, top_p, uniforms)
         # The log-probability is the policy's, before the mask (as it is before top-p): what a full
         # forward of the same tokens gives, so the trainer's log-ratio is 0 at θ = θ_old.
-        scale = torch.where(temperature <= 0, torch.ones_like(temperature), temperature).to(logits.device)
-        logp = torch.log_softmax(logits.float() / scale[:, None].float(), dim=-1)
-        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+        return tokens, scaled_logprobs(logits, temperature).gather(1, tokens[:, None]).squeeze(1)

@@ -32,6 +32,14 @@ def request_uniforms(seed: int, tokens: int) -> torch.Tensor:
     return torch.rand(tokens, UNIFORMS_PER_TOKEN, generator=generator, dtype=torch.float64)
 
 
+def scaled_logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """[B, V] float32 ``log_softmax(logits / T)`` per row, T the row's temperature (1 for a
+    greedy row, temperature 0): the policy's log-probabilities that samples report."""
+    logits = logits.float()
+    scale = torch.where(temperature <= 0, torch.ones_like(temperature), temperature).to(logits)
+    return torch.log_softmax(logits / scale[:, None], dim=-1)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -59,10 +67,8 @@ def sample_tokens(
     it hold less than ``top_p``); if none is, the last uniform samples the nucleus found by
     :func:`nucleus_mask`. The result depends only on the row's own values.
     """
-    logits = logits.float()
     greedy = temperature <= 0
-    scale = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits)
-    logp = torch.log_softmax(logits / scale[:, None], dim=-1)
+    logp = scaled_logprobs(logits, temperature)
     tokens = logp.argmax(dim=-1)
     sampled = ~greedy
     if bool(sampled.any()):

@@ -167,11 +167,10 @@ class AgenticTask(Task):
         synth = task.raw.get("k2_synth") if self.variants else None
         if not synth:
             return make_env(self.domain, task, seed=seed, **{**self.env_options, **options})
-        from k2.agentic.synth.agents import agent_policy
-        from k2.agentic.synth.variant_domain import VariantDomain
+        from k2.agentic.synth.output import episode_domain
 
-        domain = VariantDomain(self.domain, [self.variants[v] for v in synth["variants"]],
-                               policy=agent_policy(self.domain))
+        domain = episode_domain({"domain": self.domain, "variants": synth["variants"], "task_id": task.id},
+                                self.variants)
         return make_env(domain, task, seed=seed, system_prompt=str(synth.get("system_prompt", "")),
                         **{**self.env_options, **options})
 
