@@ -402,3 +402,35 @@ def test_a_step_raises_the_log_probability_of_the_better_samples(tokenizer_dir: 
     rw = torch.tensor(r.rewards, dtype=torch.float64).view(4, 4)
     advantage = (rw - rw.mean(1, keepdim=True)).flatten()
     assert float((advantage * (after - before)).sum()) > 0
+
+
+@pytest.mark.parametrize("objective", ["k2", "grpo"])
+def test_groups_with_equal_rewards_are_not_forwarded_and_change_nothing(tokenizer_dir: Path,
+                                                                       objective: str) -> None:
+    """A group whose rewards are all equal has zero advantage: skipping its forward (version given)
+    gives the loss and the gradient of forwarding every group (version None), with fewer tokens;
+    samples of another version are always forwarded."""
+    job = make_job(tokenizer_dir, objective=objective, prompts_per_step=3)
+    r = job.rollouts(0)
+    r.rewards = [0.5] * 4 + [1.0, 0.0, 0.1, 1.0] + [0.0, 0.0, 0.0, 0.0]  # groups 0 and 2 are still
+
+    def loss_and_grads(version):  # noqa: ANN001, ANN202
+        job.model.zero_grad(set_to_none=True)
+        loss, extra = job.rl_loss(r, version=version)
+        loss.backward()
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in job.model.parameters()]
+        return float(loss.detach()), grads, extra
+
+    full, full_grads, full_extra = loss_and_grads(None)
+    skipped, skipped_grads, skipped_extra = loss_and_grads(0)
+    assert full_extra["still_groups"] == 0 and skipped_extra["still_groups"] == pytest.approx(2 / 3)
+    assert skipped_extra["forward_tokens"] < full_extra["forward_tokens"]
+    assert skipped == pytest.approx(full, rel=1e-5, abs=1e-8)
+    scale = max(float(g.abs().max()) for g in full_grads)
+    assert scale > 0
+    for a, b in zip(full_grads, skipped_grads):
+        assert torch.allclose(a, b, atol=1e-5 * scale, rtol=1e-4)
+    # tokens sampled by another version than π_θ's: the still groups' log-ratio is not zero
+    _, _, other = loss_and_grads(1)
+    assert other["still_groups"] == 0 and other["forward_tokens"] == full_extra["forward_tokens"]
+    job.model.zero_grad(set_to_none=True)

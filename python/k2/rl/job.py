@@ -318,16 +318,25 @@ class RLJob:
         return self.tokenizer.decode(completion.token_ids, skip_special_tokens=False)
 
     # ------------------------------------------------------------------ the RL step
-    def rl_loss(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, float]]:
+    def rl_loss(self, rollouts: Rollouts, version: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The step's RL loss from π_θ's log-probabilities of the samples (with gradients): a
-        sample's log π is the sum over its segments (turns) of their tokens' log-probabilities."""
+        sample's log π is the sum over its segments (turns) of their tokens' log-probabilities.
+
+        ``version``: the weight version π_θ holds. A group whose K rewards are all equal and whose
+        every token that version sampled has advantage 0, so its gradient is zero (GRPO: exactly;
+        the K2 loss: 2τ²·(log π_θ − log π_old)·∇log π, rounding-sized at θ = θ_old). Such groups are
+        not forwarded: their samples enter the loss with π_θ's log-probabilities set to π_old's,
+        which leaves the loss's value and normalization as they were (docs/rl.md, "The RL
+        loop"). With ``version`` None (or tokens of older versions: partial rollouts) every group
+        is forwarded."""
         cfg = self.config
         k = cfg.samples_per_prompt
         p = len(rollouts.segments) // k  # groups trained (fewer or more than P with partial rollouts)
         device = self.d.device
+        skip = self._still_groups(rollouts, version)
         # A multi-turn sample is one row (its turns and the observations between them, only the
         # turns scored), not one row per turn: the prompt and earlier turns run once.
-        rows = [episode_rows(segments) for segments in rollouts.segments]
+        rows = [[] if skip[i // k] else episode_rows(segments) for i, segments in enumerate(rollouts.segments)]
         flat_rows = [r for sample in rows for r in sample]
         temperatures = [rollouts.temperatures[i] if rollouts.temperatures else rollouts.temperature
                         for i, sample in enumerate(rows) for _ in sample]
@@ -336,14 +345,17 @@ class RLJob:
         with nullcontext():
             flat = batch_logprobs(self.policy, [p for p, _, _ in flat_rows], [t for _, t, _ in flat_rows],
                                   temperatures, keep=[k for _, _, k in flat_rows])
+        old = [torch.tensor([lp for _, c in segments for lp in c.logprobs], dtype=torch.float32, device=device)
+               for segments in rollouts.segments]
         new: list[torch.Tensor] = []  # per sample, its tokens' log-probabilities, turns joined
         at = 0
-        for sample in rows:
+        for i, sample in enumerate(rows):
+            if skip[i // k]:
+                new.append(old[i])  # a constant: ratio 1, no gradient
+                continue
             parts = flat[at: at + len(sample)]
             at += len(sample)
             new.append(torch.cat(parts) if parts else torch.zeros(0, device=device))
-        old = [torch.tensor([lp for _, c in segments for lp in c.logprobs], dtype=torch.float32, device=device)
-               for segments in rollouts.segments]
         rewards = torch.tensor(rollouts.rewards, dtype=torch.float32, device=device).view(p, k)
         new_seq = torch.stack([x.float().sum() for x in new])
         old_seq = torch.tensor([math.fsum(lp for _, c in segments for lp in c.logprobs)
@@ -355,8 +367,28 @@ class RLJob:
             old_tok, _ = pad_logprobs(old)
             advantages = group_advantages(rewards).flatten()
             loss = grpo_loss(new_tok, old_tok, advantages, mask, epsilon=cfg.grpo_epsilon)
-        log_ratio = float((new_seq.detach() - old_seq).mean())
-        return loss, {"log_ratio": log_ratio, "forward_tokens": sum(len(p) + len(t) for p, t, _ in flat_rows)}
+        forwarded = [i for i in range(len(rows)) if not skip[i // k]]
+        log_ratio = float((new_seq.detach()[forwarded] - old_seq[forwarded]).mean()) if forwarded else 0.0
+        return loss, {"log_ratio": log_ratio, "forward_tokens": sum(len(p) + len(t) for p, t, _ in flat_rows),
+                      "still_groups": sum(skip) / max(p, 1)}
+
+    def _still_groups(self, rollouts: Rollouts, version: int | None) -> list[bool]:
+        """Per group: True when its rewards are all equal and every token of its samples came
+        from ``version`` (its gradient is zero); at least one group stays False, so that the
+        step still has a graph to run backward through."""
+        k = self.config.samples_per_prompt
+        p = len(rollouts.segments) // k
+        if version is None:
+            return [False] * p
+        out = []
+        for g in range(p):
+            rewards = rollouts.rewards[g * k:(g + 1) * k]
+            current = all(v == version for segments in rollouts.segments[g * k:(g + 1) * k]
+                          for _, c in segments for v in c.versions)
+            out.append(current and max(rewards) == min(rewards))
+        if out and all(out):
+            out[0] = False
+        return out
 
     def _rl_step(self, step: int) -> dict[str, Any]:
         cfg, d = self.config, self.d
@@ -364,7 +396,7 @@ class RLJob:
         self.last = rollouts
         self.model.train()
         started = time.perf_counter()
-        loss, extra = self.rl_loss(rollouts)
+        loss, extra = self.rl_loss(rollouts, version=step)
         total = loss
         ptx_loss = None
         if self.ptx is not None:
