@@ -167,7 +167,7 @@ def rl_config(args: argparse.Namespace, **overrides: Any) -> RLConfig:
         init="bench", preset="custom", device="cpu", seed=args.seed, task="arithmetic",
         task_level=args.task_level, prompts_per_step=args.prompts, samples_per_prompt=args.samples,
         token_budget=args.budget, temperature_start=args.temperature, temperature_end=args.temperature,
-        top_p=1.0, objective=args.objective, lr=args.lr, adamw_lr=args.adamw_lr,
+        top_p=1.0, objective=args.objective, optimizer=args.optimizer, lr=args.lr, adamw_lr=args.adamw_lr,
         truncation_penalty=args.truncation_penalty, rollout_batch=args.prompts * args.samples,
         steps=max(args.steps, 1), warm_start_steps=0, seq_len=128, batch_size=8,
     )
@@ -198,7 +198,7 @@ def build_policy(args: argparse.Namespace, task, directory: Path,  # noqa: ANN00
     model = K2ForCausalLM(config)
     if args.warm_start_steps:
         started = time.perf_counter()
-        cfg = rl_config(args, warm_start_steps=args.warm_start_steps)
+        cfg = rl_config(args, warm_start_steps=args.warm_start_steps, optimizer="muonclip")
         job = RLJob(cfg, Dist(0, 1, torch.device("cpu")), model, tokenizer, task, log=lambda _line: None)
         for step in range(args.warm_start_steps):
             loss = job.train_step(step, log=True)["loss"]
@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--truncation-penalty", type=float, default=0.5)
     parser.add_argument("--objective", default="grpo", choices=["grpo", "k2"], help="k2's loss (default grpo)")
+    parser.add_argument("--optimizer", choices=["muonclip", "adamw"], default="muonclip",
+                        help="k2's optimizer: MuonClip (K2's; default) or AdamW on every parameter at "
+                             "--adamw-lr, TRL's optimizer, so that only the systems' speed differs")
     parser.add_argument("--lr", type=float, default=1e-3, help="k2's Muon learning rate")
     parser.add_argument("--adamw-lr", type=float, default=5e-4, help="k2's AdamW learning rate")
     parser.add_argument("--trl-lr", type=float, default=5e-4, help="TRL's AdamW learning rate")
@@ -346,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["k2", "trl"], default=None, help="run one side only")
+    parser.add_argument("--plot", default="", help="write the reward and accuracy curves of both sides "
+                        "against time on --clock to this PNG")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2-layer tiny model, no warm start, P 2, K 2, budget 8, one step each")
     args = parser.parse_args(argv)
@@ -387,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         "task": f"arithmetic:{args.task_level}", "prompts": args.prompts, "samples": args.samples,
         "budget": args.budget, "temperature": args.temperature, "objective": args.objective,
         "init": args.init or f"{args.preset} + {args.warm_start_steps} warm-start steps",
-        "seconds": args.seconds, "clock": args.clock, "tail": round(args.tail, 3), "threads": torch.get_num_threads(),
+        "seconds": args.seconds, "clock": args.clock, "optimizer": args.optimizer, "tail": round(args.tail, 3), "threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in load], **summaries,
     })
     print(f"{'side':<5} {'steps':>6} {args.clock + ' s/step':>12} {'wall s':>8} {'cpu s':>7} {'rollout':>8} "
@@ -408,8 +413,41 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result['wall_speedup_vs_trl']:.2f}x, CPU {result['cpu_speedup_vs_trl']:.2f}x); reward over the "
               f"last {100 * args.tail:.0f} % of {budget:.0f} {args.clock} s: k2 {k2['tail_reward']:.3f}, "
               f"TRL {peer['tail_reward']:.3f}")
+    if args.plot:
+        plot_curves(traces, args, Path(args.plot))
+        print(f"curves: {args.plot}")
     print(json.dumps(result))
     return result
+
+
+def plot_curves(traces: dict[str, Trace], args: argparse.Namespace, path: Path) -> None:
+    """Each side's mean shaped reward and sample accuracy per step against the time its step
+    ended (a 5-step running mean over the raw points), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name, label in ((axes[0], "reward", "mean shaped reward of the step's samples"),
+                            (axes[1], "accuracy", "accuracy of the step's samples")):
+        for side, trace in traces.items():
+            values = getattr(trace, name)
+            ends = trace.ends[:len(values)]
+            smooth = [statistics.fmean(values[max(0, i - 4):i + 1]) for i in range(len(values))]
+            line, = ax.plot(ends, smooth, label=f"{side} ({len(ends)} steps)")
+            ax.plot(ends, values, ".", color=line.get_color(), alpha=0.25, markersize=3)
+        ax.set_xlabel(f"{args.clock} seconds of training")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    optimizer = "MuonClip" if args.optimizer == "muonclip" else "AdamW"
+    fig.suptitle(f"k2 rl ({optimizer}) vs TRL GRPOTrainer (AdamW): arithmetic level {args.task_level}, "
+                 f"P {args.prompts} x K {args.samples}, T {args.temperature}, {args.objective}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,12 @@ def test_both_sides_run_one_step(capsys) -> None:  # noqa: ANN001
         assert s["steps"] == 1 and s["threads"] == 1 and s["s_per_step"] > 0, s
         assert -0.5 <= s["tail_reward"] <= 1.0 and 0 < s["tail_response_len"] <= 8, s
     assert result["speedup_vs_trl"] > 0
+
+
+def test_k2_side_with_trl_optimizer_and_the_curves(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    pytest.importorskip("transformers")
+    pytest.importorskip("trl")
+    plot = tmp_path / "curves.png"
+    result = rl_trl.main(["--quick", "--threads", "1", "--only", "k2", "--optimizer", "adamw", "--plot", str(plot)])
+    assert result["optimizer"] == "adamw" and result["k2"]["steps"] == 1 and "trl" not in result
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
