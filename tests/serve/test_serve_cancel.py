@@ -31,11 +31,11 @@ def test_a_closed_connection_ends_its_generation(tiny, stream):
         if stream:
             response = connection.getresponse()
             assert response.status == 200
-            response.fp.readline()  # the first event: generation is under way
-        else:
-            deadline = time.perf_counter() + 10
-            while not service.scheduler.running_rows and time.perf_counter() < deadline:
-                time.sleep(0.005)
+            response.fp.readline()  # the first event: the request is queued
+        # admission into the engine is the scheduler thread's, a moment after the first event
+        deadline = time.perf_counter() + 10
+        while not service.scheduler.running_rows and time.perf_counter() < deadline:
+            time.sleep(0.005)
         started = time.perf_counter()
         assert service.scheduler.running_rows == 1
         connection.sock.close()
