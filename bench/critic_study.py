@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def run_seed(args: argparse.Namespace, init: Path, seed: int, out: Path) -> dict
             "--critic-lr", str(args.critic_lr), "--critic-batch", str(args.critic_batch),
             "--critic-eval-prompts", str(args.critic_eval_prompts), "--critic-eval-every", str(args.agreement_every),
             "--critic-bootstrap-steps", str(args.critic_bootstrap_steps),
-            "--critic-aggregation", args.aggregation, "--critic-pairs", args.pairs]
+            "--critic-aggregation", args.aggregation, "--critic-pairs", args.pairs, *shlex.split(args.rl_args)]
     started = time.perf_counter()
     code = k2(argv)
     wall = time.perf_counter() - started
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--aggregation", default="win_rate", choices=("win_rate", "bradley_terry"))
     parser.add_argument("--pairs", default="all", choices=("all", "ring"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rl-args", default="", help="more `k2 rl` flags for every run, one string "
+                        "(e.g. \"--task-working steps --task-digits 3\")")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
