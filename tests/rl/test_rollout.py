@@ -239,6 +239,33 @@ def test_sampler_greedy_rows_and_the_nucleus_mask():
     assert nucleus_mask(probs[1:], torch.tensor([0.3], dtype=torch.float64)).tolist() == [[1, 1, 1, 1]]
 
 
+def test_sampler_edges_and_mixed_rows():
+    # uniforms at the top of the range (the largest below 1, and 1 itself, where the search runs
+    # past the end), with impossible tokens after the last possible one, give that last
+    # possible token, never one of probability zero
+    logits = torch.tensor([[0.3, 1.0, 0.2, float("-inf"), float("-inf")]] * 2)
+    top = torch.ones(2, dtype=torch.float64)
+    uniforms = torch.full((2, UNIFORMS_PER_TOKEN), 1.0 - 2.0**-53, dtype=torch.float64)
+    uniforms[1] = 1.0
+    tokens, _ = sample_tokens(logits, torch.ones(2), top, uniforms)
+    assert tokens.tolist() == [2, 2]
+    uniforms[:, 0] = 0.0
+    assert sample_tokens(logits, torch.ones(2), top, uniforms)[0].tolist() == [0, 0]
+    # a batch of greedy, plain and nucleus rows gives each row what it gives alone
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=gen) * 3
+    temperature = torch.tensor([0.0, 1.0, 0.7, 0.0, 1.3, 1.0])
+    top_p = torch.tensor([1.0, 1.0, 0.8, 0.5, 0.3, 0.95], dtype=torch.float64)
+    uniforms = torch.rand(6, UNIFORMS_PER_TOKEN, generator=gen, dtype=torch.float64)
+    together = sample_tokens(logits, temperature, top_p, uniforms)
+    for row in range(6):
+        alone = sample_tokens(logits[row:row + 1], temperature[row:row + 1], top_p[row:row + 1],
+                              uniforms[row:row + 1])
+        assert int(alone[0]) == int(together[0][row])
+        assert float(alone[1]) == float(together[1][row])
+    assert together[0][0] == logits[0].argmax() and together[0][3] == logits[3].argmax()
+
+
 def test_long_sequences_grow_and_compact_the_cache(policy):
     # Budgets past the initial capacity (longest prompt + 64) make the cache grow; a greedy long
     # request must still decode exactly what k2.model.generate does on its own fixed cache.

@@ -69,23 +69,31 @@ def sample_tokens(
     """
     greedy = temperature <= 0
     logp = scaled_logprobs(logits, temperature)
-    tokens = logp.argmax(dim=-1)
-    sampled = ~greedy
-    if bool(sampled.any()):
-        rows = sampled.nonzero().squeeze(1)
-        probs = logp[rows].exp()
-        row_top_p = top_p[rows].double()
-        row_uniforms = uniforms[rows].double()
+    n_greedy = int(greedy.sum())
+    if n_greedy == len(greedy):
+        tokens = logp.argmax(dim=-1)
+    else:
+        # The common case (every row sampled) indexes nothing: no copies of [B, V] tensors.
+        rows = None if n_greedy == 0 else (~greedy).nonzero().squeeze(1)
+        probs = (logp if rows is None else logp[rows]).exp()
+        row_top_p = (top_p if rows is None else top_p[rows]).double()
+        row_uniforms = (uniforms if rows is None else uniforms[rows]).double()
         cdf = probs.cumsum(dim=-1, dtype=torch.float64)
         candidates = _invert(cdf, row_uniforms[:, :CANDIDATES], probs)  # [R, C]
         chosen = candidates[:, 0]
         nucleus = row_top_p < 1.0
-        if bool(nucleus.any()):
+        if bool(nucleus.all()):
+            chosen = _first_inside(probs, candidates, row_top_p, row_uniforms)
+        elif bool(nucleus.any()):
             n_rows = nucleus.nonzero().squeeze(1)
             chosen[n_rows] = _first_inside(
                 probs[n_rows], candidates[n_rows], row_top_p[n_rows], row_uniforms[n_rows]
             )
-        tokens[rows] = chosen
+        if rows is None:
+            tokens = chosen
+        else:
+            tokens = logp.argmax(dim=-1)
+            tokens[rows] = chosen
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
@@ -102,10 +110,12 @@ def _first_inside(
     picked = candidates[:, 0].clone()
     pending = torch.arange(probs.shape[0], device=probs.device)
     for k in range(candidates.shape[1]):
-        p = probs[pending]
+        p = probs if k == 0 else probs[pending]  # every row is pending at the first candidate
         candidate = candidates[pending, k]
         p_c = p.gather(1, candidate[:, None])
-        above = torch.where(p > p_c, p, 0).sum(dim=-1, dtype=torch.float64)
+        # the mass of the tokens more likely than the candidate (p · [p > p_c]: the same values
+        # as a where(), summed in the same order, and about twice as fast on the CPU)
+        above = (p * (p > p_c)).sum(dim=-1, dtype=torch.float64)
         inside = above < top_p[pending]
         picked[pending[inside]] = candidate[inside]
         pending = pending[~inside]
@@ -122,7 +132,14 @@ def _invert(cdf: torch.Tensor, uniforms: torch.Tensor, probs: torch.Tensor) -> t
     ``u * cdf[:, -1]`` (never past the last token of positive probability)."""
     x = uniforms * cdf[:, -1:]
     index = torch.searchsorted(cdf, x, right=True)
-    positions = torch.arange(probs.shape[-1], device=probs.device)
+    vocab = probs.shape[-1]
+    # An index inside the vocabulary whose token has positive probability is at or before the
+    # last such token already; only an index past the end (x rounded up to the total) or at a
+    # zero-probability token needs the clamp, which costs a pass over the vocabulary.
+    inside = (index < vocab) & (probs.gather(1, index.clamp(max=vocab - 1)) > 0)
+    if bool(inside.all()):
+        return index
+    positions = torch.arange(vocab, device=probs.device)
     last = torch.where(probs > 0, positions, 0).amax(dim=-1, keepdim=True)
     return torch.minimum(index, last)
 
